@@ -1,0 +1,13 @@
+//! Domain types shared by every stage of the iomt pipeline.
+//!
+//! Nothing here does I/O. The types mirror the wire formats of the MedTech service
+//! (formerly IoT Connector for FHIR) so that data written by either system reads the same.
+#![deny(missing_docs)]
+
+pub mod event;
+pub mod measurement;
+pub mod time;
+
+pub use event::DeviceEvent;
+pub use measurement::{Measurement, MeasurementProperty};
+pub use time::Timestamp;

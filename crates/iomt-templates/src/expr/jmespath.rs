@@ -1,0 +1,430 @@
+//! JMESPath with MedTech's custom functions.
+//!
+//! MedTech registers `add`, `subtract`, `multiply`, `divide`, `pow`, `insertString`,
+//! `fromUnixTimestamp` and `fromUnixTimestampMs` next to the standard library. Their typing
+//! follows .NET: when both arguments are integers the arithmetic is 64-bit integer arithmetic
+//! (so `divide(7, 2)` is `3`), otherwise it is double arithmetic.
+//!
+//! The jmespath crate evaluates over its own `Variable` tree. Converting a message into it costs
+//! about as much as parsing the message again, so callers convert only when a JMESPath
+//! expression actually runs, and share the converted event across the templates of one event.
+
+use std::sync::{Arc, LazyLock};
+
+use iomt_core::Timestamp;
+use jmespath::functions::{ArgumentType, CustomFunction, Signature};
+use jmespath::{Context, ErrorReason, JmespathError, Rcvar, Runtime, RuntimeError, Variable};
+use serde_json::{Number, Value};
+
+/// The runtime every template expression is compiled against: the standard functions plus
+/// MedTech's.
+static RUNTIME: LazyLock<Runtime> = LazyLock::new(|| {
+    let mut rt = Runtime::new();
+    rt.register_builtin_functions();
+    let number2 = || Signature::new(vec![ArgumentType::Number, ArgumentType::Number], None);
+    rt.register_function("add", arith(number2(), "add", i64::checked_add, |a, b| a + b));
+    rt.register_function("subtract", arith(number2(), "subtract", i64::checked_sub, |a, b| a - b));
+    rt.register_function("multiply", arith(number2(), "multiply", i64::checked_mul, |a, b| a * b));
+    rt.register_function("divide", Box::new(CustomFunction::new(number2(), Box::new(divide))));
+    rt.register_function("pow", Box::new(CustomFunction::new(number2(), Box::new(pow))));
+    rt.register_function(
+        "insertString",
+        Box::new(CustomFunction::new(
+            Signature::new(vec![ArgumentType::String, ArgumentType::String, ArgumentType::Number], None),
+            Box::new(insert_string),
+        )),
+    );
+    let number1 = || Signature::new(vec![ArgumentType::Number], None);
+    rt.register_function(
+        "fromUnixTimestamp",
+        Box::new(CustomFunction::new(number1(), Box::new(|args, ctx| from_unix(args, ctx, 1000)))),
+    );
+    rt.register_function(
+        "fromUnixTimestampMs",
+        Box::new(CustomFunction::new(number1(), Box::new(|args, ctx| from_unix(args, ctx, 1)))),
+    );
+    rt
+});
+
+/// A compiled JMESPath expression.
+#[derive(Clone)]
+pub struct JmesPath {
+    expression: jmespath::Expression<'static>,
+    projection: bool,
+}
+
+impl std::fmt::Debug for JmesPath {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("JmesPath").field("expression", &self.expression.as_str()).finish()
+    }
+}
+
+/// A JMESPath expression that could not be compiled or evaluated.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("JMESPath expression '{expression}': {reason}")]
+pub struct JmesPathError {
+    /// The expression as written in the template.
+    pub expression: String,
+    /// What went wrong.
+    pub reason: String,
+}
+
+impl JmesPathError {
+    fn new(expression: &str, e: &JmespathError) -> Self {
+        let reason = match &e.reason {
+            ErrorReason::Parse(p) => format!("could not be parsed: {p} (column {})", e.column),
+            ErrorReason::Runtime(RuntimeError::InvalidType { expected, actual, position }) => {
+                format!("argument {} must be {expected}, got {actual}", position + 1)
+            }
+            ErrorReason::Runtime(r) => r.to_string(),
+        };
+        Self { expression: expression.to_owned(), reason }
+    }
+}
+
+impl JmesPath {
+    /// Compiles an expression; parse errors and unknown functions are found here, not per
+    /// message.
+    pub fn compile(source: &str) -> Result<Self, JmesPathError> {
+        let expression = RUNTIME.compile(source).map_err(|e| JmesPathError::new(source, &e))?;
+        check_functions(expression.as_ast()).map_err(|reason| JmesPathError {
+            expression: source.to_owned(),
+            reason,
+        })?;
+        let projection = is_projection(expression.as_ast());
+        Ok(Self { expression, projection })
+    }
+
+    /// The expression as written in the template.
+    pub fn as_str(&self) -> &str {
+        self.expression.as_str()
+    }
+
+    /// Whether the expression's result is a projection, whose elements are separate tokens.
+    pub fn is_projection(&self) -> bool {
+        self.projection
+    }
+
+    /// Evaluates against an already converted document.
+    pub fn search(&self, data: &Rcvar) -> Result<Rcvar, JmesPathError> {
+        let mut ctx = Context::new(self.expression.as_str(), &RUNTIME);
+        jmespath::interpret(data, self.expression.as_ast(), &mut ctx)
+            .map_err(|e| JmesPathError::new(self.as_str(), &e))
+    }
+
+    /// The tokens `typeMatchExpression` selects: each element of a projection, or the one
+    /// non-null result.
+    pub fn select(&self, data: &Rcvar) -> Result<Vec<Value>, JmesPathError> {
+        let result = self.search(data)?;
+        Ok(match (&*result, self.projection) {
+            (Variable::Null, _) => Vec::new(),
+            (Variable::Array(items), true) => items.iter().map(|v| from_var(v)).collect(),
+            (_, _) => vec![from_var(&result)],
+        })
+    }
+
+    /// The single token a value expression selects (`SelectToken`); a projection with more
+    /// than one element is an error, as in MedTech.
+    pub fn select_one(&self, data: &Rcvar) -> Result<Option<Value>, JmesPathSelectError> {
+        let result = self.search(data).map_err(JmesPathSelectError::Eval)?;
+        match (&*result, self.projection) {
+            (Variable::Null, _) => Ok(None),
+            (Variable::Array(items), true) => match items.len() {
+                0 => Ok(None),
+                1 => Ok(Some(from_var(&items[0]))),
+                _ => Err(JmesPathSelectError::Multiple),
+            },
+            _ => Ok(Some(from_var(&result))),
+        }
+    }
+}
+
+/// Why a JMESPath value expression produced no single value.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum JmesPathSelectError {
+    /// The expression failed at run time (a function got the wrong type, a division by zero…).
+    #[error(transparent)]
+    Eval(JmesPathError),
+    /// A projection produced more than one element.
+    #[error("path returned multiple tokens")]
+    Multiple,
+}
+
+/// Arity of every function the runtime knows: `(min, max)`, `max == None` for variadic.
+fn arity(name: &str) -> Option<(usize, Option<usize>)> {
+    Some(match name {
+        "abs" | "avg" | "ceil" | "floor" | "keys" | "length" | "max" | "min" | "reverse" | "sort"
+        | "sum" | "to_array" | "to_number" | "to_string" | "type" | "values"
+        | "fromUnixTimestamp" | "fromUnixTimestampMs" => (1, Some(1)),
+        "contains" | "ends_with" | "join" | "map" | "max_by" | "min_by" | "sort_by"
+        | "starts_with" | "add" | "subtract" | "multiply" | "divide" | "pow" => (2, Some(2)),
+        "insertString" => (3, Some(3)),
+        "merge" | "not_null" => (1, None),
+        _ => return None,
+    })
+}
+
+/// MedTech's JMESPath engine rejects unknown functions and wrong argument counts when the
+/// template loads; the jmespath crate would only notice while evaluating a message.
+fn check_functions(ast: &jmespath::ast::Ast) -> Result<(), String> {
+    use jmespath::ast::Ast;
+    match ast {
+        Ast::Function { name, args, .. } => {
+            let Some((min, max)) = arity(name) else {
+                return Err(format!("no function named {name} is available"));
+            };
+            let n = args.len();
+            if n < min || max.is_some_and(|max| n > max) {
+                let expected = match max {
+                    Some(max) if max == min => format!("{min}"),
+                    _ => format!("at least {min}"),
+                };
+                return Err(format!("the function {name} expects {expected} argument(s) but {n} were supplied"));
+            }
+            args.iter().try_for_each(check_functions)
+        }
+        Ast::Comparison { lhs, rhs, .. }
+        | Ast::Projection { lhs, rhs, .. }
+        | Ast::And { lhs, rhs, .. }
+        | Ast::Or { lhs, rhs, .. }
+        | Ast::Subexpr { lhs, rhs, .. } => {
+            check_functions(lhs)?;
+            check_functions(rhs)
+        }
+        Ast::Condition { predicate, then, .. } => {
+            check_functions(predicate)?;
+            check_functions(then)
+        }
+        Ast::Expref { ast, .. } => check_functions(ast),
+        Ast::Flatten { node, .. } | Ast::Not { node, .. } | Ast::ObjectValues { node, .. } => {
+            check_functions(node)
+        }
+        Ast::MultiList { elements, .. } => elements.iter().try_for_each(check_functions),
+        Ast::MultiHash { elements, .. } => elements.iter().try_for_each(|kv| check_functions(&kv.value)),
+        Ast::Identity { .. } | Ast::Field { .. } | Ast::Index { .. } | Ast::Literal { .. } | Ast::Slice { .. } => {
+            Ok(())
+        }
+    }
+}
+
+fn is_projection(ast: &jmespath::ast::Ast) -> bool {
+    use jmespath::ast::Ast;
+    match ast {
+        Ast::Projection { .. } | Ast::Flatten { .. } | Ast::ObjectValues { .. } => true,
+        Ast::Subexpr { rhs, .. } => is_projection(rhs),
+        _ => false,
+    }
+}
+
+/// Converts a JSON value into the jmespath tree.
+pub fn to_var(value: &Value) -> Rcvar {
+    Arc::new(match value {
+        Value::Null => Variable::Null,
+        Value::Bool(b) => Variable::Bool(*b),
+        Value::Number(n) => Variable::Number(n.clone()),
+        Value::String(s) => Variable::String(s.clone()),
+        Value::Array(a) => Variable::Array(a.iter().map(to_var).collect()),
+        Value::Object(m) => Variable::Object(m.iter().map(|(k, v)| (k.clone(), to_var(v))).collect()),
+    })
+}
+
+/// Builds the CalculatedContent scope: the converted event with `matchedToken` set.
+pub fn with_matched_token(envelope: &Rcvar, token: Rcvar) -> Rcvar {
+    let mut map = match &**envelope {
+        Variable::Object(m) => m.clone(),
+        _ => Default::default(),
+    };
+    map.insert("matchedToken".to_owned(), token);
+    Arc::new(Variable::Object(map))
+}
+
+/// Converts a jmespath result back into JSON.
+pub fn from_var(var: &Variable) -> Value {
+    match var {
+        Variable::Null => Value::Null,
+        Variable::Bool(b) => Value::Bool(*b),
+        Variable::Number(n) => Value::Number(n.clone()),
+        Variable::String(s) => Value::String(s.clone()),
+        Variable::Array(a) => Value::Array(a.iter().map(|v| from_var(v)).collect()),
+        Variable::Object(m) => Value::Object(m.iter().map(|(k, v)| (k.clone(), from_var(v))).collect()),
+        Variable::Expref(_) => Value::Null,
+    }
+}
+
+fn runtime_error(ctx: &Context<'_>, message: String) -> JmespathError {
+    JmespathError::from_ctx(ctx, ErrorReason::Parse(message))
+}
+
+enum Num {
+    Int(i64),
+    Float(f64),
+}
+
+fn num(var: &Rcvar) -> Num {
+    match &**var {
+        Variable::Number(n) => match n.as_i64() {
+            Some(i) => Num::Int(i),
+            None => Num::Float(n.as_f64().unwrap_or(f64::NAN)),
+        },
+        _ => Num::Float(f64::NAN),
+    }
+}
+
+fn float_var(ctx: &Context<'_>, name: &str, f: f64) -> jmespath::SearchResult {
+    Number::from_f64(f)
+        .map(|n| Arc::new(Variable::Number(n)))
+        .ok_or_else(|| runtime_error(ctx, format!("{name}: the result is not a finite number")))
+}
+
+fn as_f64(n: &Num) -> f64 {
+    match *n {
+        Num::Int(i) => i as f64,
+        Num::Float(f) => f,
+    }
+}
+
+fn arith(
+    sig: Signature,
+    name: &'static str,
+    int_op: fn(i64, i64) -> Option<i64>,
+    float_op: fn(f64, f64) -> f64,
+) -> Box<CustomFunction> {
+    Box::new(CustomFunction::new(
+        sig,
+        Box::new(move |args: &[Rcvar], ctx: &mut Context<'_>| match (num(&args[0]), num(&args[1])) {
+            (Num::Int(a), Num::Int(b)) => {
+                // .NET integer arithmetic is unchecked: overflow wraps.
+                let wrapped = int_op(a, b).unwrap_or_else(|| match name {
+                    "add" => a.wrapping_add(b),
+                    "subtract" => a.wrapping_sub(b),
+                    _ => a.wrapping_mul(b),
+                });
+                Ok(Arc::new(Variable::Number(wrapped.into())))
+            }
+            (a, b) => float_var(ctx, name, float_op(as_f64(&a), as_f64(&b))),
+        }),
+    ))
+}
+
+fn divide(args: &[Rcvar], ctx: &mut Context<'_>) -> jmespath::SearchResult {
+    match (num(&args[0]), num(&args[1])) {
+        (Num::Int(_), Num::Int(0)) => Err(runtime_error(ctx, "divide: division by zero".into())),
+        (Num::Int(a), Num::Int(b)) => a
+            .checked_div(b)
+            .map(|q| Arc::new(Variable::Number(q.into())))
+            .ok_or_else(|| runtime_error(ctx, "divide: the result overflows a 64-bit integer".into())),
+        (a, b) => float_var(ctx, "divide", as_f64(&a) / as_f64(&b)),
+    }
+}
+
+fn pow(args: &[Rcvar], ctx: &mut Context<'_>) -> jmespath::SearchResult {
+    let (a, b) = (num(&args[0]), num(&args[1]));
+    let both_int = matches!((&a, &b), (Num::Int(_), Num::Int(_)));
+    let result = as_f64(&a).powf(as_f64(&b));
+    if both_int {
+        // .NET converts the double back to a 64-bit integer with rounding and overflow checks.
+        let rounded = result.round_ties_even();
+        if !rounded.is_finite() || rounded < i64::MIN as f64 || rounded >= i64::MAX as f64 {
+            return Err(runtime_error(ctx, "pow: the result overflows a 64-bit integer".into()));
+        }
+        return Ok(Arc::new(Variable::Number((rounded as i64).into())));
+    }
+    float_var(ctx, "pow", result)
+}
+
+fn insert_string(args: &[Rcvar], ctx: &mut Context<'_>) -> jmespath::SearchResult {
+    let (Variable::String(s), Variable::String(ins)) = (&*args[0], &*args[1]) else {
+        return Err(runtime_error(ctx, "insertString expects two strings and a position".into()));
+    };
+    let pos = match num(&args[2]) {
+        Num::Int(i) => i,
+        Num::Float(f) if f.fract() == 0.0 => f as i64,
+        Num::Float(_) => return Err(runtime_error(ctx, "insertString: the position must be an integer".into())),
+    };
+    let len = s.chars().count();
+    let Some(pos) = usize::try_from(pos).ok().filter(|p| *p <= len) else {
+        return Err(runtime_error(
+            ctx,
+            format!("insertString: position {pos} is outside the string (length {len})"),
+        ));
+    };
+    let byte = s.char_indices().nth(pos).map_or(s.len(), |(b, _)| b);
+    let mut out = String::with_capacity(s.len() + ins.len());
+    out.push_str(&s[..byte]);
+    out.push_str(ins);
+    out.push_str(&s[byte..]);
+    Ok(Arc::new(Variable::String(out)))
+}
+
+fn from_unix(args: &[Rcvar], ctx: &mut Context<'_>, millis_per_unit: i64) -> jmespath::SearchResult {
+    // MedTech accepts only integer arguments here.
+    let Num::Int(units) = num(&args[0]) else {
+        return Err(runtime_error(ctx, "fromUnixTimestamp expects an integer".into()));
+    };
+    let ts = units
+        .checked_mul(millis_per_unit)
+        .and_then(Timestamp::from_unix_millis)
+        .ok_or_else(|| runtime_error(ctx, "fromUnixTimestamp: the value is out of range".into()))?;
+    // A date token in .NET; an ISO string here, which the timestamp and value conversions
+    // treat exactly like a date token.
+    Ok(Arc::new(Variable::String(ts.to_string())))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    fn eval(expr: &str, data: Value) -> Result<Value, JmesPathError> {
+        let e = JmesPath::compile(expr)?;
+        e.search(&to_var(&data)).map(|r| from_var(&r))
+    }
+
+    #[test]
+    fn custom_arithmetic_follows_dotnet_typing() {
+        assert_eq!(eval("add(`1`, `2`)", json!(null)).unwrap(), json!(3));
+        assert_eq!(eval("divide(`7`, `2`)", json!(null)).unwrap(), json!(3));
+        assert_eq!(eval("divide(`7.0`, `2`)", json!(null)).unwrap(), json!(3.5));
+        assert_eq!(eval("multiply(to_number('72'), `0.0254`)", json!(null)).unwrap(), json!(72.0 * 0.0254));
+        assert_eq!(eval("subtract(`5`, `7`)", json!(null)).unwrap(), json!(-2));
+        assert_eq!(eval("pow(`2`, `10`)", json!(null)).unwrap(), json!(1024));
+        assert_eq!(eval("pow(`2.0`, `0.5`)", json!(null)).unwrap(), json!(2f64.sqrt()));
+        assert_eq!(eval("add(`9223372036854775807`, `1`)", json!(null)).unwrap(), json!(i64::MIN));
+        assert!(eval("divide(`1`, `0`)", json!(null)).is_err());
+        assert!(eval("pow(`10`, `30`)", json!(null)).is_err());
+        assert!(eval("add('a', `1`)", json!(null)).is_err());
+    }
+
+    #[test]
+    fn strings_and_times() {
+        assert_eq!(eval("insertString('abcd', '-', `2`)", json!(null)).unwrap(), json!("ab-cd"));
+        assert!(eval("insertString('ab', '-', `3`)", json!(null)).is_err());
+        assert_eq!(eval("fromUnixTimestamp(`1549061161`)", json!(null)).unwrap(), json!("2019-02-01T22:46:01Z"));
+        assert_eq!(eval("fromUnixTimestampMs(`1549061161875`)", json!(null)).unwrap(), json!("2019-02-01T22:46:01.875Z"));
+    }
+
+    #[test]
+    fn projections_yield_each_element() {
+        let data = to_var(&json!({"Body": [{"hr": 1}, {"hr": 2}, {"x": 3}]}));
+        let e = JmesPath::compile("Body[?hr]").unwrap();
+        assert!(e.is_projection());
+        assert_eq!(e.select(&data).unwrap().len(), 2);
+        let e = JmesPath::compile("to_array(@.Body) | [? hr].hr").unwrap();
+        assert!(e.is_projection());
+        assert_eq!(e.select(&data).unwrap(), vec![json!(1), json!(2)]);
+        let e = JmesPath::compile("Body").unwrap();
+        assert!(!e.is_projection());
+        assert_eq!(e.select(&data).unwrap().len(), 1);
+        assert!(matches!(JmesPath::compile("Body[*].hr").unwrap().select_one(&data), Err(JmesPathSelectError::Multiple)));
+        assert_eq!(JmesPath::compile("missing").unwrap().select(&data).unwrap(), Vec::<Value>::new());
+    }
+
+    #[test]
+    fn compile_errors() {
+        assert!(JmesPath::compile("Body[?").is_err());
+        assert!(JmesPath::compile("nosuchfunction(@)").is_err());
+        assert!(JmesPath::compile("add(`1`)").is_err());
+        assert!(JmesPath::compile("Body[?starts_with(a)]").is_err());
+        assert!(JmesPath::compile("not_null(a, b, c)").is_ok());
+    }
+}

@@ -1,0 +1,289 @@
+//! Reading template files with positions, and collecting every error in one pass.
+//!
+//! Newtonsoft.Json, which reads MedTech templates, is lenient: it accepts comments, single
+//! quotes, unquoted member names and trailing commas, and matches member names without regard
+//! to case. Templates written against it must keep loading, so the reader here is equally
+//! lenient (jsonc-parser with those options) and member lookup ignores case.
+
+use jsonc_parser::ast::{Object, ObjectProp, Value as Node};
+use jsonc_parser::{CollectOptions, ParseOptions};
+
+use crate::error::{TemplateError, TemplateErrorKind};
+
+/// Deepest nesting accepted in a template file; real templates stay under ten.
+const MAX_DEPTH: usize = 128;
+
+/// A template file's text with a line index.
+pub(crate) struct Source<'a> {
+    text: &'a str,
+    line_starts: Vec<usize>,
+}
+
+impl<'a> Source<'a> {
+    pub(crate) fn new(text: &'a str) -> Self {
+        let mut line_starts = vec![0];
+        line_starts.extend(text.match_indices('\n').map(|(i, _)| i + 1));
+        Self { text, line_starts }
+    }
+
+    /// 1-based line and column (in characters) of a byte offset.
+    pub(crate) fn position(&self, offset: usize) -> (usize, usize) {
+        let line = self.line_starts.partition_point(|&start| start <= offset);
+        let start = self.line_starts[line - 1];
+        let column = self.text.get(start..offset.min(self.text.len())).map_or(1, |s| s.chars().count() + 1);
+        (line, column)
+    }
+
+    /// Parses the file; a syntax error comes back as one template error with its position.
+    pub(crate) fn parse(&self) -> Result<Node<'a>, TemplateError> {
+        if let Some(offset) = too_deep(self.text) {
+            let (line, column) = self.position(offset);
+            return Err(TemplateError {
+                message: format!("the file nests deeper than {MAX_DEPTH} levels"),
+                path: String::new(),
+                line: Some(line),
+                column: Some(column),
+                template: None,
+                kind: TemplateErrorKind::Syntax,
+            });
+        }
+        let options = ParseOptions {
+            allow_comments: true,
+            allow_loose_object_property_names: true,
+            allow_trailing_commas: true,
+            allow_missing_commas: false,
+            allow_single_quoted_strings: true,
+            allow_hexadecimal_numbers: false,
+            allow_unary_plus_numbers: false,
+            allow_bare_decimal_point_numbers: false,
+            allow_non_finite_numbers: false,
+            allow_extended_string_escapes: false,
+        };
+        let parsed = jsonc_parser::parse_to_ast(self.text, &CollectOptions::default(), &options).map_err(|e| {
+            let (line, column) = self.position(e.range().start);
+            TemplateError {
+                message: format!("the file is not valid JSON: {}", e.kind()),
+                path: String::new(),
+                line: Some(line),
+                column: Some(column),
+                template: None,
+                kind: TemplateErrorKind::Syntax,
+            }
+        })?;
+        parsed.value.ok_or_else(|| TemplateError {
+            message: "the file is empty".into(),
+            path: String::new(),
+            line: None,
+            column: None,
+            template: None,
+            kind: TemplateErrorKind::Syntax,
+        })
+    }
+}
+
+/// Offset of the first bracket past [`MAX_DEPTH`], so the recursive parser never sees it.
+fn too_deep(text: &str) -> Option<usize> {
+    let mut depth = 0usize;
+    let mut quote: Option<u8> = None;
+    let mut escaped = false;
+    for (i, b) in text.bytes().enumerate() {
+        if let Some(q) = quote {
+            if escaped {
+                escaped = false;
+            } else if b == b'\\' {
+                escaped = true;
+            } else if b == q {
+                quote = None;
+            }
+            continue;
+        }
+        match b {
+            b'"' | b'\'' => quote = Some(b),
+            b'{' | b'[' => {
+                depth += 1;
+                if depth > MAX_DEPTH {
+                    return Some(i);
+                }
+            }
+            b'}' | b']' => depth = depth.saturating_sub(1),
+            _ => {}
+        }
+    }
+    None
+}
+
+/// The JSON type name of a node, for error messages.
+pub(crate) fn type_name(node: &Node<'_>) -> &'static str {
+    match node {
+        Node::StringLit(_) => "a string",
+        Node::NumberLit(_) => "a number",
+        Node::BooleanLit(_) => "a boolean",
+        Node::Object(_) => "an object",
+        Node::Array(_) => "an array",
+        Node::NullKeyword(_) => "null",
+    }
+}
+
+/// Byte offset where a node starts.
+pub(crate) fn start(node: &Node<'_>) -> usize {
+    match node {
+        Node::StringLit(n) => n.range.start,
+        Node::NumberLit(n) => n.range.start,
+        Node::BooleanLit(n) => n.range.start,
+        Node::Object(n) => n.range.start,
+        Node::Array(n) => n.range.start,
+        Node::NullKeyword(n) => n.range.start,
+    }
+}
+
+/// Collects errors while walking a template file.
+pub(crate) struct Checker<'s, 'a> {
+    pub(crate) source: &'s Source<'a>,
+    pub(crate) errors: Vec<TemplateError>,
+    /// Label of the template being checked, attached to each error.
+    pub(crate) template: Option<String>,
+}
+
+impl<'s, 'a> Checker<'s, 'a> {
+    pub(crate) fn new(source: &'s Source<'a>) -> Self {
+        Self { source, errors: Vec::new(), template: None }
+    }
+
+    pub(crate) fn line(&self, offset: usize) -> usize {
+        self.source.position(offset).0
+    }
+
+    pub(crate) fn error(&mut self, kind: TemplateErrorKind, offset: usize, path: &str, message: String) {
+        let (line, column) = self.source.position(offset);
+        self.errors.push(TemplateError {
+            message,
+            path: path.to_owned(),
+            line: Some(line),
+            column: Some(column),
+            template: self.template.clone(),
+            kind,
+        });
+    }
+
+    /// Splits an object's members into the known ones (matched without regard to case) and
+    /// reports every unknown one. `ignored` members are accepted and skipped.
+    pub(crate) fn members<'o, 'n>(
+        &mut self,
+        object: &'o Object<'n>,
+        path: &str,
+        known: &[&'static str],
+        ignored: &[&str],
+    ) -> Members<'o, 'n> {
+        let mut members = Members::empty(object.range.start, path.to_owned());
+        for prop in &object.properties {
+            let name = prop.name.as_str();
+            if let Some(k) = known.iter().find(|k| k.eq_ignore_ascii_case(name)) {
+                members.push(k, prop);
+            } else if !ignored.iter().any(|i| i.eq_ignore_ascii_case(name)) {
+                self.error(
+                    TemplateErrorKind::UnknownMember,
+                    prop.range.start,
+                    &format!("{path}.{name}"),
+                    format!("unknown member '{name}'; expected one of: {}", known.join(", ")),
+                );
+            }
+        }
+        members
+    }
+
+    /// A required member that must be a non-empty string.
+    pub(crate) fn required_string(&mut self, m: &Members<'_, '_>, name: &'static str) -> Option<(String, usize)> {
+        match m.get(name) {
+            None => {
+                self.missing(m, name);
+                None
+            }
+            Some(Node::NullKeyword(n)) => {
+                self.error(
+                    TemplateErrorKind::MissingMember,
+                    n.range.start,
+                    &m.child(name),
+                    format!("required member '{name}' must not be null"),
+                );
+                None
+            }
+            Some(Node::StringLit(s)) => Some((s.value.to_string(), s.range.start)),
+            Some(other) => {
+                self.error(
+                    TemplateErrorKind::InvalidValue,
+                    start(other),
+                    &m.child(name),
+                    format!("'{name}' must be a string, found {}", type_name(other)),
+                );
+                None
+            }
+        }
+    }
+
+    /// Reports a required member that is absent, at the line of its object (as MedTech does).
+    pub(crate) fn missing(&mut self, m: &Members<'_, '_>, name: &'static str) {
+        self.error(
+            TemplateErrorKind::MissingMember,
+            m.object_start,
+            &m.child(name),
+            format!("required member '{name}' not found"),
+        );
+    }
+}
+
+/// The recognised members of one object.
+pub(crate) struct Members<'o, 'a> {
+    pub(crate) object_start: usize,
+    pub(crate) path: String,
+    found: Vec<(&'static str, &'o ObjectProp<'a>)>,
+}
+
+impl<'o, 'a> Members<'o, 'a> {
+    pub(crate) fn empty(object_start: usize, path: String) -> Self {
+        Self { object_start, path, found: Vec::new() }
+    }
+
+    /// Records a member; a later duplicate replaces an earlier one, as in Newtonsoft.
+    pub(crate) fn push(&mut self, name: &'static str, prop: &'o ObjectProp<'a>) {
+        self.found.retain(|(f, _)| *f != name);
+        self.found.push((name, prop));
+    }
+
+    pub(crate) fn get(&self, name: &str) -> Option<&'o Node<'a>> {
+        self.found.iter().find(|(k, _)| *k == name).map(|(_, p)| &p.value)
+    }
+
+    pub(crate) fn child(&self, name: &str) -> String {
+        format!("{}.{name}", self.path)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn positions() {
+        let s = Source::new("{\n  \"a\": 1,\n  \"b\": 2\n}");
+        assert_eq!(s.position(0), (1, 1));
+        assert_eq!(s.position(4), (2, 3));
+        assert_eq!(s.position(15), (3, 4));
+    }
+
+    #[test]
+    fn deep_nesting_is_an_error_not_a_crash() {
+        let text = "[".repeat(10_000) + &"]".repeat(10_000);
+        let err = Source::new(&text).parse().unwrap_err();
+        assert_eq!(err.kind, TemplateErrorKind::Syntax);
+        let quoted = format!("{{\"a\": \"{}\"}}", "[".repeat(500));
+        assert!(Source::new(&quoted).parse().is_ok());
+    }
+
+    #[test]
+    fn lenient_like_newtonsoft() {
+        let text = "// comment\n{ templateType: 'CollectionContent', \"template\": [1, 2,], }";
+        assert!(Source::new(text).parse().is_ok());
+        let err = Source::new("{\"a\": }").parse().unwrap_err();
+        assert_eq!((err.line, err.column), (Some(1), Some(7)));
+    }
+}
