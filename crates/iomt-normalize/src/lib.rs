@@ -101,6 +101,8 @@ pub trait Trace {
     const ENABLED: bool = true;
     /// `typeMatchExpression` of `template` selected `matches` tokens.
     fn type_match(&mut self, _template: &ContentTemplate, _matches: &[Cow<'_, Value>]) {}
+    /// Evaluation of the `index`-th selected token starts.
+    fn token(&mut self, _template: &ContentTemplate, _index: usize) {}
     /// One expression of a match was evaluated; `token` is what it selected.
     fn expression(&mut self, _template: &ContentTemplate, _field: &str, _expression: &Expression, _token: Option<&Value>) {}
 }
@@ -210,7 +212,10 @@ impl Evaluation<'_> {
         if T::ENABLED {
             trace.type_match(t, &tokens);
         }
-        for token in &tokens {
+        for (index, token) in tokens.iter().enumerate() {
+            if T::ENABLED {
+                trace.token(t, index);
+            }
             let mut matched = Matched { eval: self, template: t, token, jmes_scope: OnceLock::new() };
             match matched.measurement(ingestion, trace) {
                 Ok(m) => out.measurements.push(m),

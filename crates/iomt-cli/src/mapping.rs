@@ -1,0 +1,359 @@
+//! `iomt mapping test` and `iomt mapping validate`: the offline mapping debugger.
+
+use std::borrow::Cow;
+use std::fmt::Write as _;
+use std::io::Read;
+use std::path::{Path, PathBuf};
+
+use anyhow::Context as _;
+use clap::{Args, Subcommand};
+use iomt_core::{DeviceEvent, Measurement, Timestamp};
+use iomt_normalize::{MAX_BODY_BYTES, NormalizeError, Normalizer, Output, Trace, envelope, explain, parse_body};
+use iomt_templates::TemplateError;
+use iomt_templates::device::{ContentTemplate, DeviceMapping};
+use iomt_templates::expr::Expression;
+use serde::Serialize;
+use serde_json::Value;
+
+use crate::style::{Palette, paint};
+use crate::{ColorChoice, OutputFormat};
+
+/// Exit code: the data did not fit the templates.
+const EXIT_DATA_ERRORS: u8 = 1;
+/// Exit code: a template or the command line is invalid.
+const EXIT_INVALID_TEMPLATE: u8 = 2;
+
+#[derive(Debug, Subcommand)]
+pub(crate) enum MappingCommand {
+    /// Run a device mapping over one message and show the normalized measurements.
+    ///
+    /// Exit code 0 when the message produced no errors, 1 when its data did not fit the
+    /// templates, 2 when the mapping is invalid (every template error is listed).
+    Test(TestArgs),
+    /// Check a device mapping and list every error with its line and JSON path.
+    Validate(ValidateArgs),
+}
+
+#[derive(Debug, Args)]
+pub(crate) struct TestArgs {
+    /// The device mapping (a CollectionContent document).
+    #[arg(long, value_name = "FILE")]
+    device_mapping: PathBuf,
+    #[command(flatten)]
+    input: InputArgs,
+    /// Output format.
+    #[arg(long, value_enum, default_value_t = OutputFormat::Text)]
+    output: OutputFormat,
+    /// Colour in text output.
+    #[arg(long, value_enum, default_value_t = ColorChoice::Auto)]
+    color: ColorChoice,
+}
+
+#[derive(Debug, Args)]
+#[group(required = true, multiple = false)]
+struct InputArgs {
+    /// A message body; it is wrapped as {"Body": …, "Properties": {}, "SystemProperties": {}},
+    /// as the service wraps every event. `-` reads standard input.
+    #[arg(long, value_name = "FILE")]
+    message: Option<PathBuf>,
+    /// A complete document to evaluate as is, normally an Event Hub envelope
+    /// {"Body", "Properties", "SystemProperties"}. `-` reads standard input.
+    #[arg(long, value_name = "FILE")]
+    event: Option<PathBuf>,
+}
+
+#[derive(Debug, Args)]
+pub(crate) struct ValidateArgs {
+    /// The device mapping (a CollectionContent document).
+    device_mapping: PathBuf,
+    /// Output format.
+    #[arg(long, value_enum, default_value_t = OutputFormat::Text)]
+    output: OutputFormat,
+    /// Colour in text output.
+    #[arg(long, value_enum, default_value_t = ColorChoice::Auto)]
+    color: ColorChoice,
+}
+
+pub(crate) fn run(cmd: MappingCommand) -> anyhow::Result<u8> {
+    match cmd {
+        MappingCommand::Test(args) => test(&args),
+        MappingCommand::Validate(args) => validate(&args),
+    }
+}
+
+/// An error as printed in JSON output: template errors and data errors share one list.
+#[derive(Debug, Serialize)]
+#[serde(untagged)]
+enum ReportedError {
+    Template {
+        file: String,
+        #[serde(flatten)]
+        error: TemplateError,
+    },
+    Data(NormalizeError),
+    Input {
+        message: String,
+    },
+}
+
+#[derive(Debug, Serialize)]
+struct JsonReport<'a> {
+    measurements: &'a [Measurement],
+    observations: Vec<Value>,
+    errors: Vec<ReportedError>,
+}
+
+fn print_json(measurements: &[Measurement], errors: Vec<ReportedError>) -> anyhow::Result<()> {
+    let report = JsonReport { measurements, observations: Vec::new(), errors };
+    println!("{}", serde_json::to_string_pretty(&report)?);
+    Ok(())
+}
+
+fn read_input(path: &Path) -> std::io::Result<Vec<u8>> {
+    if path == Path::new("-") {
+        let mut buf = Vec::new();
+        std::io::stdin().take(MAX_BODY_BYTES as u64 + 1).read_to_end(&mut buf)?;
+        return Ok(buf);
+    }
+    let file = std::fs::File::open(path)?;
+    let mut buf = Vec::new();
+    // Never read more than one byte past the limit: the size check needs no more.
+    file.take(MAX_BODY_BYTES as u64 + 1).read_to_end(&mut buf)?;
+    Ok(buf)
+}
+
+fn load_mapping(path: &Path) -> anyhow::Result<Result<DeviceMapping, Vec<TemplateError>>> {
+    let text = std::fs::read_to_string(path).with_context(|| format!("cannot read the device mapping {}", path.display()))?;
+    Ok(DeviceMapping::parse(&text))
+}
+
+fn template_errors(path: &Path, errors: Vec<TemplateError>) -> Vec<ReportedError> {
+    let file = path.display().to_string();
+    errors.into_iter().map(|error| ReportedError::Template { file: file.clone(), error }).collect()
+}
+
+fn validate(args: &ValidateArgs) -> anyhow::Result<u8> {
+    let palette = Palette::new(args.color);
+    let loaded = match load_mapping(&args.device_mapping) {
+        Ok(loaded) => loaded,
+        Err(e) => return unreadable(args.output, &e),
+    };
+    match loaded {
+        Ok(mapping) => {
+            match args.output {
+                OutputFormat::Json => print_json(&[], Vec::new())?,
+                OutputFormat::Text => {
+                    println!("{} {}: {} template(s)", paint(palette.ok, "valid"), args.device_mapping.display(), mapping.templates.len());
+                    for t in &mapping.templates {
+                        println!("  {} (line {})", t.label(), t.line);
+                    }
+                }
+            }
+            Ok(0)
+        }
+        Err(errors) => {
+            match args.output {
+                OutputFormat::Json => print_json(&[], template_errors(&args.device_mapping, errors))?,
+                OutputFormat::Text => print_template_errors(&palette, &args.device_mapping, &errors),
+            }
+            Ok(EXIT_INVALID_TEMPLATE)
+        }
+    }
+}
+
+fn print_template_errors(palette: &Palette, path: &Path, errors: &[TemplateError]) {
+    println!("{} {}: {} error(s)", paint(palette.bad, "invalid"), path.display(), errors.len());
+    for e in errors {
+        println!("  {}: {e}", path.display());
+    }
+}
+
+/// The document the templates run against, and the event's ingestion time if known.
+struct Input {
+    root: Value,
+    ingestion: Option<Timestamp>,
+    wrapped: bool,
+}
+
+fn load_input(args: &InputArgs) -> anyhow::Result<Result<Input, NormalizeError>> {
+    let (path, wrap) = match (&args.message, &args.event) {
+        (Some(p), _) => (p, true),
+        (None, Some(p)) => (p, false),
+        (None, None) => anyhow::bail!("pass --message or --event"),
+    };
+    let bytes = read_input(path).with_context(|| format!("cannot read {}", path.display()))?;
+    if wrap {
+        let event = DeviceEvent { body: bytes, ..DeviceEvent::default() };
+        return Ok(envelope(&event).map(|root| Input { root, ingestion: None, wrapped: true }));
+    }
+    Ok(parse_body(&bytes).map(|root| {
+        // An envelope captured from a hub carries its enqueued time.
+        let ingestion = root
+            .pointer("/SystemProperties/x-opt-enqueued-time")
+            .and_then(Value::as_str)
+            .and_then(|s| Timestamp::parse(s).ok());
+        Input { root, ingestion, wrapped: false }
+    }))
+}
+
+/// Reports a file that cannot be read; JSON output still gets its one JSON object.
+fn unreadable(format: OutputFormat, error: &anyhow::Error) -> anyhow::Result<u8> {
+    match format {
+        OutputFormat::Json => print_json(&[], vec![ReportedError::Input { message: format!("{error:#}") }])?,
+        OutputFormat::Text => eprintln!("error: {error:#}"),
+    }
+    Ok(EXIT_INVALID_TEMPLATE)
+}
+
+fn test(args: &TestArgs) -> anyhow::Result<u8> {
+    let palette = Palette::new(args.color);
+    let loaded = match load_mapping(&args.device_mapping) {
+        Ok(loaded) => loaded,
+        Err(e) => return unreadable(args.output, &e),
+    };
+    let mapping = match loaded {
+        Ok(m) => m,
+        Err(errors) => {
+            match args.output {
+                OutputFormat::Json => print_json(&[], template_errors(&args.device_mapping, errors))?,
+                OutputFormat::Text => print_template_errors(&palette, &args.device_mapping, &errors),
+            }
+            return Ok(EXIT_INVALID_TEMPLATE);
+        }
+    };
+    let loaded = match load_input(&args.input) {
+        Ok(loaded) => loaded,
+        Err(e) => return unreadable(args.output, &e),
+    };
+    let input = match loaded {
+        Ok(input) => input,
+        Err(error) => {
+            match args.output {
+                OutputFormat::Json => print_json(&[], vec![ReportedError::Data(error)])?,
+                OutputFormat::Text => println!("{} {}", paint(palette.bad, "error:"), error.message),
+            }
+            return Ok(EXIT_DATA_ERRORS);
+        }
+    };
+    let normalizer = Normalizer::new(mapping);
+    let mut recorder = Recorder::default();
+    let output = match args.output {
+        OutputFormat::Json => normalizer.normalize_value(&input.root, input.ingestion, &mut iomt_normalize::NoTrace),
+        OutputFormat::Text => normalizer.normalize_value(&input.root, input.ingestion, &mut recorder),
+    };
+    let code = if output.errors.is_empty() { 0 } else { EXIT_DATA_ERRORS };
+    match args.output {
+        OutputFormat::Json => {
+            let errors = output.errors.iter().cloned().map(ReportedError::Data).collect();
+            print_json(&output.measurements, errors)?;
+        }
+        OutputFormat::Text => {
+            print!("{}", render_text(&palette, &normalizer, &input, &recorder, &output, &args.device_mapping));
+        }
+    }
+    Ok(code)
+}
+
+/// What the evaluation did, template by template, for the text report.
+#[derive(Debug, Default)]
+struct Recorder {
+    templates: Vec<TemplateRecord>,
+    current_token: usize,
+}
+
+#[derive(Debug)]
+struct TemplateRecord {
+    index: usize,
+    tokens: Vec<TokenRecord>,
+}
+
+#[derive(Debug, Default)]
+struct TokenRecord {
+    preview: String,
+    expressions: Vec<(String, String, Option<Value>)>,
+}
+
+impl Trace for Recorder {
+    fn type_match(&mut self, template: &ContentTemplate, matches: &[Cow<'_, Value>]) {
+        let tokens = matches.iter().map(|m| TokenRecord { preview: preview(m), expressions: Vec::new() }).collect();
+        self.templates.push(TemplateRecord { index: template.index, tokens });
+    }
+
+    fn token(&mut self, _template: &ContentTemplate, index: usize) {
+        self.current_token = index;
+    }
+
+    fn expression(&mut self, _template: &ContentTemplate, field: &str, expression: &Expression, token: Option<&Value>) {
+        if let Some(tok) = self.templates.last_mut().and_then(|t| t.tokens.get_mut(self.current_token)) {
+            tok.expressions.push((field.to_owned(), expression.as_str().to_owned(), token.cloned()));
+        }
+    }
+}
+
+fn preview(v: &Value) -> String {
+    let text = v.to_string();
+    if text.chars().count() > 100 { format!("{}…", text.chars().take(100).collect::<String>()) } else { text }
+}
+
+fn render_text(p: &Palette, normalizer: &Normalizer, input: &Input, rec: &Recorder, output: &Output, mapping_path: &Path) -> String {
+    let mut s = String::new();
+    let templates = &normalizer.mapping().templates;
+    let _ = writeln!(s, "{} {} ({} template(s))", paint(p.heading, "device mapping"), mapping_path.display(), templates.len());
+    let how = if input.wrapped { "message, wrapped as {Body, Properties, SystemProperties}" } else { "document evaluated as is" };
+    let _ = writeln!(s, "{} {how}\n", paint(p.heading, "input"));
+    for (t, r) in templates.iter().zip(&rec.templates) {
+        debug_assert_eq!(t.index, r.index);
+        if r.tokens.is_empty() {
+            let _ = writeln!(s, "{} {}  {}", paint(p.bad, "✗"), t.label(), paint(p.bad, "no match"));
+            let _ = writeln!(s, "    typeMatchExpression {} (line {}) selected nothing:", t.type_match.as_str(), t.type_match.line.unwrap_or(t.line));
+            for hint in explain::why_no_match(t, &input.root) {
+                let _ = writeln!(s, "    {} {}", paint(p.hint, "-"), paint(p.hint, hint));
+            }
+            continue;
+        }
+        let _ = writeln!(s, "{} {}  matched {} token(s)", paint(p.ok, "✓"), t.label(), r.tokens.len());
+        for (i, tok) in r.tokens.iter().enumerate() {
+            let _ = writeln!(s, "    match {}: {}", i + 1, paint(p.dim, &tok.preview));
+            for (field, expr, value) in &tok.expressions {
+                let shown = match value {
+                    Some(v) => preview(v),
+                    None => paint(p.hint, "(nothing)"),
+                };
+                let _ = writeln!(s, "      {field:<22} {}  → {shown}", paint(p.dim, expr));
+            }
+        }
+    }
+    let _ = writeln!(s, "\n{} ({})", paint(p.heading, "measurements"), output.measurements.len());
+    for m in &output.measurements {
+        let props: Vec<String> = m.properties.iter().map(|pr| format!("{}={}", pr.name, pr.value)).collect();
+        let mut ids = format!("device={}", m.device_id);
+        for (k, v) in [("patient", &m.patient_id), ("encounter", &m.encounter_id), ("correlation", &m.correlation_id)] {
+            if let Some(v) = v {
+                let _ = write!(ids, " {k}={v}");
+            }
+        }
+        let _ = writeln!(s, "  {}  {}  {ids}  {}", paint(p.ok, &m.type_name), m.occurrence_time_utc, props.join(" "));
+    }
+    if output.errors.is_empty() {
+        let _ = writeln!(s, "\n{} none", paint(p.heading, "errors"));
+    } else {
+        let _ = writeln!(s, "\n{} ({})", paint(p.bad, "errors"), output.errors.len());
+        for e in &output.errors {
+            let mut at = String::new();
+            if let Some(t) = &e.template {
+                let _ = write!(at, "{t}");
+            }
+            if let Some(path) = &e.path {
+                let _ = write!(at, ", {path}");
+            }
+            if let Some(line) = e.line {
+                let _ = write!(at, " (line {line})");
+            }
+            let _ = writeln!(s, "  {} [{}] {}", paint(p.bad, "✗"), e.kind.name(), e.message);
+            if !at.is_empty() {
+                let _ = writeln!(s, "      {}", paint(p.dim, at));
+            }
+        }
+    }
+    s
+}
