@@ -8,7 +8,10 @@ use std::path::{Path, PathBuf};
 use anyhow::Context as _;
 use clap::{Args, Subcommand};
 use iomt_core::{DeviceEvent, Measurement, Timestamp};
-use iomt_normalize::{MAX_BODY_BYTES, NormalizeError, Normalizer, Output, Trace, envelope, explain, parse_body};
+use iomt_normalize::{
+    MAX_BODY_BYTES, NormalizeError, Normalizer, Output, Trace, envelope, envelope_enqueued_time,
+    explain, parse_body,
+};
 use iomt_templates::TemplateError;
 use iomt_templates::device::{ContentTemplate, DeviceMapping};
 use iomt_templates::expr::Expression;
@@ -104,7 +107,11 @@ struct JsonReport<'a> {
 }
 
 fn print_json(measurements: &[Measurement], errors: Vec<ReportedError>) -> anyhow::Result<()> {
-    let report = JsonReport { measurements, observations: Vec::new(), errors };
+    let report = JsonReport {
+        measurements,
+        observations: Vec::new(),
+        errors,
+    };
     println!("{}", serde_json::to_string_pretty(&report)?);
     Ok(())
 }
@@ -112,7 +119,9 @@ fn print_json(measurements: &[Measurement], errors: Vec<ReportedError>) -> anyho
 fn read_input(path: &Path) -> std::io::Result<Vec<u8>> {
     if path == Path::new("-") {
         let mut buf = Vec::new();
-        std::io::stdin().take(MAX_BODY_BYTES as u64 + 1).read_to_end(&mut buf)?;
+        std::io::stdin()
+            .take(MAX_BODY_BYTES as u64 + 1)
+            .read_to_end(&mut buf)?;
         return Ok(buf);
     }
     let file = std::fs::File::open(path)?;
@@ -123,13 +132,20 @@ fn read_input(path: &Path) -> std::io::Result<Vec<u8>> {
 }
 
 fn load_mapping(path: &Path) -> anyhow::Result<Result<DeviceMapping, Vec<TemplateError>>> {
-    let text = std::fs::read_to_string(path).with_context(|| format!("cannot read the device mapping {}", path.display()))?;
+    let text = std::fs::read_to_string(path)
+        .with_context(|| format!("cannot read the device mapping {}", path.display()))?;
     Ok(DeviceMapping::parse(&text))
 }
 
 fn template_errors(path: &Path, errors: Vec<TemplateError>) -> Vec<ReportedError> {
     let file = path.display().to_string();
-    errors.into_iter().map(|error| ReportedError::Template { file: file.clone(), error }).collect()
+    errors
+        .into_iter()
+        .map(|error| ReportedError::Template {
+            file: file.clone(),
+            error,
+        })
+        .collect()
 }
 
 fn validate(args: &ValidateArgs) -> anyhow::Result<u8> {
@@ -143,7 +159,12 @@ fn validate(args: &ValidateArgs) -> anyhow::Result<u8> {
             match args.output {
                 OutputFormat::Json => print_json(&[], Vec::new())?,
                 OutputFormat::Text => {
-                    println!("{} {}: {} template(s)", paint(palette.ok, "valid"), args.device_mapping.display(), mapping.templates.len());
+                    println!(
+                        "{} {}: {} template(s)",
+                        paint(palette.ok, "valid"),
+                        args.device_mapping.display(),
+                        mapping.templates.len()
+                    );
                     for t in &mapping.templates {
                         println!("  {} (line {})", t.label(), t.line);
                     }
@@ -153,8 +174,12 @@ fn validate(args: &ValidateArgs) -> anyhow::Result<u8> {
         }
         Err(errors) => {
             match args.output {
-                OutputFormat::Json => print_json(&[], template_errors(&args.device_mapping, errors))?,
-                OutputFormat::Text => print_template_errors(&palette, &args.device_mapping, &errors),
+                OutputFormat::Json => {
+                    print_json(&[], template_errors(&args.device_mapping, errors))?
+                }
+                OutputFormat::Text => {
+                    print_template_errors(&palette, &args.device_mapping, &errors)
+                }
             }
             Ok(EXIT_INVALID_TEMPLATE)
         }
@@ -162,7 +187,12 @@ fn validate(args: &ValidateArgs) -> anyhow::Result<u8> {
 }
 
 fn print_template_errors(palette: &Palette, path: &Path, errors: &[TemplateError]) {
-    println!("{} {}: {} error(s)", paint(palette.bad, "invalid"), path.display(), errors.len());
+    println!(
+        "{} {}: {} error(s)",
+        paint(palette.bad, "invalid"),
+        path.display(),
+        errors.len()
+    );
     for e in errors {
         println!("  {}: {e}", path.display());
     }
@@ -183,23 +213,32 @@ fn load_input(args: &InputArgs) -> anyhow::Result<Result<Input, NormalizeError>>
     };
     let bytes = read_input(path).with_context(|| format!("cannot read {}", path.display()))?;
     if wrap {
-        let event = DeviceEvent { body: bytes, ..DeviceEvent::default() };
-        return Ok(envelope(&event).map(|root| Input { root, ingestion: None, wrapped: true }));
+        let event = DeviceEvent {
+            body: bytes,
+            ..DeviceEvent::default()
+        };
+        return Ok(envelope(&event).map(|root| Input {
+            root,
+            ingestion: None,
+            wrapped: true,
+        }));
     }
-    Ok(parse_body(&bytes).map(|root| {
-        // An envelope captured from a hub carries its enqueued time.
-        let ingestion = root
-            .pointer("/SystemProperties/x-opt-enqueued-time")
-            .and_then(Value::as_str)
-            .and_then(|s| Timestamp::parse(s).ok());
-        Input { root, ingestion, wrapped: false }
+    Ok(parse_body(&bytes).map(|root| Input {
+        ingestion: envelope_enqueued_time(&root),
+        root,
+        wrapped: false,
     }))
 }
 
 /// Reports a file that cannot be read; JSON output still gets its one JSON object.
 fn unreadable(format: OutputFormat, error: &anyhow::Error) -> anyhow::Result<u8> {
     match format {
-        OutputFormat::Json => print_json(&[], vec![ReportedError::Input { message: format!("{error:#}") }])?,
+        OutputFormat::Json => print_json(
+            &[],
+            vec![ReportedError::Input {
+                message: format!("{error:#}"),
+            }],
+        )?,
         OutputFormat::Text => eprintln!("error: {error:#}"),
     }
     Ok(EXIT_INVALID_TEMPLATE)
@@ -215,8 +254,12 @@ fn test(args: &TestArgs) -> anyhow::Result<u8> {
         Ok(m) => m,
         Err(errors) => {
             match args.output {
-                OutputFormat::Json => print_json(&[], template_errors(&args.device_mapping, errors))?,
-                OutputFormat::Text => print_template_errors(&palette, &args.device_mapping, &errors),
+                OutputFormat::Json => {
+                    print_json(&[], template_errors(&args.device_mapping, errors))?
+                }
+                OutputFormat::Text => {
+                    print_template_errors(&palette, &args.device_mapping, &errors)
+                }
             }
             return Ok(EXIT_INVALID_TEMPLATE);
         }
@@ -230,7 +273,9 @@ fn test(args: &TestArgs) -> anyhow::Result<u8> {
         Err(error) => {
             match args.output {
                 OutputFormat::Json => print_json(&[], vec![ReportedError::Data(error)])?,
-                OutputFormat::Text => println!("{} {}", paint(palette.bad, "error:"), error.message),
+                OutputFormat::Text => {
+                    println!("{} {}", paint(palette.bad, "error:"), error.message)
+                }
             }
             return Ok(EXIT_DATA_ERRORS);
         }
@@ -238,17 +283,40 @@ fn test(args: &TestArgs) -> anyhow::Result<u8> {
     let normalizer = Normalizer::new(mapping);
     let mut recorder = Recorder::default();
     let output = match args.output {
-        OutputFormat::Json => normalizer.normalize_value(&input.root, input.ingestion, &mut iomt_normalize::NoTrace),
-        OutputFormat::Text => normalizer.normalize_value(&input.root, input.ingestion, &mut recorder),
+        OutputFormat::Json => {
+            normalizer.normalize_value(&input.root, input.ingestion, &mut iomt_normalize::NoTrace)
+        }
+        OutputFormat::Text => {
+            normalizer.normalize_value(&input.root, input.ingestion, &mut recorder)
+        }
     };
-    let code = if output.errors.is_empty() { 0 } else { EXIT_DATA_ERRORS };
+    let code = if output.errors.is_empty() {
+        0
+    } else {
+        EXIT_DATA_ERRORS
+    };
     match args.output {
         OutputFormat::Json => {
-            let errors = output.errors.iter().cloned().map(ReportedError::Data).collect();
+            let errors = output
+                .errors
+                .iter()
+                .cloned()
+                .map(ReportedError::Data)
+                .collect();
             print_json(&output.measurements, errors)?;
         }
         OutputFormat::Text => {
-            print!("{}", render_text(&palette, &normalizer, &input, &recorder, &output, &args.device_mapping));
+            print!(
+                "{}",
+                render_text(
+                    &palette,
+                    &normalizer,
+                    &input,
+                    &recorder,
+                    &output,
+                    &args.device_mapping
+                )
+            );
         }
     }
     Ok(code)
@@ -275,43 +343,104 @@ struct TokenRecord {
 
 impl Trace for Recorder {
     fn type_match(&mut self, template: &ContentTemplate, matches: &[Cow<'_, Value>]) {
-        let tokens = matches.iter().map(|m| TokenRecord { preview: preview(m), expressions: Vec::new() }).collect();
-        self.templates.push(TemplateRecord { index: template.index, tokens });
+        let tokens = matches
+            .iter()
+            .map(|m| TokenRecord {
+                preview: preview(m),
+                expressions: Vec::new(),
+            })
+            .collect();
+        self.templates.push(TemplateRecord {
+            index: template.index,
+            tokens,
+        });
     }
 
     fn token(&mut self, _template: &ContentTemplate, index: usize) {
         self.current_token = index;
     }
 
-    fn expression(&mut self, _template: &ContentTemplate, field: &str, expression: &Expression, token: Option<&Value>) {
-        if let Some(tok) = self.templates.last_mut().and_then(|t| t.tokens.get_mut(self.current_token)) {
-            tok.expressions.push((field.to_owned(), expression.as_str().to_owned(), token.cloned()));
+    fn expression(
+        &mut self,
+        _template: &ContentTemplate,
+        field: &str,
+        expression: &Expression,
+        token: Option<&Value>,
+    ) {
+        if let Some(tok) = self
+            .templates
+            .last_mut()
+            .and_then(|t| t.tokens.get_mut(self.current_token))
+        {
+            tok.expressions.push((
+                field.to_owned(),
+                expression.as_str().to_owned(),
+                token.cloned(),
+            ));
         }
     }
 }
 
 fn preview(v: &Value) -> String {
     let text = v.to_string();
-    if text.chars().count() > 100 { format!("{}…", text.chars().take(100).collect::<String>()) } else { text }
+    if text.chars().count() > 100 {
+        format!("{}…", text.chars().take(100).collect::<String>())
+    } else {
+        text
+    }
 }
 
-fn render_text(p: &Palette, normalizer: &Normalizer, input: &Input, rec: &Recorder, output: &Output, mapping_path: &Path) -> String {
+fn render_text(
+    p: &Palette,
+    normalizer: &Normalizer,
+    input: &Input,
+    rec: &Recorder,
+    output: &Output,
+    mapping_path: &Path,
+) -> String {
     let mut s = String::new();
     let templates = &normalizer.mapping().templates;
-    let _ = writeln!(s, "{} {} ({} template(s))", paint(p.heading, "device mapping"), mapping_path.display(), templates.len());
-    let how = if input.wrapped { "message, wrapped as {Body, Properties, SystemProperties}" } else { "document evaluated as is" };
+    let _ = writeln!(
+        s,
+        "{} {} ({} template(s))",
+        paint(p.heading, "device mapping"),
+        mapping_path.display(),
+        templates.len()
+    );
+    let how = if input.wrapped {
+        "message, wrapped as {Body, Properties, SystemProperties}"
+    } else {
+        "document evaluated as is"
+    };
     let _ = writeln!(s, "{} {how}\n", paint(p.heading, "input"));
     for (t, r) in templates.iter().zip(&rec.templates) {
         debug_assert_eq!(t.index, r.index);
         if r.tokens.is_empty() {
-            let _ = writeln!(s, "{} {}  {}", paint(p.bad, "✗"), t.label(), paint(p.bad, "no match"));
-            let _ = writeln!(s, "    typeMatchExpression {} (line {}) selected nothing:", t.type_match.as_str(), t.type_match.line.unwrap_or(t.line));
+            let _ = writeln!(
+                s,
+                "{} {}  {}",
+                paint(p.bad, "✗"),
+                t.label(),
+                paint(p.bad, "no match")
+            );
+            let _ = writeln!(
+                s,
+                "    typeMatchExpression {} (line {}) selected nothing:",
+                t.type_match.as_str(),
+                t.type_match.line.unwrap_or(t.line)
+            );
             for hint in explain::why_no_match(t, &input.root) {
                 let _ = writeln!(s, "    {} {}", paint(p.hint, "-"), paint(p.hint, hint));
             }
             continue;
         }
-        let _ = writeln!(s, "{} {}  matched {} token(s)", paint(p.ok, "✓"), t.label(), r.tokens.len());
+        let _ = writeln!(
+            s,
+            "{} {}  matched {} token(s)",
+            paint(p.ok, "✓"),
+            t.label(),
+            r.tokens.len()
+        );
         for (i, tok) in r.tokens.iter().enumerate() {
             let _ = writeln!(s, "    match {}: {}", i + 1, paint(p.dim, &tok.preview));
             for (field, expr, value) in &tok.expressions {
@@ -323,16 +452,35 @@ fn render_text(p: &Palette, normalizer: &Normalizer, input: &Input, rec: &Record
             }
         }
     }
-    let _ = writeln!(s, "\n{} ({})", paint(p.heading, "measurements"), output.measurements.len());
+    let _ = writeln!(
+        s,
+        "\n{} ({})",
+        paint(p.heading, "measurements"),
+        output.measurements.len()
+    );
     for m in &output.measurements {
-        let props: Vec<String> = m.properties.iter().map(|pr| format!("{}={}", pr.name, pr.value)).collect();
+        let props: Vec<String> = m
+            .properties
+            .iter()
+            .map(|pr| format!("{}={}", pr.name, pr.value))
+            .collect();
         let mut ids = format!("device={}", m.device_id);
-        for (k, v) in [("patient", &m.patient_id), ("encounter", &m.encounter_id), ("correlation", &m.correlation_id)] {
+        for (k, v) in [
+            ("patient", &m.patient_id),
+            ("encounter", &m.encounter_id),
+            ("correlation", &m.correlation_id),
+        ] {
             if let Some(v) = v {
                 let _ = write!(ids, " {k}={v}");
             }
         }
-        let _ = writeln!(s, "  {}  {}  {ids}  {}", paint(p.ok, &m.type_name), m.occurrence_time_utc, props.join(" "));
+        let _ = writeln!(
+            s,
+            "  {}  {}  {ids}  {}",
+            paint(p.ok, &m.type_name),
+            m.occurrence_time_utc,
+            props.join(" ")
+        );
     }
     if output.errors.is_empty() {
         let _ = writeln!(s, "\n{} none", paint(p.heading, "errors"));
@@ -349,7 +497,13 @@ fn render_text(p: &Palette, normalizer: &Normalizer, input: &Input, rec: &Record
             if let Some(line) = e.line {
                 let _ = write!(at, " (line {line})");
             }
-            let _ = writeln!(s, "  {} [{}] {}", paint(p.bad, "✗"), e.kind.name(), e.message);
+            let _ = writeln!(
+                s,
+                "  {} [{}] {}",
+                paint(p.bad, "✗"),
+                e.kind.name(),
+                e.message
+            );
             if !at.is_empty() {
                 let _ = writeln!(s, "      {}", paint(p.dim, at));
             }

@@ -21,11 +21,19 @@ impl Palette {
         let on = match choice {
             ColorChoice::Always => true,
             ColorChoice::Never => false,
-            ColorChoice::Auto => std::io::stdout().is_terminal() && std::env::var_os("NO_COLOR").is_none(),
+            ColorChoice::Auto => {
+                std::io::stdout().is_terminal() && std::env::var_os("NO_COLOR").is_none()
+            }
         };
         if !on {
             let plain = Style::new();
-            return Self { ok: plain, bad: plain, hint: plain, dim: plain, heading: plain };
+            return Self {
+                ok: plain,
+                bad: plain,
+                hint: plain,
+                dim: plain,
+                heading: plain,
+            };
         }
         Self {
             ok: Style::new().fg_color(Some(AnsiColor::Green.into())).bold(),

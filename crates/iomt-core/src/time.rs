@@ -20,7 +20,9 @@ pub struct Timestamp(DateTime<Utc>);
 
 /// Why a text could not be read as a timestamp.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
-#[error("'{text}' is not a date and time this engine can read (expected ISO 8601, for example 2019-02-01T22:46:01.875Z)")]
+#[error(
+    "'{text}' is not a date and time this engine can read (expected ISO 8601, for example 2019-02-01T22:46:01.875Z)"
+)]
 pub struct TimestampError {
     /// The offending text, cut to a readable length.
     pub text: String,
@@ -167,7 +169,10 @@ struct Cursor<'a> {
 
 impl<'a> Cursor<'a> {
     fn new(text: &'a str) -> Self {
-        Self { bytes: text.as_bytes(), pos: 0 }
+        Self {
+            bytes: text.as_bytes(),
+            pos: 0,
+        }
     }
 
     fn peek(&self) -> Option<u8> {
@@ -277,7 +282,14 @@ fn parse_iso(text: &str) -> Option<(Timestamp, IsoShape)> {
     let date = NaiveDate::from_ymd_opt(year as i32, month, day)?;
     if c.done() {
         let naive = date.and_hms_opt(0, 0, 0)?;
-        return to_utc(naive, None).map(|t| (t, IsoShape { newtonsoft_date: false }));
+        return to_utc(naive, None).map(|t| {
+            (
+                t,
+                IsoShape {
+                    newtonsoft_date: false,
+                },
+            )
+        });
     }
     let t_separator = c.eat(b'T') || c.eat(b't');
     if !t_separator && !c.eat(b' ') {
@@ -288,7 +300,9 @@ fn parse_iso(text: &str) -> Option<(Timestamp, IsoShape)> {
     if !c.done() {
         return None;
     }
-    let shape = IsoShape { newtonsoft_date: t_separator && has_seconds };
+    let shape = IsoShape {
+        newtonsoft_date: t_separator && has_seconds,
+    };
     to_utc(date.and_time(time), offset).map(|t| (t, shape))
 }
 
@@ -369,8 +383,14 @@ mod tests {
         assert_eq!(p("2019-02-01T22:46:01.875Z"), "2019-02-01T22:46:01.875Z");
         assert_eq!(p("2019-02-01T22:46:01Z"), "2019-02-01T22:46:01Z");
         assert_eq!(p("2023-03-13T22:46:01.8750000"), "2023-03-13T22:46:01.875Z");
-        assert_eq!(p("2019-01-30T22:45:02.6073744Z"), "2019-01-30T22:45:02.6073744Z");
-        assert_eq!(p("2019-01-30T22:45:02.60737449Z"), "2019-01-30T22:45:02.6073744Z");
+        assert_eq!(
+            p("2019-01-30T22:45:02.6073744Z"),
+            "2019-01-30T22:45:02.6073744Z"
+        );
+        assert_eq!(
+            p("2019-01-30T22:45:02.60737449Z"),
+            "2019-01-30T22:45:02.6073744Z"
+        );
         assert_eq!(p("2019-02-01T23:46:01+01:00"), "2019-02-01T22:46:01Z");
         assert_eq!(p("2019-02-01T21:46:01-0100"), "2019-02-01T22:46:01Z");
         assert_eq!(p("2019-02-01 22:46:01"), "2019-02-01T22:46:01Z");
@@ -389,7 +409,14 @@ mod tests {
 
     #[test]
     fn rejects_garbage() {
-        for bad in ["", "yesterday", "2019-13-01T00:00:00Z", "2019-02-01T24:46:01Z", "1549061161", "2019-02-01T22:46:01Zjunk"] {
+        for bad in [
+            "",
+            "yesterday",
+            "2019-13-01T00:00:00Z",
+            "2019-02-01T24:46:01Z",
+            "1549061161",
+            "2019-02-01T22:46:01Zjunk",
+        ] {
             assert!(Timestamp::parse(bad).is_err(), "{bad}");
         }
     }

@@ -29,8 +29,12 @@ pub(crate) fn to_string(value: &Value) -> Result<Option<String>, ConversionError
             Some(ts) => ts.to_invariant_string(),
             None => s.clone(),
         })),
-        Value::Object(_) => Err(ConversionError("the expression selected an object, not a single value".into())),
-        Value::Array(_) => Err(ConversionError("the expression selected an array, not a single value".into())),
+        Value::Object(_) => Err(ConversionError(
+            "the expression selected an object, not a single value".into(),
+        )),
+        Value::Array(_) => Err(ConversionError(
+            "the expression selected an array, not a single value".into(),
+        )),
     }
 }
 
@@ -39,13 +43,21 @@ pub(crate) fn to_timestamp(value: &Value) -> Result<Option<Timestamp>, Conversio
     match value {
         Value::Null => Ok(None),
         Value::String(s) if s.trim().is_empty() => Ok(None),
-        Value::String(s) => Timestamp::parse(s).map(Some).map_err(|e| ConversionError(e.to_string())),
+        Value::String(s) => Timestamp::parse(s)
+            .map(Some)
+            .map_err(|e| ConversionError(e.to_string())),
         Value::Number(n) => Err(ConversionError(format!(
             "the number {n} is not a date and time (MedTech reads only date strings; convert epoch values with the JMESPath function fromUnixTimestamp or fromUnixTimestampMs)"
         ))),
-        Value::Bool(b) => Err(ConversionError(format!("the boolean {b} is not a date and time"))),
-        Value::Object(_) => Err(ConversionError("the expression selected an object, not a date and time".into())),
-        Value::Array(_) => Err(ConversionError("the expression selected an array, not a date and time".into())),
+        Value::Bool(b) => Err(ConversionError(format!(
+            "the boolean {b} is not a date and time"
+        ))),
+        Value::Object(_) => Err(ConversionError(
+            "the expression selected an object, not a date and time".into(),
+        )),
+        Value::Array(_) => Err(ConversionError(
+            "the expression selected an array, not a date and time".into(),
+        )),
     }
 }
 
@@ -83,15 +95,25 @@ pub(crate) fn double(f: f64) -> String {
     let digits: String = mantissa.chars().filter(|c| *c != '.').collect();
     if !(-4..15).contains(&exp) {
         let (first, rest) = digits.split_at(1);
-        let frac = if rest.is_empty() { String::new() } else { format!(".{rest}") };
+        let frac = if rest.is_empty() {
+            String::new()
+        } else {
+            format!(".{rest}")
+        };
         let exp_sign = if exp < 0 { '-' } else { '+' };
         return format!("{sign}{first}{frac}E{exp_sign}{:02}", exp.abs());
     }
     let point = exp + 1;
     if point <= 0 {
-        format!("{sign}0.{}{digits}", "0".repeat(point.unsigned_abs() as usize))
+        format!(
+            "{sign}0.{}{digits}",
+            "0".repeat(point.unsigned_abs() as usize)
+        )
     } else if point as usize >= digits.len() {
-        format!("{sign}{digits}{}", "0".repeat(point as usize - digits.len()))
+        format!(
+            "{sign}{digits}{}",
+            "0".repeat(point as usize - digits.len())
+        )
     } else {
         let (int, frac) = digits.split_at(point as usize);
         format!("{sign}{int}.{frac}")
@@ -130,8 +152,16 @@ mod tests {
     fn tokens_to_strings() {
         assert_eq!(to_string(&json!(true)).unwrap().as_deref(), Some("True"));
         assert_eq!(to_string(&json!(75)).unwrap().as_deref(), Some("75"));
-        assert_eq!(to_string(&json!("2019-02-01T22:46:01.875Z")).unwrap().as_deref(), Some("02/01/2019 22:46:01"));
-        assert_eq!(to_string(&json!("2019-02-01")).unwrap().as_deref(), Some("2019-02-01"));
+        assert_eq!(
+            to_string(&json!("2019-02-01T22:46:01.875Z"))
+                .unwrap()
+                .as_deref(),
+            Some("02/01/2019 22:46:01")
+        );
+        assert_eq!(
+            to_string(&json!("2019-02-01")).unwrap().as_deref(),
+            Some("2019-02-01")
+        );
         assert_eq!(to_string(&json!("  ")).unwrap(), None);
         assert_eq!(to_string(&json!(null)).unwrap(), None);
         assert!(to_string(&json!({"a": 1})).is_err());

@@ -24,7 +24,10 @@ pub fn why_no_match(template: &ContentTemplate, root: &Value) -> Vec<String> {
                 chains.push(chain.into_iter().map(str::to_owned).collect());
             }
             if chains.is_empty() {
-                hints.push(format!("the expression {} selected no token in this message", p.as_str()));
+                hints.push(format!(
+                    "the expression {} selected no token in this message",
+                    p.as_str()
+                ));
             }
             for chain in &chains {
                 hints.extend(explain_chain(chain, root, has_body));
@@ -37,7 +40,11 @@ pub fn why_no_match(template: &ContentTemplate, root: &Value) -> Vec<String> {
                 ));
             } else if hints.is_empty() {
                 for chain in &chains {
-                    let values: Vec<String> = find_chain(root, chain, false).into_iter().take(5).map(|(_, v)| short(v)).collect();
+                    let values: Vec<String> = find_chain(root, chain, false)
+                        .into_iter()
+                        .take(5)
+                        .map(|(_, v)| short(v))
+                        .collect();
                     hints.push(format!(
                         "'{}' exists, but the filter of {} is false for every object (values seen: {})",
                         chain.join("."),
@@ -48,7 +55,10 @@ pub fn why_no_match(template: &ContentTemplate, root: &Value) -> Vec<String> {
             }
         }
         ExpressionKind::JmesPath(p) => {
-            hints.push(format!("the JMESPath expression {} returned null or an empty projection", p.as_str()));
+            hints.push(format!(
+                "the JMESPath expression {} returned null or an empty projection",
+                p.as_str()
+            ));
             if has_body {
                 hints.push("JMESPath expressions see the whole event: message fields are under Body (for example Body.heartRate, or to_array(@.Body)[?heartRate])".into());
             }
@@ -80,7 +90,9 @@ fn explain_chain(chain: &[String], root: &Value, has_body: bool) -> Vec<String> 
         if let Some((path, _)) = elsewhere.first()
             && chain.len() > 1
         {
-            hints.push(format!("no object has the member path '{dotted}', but '{last}' exists at {path}"));
+            hints.push(format!(
+                "no object has the member path '{dotted}', but '{last}' exists at {path}"
+            ));
             return hints;
         }
     }
@@ -89,8 +101,17 @@ fn explain_chain(chain: &[String], root: &Value, has_body: bool) -> Vec<String> 
 }
 
 /// Every place where `chain` resolves from some object, as (JSONPath of the value, value).
-fn find_chain<'a>(root: &'a Value, chain: &[String], ignore_case: bool) -> Vec<(String, &'a Value)> {
-    fn resolve<'a>(node: &'a Value, chain: &[String], ignore_case: bool, path: &mut String) -> Option<&'a Value> {
+fn find_chain<'a>(
+    root: &'a Value,
+    chain: &[String],
+    ignore_case: bool,
+) -> Vec<(String, &'a Value)> {
+    fn resolve<'a>(
+        node: &'a Value,
+        chain: &[String],
+        ignore_case: bool,
+        path: &mut String,
+    ) -> Option<&'a Value> {
         let mut cur = node;
         for name in chain {
             let Value::Object(m) = cur else { return None };
@@ -104,14 +125,25 @@ fn find_chain<'a>(root: &'a Value, chain: &[String], ignore_case: bool) -> Vec<(
         }
         Some(cur)
     }
-    fn walk<'a>(node: &'a Value, chain: &[String], ignore_case: bool, path: &str, out: &mut Vec<(String, &'a Value)>) {
+    fn walk<'a>(
+        node: &'a Value,
+        chain: &[String],
+        ignore_case: bool,
+        path: &str,
+        out: &mut Vec<(String, &'a Value)>,
+    ) {
         let mut found_path = path.to_owned();
         if let Some(v) = resolve(node, chain, ignore_case, &mut found_path) {
             out.push((found_path, v));
         }
         match node {
-            Value::Object(m) => m.iter().for_each(|(k, v)| walk(v, chain, ignore_case, &format!("{path}['{k}']"), out)),
-            Value::Array(a) => a.iter().enumerate().for_each(|(i, v)| walk(v, chain, ignore_case, &format!("{path}[{i}]"), out)),
+            Value::Object(m) => m
+                .iter()
+                .for_each(|(k, v)| walk(v, chain, ignore_case, &format!("{path}['{k}']"), out)),
+            Value::Array(a) => a
+                .iter()
+                .enumerate()
+                .for_each(|(i, v)| walk(v, chain, ignore_case, &format!("{path}[{i}]"), out)),
             _ => {}
         }
     }
@@ -122,5 +154,9 @@ fn find_chain<'a>(root: &'a Value, chain: &[String], ignore_case: bool) -> Vec<(
 
 fn short(v: &Value) -> String {
     let text = v.to_string();
-    if text.chars().count() > 40 { format!("{}…", text.chars().take(40).collect::<String>()) } else { text }
+    if text.chars().count() > 40 {
+        format!("{}…", text.chars().take(40).collect::<String>())
+    } else {
+        text
+    }
 }

@@ -104,7 +104,14 @@ pub trait Trace {
     /// Evaluation of the `index`-th selected token starts.
     fn token(&mut self, _template: &ContentTemplate, _index: usize) {}
     /// One expression of a match was evaluated; `token` is what it selected.
-    fn expression(&mut self, _template: &ContentTemplate, _field: &str, _expression: &Expression, _token: Option<&Value>) {}
+    fn expression(
+        &mut self,
+        _template: &ContentTemplate,
+        _field: &str,
+        _expression: &Expression,
+        _token: Option<&Value>,
+    ) {
+    }
 }
 
 /// The tracer that records nothing.
@@ -136,15 +143,26 @@ impl Normalizer {
     pub fn normalize_event(&self, event: &DeviceEvent) -> Output {
         match envelope(event) {
             Ok(root) => self.normalize_value(&root, event.enqueued_time, &mut NoTrace),
-            Err(error) => Output { measurements: Vec::new(), errors: vec![error] },
+            Err(error) => Output {
+                measurements: Vec::new(),
+                errors: vec![error],
+            },
         }
     }
 
     /// Evaluates every template against an already built document (an envelope, or a bare
     /// payload when debugging the way upstream unit tests do).
-    pub fn normalize_value<T: Trace>(&self, root: &Value, ingestion_time: Option<Timestamp>, trace: &mut T) -> Output {
+    pub fn normalize_value<T: Trace>(
+        &self,
+        root: &Value,
+        ingestion_time: Option<Timestamp>,
+        trace: &mut T,
+    ) -> Output {
         let mut out = Output::default();
-        let mut eval = Evaluation { root, jmes_root: OnceLock::new() };
+        let mut eval = Evaluation {
+            root,
+            jmes_root: OnceLock::new(),
+        };
         for template in &self.mapping.templates {
             eval.template(template, ingestion_time, trace, &mut out);
         }
@@ -157,20 +175,44 @@ pub fn envelope(event: &DeviceEvent) -> Result<Value, NormalizeError> {
     let body = parse_body(&event.body)?;
     let mut map = Map::with_capacity(3);
     map.insert("Body".to_owned(), body);
-    map.insert("Properties".to_owned(), Value::Object(event.properties.clone()));
-    map.insert("SystemProperties".to_owned(), Value::Object(event.system_properties.clone()));
+    map.insert(
+        "Properties".to_owned(),
+        Value::Object(event.properties.clone()),
+    );
+    map.insert(
+        "SystemProperties".to_owned(),
+        Value::Object(event.system_properties.clone()),
+    );
     Ok(Value::Object(map))
+}
+
+/// The enqueued time recorded in a captured envelope (`SystemProperties.x-opt-enqueued-time`),
+/// which becomes the measurements' ingestion time when such an envelope is replayed.
+pub fn envelope_enqueued_time(root: &Value) -> Option<Timestamp> {
+    root.pointer("/SystemProperties/x-opt-enqueued-time")
+        .and_then(Value::as_str)
+        .and_then(|s| Timestamp::parse(s).ok())
 }
 
 /// Parses a body: empty is `null`, more than [`MAX_BODY_BYTES`] or invalid JSON is an error
 /// that says where the JSON broke. Nesting deeper than 128 levels is refused by the parser, so
 /// hostile input cannot exhaust the stack.
 pub fn parse_body(body: &[u8]) -> Result<Value, NormalizeError> {
-    let data_error = |kind, message| NormalizeError { kind, message, template: None, path: None, line: None, expression: None };
+    let data_error = |kind, message| NormalizeError {
+        kind,
+        message,
+        template: None,
+        path: None,
+        line: None,
+        expression: None,
+    };
     if body.len() > MAX_BODY_BYTES {
         return Err(data_error(
             ErrorKind::EventTooLarge,
-            format!("the event body is {} bytes, over the limit of {MAX_BODY_BYTES} bytes (1 MiB)", body.len()),
+            format!(
+                "the event body is {} bytes, over the limit of {MAX_BODY_BYTES} bytes (1 MiB)",
+                body.len()
+            ),
         ));
     }
     if body.is_empty() {
@@ -178,8 +220,12 @@ pub fn parse_body(body: &[u8]) -> Result<Value, NormalizeError> {
     }
     // serde_json's message carries the position ("at line 1 column 5"); the error's `line`
     // member is kept for template lines.
-    serde_json::from_slice(body)
-        .map_err(|e| data_error(ErrorKind::InvalidDataFormat, format!("invalid event message: the body is not JSON ({e})")))
+    serde_json::from_slice(body).map_err(|e| {
+        data_error(
+            ErrorKind::InvalidDataFormat,
+            format!("invalid event message: the body is not JSON ({e})"),
+        )
+    })
 }
 
 /// Per-event state shared by the templates: the JMESPath form of the document is built at
@@ -194,7 +240,13 @@ impl Evaluation<'_> {
         self.jmes_root.get_or_init(|| to_var(self.root))
     }
 
-    fn template<T: Trace>(&mut self, t: &ContentTemplate, ingestion: Option<Timestamp>, trace: &mut T, out: &mut Output) {
+    fn template<T: Trace>(
+        &mut self,
+        t: &ContentTemplate,
+        ingestion: Option<Timestamp>,
+        trace: &mut T,
+        out: &mut Output,
+    ) {
         let tokens: Vec<Cow<'_, Value>> = match &t.type_match.kind {
             ExpressionKind::JsonPath(p) => {
                 let mut found = Vec::new();
@@ -204,7 +256,12 @@ impl Evaluation<'_> {
             ExpressionKind::JmesPath(p) => match p.select(self.jmes_root()) {
                 Ok(values) => values.into_iter().map(Cow::Owned).collect(),
                 Err(e) => {
-                    out.errors.push(error_at(t, &t.type_match, ErrorKind::TemplateExpression, e.to_string()));
+                    out.errors.push(error_at(
+                        t,
+                        &t.type_match,
+                        ErrorKind::TemplateExpression,
+                        e.to_string(),
+                    ));
                     return;
                 }
             },
@@ -216,7 +273,12 @@ impl Evaluation<'_> {
             if T::ENABLED {
                 trace.token(t, index);
             }
-            let mut matched = Matched { eval: self, template: t, token, jmes_scope: OnceLock::new() };
+            let mut matched = Matched {
+                eval: self,
+                template: t,
+                token,
+                jmes_scope: OnceLock::new(),
+            };
             match matched.measurement(ingestion, trace) {
                 Ok(m) => out.measurements.push(m),
                 Err(mut errors) => out.errors.append(&mut errors),
@@ -236,7 +298,10 @@ struct Matched<'e, 'a> {
 impl Matched<'_, '_> {
     fn scope(&self) -> Scope<'_> {
         if self.template.kind.uses_matched_token() {
-            Scope::Matched { envelope: self.eval.root, token: self.token }
+            Scope::Matched {
+                envelope: self.eval.root,
+                token: self.token,
+            }
         } else {
             Scope::Value(self.token)
         }
@@ -253,11 +318,23 @@ impl Matched<'_, '_> {
     }
 
     /// Runs `f` on the single token `expression` selects.
-    fn select_one<R>(&self, expression: &Expression, f: impl FnOnce(Option<&Value>) -> R) -> Result<R, (ErrorKind, String)> {
+    fn select_one<R>(
+        &self,
+        expression: &Expression,
+        f: impl FnOnce(Option<&Value>) -> R,
+    ) -> Result<R, (ErrorKind, String)> {
         match &expression.kind {
-            ExpressionKind::JsonPath(p) => p
-                .with_one_in(self.scope(), |r| r.map(f))
-                .map_err(|_| (ErrorKind::TemplateExpression, format!("the expression {} returned multiple tokens where one value is needed", p.as_str()))),
+            ExpressionKind::JsonPath(p) => {
+                p.with_one_in(self.scope(), |r| r.map(f)).map_err(|_| {
+                    (
+                        ErrorKind::TemplateExpression,
+                        format!(
+                            "the expression {} returned multiple tokens where one value is needed",
+                            p.as_str()
+                        ),
+                    )
+                })
+            }
             ExpressionKind::JmesPath(p) => match p.select_one(self.jmes_scope()) {
                 Ok(v) => Ok(f(v.as_ref())),
                 Err(e) => Err((ErrorKind::TemplateExpression, e.to_string())),
@@ -285,7 +362,9 @@ impl Matched<'_, '_> {
                 token.map(convert)
             });
             let converted = match selected {
-                Err((kind, message)) => return Err(error_at(self.template, expression, kind, message)),
+                Err((kind, message)) => {
+                    return Err(error_at(self.template, expression, kind, message));
+                }
                 Ok(None) => continue,
                 Ok(Some(c)) => c,
             };
@@ -308,9 +387,15 @@ impl Matched<'_, '_> {
         let first = expressions.first();
         let message = if reasons.is_empty() {
             let list: Vec<&str> = expressions.iter().map(Expression::as_str).collect();
-            format!("Unable to extract required value for [{name}] using {}", list.join(","))
+            format!(
+                "Unable to extract required value for [{name}] using {}",
+                list.join(",")
+            )
         } else {
-            format!("Unable to extract required value for [{name}]: {}", reasons.join("; "))
+            format!(
+                "Unable to extract required value for [{name}]: {}",
+                reasons.join("; ")
+            )
         };
         Err(match first {
             Some(e) => error_at(self.template, e, ErrorKind::IncompatibleData, message),
@@ -327,26 +412,56 @@ impl Matched<'_, '_> {
         errors: &mut Vec<NormalizeError>,
     ) -> Option<V> {
         let member = member_name(field.name);
-        self.extract(member, field.name, &field.expressions, required, convert, trace)
-            .unwrap_or_else(|e| {
-                errors.push(e);
-                None
-            })
+        self.extract(
+            member,
+            field.name,
+            &field.expressions,
+            required,
+            convert,
+            trace,
+        )
+        .unwrap_or_else(|e| {
+            errors.push(e);
+            None
+        })
     }
 
-    fn measurement<T: Trace>(&mut self, ingestion: Option<Timestamp>, trace: &mut T) -> Result<Measurement, Vec<NormalizeError>> {
+    fn measurement<T: Trace>(
+        &mut self,
+        ingestion: Option<Timestamp>,
+        trace: &mut T,
+    ) -> Result<Measurement, Vec<NormalizeError>> {
         let t = self.template;
         let mut errors = Vec::new();
         let device_id = self.field(&t.device_id, true, dotnet::to_string, trace, &mut errors);
         let timestamp = self.field(&t.timestamp, true, dotnet::to_timestamp, trace, &mut errors);
-        let correlation_id = t.correlation_id.as_ref().and_then(|f| self.field(f, true, dotnet::to_string, trace, &mut errors));
-        let patient_id = t.patient_id.as_ref().and_then(|f| self.field(f, false, dotnet::to_string, trace, &mut errors));
-        let encounter_id = t.encounter_id.as_ref().and_then(|f| self.field(f, false, dotnet::to_string, trace, &mut errors));
+        let correlation_id = t
+            .correlation_id
+            .as_ref()
+            .and_then(|f| self.field(f, true, dotnet::to_string, trace, &mut errors));
+        let patient_id = t
+            .patient_id
+            .as_ref()
+            .and_then(|f| self.field(f, false, dotnet::to_string, trace, &mut errors));
+        let encounter_id = t
+            .encounter_id
+            .as_ref()
+            .and_then(|f| self.field(f, false, dotnet::to_string, trace, &mut errors));
         let mut properties = Vec::with_capacity(t.values.len());
         for v in &t.values {
             let expressions = std::slice::from_ref(&v.expression);
-            match self.extract(&v.name, &v.name, expressions, v.required, dotnet::to_string, trace) {
-                Ok(Some(value)) => properties.push(MeasurementProperty { name: v.name.clone(), value }),
+            match self.extract(
+                &v.name,
+                &v.name,
+                expressions,
+                v.required,
+                dotnet::to_string,
+                trace,
+            ) {
+                Ok(Some(value)) => properties.push(MeasurementProperty {
+                    name: v.name.clone(),
+                    value,
+                }),
                 Ok(None) => {}
                 Err(e) => errors.push(e),
             }
@@ -381,10 +496,22 @@ fn member_name(field: &'static str) -> &'static str {
 }
 
 fn error_in(t: &ContentTemplate, kind: ErrorKind, message: String) -> NormalizeError {
-    NormalizeError { kind, message, template: Some(t.label()), path: None, line: Some(t.line), expression: None }
+    NormalizeError {
+        kind,
+        message,
+        template: Some(t.label()),
+        path: None,
+        line: Some(t.line),
+        expression: None,
+    }
 }
 
-fn error_at(t: &ContentTemplate, e: &Expression, kind: ErrorKind, message: String) -> NormalizeError {
+fn error_at(
+    t: &ContentTemplate,
+    e: &Expression,
+    kind: ErrorKind,
+    message: String,
+) -> NormalizeError {
     NormalizeError {
         kind,
         message,

@@ -10,7 +10,10 @@ fn mapping(templates: Value) -> Normalizer {
 }
 
 fn event(body: &str) -> DeviceEvent {
-    DeviceEvent { body: body.as_bytes().to_vec(), ..DeviceEvent::default() }
+    DeviceEvent {
+        body: body.as_bytes().to_vec(),
+        ..DeviceEvent::default()
+    }
 }
 
 fn hr_template() -> Value {
@@ -26,11 +29,16 @@ fn hr_template() -> Value {
 #[test]
 fn calculated_content_reads_matched_token() {
     let n = mapping(hr_template());
-    let out = n.normalize_event(&event(r#"{"heartRate":"78","endDate":"2023-03-13T22:46:01.8750000","deviceId":"device01"}"#));
+    let out = n.normalize_event(&event(
+        r#"{"heartRate":"78","endDate":"2023-03-13T22:46:01.8750000","deviceId":"device01"}"#,
+    ));
     assert!(out.errors.is_empty(), "{:?}", out.errors);
     let m = &out.measurements[0];
     assert_eq!(m.device_id, "device01");
-    assert_eq!(m.occurrence_time_utc.to_string(), "2023-03-13T22:46:01.875Z");
+    assert_eq!(
+        m.occurrence_time_utc.to_string(),
+        "2023-03-13T22:46:01.875Z"
+    );
     assert_eq!(m.properties[0].value, "78");
 }
 
@@ -41,19 +49,38 @@ fn required_value_missing_names_field_and_expression() {
     assert!(out.measurements.is_empty());
     let e = &out.errors[0];
     assert_eq!(e.kind, ErrorKind::IncompatibleData);
-    assert!(e.message.contains("[TimestampExpression]") && e.message.contains("$.matchedToken.endDate"), "{}", e.message);
-    assert_eq!(e.path.as_deref(), Some("$.template[0].template.timestampExpression"));
+    assert!(
+        e.message.contains("[TimestampExpression]") && e.message.contains("$.matchedToken.endDate"),
+        "{}",
+        e.message
+    );
+    assert_eq!(
+        e.path.as_deref(),
+        Some("$.template[0].template.timestampExpression")
+    );
     assert!(e.line.is_some());
 }
 
 #[test]
 fn wrong_timestamp_format_names_expression_and_value() {
     let n = mapping(hr_template());
-    let out = n.normalize_event(&event(r#"{"heartRate":"78","endDate":"yesterday at noon","deviceId":"d"}"#));
+    let out = n.normalize_event(&event(
+        r#"{"heartRate":"78","endDate":"yesterday at noon","deviceId":"d"}"#,
+    ));
     let e = &out.errors[0];
-    assert!(e.message.contains("$.matchedToken.endDate") && e.message.contains("yesterday at noon"), "{}", e.message);
-    let out = n.normalize_event(&event(r#"{"heartRate":"78","endDate":1549061161,"deviceId":"d"}"#));
-    assert!(out.errors[0].message.contains("1549061161"), "{}", out.errors[0].message);
+    assert!(
+        e.message.contains("$.matchedToken.endDate") && e.message.contains("yesterday at noon"),
+        "{}",
+        e.message
+    );
+    let out = n.normalize_event(&event(
+        r#"{"heartRate":"78","endDate":1549061161,"deviceId":"d"}"#,
+    ));
+    assert!(
+        out.errors[0].message.contains("1549061161"),
+        "{}",
+        out.errors[0].message
+    );
 }
 
 #[test]
@@ -61,15 +88,26 @@ fn bad_bodies_are_errors_not_panics() {
     let n = mapping(hr_template());
     let out = n.normalize_event(&event("{\"heartRate\": 78,\n  oops}"));
     assert_eq!(out.errors[0].kind, ErrorKind::InvalidDataFormat);
-    assert!(out.errors[0].message.contains("line 2 column 3"), "{}", out.errors[0].message);
+    assert!(
+        out.errors[0].message.contains("line 2 column 3"),
+        "{}",
+        out.errors[0].message
+    );
 
     let big = format!("{{\"a\":\"{}\"}}", "x".repeat(MAX_BODY_BYTES));
-    assert_eq!(n.normalize_event(&event(&big)).errors[0].kind, ErrorKind::EventTooLarge);
+    assert_eq!(
+        n.normalize_event(&event(&big)).errors[0].kind,
+        ErrorKind::EventTooLarge
+    );
 
     let deep = "[".repeat(10_000) + &"]".repeat(10_000);
     let out = n.normalize_event(&event(&deep));
     assert_eq!(out.errors[0].kind, ErrorKind::InvalidDataFormat);
-    assert!(out.errors[0].message.contains("recursion limit"), "{}", out.errors[0].message);
+    assert!(
+        out.errors[0].message.contains("recursion limit"),
+        "{}",
+        out.errors[0].message
+    );
 
     // An empty body is a null Body, not an error.
     assert_eq!(n.normalize_event(&event("")), Output::default());
@@ -94,15 +132,28 @@ fn iot_hub_falls_back_to_enqueued_time() {
         "values": [{"valueName": "hr", "valueExpression": "$.Body.hr", "required": true}]
     }}]));
     let mut e = event(r#"{"hr": 72}"#);
-    e.system_properties.insert("iothub-connection-device-id".into(), json!("dev-1"));
-    e.system_properties.insert("iothub-enqueuedtime".into(), json!("2019-02-01T22:46:01.875Z"));
+    e.system_properties
+        .insert("iothub-connection-device-id".into(), json!("dev-1"));
+    e.system_properties.insert(
+        "iothub-enqueuedtime".into(),
+        json!("2019-02-01T22:46:01.875Z"),
+    );
     let out = n.normalize_event(&e);
     assert!(out.errors.is_empty(), "{:?}", out.errors);
     assert_eq!(out.measurements[0].device_id, "dev-1");
-    assert_eq!(out.measurements[0].occurrence_time_utc.to_string(), "2019-02-01T22:46:01.875Z");
-    e.properties.insert("iothub-creation-time-utc".into(), json!("2019-01-30T22:45:02.6073744Z"));
+    assert_eq!(
+        out.measurements[0].occurrence_time_utc.to_string(),
+        "2019-02-01T22:46:01.875Z"
+    );
+    e.properties.insert(
+        "iothub-creation-time-utc".into(),
+        json!("2019-01-30T22:45:02.6073744Z"),
+    );
     let out = n.normalize_event(&e);
-    assert_eq!(out.measurements[0].occurrence_time_utc.to_string(), "2019-01-30T22:45:02.6073744Z");
+    assert_eq!(
+        out.measurements[0].occurrence_time_utc.to_string(),
+        "2019-01-30T22:45:02.6073744Z"
+    );
 }
 
 #[test]
@@ -118,7 +169,10 @@ fn jmespath_type_match_with_jsonpath_values() {
     let out = n.normalize_event(&event(r#"{"deviceId":"b","data":[{"t":"2023-05-23T23:01:00Z","yards":30.6,"n":1},{"t":"2023-05-23T23:02:00Z","yards":1,"n":2}]}"#));
     assert!(out.errors.is_empty(), "{:?}", out.errors);
     assert_eq!(out.measurements.len(), 2);
-    assert_eq!(out.measurements[0].properties[0].value, "27.980980248719828");
+    assert_eq!(
+        out.measurements[0].properties[0].value,
+        "27.980980248719828"
+    );
     assert_eq!(out.measurements[1].properties[1].value, "3");
 }
 
@@ -131,12 +185,21 @@ fn values_convert_like_dotnet() {
                    {"valueName": "dt", "valueExpression": "$.t"}, {"valueName": "o", "valueExpression": "$.o"},
                    {"valueName": "n", "valueExpression": "$.n"}]
     }}]));
-    let out = n.normalize_event(&event(r#"{"d":7,"t":"2019-02-01T22:46:01.875Z","b":true,"f":98.60,"o":{"x":1},"n":null}"#));
+    let out = n.normalize_event(&event(
+        r#"{"d":7,"t":"2019-02-01T22:46:01.875Z","b":true,"f":98.60,"o":{"x":1},"n":null}"#,
+    ));
     assert!(out.errors.is_empty(), "{:?}", out.errors);
     let m = &out.measurements[0];
     assert_eq!(m.device_id, "7");
-    let values: Vec<(&str, &str)> = m.properties.iter().map(|p| (p.name.as_str(), p.value.as_str())).collect();
-    assert_eq!(values, vec![("b", "True"), ("f", "98.6"), ("dt", "02/01/2019 22:46:01")]);
+    let values: Vec<(&str, &str)> = m
+        .properties
+        .iter()
+        .map(|p| (p.name.as_str(), p.value.as_str()))
+        .collect();
+    assert_eq!(
+        values,
+        vec![("b", "True"), ("f", "98.6"), ("dt", "02/01/2019 22:46:01")]
+    );
 }
 
 fn arb_json() -> impl Strategy<Value = Value> {
@@ -144,13 +207,16 @@ fn arb_json() -> impl Strategy<Value = Value> {
         Just(Value::Null),
         any::<bool>().prop_map(Value::Bool),
         any::<i64>().prop_map(Value::from),
-        any::<f64>().prop_filter("finite", |f| f.is_finite()).prop_map(Value::from),
+        any::<f64>()
+            .prop_filter("finite", |f| f.is_finite())
+            .prop_map(Value::from),
         "[a-zA-Z0-9 :.\\-TZ]{0,24}".prop_map(Value::String),
     ];
     leaf.prop_recursive(6, 64, 6, |inner| {
         prop_oneof![
             prop::collection::vec(inner.clone(), 0..6).prop_map(Value::Array),
-            prop::collection::vec(("[a-zA-Z]{1,6}", inner), 0..6).prop_map(|kv| Value::Object(kv.into_iter().collect())),
+            prop::collection::vec(("[a-zA-Z]{1,6}", inner), 0..6)
+                .prop_map(|kv| Value::Object(kv.into_iter().collect())),
         ]
     })
 }

@@ -100,7 +100,12 @@ pub struct ContentTemplate {
 impl ContentTemplate {
     /// A short label for messages: `template[1] IotJsonPathContent 'bootTime'`.
     pub fn label(&self) -> String {
-        format!("template[{}] {} '{}'", self.index, self.kind.name(), self.type_name)
+        format!(
+            "template[{}] {} '{}'",
+            self.index,
+            self.kind.name(),
+            self.type_name
+        )
     }
 }
 
@@ -155,14 +160,18 @@ fn collection(c: &mut Checker<'_, '_>, root: &Node<'_>) -> Vec<ContentTemplate> 
             TemplateErrorKind::TemplateType,
             start(root),
             "$",
-            format!("the mapping must be an object with templateType CollectionContent, found {}", type_name(root)),
+            format!(
+                "the mapping must be an object with templateType CollectionContent, found {}",
+                type_name(root)
+            ),
         );
         return Vec::new();
     };
     let m = c.members(obj, "$", &["templateType", "template"], &[]);
     let type_ok = match m.get("templateType") {
         Some(Node::StringLit(s))
-            if s.value.eq_ignore_ascii_case("CollectionContent") || s.value.eq_ignore_ascii_case("CollectionContentTemplate") =>
+            if s.value.eq_ignore_ascii_case("CollectionContent")
+                || s.value.eq_ignore_ascii_case("CollectionContentTemplate") =>
         {
             true
         }
@@ -199,14 +208,23 @@ fn collection(c: &mut Checker<'_, '_>, root: &Node<'_>) -> Vec<ContentTemplate> 
     if !type_ok {
         return Vec::new();
     }
-    items.iter().enumerate().filter_map(|(index, item)| entry(c, index, item)).collect()
+    items
+        .iter()
+        .enumerate()
+        .filter_map(|(index, item)| entry(c, index, item))
+        .collect()
 }
 
 fn entry(c: &mut Checker<'_, '_>, index: usize, item: &Node<'_>) -> Option<ContentTemplate> {
     let path = format!("$.template[{index}]");
     c.template = Some(format!("template[{index}]"));
     let Node::Object(obj) = item else {
-        c.error(TemplateErrorKind::InvalidValue, start(item), &path, format!("expected a template object, found {}", type_name(item)));
+        c.error(
+            TemplateErrorKind::InvalidValue,
+            start(item),
+            &path,
+            format!("expected a template object, found {}", type_name(item)),
+        );
         return None;
     };
     // The container accepts any other member (MedTech ignores them).
@@ -228,7 +246,12 @@ fn entry(c: &mut Checker<'_, '_>, index: usize, item: &Node<'_>) -> Option<Conte
             }
         },
         Some(other) => {
-            c.error(TemplateErrorKind::TemplateType, start(other), &m.child("templateType"), format!("templateType must be a string, found {}", type_name(other)));
+            c.error(
+                TemplateErrorKind::TemplateType,
+                start(other),
+                &m.child("templateType"),
+                format!("templateType must be a string, found {}", type_name(other)),
+            );
             return None;
         }
         None => {
@@ -244,7 +267,11 @@ fn entry(c: &mut Checker<'_, '_>, index: usize, item: &Node<'_>) -> Option<Conte
                 TemplateErrorKind::InvalidValue,
                 other.map_or(obj.range.start, start),
                 &m.child("template"),
-                format!("expected an object for the template property of template type {}, found {}", kind.name(), other.map_or("nothing", type_name)),
+                format!(
+                    "expected an object for the template property of template type {}, found {}",
+                    kind.name(),
+                    other.map_or("nothing", type_name)
+                ),
             );
             return None;
         }
@@ -252,7 +279,13 @@ fn entry(c: &mut Checker<'_, '_>, index: usize, item: &Node<'_>) -> Option<Conte
     content(c, index, kind, body, &m.child("template"))
 }
 
-fn content(c: &mut Checker<'_, '_>, index: usize, kind: ContentKind, obj: &Object<'_>, path: &str) -> Option<ContentTemplate> {
+fn content(
+    c: &mut Checker<'_, '_>,
+    index: usize,
+    kind: ContentKind,
+    obj: &Object<'_>,
+    path: &str,
+) -> Option<ContentTemplate> {
     const COMMON: &[&str] = &[
         "typeName",
         "typeMatchExpression",
@@ -267,17 +300,31 @@ fn content(c: &mut Checker<'_, '_>, index: usize, kind: ContentKind, obj: &Objec
     if kind == ContentKind::Calculated {
         known.push("defaultExpressionLanguage");
     }
-    // `lineNumber`/`linePosition` are public members of every MedTech template class.
-    let m = c.members(obj, path, &known, &["lineNumber", "linePosition"]);
-    let errors_before = c.errors.len();
-    let type_name = c.required_string(&m, "typeName").map(|(s, _)| s);
-    if let Some(name) = &type_name {
+    // Name the template in every error, including those found before typeName is read.
+    if let Some(name) = obj
+        .properties
+        .iter()
+        .find(|p| p.name.as_str().eq_ignore_ascii_case("typeName"))
+        .and_then(|p| match &p.value {
+            Node::StringLit(s) => Some(s.value.to_string()),
+            _ => None,
+        })
+    {
         c.template = Some(format!("template[{index}] {} '{name}'", kind.name()));
     }
-    let language = if kind == ContentKind::Calculated { default_language(c, &m) } else { Language::JsonPath };
-    let expr = |c: &mut Checker<'_, '_>, name: &'static str, required: bool| -> Option<Expression> {
-        expression(c, &m, name, kind, language, required)
+    let errors_before = c.errors.len();
+    // `lineNumber`/`linePosition` are public members of every MedTech template class.
+    let m = c.members(obj, path, &known, &["lineNumber", "linePosition"]);
+    let type_name = c.required_string(&m, "typeName").map(|(s, _)| s);
+    let language = if kind == ContentKind::Calculated {
+        default_language(c, &m)
+    } else {
+        Language::JsonPath
     };
+    let expr = |c: &mut Checker<'_, '_>,
+                name: &'static str,
+                required: bool|
+     -> Option<Expression> { expression(c, &m, name, kind, language, required) };
     let type_match = expr(c, "typeMatchExpression", true);
     let (device_id, timestamp) = match kind {
         ContentKind::JsonPath | ContentKind::Calculated => (
@@ -289,10 +336,16 @@ fn content(c: &mut Checker<'_, '_>, index: usize, kind: ContentKind, obj: &Objec
             Some(vec![fixed(IOT_DEVICE_ID)]),
             Some(vec![fixed(IOT_CREATION_TIME), fixed(IOT_ENQUEUED_TIME)]),
         ),
-        ContentKind::IotCentralJsonPath => (Some(vec![fixed(IOT_CENTRAL_DEVICE_ID)]), Some(vec![fixed(IOT_CENTRAL_TIME)])),
+        ContentKind::IotCentralJsonPath => (
+            Some(vec![fixed(IOT_CENTRAL_DEVICE_ID)]),
+            Some(vec![fixed(IOT_CENTRAL_TIME)]),
+        ),
     };
     let optional = |c: &mut Checker<'_, '_>, name: &'static str, field: &'static str| {
-        expr(c, name, false).map(|e| Field { name: field, expressions: vec![e] })
+        expr(c, name, false).map(|e| Field {
+            name: field,
+            expressions: vec![e],
+        })
     };
     let patient_id = optional(c, "patientIdExpression", "PatientIdExpression");
     let encounter_id = optional(c, "encounterIdExpression", "EncounterIdExpression");
@@ -308,8 +361,14 @@ fn content(c: &mut Checker<'_, '_>, index: usize, kind: ContentKind, obj: &Objec
         type_name: type_name?,
         line,
         type_match: type_match?,
-        device_id: Field { name: "DeviceIdExpression", expressions: device_id? },
-        timestamp: Field { name: "TimestampExpression", expressions: timestamp? },
+        device_id: Field {
+            name: "DeviceIdExpression",
+            expressions: device_id?,
+        },
+        timestamp: Field {
+            name: "TimestampExpression",
+            expressions: timestamp?,
+        },
         patient_id,
         encounter_id,
         correlation_id,
@@ -363,7 +422,12 @@ fn expression(
         None | Some(Node::NullKeyword(_)) => {
             if required {
                 if let Some(Node::NullKeyword(n)) = node {
-                    c.error(TemplateErrorKind::MissingMember, n.range.start, &path, format!("required member '{name}' must not be null"));
+                    c.error(
+                        TemplateErrorKind::MissingMember,
+                        n.range.start,
+                        &path,
+                        format!("required member '{name}' must not be null"),
+                    );
                 } else {
                     c.missing(m, name);
                 }
@@ -377,7 +441,10 @@ fn expression(
             let em = {
                 let mut found = Members::empty(obj.range.start, path.clone());
                 for prop in &obj.properties {
-                    if let Some(k) = known.iter().find(|k| k.eq_ignore_ascii_case(prop.name.as_str())) {
+                    if let Some(k) = known
+                        .iter()
+                        .find(|k| k.eq_ignore_ascii_case(prop.name.as_str()))
+                    {
                         found.push(k, prop);
                     }
                 }
@@ -388,7 +455,12 @@ fn expression(
                 Some(node) => match language_of(node) {
                     Some(l) => l,
                     None => {
-                        c.error(TemplateErrorKind::InvalidValue, start(node), &em.child("language"), "language must be JsonPath or JmesPath".into());
+                        c.error(
+                            TemplateErrorKind::InvalidValue,
+                            start(node),
+                            &em.child("language"),
+                            "language must be JsonPath or JmesPath".into(),
+                        );
                         return None;
                     }
                 },
@@ -397,14 +469,28 @@ fn expression(
             (text, language, offset)
         }
         Some(other) => {
-            let expected = if kind == ContentKind::Calculated { "a string or an object {value, language}" } else { "a string" };
-            c.error(TemplateErrorKind::InvalidValue, start(other), &path, format!("'{name}' must be {expected}, found {}", type_name(other)));
+            let expected = if kind == ContentKind::Calculated {
+                "a string or an object {value, language}"
+            } else {
+                "a string"
+            };
+            c.error(
+                TemplateErrorKind::InvalidValue,
+                start(other),
+                &path,
+                format!("'{name}' must be {expected}, found {}", type_name(other)),
+            );
             return None;
         }
     };
     if text.trim().is_empty() {
         if required {
-            c.error(TemplateErrorKind::MissingMember, offset, &path, format!("an expression must be set for '{name}'"));
+            c.error(
+                TemplateErrorKind::MissingMember,
+                offset,
+                &path,
+                format!("an expression must be set for '{name}'"),
+            );
         }
         return None;
     }
@@ -418,12 +504,22 @@ fn expression(
     }
 }
 
-fn values(c: &mut Checker<'_, '_>, m: &Members<'_, '_>, kind: ContentKind, language: Language) -> Option<Vec<ValueTemplate>> {
+fn values(
+    c: &mut Checker<'_, '_>,
+    m: &Members<'_, '_>,
+    kind: ContentKind,
+    language: Language,
+) -> Option<Vec<ValueTemplate>> {
     let items = match m.get("values") {
         None | Some(Node::NullKeyword(_)) => return Some(Vec::new()),
         Some(Node::Array(a)) => &a.elements,
         Some(other) => {
-            c.error(TemplateErrorKind::InvalidValue, start(other), &m.child("values"), format!("'values' must be an array, found {}", type_name(other)));
+            c.error(
+                TemplateErrorKind::InvalidValue,
+                start(other),
+                &m.child("values"),
+                format!("'values' must be an array, found {}", type_name(other)),
+            );
             return None;
         }
     };
@@ -432,16 +528,30 @@ fn values(c: &mut Checker<'_, '_>, m: &Members<'_, '_>, kind: ContentKind, langu
     for (i, item) in items.iter().enumerate() {
         let path = format!("{}[{i}]", m.child("values"));
         let Node::Object(obj) = item else {
-            c.error(TemplateErrorKind::InvalidValue, start(item), &path, format!("expected a value object, found {}", type_name(item)));
+            c.error(
+                TemplateErrorKind::InvalidValue,
+                start(item),
+                &path,
+                format!("expected a value object, found {}", type_name(item)),
+            );
             ok = false;
             continue;
         };
-        let vm = c.members(obj, &path, &["valueName", "valueExpression", "required"], &["lineNumber", "linePosition"]);
+        let vm = c.members(
+            obj,
+            &path,
+            &["valueName", "valueExpression", "required"],
+            &["lineNumber", "linePosition"],
+        );
         let name = c.required_string(&vm, "valueName").map(|(s, _)| s);
         let expression = expression(c, &vm, "valueExpression", kind, language, true);
         let required = required_flag(c, &vm);
         match (name, expression, required) {
-            (Some(name), Some(expression), Some(required)) => out.push(ValueTemplate { name, expression, required }),
+            (Some(name), Some(expression), Some(required)) => out.push(ValueTemplate {
+                name,
+                expression,
+                required,
+            }),
             _ => ok = false,
         }
     }
@@ -456,9 +566,19 @@ fn required_flag(c: &mut Checker<'_, '_>, m: &Members<'_, '_>) -> Option<bool> {
         Some(Node::BooleanLit(b)) => Some(b.value),
         Some(Node::StringLit(s)) if s.value.trim().eq_ignore_ascii_case("true") => Some(true),
         Some(Node::StringLit(s)) if s.value.trim().eq_ignore_ascii_case("false") => Some(false),
-        Some(Node::NumberLit(n)) if n.value.parse::<f64>().is_ok() => Some(n.value.parse::<f64>().is_ok_and(|v| v != 0.0)),
+        Some(Node::NumberLit(n)) if n.value.parse::<f64>().is_ok() => {
+            Some(n.value.parse::<f64>().is_ok_and(|v| v != 0.0))
+        }
         Some(other) => {
-            c.error(TemplateErrorKind::InvalidValue, start(other), &m.child("required"), format!("'required' must be true or false, found {}", type_name(other)));
+            c.error(
+                TemplateErrorKind::InvalidValue,
+                start(other),
+                &m.child("required"),
+                format!(
+                    "'required' must be true or false, found {}",
+                    type_name(other)
+                ),
+            );
             None
         }
     }

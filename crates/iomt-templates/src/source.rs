@@ -30,7 +30,10 @@ impl<'a> Source<'a> {
     pub(crate) fn position(&self, offset: usize) -> (usize, usize) {
         let line = self.line_starts.partition_point(|&start| start <= offset);
         let start = self.line_starts[line - 1];
-        let column = self.text.get(start..offset.min(self.text.len())).map_or(1, |s| s.chars().count() + 1);
+        let column = self
+            .text
+            .get(start..offset.min(self.text.len()))
+            .map_or(1, |s| s.chars().count() + 1);
         (line, column)
     }
 
@@ -59,17 +62,18 @@ impl<'a> Source<'a> {
             allow_non_finite_numbers: false,
             allow_extended_string_escapes: false,
         };
-        let parsed = jsonc_parser::parse_to_ast(self.text, &CollectOptions::default(), &options).map_err(|e| {
-            let (line, column) = self.position(e.range().start);
-            TemplateError {
-                message: format!("the file is not valid JSON: {}", e.kind()),
-                path: String::new(),
-                line: Some(line),
-                column: Some(column),
-                template: None,
-                kind: TemplateErrorKind::Syntax,
-            }
-        })?;
+        let parsed = jsonc_parser::parse_to_ast(self.text, &CollectOptions::default(), &options)
+            .map_err(|e| {
+                let (line, column) = self.position(e.range().start);
+                TemplateError {
+                    message: format!("the file is not valid JSON: {}", e.kind()),
+                    path: String::new(),
+                    line: Some(line),
+                    column: Some(column),
+                    template: None,
+                    kind: TemplateErrorKind::Syntax,
+                }
+            })?;
         parsed.value.ok_or_else(|| TemplateError {
             message: "the file is empty".into(),
             path: String::new(),
@@ -146,14 +150,24 @@ pub(crate) struct Checker<'s, 'a> {
 
 impl<'s, 'a> Checker<'s, 'a> {
     pub(crate) fn new(source: &'s Source<'a>) -> Self {
-        Self { source, errors: Vec::new(), template: None }
+        Self {
+            source,
+            errors: Vec::new(),
+            template: None,
+        }
     }
 
     pub(crate) fn line(&self, offset: usize) -> usize {
         self.source.position(offset).0
     }
 
-    pub(crate) fn error(&mut self, kind: TemplateErrorKind, offset: usize, path: &str, message: String) {
+    pub(crate) fn error(
+        &mut self,
+        kind: TemplateErrorKind,
+        offset: usize,
+        path: &str,
+        message: String,
+    ) {
         let (line, column) = self.source.position(offset);
         self.errors.push(TemplateError {
             message,
@@ -180,11 +194,18 @@ impl<'s, 'a> Checker<'s, 'a> {
             if let Some(k) = known.iter().find(|k| k.eq_ignore_ascii_case(name)) {
                 members.push(k, prop);
             } else if !ignored.iter().any(|i| i.eq_ignore_ascii_case(name)) {
+                let message = match closest(name, known) {
+                    Some(k) => format!("unknown member '{name}'; did you mean '{k}'?"),
+                    None => format!(
+                        "unknown member '{name}'; expected one of: {}",
+                        known.join(", ")
+                    ),
+                };
                 self.error(
                     TemplateErrorKind::UnknownMember,
                     prop.range.start,
                     &format!("{path}.{name}"),
-                    format!("unknown member '{name}'; expected one of: {}", known.join(", ")),
+                    message,
                 );
             }
         }
@@ -192,7 +213,11 @@ impl<'s, 'a> Checker<'s, 'a> {
     }
 
     /// A required member that must be a non-empty string.
-    pub(crate) fn required_string(&mut self, m: &Members<'_, '_>, name: &'static str) -> Option<(String, usize)> {
+    pub(crate) fn required_string(
+        &mut self,
+        m: &Members<'_, '_>,
+        name: &'static str,
+    ) -> Option<(String, usize)> {
         match m.get(name) {
             None => {
                 self.missing(m, name);
@@ -231,6 +256,32 @@ impl<'s, 'a> Checker<'s, 'a> {
     }
 }
 
+/// The known member an unknown one was most likely meant to be.
+fn closest<'k>(name: &str, known: &[&'k str]) -> Option<&'k str> {
+    let lower = name.to_ascii_lowercase();
+    known
+        .iter()
+        .map(|k| (k, edit_distance(&lower, &k.to_ascii_lowercase())))
+        .filter(|(k, d)| *d <= 3.max(k.len() / 4) || lower.contains(&k.to_ascii_lowercase()))
+        .min_by_key(|(_, d)| *d)
+        .map(|(k, _)| *k)
+}
+
+fn edit_distance(a: &str, b: &str) -> usize {
+    let b: Vec<char> = b.chars().collect();
+    let mut prev: Vec<usize> = (0..=b.len()).collect();
+    for (i, ca) in a.chars().enumerate() {
+        let mut cur = vec![i + 1; b.len() + 1];
+        for (j, cb) in b.iter().enumerate() {
+            cur[j + 1] = (prev[j] + usize::from(ca != *cb))
+                .min(prev[j + 1] + 1)
+                .min(cur[j] + 1);
+        }
+        prev = cur;
+    }
+    prev[b.len()]
+}
+
 /// The recognised members of one object.
 pub(crate) struct Members<'o, 'a> {
     pub(crate) object_start: usize,
@@ -240,7 +291,11 @@ pub(crate) struct Members<'o, 'a> {
 
 impl<'o, 'a> Members<'o, 'a> {
     pub(crate) fn empty(object_start: usize, path: String) -> Self {
-        Self { object_start, path, found: Vec::new() }
+        Self {
+            object_start,
+            path,
+            found: Vec::new(),
+        }
     }
 
     /// Records a member; a later duplicate replaces an earlier one, as in Newtonsoft.
@@ -250,7 +305,10 @@ impl<'o, 'a> Members<'o, 'a> {
     }
 
     pub(crate) fn get(&self, name: &str) -> Option<&'o Node<'a>> {
-        self.found.iter().find(|(k, _)| *k == name).map(|(_, p)| &p.value)
+        self.found
+            .iter()
+            .find(|(k, _)| *k == name)
+            .map(|(_, p)| &p.value)
     }
 
     pub(crate) fn child(&self, name: &str) -> String {

@@ -22,26 +22,54 @@ static RUNTIME: LazyLock<Runtime> = LazyLock::new(|| {
     let mut rt = Runtime::new();
     rt.register_builtin_functions();
     let number2 = || Signature::new(vec![ArgumentType::Number, ArgumentType::Number], None);
-    rt.register_function("add", arith(number2(), "add", i64::checked_add, |a, b| a + b));
-    rt.register_function("subtract", arith(number2(), "subtract", i64::checked_sub, |a, b| a - b));
-    rt.register_function("multiply", arith(number2(), "multiply", i64::checked_mul, |a, b| a * b));
-    rt.register_function("divide", Box::new(CustomFunction::new(number2(), Box::new(divide))));
-    rt.register_function("pow", Box::new(CustomFunction::new(number2(), Box::new(pow))));
+    rt.register_function(
+        "add",
+        arith(number2(), "add", i64::checked_add, |a, b| a + b),
+    );
+    rt.register_function(
+        "subtract",
+        arith(number2(), "subtract", i64::checked_sub, |a, b| a - b),
+    );
+    rt.register_function(
+        "multiply",
+        arith(number2(), "multiply", i64::checked_mul, |a, b| a * b),
+    );
+    rt.register_function(
+        "divide",
+        Box::new(CustomFunction::new(number2(), Box::new(divide))),
+    );
+    rt.register_function(
+        "pow",
+        Box::new(CustomFunction::new(number2(), Box::new(pow))),
+    );
     rt.register_function(
         "insertString",
         Box::new(CustomFunction::new(
-            Signature::new(vec![ArgumentType::String, ArgumentType::String, ArgumentType::Number], None),
+            Signature::new(
+                vec![
+                    ArgumentType::String,
+                    ArgumentType::String,
+                    ArgumentType::Number,
+                ],
+                None,
+            ),
             Box::new(insert_string),
         )),
     );
     let number1 = || Signature::new(vec![ArgumentType::Number], None);
     rt.register_function(
         "fromUnixTimestamp",
-        Box::new(CustomFunction::new(number1(), Box::new(|args, ctx| from_unix(args, ctx, 1000)))),
+        Box::new(CustomFunction::new(
+            number1(),
+            Box::new(|args, ctx| from_unix(args, ctx, 1000)),
+        )),
     );
     rt.register_function(
         "fromUnixTimestampMs",
-        Box::new(CustomFunction::new(number1(), Box::new(|args, ctx| from_unix(args, ctx, 1)))),
+        Box::new(CustomFunction::new(
+            number1(),
+            Box::new(|args, ctx| from_unix(args, ctx, 1)),
+        )),
     );
     rt
 });
@@ -55,7 +83,9 @@ pub struct JmesPath {
 
 impl std::fmt::Debug for JmesPath {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("JmesPath").field("expression", &self.expression.as_str()).finish()
+        f.debug_struct("JmesPath")
+            .field("expression", &self.expression.as_str())
+            .finish()
     }
 }
 
@@ -73,12 +103,19 @@ impl JmesPathError {
     fn new(expression: &str, e: &JmespathError) -> Self {
         let reason = match &e.reason {
             ErrorReason::Parse(p) => format!("could not be parsed: {p} (column {})", e.column),
-            ErrorReason::Runtime(RuntimeError::InvalidType { expected, actual, position }) => {
+            ErrorReason::Runtime(RuntimeError::InvalidType {
+                expected,
+                actual,
+                position,
+            }) => {
                 format!("argument {} must be {expected}, got {actual}", position + 1)
             }
             ErrorReason::Runtime(r) => r.to_string(),
         };
-        Self { expression: expression.to_owned(), reason }
+        Self {
+            expression: expression.to_owned(),
+            reason,
+        }
     }
 }
 
@@ -86,13 +123,18 @@ impl JmesPath {
     /// Compiles an expression; parse errors and unknown functions are found here, not per
     /// message.
     pub fn compile(source: &str) -> Result<Self, JmesPathError> {
-        let expression = RUNTIME.compile(source).map_err(|e| JmesPathError::new(source, &e))?;
+        let expression = RUNTIME
+            .compile(source)
+            .map_err(|e| JmesPathError::new(source, &e))?;
         check_functions(expression.as_ast()).map_err(|reason| JmesPathError {
             expression: source.to_owned(),
             reason,
         })?;
         let projection = is_projection(expression.as_ast());
-        Ok(Self { expression, projection })
+        Ok(Self {
+            expression,
+            projection,
+        })
     }
 
     /// The expression as written in the template.
@@ -153,9 +195,24 @@ pub enum JmesPathSelectError {
 /// Arity of every function the runtime knows: `(min, max)`, `max == None` for variadic.
 fn arity(name: &str) -> Option<(usize, Option<usize>)> {
     Some(match name {
-        "abs" | "avg" | "ceil" | "floor" | "keys" | "length" | "max" | "min" | "reverse" | "sort"
-        | "sum" | "to_array" | "to_number" | "to_string" | "type" | "values"
-        | "fromUnixTimestamp" | "fromUnixTimestampMs" => (1, Some(1)),
+        "abs"
+        | "avg"
+        | "ceil"
+        | "floor"
+        | "keys"
+        | "length"
+        | "max"
+        | "min"
+        | "reverse"
+        | "sort"
+        | "sum"
+        | "to_array"
+        | "to_number"
+        | "to_string"
+        | "type"
+        | "values"
+        | "fromUnixTimestamp"
+        | "fromUnixTimestampMs" => (1, Some(1)),
         "contains" | "ends_with" | "join" | "map" | "max_by" | "min_by" | "sort_by"
         | "starts_with" | "add" | "subtract" | "multiply" | "divide" | "pow" => (2, Some(2)),
         "insertString" => (3, Some(3)),
@@ -179,7 +236,9 @@ fn check_functions(ast: &jmespath::ast::Ast) -> Result<(), String> {
                     Some(max) if max == min => format!("{min}"),
                     _ => format!("at least {min}"),
                 };
-                return Err(format!("the function {name} expects {expected} argument(s) but {n} were supplied"));
+                return Err(format!(
+                    "the function {name} expects {expected} argument(s) but {n} were supplied"
+                ));
             }
             args.iter().try_for_each(check_functions)
         }
@@ -191,7 +250,9 @@ fn check_functions(ast: &jmespath::ast::Ast) -> Result<(), String> {
             check_functions(lhs)?;
             check_functions(rhs)
         }
-        Ast::Condition { predicate, then, .. } => {
+        Ast::Condition {
+            predicate, then, ..
+        } => {
             check_functions(predicate)?;
             check_functions(then)
         }
@@ -200,10 +261,14 @@ fn check_functions(ast: &jmespath::ast::Ast) -> Result<(), String> {
             check_functions(node)
         }
         Ast::MultiList { elements, .. } => elements.iter().try_for_each(check_functions),
-        Ast::MultiHash { elements, .. } => elements.iter().try_for_each(|kv| check_functions(&kv.value)),
-        Ast::Identity { .. } | Ast::Field { .. } | Ast::Index { .. } | Ast::Literal { .. } | Ast::Slice { .. } => {
-            Ok(())
-        }
+        Ast::MultiHash { elements, .. } => elements
+            .iter()
+            .try_for_each(|kv| check_functions(&kv.value)),
+        Ast::Identity { .. }
+        | Ast::Field { .. }
+        | Ast::Index { .. }
+        | Ast::Literal { .. }
+        | Ast::Slice { .. } => Ok(()),
     }
 }
 
@@ -224,7 +289,9 @@ pub fn to_var(value: &Value) -> Rcvar {
         Value::Number(n) => Variable::Number(n.clone()),
         Value::String(s) => Variable::String(s.clone()),
         Value::Array(a) => Variable::Array(a.iter().map(to_var).collect()),
-        Value::Object(m) => Variable::Object(m.iter().map(|(k, v)| (k.clone(), to_var(v))).collect()),
+        Value::Object(m) => {
+            Variable::Object(m.iter().map(|(k, v)| (k.clone(), to_var(v))).collect())
+        }
     })
 }
 
@@ -246,7 +313,9 @@ pub fn from_var(var: &Variable) -> Value {
         Variable::Number(n) => Value::Number(n.clone()),
         Variable::String(s) => Value::String(s.clone()),
         Variable::Array(a) => Value::Array(a.iter().map(|v| from_var(v)).collect()),
-        Variable::Object(m) => Value::Object(m.iter().map(|(k, v)| (k.clone(), from_var(v))).collect()),
+        Variable::Object(m) => {
+            Value::Object(m.iter().map(|(k, v)| (k.clone(), from_var(v))).collect())
+        }
         Variable::Expref(_) => Value::Null,
     }
 }
@@ -291,17 +360,19 @@ fn arith(
 ) -> Box<CustomFunction> {
     Box::new(CustomFunction::new(
         sig,
-        Box::new(move |args: &[Rcvar], ctx: &mut Context<'_>| match (num(&args[0]), num(&args[1])) {
-            (Num::Int(a), Num::Int(b)) => {
-                // .NET integer arithmetic is unchecked: overflow wraps.
-                let wrapped = int_op(a, b).unwrap_or_else(|| match name {
-                    "add" => a.wrapping_add(b),
-                    "subtract" => a.wrapping_sub(b),
-                    _ => a.wrapping_mul(b),
-                });
-                Ok(Arc::new(Variable::Number(wrapped.into())))
+        Box::new(move |args: &[Rcvar], ctx: &mut Context<'_>| {
+            match (num(&args[0]), num(&args[1])) {
+                (Num::Int(a), Num::Int(b)) => {
+                    // .NET integer arithmetic is unchecked: overflow wraps.
+                    let wrapped = int_op(a, b).unwrap_or_else(|| match name {
+                        "add" => a.wrapping_add(b),
+                        "subtract" => a.wrapping_sub(b),
+                        _ => a.wrapping_mul(b),
+                    });
+                    Ok(Arc::new(Variable::Number(wrapped.into())))
+                }
+                (a, b) => float_var(ctx, name, float_op(as_f64(&a), as_f64(&b))),
             }
-            (a, b) => float_var(ctx, name, float_op(as_f64(&a), as_f64(&b))),
         }),
     ))
 }
@@ -312,7 +383,9 @@ fn divide(args: &[Rcvar], ctx: &mut Context<'_>) -> jmespath::SearchResult {
         (Num::Int(a), Num::Int(b)) => a
             .checked_div(b)
             .map(|q| Arc::new(Variable::Number(q.into())))
-            .ok_or_else(|| runtime_error(ctx, "divide: the result overflows a 64-bit integer".into())),
+            .ok_or_else(|| {
+                runtime_error(ctx, "divide: the result overflows a 64-bit integer".into())
+            }),
         (a, b) => float_var(ctx, "divide", as_f64(&a) / as_f64(&b)),
     }
 }
@@ -325,7 +398,10 @@ fn pow(args: &[Rcvar], ctx: &mut Context<'_>) -> jmespath::SearchResult {
         // .NET converts the double back to a 64-bit integer with rounding and overflow checks.
         let rounded = result.round_ties_even();
         if !rounded.is_finite() || rounded < i64::MIN as f64 || rounded >= i64::MAX as f64 {
-            return Err(runtime_error(ctx, "pow: the result overflows a 64-bit integer".into()));
+            return Err(runtime_error(
+                ctx,
+                "pow: the result overflows a 64-bit integer".into(),
+            ));
         }
         return Ok(Arc::new(Variable::Number((rounded as i64).into())));
     }
@@ -334,12 +410,20 @@ fn pow(args: &[Rcvar], ctx: &mut Context<'_>) -> jmespath::SearchResult {
 
 fn insert_string(args: &[Rcvar], ctx: &mut Context<'_>) -> jmespath::SearchResult {
     let (Variable::String(s), Variable::String(ins)) = (&*args[0], &*args[1]) else {
-        return Err(runtime_error(ctx, "insertString expects two strings and a position".into()));
+        return Err(runtime_error(
+            ctx,
+            "insertString expects two strings and a position".into(),
+        ));
     };
     let pos = match num(&args[2]) {
         Num::Int(i) => i,
         Num::Float(f) if f.fract() == 0.0 => f as i64,
-        Num::Float(_) => return Err(runtime_error(ctx, "insertString: the position must be an integer".into())),
+        Num::Float(_) => {
+            return Err(runtime_error(
+                ctx,
+                "insertString: the position must be an integer".into(),
+            ));
+        }
     };
     let len = s.chars().count();
     let Some(pos) = usize::try_from(pos).ok().filter(|p| *p <= len) else {
@@ -356,10 +440,17 @@ fn insert_string(args: &[Rcvar], ctx: &mut Context<'_>) -> jmespath::SearchResul
     Ok(Arc::new(Variable::String(out)))
 }
 
-fn from_unix(args: &[Rcvar], ctx: &mut Context<'_>, millis_per_unit: i64) -> jmespath::SearchResult {
+fn from_unix(
+    args: &[Rcvar],
+    ctx: &mut Context<'_>,
+    millis_per_unit: i64,
+) -> jmespath::SearchResult {
     // MedTech accepts only integer arguments here.
     let Num::Int(units) = num(&args[0]) else {
-        return Err(runtime_error(ctx, "fromUnixTimestamp expects an integer".into()));
+        return Err(runtime_error(
+            ctx,
+            "fromUnixTimestamp expects an integer".into(),
+        ));
     };
     let ts = units
         .checked_mul(millis_per_unit)
@@ -385,11 +476,20 @@ mod tests {
         assert_eq!(eval("add(`1`, `2`)", json!(null)).unwrap(), json!(3));
         assert_eq!(eval("divide(`7`, `2`)", json!(null)).unwrap(), json!(3));
         assert_eq!(eval("divide(`7.0`, `2`)", json!(null)).unwrap(), json!(3.5));
-        assert_eq!(eval("multiply(to_number('72'), `0.0254`)", json!(null)).unwrap(), json!(72.0 * 0.0254));
+        assert_eq!(
+            eval("multiply(to_number('72'), `0.0254`)", json!(null)).unwrap(),
+            json!(72.0 * 0.0254)
+        );
         assert_eq!(eval("subtract(`5`, `7`)", json!(null)).unwrap(), json!(-2));
         assert_eq!(eval("pow(`2`, `10`)", json!(null)).unwrap(), json!(1024));
-        assert_eq!(eval("pow(`2.0`, `0.5`)", json!(null)).unwrap(), json!(2f64.sqrt()));
-        assert_eq!(eval("add(`9223372036854775807`, `1`)", json!(null)).unwrap(), json!(i64::MIN));
+        assert_eq!(
+            eval("pow(`2.0`, `0.5`)", json!(null)).unwrap(),
+            json!(2f64.sqrt())
+        );
+        assert_eq!(
+            eval("add(`9223372036854775807`, `1`)", json!(null)).unwrap(),
+            json!(i64::MIN)
+        );
         assert!(eval("divide(`1`, `0`)", json!(null)).is_err());
         assert!(eval("pow(`10`, `30`)", json!(null)).is_err());
         assert!(eval("add('a', `1`)", json!(null)).is_err());
@@ -397,10 +497,19 @@ mod tests {
 
     #[test]
     fn strings_and_times() {
-        assert_eq!(eval("insertString('abcd', '-', `2`)", json!(null)).unwrap(), json!("ab-cd"));
+        assert_eq!(
+            eval("insertString('abcd', '-', `2`)", json!(null)).unwrap(),
+            json!("ab-cd")
+        );
         assert!(eval("insertString('ab', '-', `3`)", json!(null)).is_err());
-        assert_eq!(eval("fromUnixTimestamp(`1549061161`)", json!(null)).unwrap(), json!("2019-02-01T22:46:01Z"));
-        assert_eq!(eval("fromUnixTimestampMs(`1549061161875`)", json!(null)).unwrap(), json!("2019-02-01T22:46:01.875Z"));
+        assert_eq!(
+            eval("fromUnixTimestamp(`1549061161`)", json!(null)).unwrap(),
+            json!("2019-02-01T22:46:01Z")
+        );
+        assert_eq!(
+            eval("fromUnixTimestampMs(`1549061161875`)", json!(null)).unwrap(),
+            json!("2019-02-01T22:46:01.875Z")
+        );
     }
 
     #[test]
@@ -415,8 +524,14 @@ mod tests {
         let e = JmesPath::compile("Body").unwrap();
         assert!(!e.is_projection());
         assert_eq!(e.select(&data).unwrap().len(), 1);
-        assert!(matches!(JmesPath::compile("Body[*].hr").unwrap().select_one(&data), Err(JmesPathSelectError::Multiple)));
-        assert_eq!(JmesPath::compile("missing").unwrap().select(&data).unwrap(), Vec::<Value>::new());
+        assert!(matches!(
+            JmesPath::compile("Body[*].hr").unwrap().select_one(&data),
+            Err(JmesPathSelectError::Multiple)
+        ));
+        assert_eq!(
+            JmesPath::compile("missing").unwrap().select(&data).unwrap(),
+            Vec::<Value>::new()
+        );
     }
 
     #[test]

@@ -141,12 +141,22 @@ impl<'a> Scope<'a> {
 impl JsonPath {
     /// Compiles a Newtonsoft-dialect expression.
     pub fn compile(source: &str) -> Result<Self, JsonPathError> {
-        let error = |reason: String| JsonPathError { expression: source.to_owned(), reason };
+        let error = |reason: String| JsonPathError {
+            expression: source.to_owned(),
+            reason,
+        };
         let rfc = newtonsoft::to_rfc9535(source).map_err(|e| error(e.0))?;
-        let parsed = jsonpath_rust::parser::parse_json_path(&rfc).map_err(|e| error(describe_parse_error(&e)))?;
-        let mut lowering = Lowering { uses_root_in_filter: false };
+        let parsed = jsonpath_rust::parser::parse_json_path(&rfc)
+            .map_err(|e| error(describe_parse_error(&e)))?;
+        let mut lowering = Lowering {
+            uses_root_in_filter: false,
+        };
         let steps = lowering.query(&parsed).map_err(error)?;
-        Ok(Self { source: source.to_owned(), steps, uses_root_in_filter: lowering.uses_root_in_filter })
+        Ok(Self {
+            source: source.to_owned(),
+            steps,
+            uses_root_in_filter: lowering.uses_root_in_filter,
+        })
     }
 
     /// The expression as written in the template.
@@ -244,7 +254,9 @@ impl JsonPath {
                     } else {
                         envelope.get(first.as_str())
                     };
-                    let Some(start) = start else { return f(Ok(None)) };
+                    let Some(start) = start else {
+                        return f(Ok(None));
+                    };
                     let mut out = Vec::new();
                     eval_steps(rest, start, start, &mut out);
                     return f(match out.len() {
@@ -330,8 +342,15 @@ impl Lowering {
     }
 
     fn union(&mut self, ss: &[RfcSelector]) -> Result<Sel, String> {
-        let mut sels = ss.iter().map(|s| self.selector(s)).collect::<Result<Vec<_>, _>>()?;
-        Ok(if sels.len() == 1 { sels.remove(0) } else { Sel::Union(sels) })
+        let mut sels = ss
+            .iter()
+            .map(|s| self.selector(s))
+            .collect::<Result<Vec<_>, _>>()?;
+        Ok(if sels.len() == 1 {
+            sels.remove(0)
+        } else {
+            Sel::Union(sels)
+        })
     }
 
     fn selector(&mut self, s: &RfcSelector) -> Result<Sel, String> {
@@ -347,8 +366,16 @@ impl Lowering {
     fn filter(&mut self, f: &jsonpath_rust::parser::model::Filter) -> Result<Filter, String> {
         use jsonpath_rust::parser::model::Filter as F;
         Ok(match f {
-            F::Or(fs) => Filter::Or(fs.iter().map(|f| self.filter(f)).collect::<Result<_, _>>()?),
-            F::And(fs) => Filter::And(fs.iter().map(|f| self.filter(f)).collect::<Result<_, _>>()?),
+            F::Or(fs) => Filter::Or(
+                fs.iter()
+                    .map(|f| self.filter(f))
+                    .collect::<Result<_, _>>()?,
+            ),
+            F::And(fs) => Filter::And(
+                fs.iter()
+                    .map(|f| self.filter(f))
+                    .collect::<Result<_, _>>()?,
+            ),
             F::Atom(atom) => self.atom(atom)?,
         })
     }
@@ -359,26 +386,44 @@ impl Lowering {
             FilterAtom::Test { expr, not } => (self.test(expr)?, *not),
             FilterAtom::Comparison(c) => (self.comparison(c)?, false),
         };
-        Ok(if not { Filter::Not(Box::new(inner)) } else { inner })
+        Ok(if not {
+            Filter::Not(Box::new(inner))
+        } else {
+            inner
+        })
     }
 
     fn test(&mut self, t: &Test) -> Result<Filter, String> {
         Ok(match t {
-            Test::RelQuery(segs) => Filter::Exists(Query { absolute: false, steps: self.segments(segs)? }),
+            Test::RelQuery(segs) => Filter::Exists(Query {
+                absolute: false,
+                steps: self.segments(segs)?,
+            }),
             Test::AbsQuery(q) => {
                 self.uses_root_in_filter = true;
-                Filter::Exists(Query { absolute: true, steps: self.query(q)? })
+                Filter::Exists(Query {
+                    absolute: true,
+                    steps: self.query(q)?,
+                })
             }
             Test::Function(func) => match func.as_ref() {
                 TestFunction::Search(subject, pattern) => {
                     let subject = match subject {
                         FnArg::Test(t) => match t.as_ref() {
-                            Test::RelQuery(segs) => Operand::Query(Query { absolute: false, steps: self.segments(segs)? }),
+                            Test::RelQuery(segs) => Operand::Query(Query {
+                                absolute: false,
+                                steps: self.segments(segs)?,
+                            }),
                             Test::AbsQuery(q) => {
                                 self.uses_root_in_filter = true;
-                                Operand::Query(Query { absolute: true, steps: self.query(q)? })
+                                Operand::Query(Query {
+                                    absolute: true,
+                                    steps: self.query(q)?,
+                                })
                             }
-                            Test::Function(_) => return Err("a regex needs a path on its left".into()),
+                            Test::Function(_) => {
+                                return Err("a regex needs a path on its left".into());
+                            }
                         },
                         FnArg::Literal(l) => Operand::Literal(literal(l)),
                         FnArg::Filter(_) => return Err("a regex needs a path on its left".into()),
@@ -386,10 +431,15 @@ impl Lowering {
                     let FnArg::Literal(Literal::String(pattern)) = pattern else {
                         return Err("a regex pattern must be a string".into());
                     };
-                    let regex = Regex::new(pattern).map_err(|e| format!("invalid regex /{pattern}/: {e}"))?;
+                    let regex = Regex::new(pattern)
+                        .map_err(|e| format!("invalid regex /{pattern}/: {e}"))?;
                     Filter::Regex(subject, regex)
                 }
-                other => return Err(format!("the function {other} is not supported by MedTech templates")),
+                other => {
+                    return Err(format!(
+                        "the function {other} is not supported by MedTech templates"
+                    ));
+                }
             },
         })
     }
@@ -403,7 +453,11 @@ impl Lowering {
             Comparison::Gt(l, r) => (CmpOp::Gt, l, r),
             Comparison::Gte(l, r) => (CmpOp::Ge, l, r),
         };
-        Ok(Filter::Compare(self.comparable(l)?, op, self.comparable(r)?))
+        Ok(Filter::Compare(
+            self.comparable(l)?,
+            op,
+            self.comparable(r)?,
+        ))
     }
 
     fn comparable(&mut self, c: &Comparable) -> Result<Operand, String> {
@@ -424,7 +478,11 @@ impl Lowering {
                     .collect();
                 Operand::Query(Query { absolute, steps })
             }
-            Comparable::Function(f) => return Err(format!("the function {f} is not supported by MedTech templates")),
+            Comparable::Function(f) => {
+                return Err(format!(
+                    "the function {f} is not supported by MedTech templates"
+                ));
+            }
         })
     }
 }
@@ -432,7 +490,10 @@ impl Lowering {
 /// jsonpath-rust keeps the quotes of bracketed names; strip them and resolve escapes.
 fn unquote_name(name: &str) -> String {
     let bytes = name.as_bytes();
-    if bytes.len() >= 2 && (bytes[0] == b'\'' || bytes[0] == b'"') && bytes[bytes.len() - 1] == bytes[0] {
+    if bytes.len() >= 2
+        && (bytes[0] == b'\'' || bytes[0] == b'"')
+        && bytes[bytes.len() - 1] == bytes[0]
+    {
         let inner = &name[1..name.len() - 1];
         let mut out = String::with_capacity(inner.len());
         let mut chars = inner.chars();
@@ -529,7 +590,13 @@ fn apply_child<'a>(sel: &Sel, root: &'a Value, node: &'a Value, out: &mut Vec<&'
     }
 }
 
-fn slice<'a>(a: &'a [Value], start: Option<i64>, end: Option<i64>, step: Option<i64>, out: &mut Vec<&'a Value>) {
+fn slice<'a>(
+    a: &'a [Value],
+    start: Option<i64>,
+    end: Option<i64>,
+    step: Option<i64>,
+    out: &mut Vec<&'a Value>,
+) {
     let len = a.len() as i64;
     let step = step.unwrap_or(1);
     if step == 0 {
@@ -609,7 +676,9 @@ fn filter(f: &Filter, root: &Value, current: &Value) -> bool {
         Filter::Regex(subject, re) => {
             let mut values = Vec::new();
             operand(subject, root, current, &mut values);
-            values.iter().any(|v| matches!(v, Value::String(s) if re.is_match(s)))
+            values
+                .iter()
+                .any(|v| matches!(v, Value::String(s) if re.is_match(s)))
         }
     }
 }
@@ -643,7 +712,9 @@ fn query_exists(q: &Query, root: &Value, current: &Value) -> bool {
 fn operand<'a>(op: &'a Operand, root: &'a Value, current: &'a Value, out: &mut Vec<&'a Value>) {
     match op {
         Operand::Literal(v) => out.push(v),
-        Operand::Query(q) => eval_steps(&q.steps, root, if q.absolute { root } else { current }, out),
+        Operand::Query(q) => {
+            eval_steps(&q.steps, root, if q.absolute { root } else { current }, out)
+        }
     }
 }
 
@@ -690,8 +761,12 @@ fn order(a: &Value, b: &Value) -> Option<Ordering> {
         (Value::Null, Value::Null) => Some(Ordering::Equal),
         (Value::Null, _) => Some(Ordering::Less),
         (_, Value::Null) => Some(Ordering::Greater),
-        (Value::String(s), Value::Number(n)) => s.trim().parse::<f64>().ok()?.partial_cmp(&n.as_f64()?),
-        (Value::Number(n), Value::String(s)) => n.as_f64()?.partial_cmp(&s.trim().parse::<f64>().ok()?),
+        (Value::String(s), Value::Number(n)) => {
+            s.trim().parse::<f64>().ok()?.partial_cmp(&n.as_f64()?)
+        }
+        (Value::Number(n), Value::String(s)) => {
+            n.as_f64()?.partial_cmp(&s.trim().parse::<f64>().ok()?)
+        }
         (Value::Number(x), Value::Number(y)) => match (x.as_i64(), y.as_i64()) {
             (Some(x), Some(y)) => Some(x.cmp(&y)),
             _ => x.as_f64()?.partial_cmp(&y.as_f64()?),
@@ -757,8 +832,15 @@ mod tests {
     fn matched_scope_overlay() {
         let env = json!({"Body": {"deviceId": "d1"}, "matchedToken": "old"});
         let token = json!({"date": "x"});
-        let scope = Scope::Matched { envelope: &env, token: &token };
-        let get = |p: &str| JsonPath::compile(p).unwrap().with_one_in(scope, |r| r.unwrap().cloned());
+        let scope = Scope::Matched {
+            envelope: &env,
+            token: &token,
+        };
+        let get = |p: &str| {
+            JsonPath::compile(p)
+                .unwrap()
+                .with_one_in(scope, |r| r.unwrap().cloned())
+        };
         assert_eq!(get("$.matchedToken.date"), Some(json!("x")));
         assert_eq!(get("$.Body.deviceId"), Some(json!("d1")));
         assert_eq!(get("$..deviceId"), Some(json!("d1")));
@@ -768,8 +850,12 @@ mod tests {
 
     #[test]
     fn hyphenated_and_bracketed_names() {
-        let doc = json!({"SystemProperties": {"iothub-connection-device-id": "dev"}, "My Property": "v"});
-        assert_eq!(sel("$.SystemProperties.iothub-connection-device-id", &doc), vec![json!("dev")]);
+        let doc =
+            json!({"SystemProperties": {"iothub-connection-device-id": "dev"}, "My Property": "v"});
+        assert_eq!(
+            sel("$.SystemProperties.iothub-connection-device-id", &doc),
+            vec![json!("dev")]
+        );
         assert_eq!(sel("$.['My Property']", &doc), vec![json!("v")]);
         assert_eq!(sel("$..[?(@['My Property'])]", &doc).len(), 1);
     }
@@ -787,6 +873,9 @@ mod tests {
         assert_eq!(sel("$.a[1:3]", &doc), vec![json!(1), json!(2)]);
         assert_eq!(sel("$.a[-1]", &doc), vec![json!(3)]);
         assert_eq!(sel("$.a[0,2]", &doc), vec![json!(0), json!(2)]);
-        assert_eq!(sel("$.a[::-1]", &doc), vec![json!(3), json!(2), json!(1), json!(0)]);
+        assert_eq!(
+            sel("$.a[::-1]", &doc),
+            vec![json!(3), json!(2), json!(1), json!(0)]
+        );
     }
 }

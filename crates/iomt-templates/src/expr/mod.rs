@@ -55,10 +55,19 @@ impl Expression {
     }
 
     /// Compiles `text` in `language`; the error text names the expression and the cause.
-    pub fn compile(text: &str, language: Language, path: String, line: Option<usize>) -> Result<Self, String> {
+    pub fn compile(
+        text: &str,
+        language: Language,
+        path: String,
+        line: Option<usize>,
+    ) -> Result<Self, String> {
         let kind = match language {
-            Language::JsonPath => ExpressionKind::JsonPath(JsonPath::compile(text).map_err(|e| e.to_string())?),
-            Language::JmesPath => ExpressionKind::JmesPath(JmesPath::compile(text).map_err(|e| e.to_string())?),
+            Language::JsonPath => {
+                ExpressionKind::JsonPath(JsonPath::compile(text).map_err(|e| e.to_string())?)
+            }
+            Language::JmesPath => {
+                ExpressionKind::JmesPath(JmesPath::compile(text).map_err(|e| e.to_string())?)
+            }
         };
         Ok(Self { kind, path, line })
     }

@@ -75,7 +75,12 @@ struct Rewriter<'a> {
 /// Rewrites one Newtonsoft JSONPath expression into RFC 9535 syntax.
 pub(crate) fn to_rfc9535(source: &str) -> Result<String, RewriteError> {
     let trimmed = source.trim();
-    let mut w = Rewriter { chars: trimmed.chars().collect(), pos: 0, out: String::new(), source };
+    let mut w = Rewriter {
+        chars: trimmed.chars().collect(),
+        pos: 0,
+        out: String::new(),
+        source,
+    };
     match w.peek() {
         Some('$') => {
             w.pos += 1;
@@ -107,7 +112,9 @@ impl Rewriter<'_> {
     }
 
     fn error(&self, what: &str) -> RewriteError {
-        let found = self.peek().map_or_else(|| "end of expression".to_owned(), |c| format!("'{c}'"));
+        let found = self
+            .peek()
+            .map_or_else(|| "end of expression".to_owned(), |c| format!("'{c}'"));
         RewriteError(format!(
             "{what} at position {} ({found}) in '{}'",
             self.pos + 1,
@@ -128,7 +135,11 @@ impl Rewriter<'_> {
 
     /// Segments after `$` or `@`: `.name`, `..name`, `[...]`, `.*`.
     fn path_tail(&mut self, in_filter: bool) -> Result<(), RewriteError> {
-        let ends = if in_filter { ends_filter_name } else { ends_main_name };
+        let ends = if in_filter {
+            ends_filter_name
+        } else {
+            ends_main_name
+        };
         loop {
             match self.peek() {
                 Some('.') if self.peek_at(1) == Some('.') => {
@@ -137,7 +148,9 @@ impl Rewriter<'_> {
                         Some('[') => {
                             // Only `..[?()]` and `..['name']` scan; Newtonsoft parses
                             // `..[0]`, `..[*]` and `..[1:2]` as if the `..` were absent.
-                            let next = self.chars[self.pos + 1..].iter().find(|c| !c.is_whitespace());
+                            let next = self.chars[self.pos + 1..]
+                                .iter()
+                                .find(|c| !c.is_whitespace());
                             if matches!(next, Some('?' | '\'' | '"')) {
                                 self.out.push_str("..");
                             }
@@ -260,7 +273,10 @@ impl Rewriter<'_> {
             op: Option<char>,
             extra_opens: usize,
         }
-        let mut groups = vec![Group { op: None, extra_opens: 0 }];
+        let mut groups = vec![Group {
+            op: None,
+            extra_opens: 0,
+        }];
         // Start of the current boolean atom in `out`, and of the current operand (for `=~`).
         let mut atom_start = self.out.len();
         let mut operand_start = self.out.len();
@@ -268,12 +284,18 @@ impl Rewriter<'_> {
             match self.peek() {
                 None => return Err(self.error("unclosed filter")),
                 Some(']') if groups.len() == 1 => {
-                    let group = groups.pop().unwrap_or(Group { op: None, extra_opens: 0 });
+                    let group = groups.pop().unwrap_or(Group {
+                        op: None,
+                        extra_opens: 0,
+                    });
                     self.out.extend(std::iter::repeat_n(')', group.extra_opens));
                     return Ok(());
                 }
                 Some('(') => {
-                    groups.push(Group { op: None, extra_opens: 0 });
+                    groups.push(Group {
+                        op: None,
+                        extra_opens: 0,
+                    });
                     self.pos += 1;
                     self.out.push('(');
                     atom_start = self.out.len();
@@ -283,14 +305,19 @@ impl Rewriter<'_> {
                     if groups.len() == 1 {
                         return Err(self.error("unbalanced ')'"));
                     }
-                    let group = groups.pop().unwrap_or(Group { op: None, extra_opens: 0 });
+                    let group = groups.pop().unwrap_or(Group {
+                        op: None,
+                        extra_opens: 0,
+                    });
                     self.out.extend(std::iter::repeat_n(')', group.extra_opens));
                     self.pos += 1;
                     self.out.push(')');
                 }
                 Some(c @ ('&' | '|')) if self.peek_at(1) == Some(c) => {
                     self.pos += 2;
-                    let group = groups.last_mut().ok_or_else(|| self.error("unbalanced ')'"))?;
+                    let group = groups
+                        .last_mut()
+                        .ok_or_else(|| self.error("unbalanced ')'"))?;
                     if group.op.is_some_and(|prev| prev != c) {
                         let at = atom_start + self.out[atom_start..].len()
                             - self.out[atom_start..].trim_start().len();
@@ -406,22 +433,37 @@ mod tests {
     fn rewrites() {
         let cases = [
             ("$..[?(@heartRate)]", "$..[?(@.heartRate)]"),
-            ("$..[?(@Body.systolic && @Body.diastolic)]", "$..[?(@.Body.systolic && @.Body.diastolic)]"),
-            ("$.SystemProperties.iothub-connection-device-id", "$.SystemProperties['iothub-connection-device-id']"),
+            (
+                "$..[?(@Body.systolic && @Body.diastolic)]",
+                "$..[?(@.Body.systolic && @.Body.diastolic)]",
+            ),
+            (
+                "$.SystemProperties.iothub-connection-device-id",
+                "$.SystemProperties['iothub-connection-device-id']",
+            ),
             ("$.['My Property']", "$['My Property']"),
             ("$..[?(@['My Property'])]", "$..[?(@['My Property'])]"),
             ("Body.hr", "$.Body.hr"),
             ("$.matchedToken.date", "$.matchedToken.date"),
             ("$..[?(@unit == 'inches')]", "$..[?(@.unit == 'inches')]"),
-            ("$..[?(@.deviceType == 'deviceTypeA')]", "$..[?(@.deviceType == 'deviceTypeA')]"),
+            (
+                "$..[?(@.deviceType == 'deviceTypeA')]",
+                "$..[?(@.deviceType == 'deviceTypeA')]",
+            ),
             ("$.Body[0].x", "$.Body[0].x"),
             ("$..hr", "$..hr"),
             ("$..[?(@x-y)]", "$..[?(@['x-y'])]"),
-            ("$..[?(@.unit =~ /^in.*/i)]", "$..[?(search(@.unit, '(?i)^in.*'))]"),
+            (
+                "$..[?(@.unit =~ /^in.*/i)]",
+                "$..[?(search(@.unit, '(?i)^in.*'))]",
+            ),
             ("$.a.*", "$.a.*"),
             ("$.telemetry.bp.0", "$.telemetry.bp['0']"),
             ("$..[?(@a && @b || @c)]", "$..[?(@.a && (@.b || @.c))]"),
-            ("$..[?(@a || @b && @c || @d)]", "$..[?(@.a || (@.b && (@.c || @.d)))]"),
+            (
+                "$..[?(@a || @b && @c || @d)]",
+                "$..[?(@.a || (@.b && (@.c || @.d)))]",
+            ),
             ("$..[?(@a && @b && @c)]", "$..[?(@.a && @.b && @.c)]"),
             ("$..[0]", "$[0]"),
             ("$..['x']", "$..['x']"),

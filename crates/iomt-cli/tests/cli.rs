@@ -1,0 +1,297 @@
+//! The `iomt mapping` commands as a template author or a CI job calls them.
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
+
+use serde_json::Value;
+
+fn repo(path: &str) -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("../..")
+        .join(path)
+}
+
+fn iomt(args: &[&str]) -> Output {
+    Command::new(env!("CARGO_BIN_EXE_iomt"))
+        .args(args)
+        .env("NO_COLOR", "1")
+        .output()
+        .unwrap()
+}
+
+fn json_test(mapping: &Path, flag: &str, input: &Path) -> (i32, Value) {
+    let out = iomt(&[
+        "mapping",
+        "test",
+        "--device-mapping",
+        mapping.to_str().unwrap(),
+        flag,
+        input.to_str().unwrap(),
+        "--output",
+        "json",
+    ]);
+    let stdout = String::from_utf8(out.stdout).unwrap();
+    let json: Value = serde_json::from_str(&stdout)
+        .unwrap_or_else(|e| panic!("stdout is not JSON ({e}): {stdout}"));
+    (out.status.code().unwrap(), json)
+}
+
+fn write(dir: &tempfile::TempDir, name: &str, content: &[u8]) -> PathBuf {
+    let path = dir.path().join(name);
+    std::fs::write(&path, content).unwrap();
+    path
+}
+
+#[test]
+fn valid_message_exits_zero_with_measurements() {
+    let (code, out) = json_test(
+        &repo("mappings/heartrate/devicecontent.json"),
+        "--message",
+        &repo("examples/messages/heartrate/watch.json"),
+    );
+    assert_eq!(code, 0);
+    assert_eq!(out["measurements"][0]["properties"][0]["value"], "72");
+    assert_eq!(out["errors"], Value::Array(vec![]));
+    assert_eq!(out["observations"], Value::Array(vec![]));
+}
+
+#[test]
+fn data_errors_exit_one() {
+    let (code, out) = json_test(
+        &repo("mappings/heartrate/devicecontent.json"),
+        "--message",
+        &repo("examples/messages/heartrate/watch-missing-time.json"),
+    );
+    assert_eq!(code, 1);
+    let e = &out["errors"][0];
+    assert!(
+        e["message"]
+            .as_str()
+            .unwrap()
+            .contains("TimestampExpression")
+    );
+    assert_eq!(e["line"], 11);
+    assert_eq!(e["path"], "$.template[0].template.timestampExpression");
+}
+
+#[test]
+fn message_that_is_not_json_names_line_and_column() {
+    let dir = tempfile::tempdir().unwrap();
+    let msg = write(&dir, "bad.json", b"{\"heartRate\": 72,\n  \"deviceId\": }");
+    let (code, out) = json_test(
+        &repo("mappings/heartrate/devicecontent.json"),
+        "--message",
+        &msg,
+    );
+    assert_eq!(code, 1);
+    let m = out["errors"][0]["message"].as_str().unwrap();
+    assert!(m.contains("line 2 column 15"), "{m}");
+}
+
+#[test]
+fn oversized_and_deeply_nested_messages_are_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    let big = write(
+        &dir,
+        "big.json",
+        format!("{{\"a\":\"{}\"}}", "x".repeat(1024 * 1024)).as_bytes(),
+    );
+    let (code, out) = json_test(
+        &repo("mappings/heartrate/devicecontent.json"),
+        "--message",
+        &big,
+    );
+    assert_eq!(code, 1);
+    assert!(
+        out["errors"][0]["message"]
+            .as_str()
+            .unwrap()
+            .contains("1 MiB")
+    );
+
+    let deep = write(
+        &dir,
+        "deep.json",
+        ("[".repeat(10_000) + &"]".repeat(10_000)).as_bytes(),
+    );
+    let (code, out) = json_test(
+        &repo("mappings/heartrate/devicecontent.json"),
+        "--event",
+        &deep,
+    );
+    assert_eq!(code, 1);
+    assert!(
+        out["errors"][0]["message"]
+            .as_str()
+            .unwrap()
+            .contains("recursion limit")
+    );
+}
+
+#[test]
+fn invalid_template_lists_every_error_with_paths_and_exits_two() {
+    let dir = tempfile::tempdir().unwrap();
+    let mapping = write(
+        &dir,
+        "map.json",
+        br#"{
+  "templateType": "CollectionContent",
+  "template": [
+    { "templateType": "JsonPathContent",
+      "template": {
+        "typeName": 42,
+        "typeMatchExpression": "$..[?(@hr",
+        "deviceIdExpression": "$.d",
+        "timestampExpression": "$.t",
+        "values": [ { "valueName": "hr", "valueExpression": "$.hr", "required": "maybe" } ]
+      } },
+    { "templateType": "CalculatedContent",
+      "template": { "typeName": "x", "typeMatchExpression": { "value": "Body[?", "language": "JmesPath" },
+                    "deviceIdExpression": "$.d", "timestampExpression": "$.t", "valuez": [] } }
+  ]
+}"#,
+    );
+    let msg = write(&dir, "m.json", b"{}");
+    let (code, out) = json_test(&mapping, "--message", &msg);
+    assert_eq!(code, 2);
+    let errors = out["errors"].as_array().unwrap();
+    let paths: Vec<&str> = errors.iter().map(|e| e["path"].as_str().unwrap()).collect();
+    assert_eq!(
+        paths,
+        vec![
+            "$.template[0].template.typeName",
+            "$.template[0].template.typeMatchExpression",
+            "$.template[0].template.values[0].required",
+            "$.template[1].template.valuez",
+            "$.template[1].template.typeMatchExpression",
+        ]
+    );
+    let lines: Vec<i64> = errors.iter().map(|e| e["line"].as_i64().unwrap()).collect();
+    assert_eq!(lines, vec![6, 7, 10, 14, 13]);
+    assert!(
+        errors[0]["message"]
+            .as_str()
+            .unwrap()
+            .contains("must be a string, found a number")
+    );
+    assert!(
+        errors[3]["message"]
+            .as_str()
+            .unwrap()
+            .contains("did you mean 'values'")
+    );
+}
+
+#[test]
+fn unreadable_files_still_print_one_json_object() {
+    let (code, out) = json_test(
+        Path::new("/nonexistent/map.json"),
+        "--message",
+        &repo("examples/messages/heartrate/watch.json"),
+    );
+    assert_eq!(code, 2);
+    assert!(
+        out["errors"][0]["message"]
+            .as_str()
+            .unwrap()
+            .contains("/nonexistent/map.json")
+    );
+}
+
+#[test]
+fn text_output_explains_why_nothing_matched() {
+    let dir = tempfile::tempdir().unwrap();
+    let msg = write(
+        &dir,
+        "m.json",
+        br#"{"HeartRate": 72, "deviceId": "d", "measuredAt": "2026-11-20T08:15:30Z"}"#,
+    );
+    let out = iomt(&[
+        "mapping",
+        "test",
+        "--device-mapping",
+        repo("mappings/heartrate/devicecontent.json")
+            .to_str()
+            .unwrap(),
+        "--message",
+        msg.to_str().unwrap(),
+    ]);
+    assert_eq!(out.status.code(), Some(0));
+    let text = String::from_utf8(out.stdout).unwrap();
+    assert!(text.contains("no match"), "{text}");
+    assert!(text.contains("differs only in case"), "{text}");
+
+    // A bare payload given as --event to an IoT Hub template: the envelope is missing.
+    let out = iomt(&[
+        "mapping",
+        "test",
+        "--device-mapping",
+        repo("mappings/iothub/devicecontent.json").to_str().unwrap(),
+        "--event",
+        repo("examples/messages/heartrate/watch.json")
+            .to_str()
+            .unwrap(),
+    ]);
+    let text = String::from_utf8(out.stdout).unwrap();
+    assert!(
+        text.contains("use --message") || text.contains("pass the message with --message"),
+        "{text}"
+    );
+}
+
+#[test]
+fn text_output_shows_each_expression_result() {
+    let out = iomt(&[
+        "mapping",
+        "test",
+        "--device-mapping",
+        repo("mappings/spo2/devicecontent.json").to_str().unwrap(),
+        "--message",
+        repo("examples/messages/spo2/oximeter.json")
+            .to_str()
+            .unwrap(),
+        "--color",
+        "never",
+    ]);
+    let text = String::from_utf8(out.stdout).unwrap();
+    assert!(text.contains("matched 2 token(s)"), "{text}");
+    assert!(
+        text.contains("fromUnixTimestamp(matchedToken.t)  → \"2026-11-20T08:15:30Z\""),
+        "{text}"
+    );
+    assert!(
+        !text.contains('\u{1b}'),
+        "no colour codes when --color never"
+    );
+}
+
+#[test]
+fn validate_reports_valid_and_invalid() {
+    let out = iomt(&[
+        "mapping",
+        "validate",
+        repo("mappings/iothub/devicecontent.json").to_str().unwrap(),
+    ]);
+    assert_eq!(out.status.code(), Some(0));
+    assert!(
+        String::from_utf8(out.stdout)
+            .unwrap()
+            .contains("3 template(s)")
+    );
+    let dir = tempfile::tempdir().unwrap();
+    let bad = write(
+        &dir,
+        "bad.json",
+        br#"{"templateType": "CollectionFhir", "template": []}"#,
+    );
+    let out = iomt(&[
+        "mapping",
+        "validate",
+        bad.to_str().unwrap(),
+        "--output",
+        "json",
+    ]);
+    assert_eq!(out.status.code(), Some(2));
+    let json: Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(json["errors"][0]["path"], "$.templateType");
+}
