@@ -315,7 +315,7 @@ fn test(args: &TestArgs) -> anyhow::Result<u8> {
                     &recorder,
                     &output,
                     &args.device_mapping
-                )
+                )?
             );
         }
     }
@@ -397,67 +397,67 @@ fn render_text(
     rec: &Recorder,
     output: &Output,
     mapping_path: &Path,
-) -> String {
+) -> Result<String, std::fmt::Error> {
     let mut s = String::new();
     let templates = &normalizer.mapping().templates;
-    let _ = writeln!(
+    writeln!(
         s,
         "{} {} ({} template(s))",
         paint(p.heading, "device mapping"),
         mapping_path.display(),
         templates.len()
-    );
+    )?;
     let how = if input.wrapped {
         "message, wrapped as {Body, Properties, SystemProperties}"
     } else {
         "document evaluated as is"
     };
-    let _ = writeln!(s, "{} {how}\n", paint(p.heading, "input"));
+    writeln!(s, "{} {how}\n", paint(p.heading, "input"))?;
     for (t, r) in templates.iter().zip(&rec.templates) {
         debug_assert_eq!(t.index, r.index);
         if r.tokens.is_empty() {
-            let _ = writeln!(
+            writeln!(
                 s,
                 "{} {}  {}",
                 paint(p.bad, "✗"),
                 t.label(),
                 paint(p.bad, "no match")
-            );
-            let _ = writeln!(
+            )?;
+            writeln!(
                 s,
                 "    typeMatchExpression {} (line {}) selected nothing:",
                 t.type_match.as_str(),
                 t.type_match.line.unwrap_or(t.line)
-            );
+            )?;
             for hint in explain::why_no_match(t, &input.root) {
-                let _ = writeln!(s, "    {} {}", paint(p.hint, "-"), paint(p.hint, hint));
+                writeln!(s, "    {} {}", paint(p.hint, "-"), paint(p.hint, hint))?;
             }
             continue;
         }
-        let _ = writeln!(
+        writeln!(
             s,
             "{} {}  matched {} token(s)",
             paint(p.ok, "✓"),
             t.label(),
             r.tokens.len()
-        );
+        )?;
         for (i, tok) in r.tokens.iter().enumerate() {
-            let _ = writeln!(s, "    match {}: {}", i + 1, paint(p.dim, &tok.preview));
+            writeln!(s, "    match {}: {}", i + 1, paint(p.dim, &tok.preview))?;
             for (field, expr, value) in &tok.expressions {
                 let shown = match value {
                     Some(v) => preview(v),
                     None => paint(p.hint, "(nothing)"),
                 };
-                let _ = writeln!(s, "      {field:<22} {}  → {shown}", paint(p.dim, expr));
+                writeln!(s, "      {field:<22} {}  → {shown}", paint(p.dim, expr))?;
             }
         }
     }
-    let _ = writeln!(
+    writeln!(
         s,
         "\n{} ({})",
         paint(p.heading, "measurements"),
         output.measurements.len()
-    );
+    )?;
     for m in &output.measurements {
         let props: Vec<String> = m
             .properties
@@ -471,43 +471,43 @@ fn render_text(
             ("correlation", &m.correlation_id),
         ] {
             if let Some(v) = v {
-                let _ = write!(ids, " {k}={v}");
+                write!(ids, " {k}={v}")?;
             }
         }
-        let _ = writeln!(
+        writeln!(
             s,
             "  {}  {}  {ids}  {}",
             paint(p.ok, &m.type_name),
             m.occurrence_time_utc,
             props.join(" ")
-        );
+        )?;
     }
     if output.errors.is_empty() {
-        let _ = writeln!(s, "\n{} none", paint(p.heading, "errors"));
+        writeln!(s, "\n{} none", paint(p.heading, "errors"))?;
     } else {
-        let _ = writeln!(s, "\n{} ({})", paint(p.bad, "errors"), output.errors.len());
+        writeln!(s, "\n{} ({})", paint(p.bad, "errors"), output.errors.len())?;
         for e in &output.errors {
             let mut at = String::new();
             if let Some(t) = &e.template {
-                let _ = write!(at, "{t}");
+                write!(at, "{t}")?;
             }
             if let Some(path) = &e.path {
-                let _ = write!(at, ", {path}");
+                write!(at, ", {path}")?;
             }
             if let Some(line) = e.line {
-                let _ = write!(at, " (line {line})");
+                write!(at, " (line {line})")?;
             }
-            let _ = writeln!(
+            writeln!(
                 s,
                 "  {} [{}] {}",
                 paint(p.bad, "✗"),
                 e.kind.name(),
                 e.message
-            );
+            )?;
             if !at.is_empty() {
-                let _ = writeln!(s, "      {}", paint(p.dim, at));
+                writeln!(s, "      {}", paint(p.dim, at))?;
             }
         }
     }
-    s
+    Ok(s)
 }

@@ -253,7 +253,7 @@ impl Evaluation<'_> {
                 p.select(self.root, &mut found);
                 found.into_iter().map(Cow::Borrowed).collect()
             }
-            ExpressionKind::JmesPath(p) => match p.select(self.jmes_root()) {
+            ExpressionKind::JmesPath(p) => match p.select_in(Scope::Value(self.root), || self.jmes_root().clone()) {
                 Ok(values) => values.into_iter().map(Cow::Owned).collect(),
                 Err(e) => {
                     out.errors.push(error_at(
@@ -335,7 +335,7 @@ impl Matched<'_, '_> {
                     )
                 })
             }
-            ExpressionKind::JmesPath(p) => match p.select_one(self.jmes_scope()) {
+            ExpressionKind::JmesPath(p) => match p.select_one_in(self.scope(), || self.jmes_scope().clone()) {
                 Ok(v) => Ok(f(v.as_ref())),
                 Err(e) => Err((ErrorKind::TemplateExpression, e.to_string())),
             },

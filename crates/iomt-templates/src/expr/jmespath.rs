@@ -16,6 +16,8 @@ use jmespath::functions::{ArgumentType, CustomFunction, Signature};
 use jmespath::{Context, ErrorReason, JmespathError, Rcvar, Runtime, RuntimeError, Variable};
 use serde_json::{Number, Value};
 
+use super::jsonpath::{Scope, member};
+
 /// The runtime every template expression is compiled against: the standard functions plus
 /// MedTech's.
 static RUNTIME: LazyLock<Runtime> = LazyLock::new(|| {
@@ -75,9 +77,18 @@ static RUNTIME: LazyLock<Runtime> = LazyLock::new(|| {
 });
 
 /// A compiled JMESPath expression.
+///
+/// Most template expressions start with a chain of member names (`Body.samples[?spo2]`,
+/// `matchedToken.hr`). That chain is resolved directly on the JSON document and only the
+/// subtree it reaches is converted for the jmespath interpreter, which saves converting the
+/// whole event for every template that does not match it.
 #[derive(Clone)]
 pub struct JmesPath {
     expression: jmespath::Expression<'static>,
+    /// Leading member names, resolved on the JSON document.
+    prefix: Vec<String>,
+    /// The rest of the expression, run on what `prefix` reached.
+    rest: jmespath::ast::Ast,
     projection: bool,
 }
 
@@ -131,10 +142,9 @@ impl JmesPath {
             reason,
         })?;
         let projection = is_projection(expression.as_ast());
-        Ok(Self {
-            expression,
-            projection,
-        })
+        let (prefix, rest) = split_member_prefix(expression.as_ast())
+            .unwrap_or_else(|| (Vec::new(), expression.as_ast().clone()));
+        Ok(Self { expression, prefix, rest, projection })
     }
 
     /// The expression as written in the template.
@@ -147,17 +157,32 @@ impl JmesPath {
         self.projection
     }
 
-    /// Evaluates against an already converted document.
-    pub fn search(&self, data: &Rcvar) -> Result<Rcvar, JmesPathError> {
+    /// Evaluates in `scope`; `full` supplies the whole scope in jmespath form, and is called
+    /// only when the expression does not start with a member name.
+    pub fn search_in(&self, scope: Scope<'_>, full: impl FnOnce() -> Rcvar) -> Result<Rcvar, JmesPathError> {
         let mut ctx = Context::new(self.expression.as_str(), &RUNTIME);
-        jmespath::interpret(data, self.expression.as_ast(), &mut ctx)
-            .map_err(|e| JmesPathError::new(self.as_str(), &e))
+        let result = if let Some((first, more)) = self.prefix.split_first() {
+            let start = match scope {
+                Scope::Value(v) => v.as_object().and_then(|m| member(m, first)),
+                Scope::Matched { token, .. } if first == "matchedToken" => Some(token),
+                Scope::Matched { envelope, .. } => envelope.as_object().and_then(|m| member(m, first)),
+            };
+            let reached = more.iter().try_fold(start, |cur, name| Some(cur?.as_object().and_then(|m| member(m, name))));
+            let data = match reached.flatten() {
+                Some(v) => to_var(v),
+                None => Arc::new(Variable::Null),
+            };
+            jmespath::interpret(&data, &self.rest, &mut ctx)
+        } else {
+            jmespath::interpret(&full(), self.expression.as_ast(), &mut ctx)
+        };
+        result.map_err(|e| JmesPathError::new(self.as_str(), &e))
     }
 
     /// The tokens `typeMatchExpression` selects: each element of a projection, or the one
     /// non-null result.
-    pub fn select(&self, data: &Rcvar) -> Result<Vec<Value>, JmesPathError> {
-        let result = self.search(data)?;
+    pub fn select_in(&self, scope: Scope<'_>, full: impl FnOnce() -> Rcvar) -> Result<Vec<Value>, JmesPathError> {
+        let result = self.search_in(scope, full)?;
         Ok(match (&*result, self.projection) {
             (Variable::Null, _) => Vec::new(),
             (Variable::Array(items), true) => items.iter().map(|v| from_var(v)).collect(),
@@ -167,8 +192,12 @@ impl JmesPath {
 
     /// The single token a value expression selects (`SelectToken`); a projection with more
     /// than one element is an error, as in MedTech.
-    pub fn select_one(&self, data: &Rcvar) -> Result<Option<Value>, JmesPathSelectError> {
-        let result = self.search(data).map_err(JmesPathSelectError::Eval)?;
+    pub fn select_one_in(
+        &self,
+        scope: Scope<'_>,
+        full: impl FnOnce() -> Rcvar,
+    ) -> Result<Option<Value>, JmesPathSelectError> {
+        let result = self.search_in(scope, full).map_err(JmesPathSelectError::Eval)?;
         match (&*result, self.projection) {
             (Variable::Null, _) => Ok(None),
             (Variable::Array(items), true) => match items.len() {
@@ -178,6 +207,39 @@ impl JmesPath {
             },
             _ => Ok(Some(from_var(&result))),
         }
+    }
+}
+
+/// Splits `a.b.rest` into `(["a", "b"], rest)`, where `rest` evaluated on the value of `a.b`
+/// gives the same result as the whole expression on the document.
+fn split_member_prefix(ast: &jmespath::ast::Ast) -> Option<(Vec<String>, jmespath::ast::Ast)> {
+    use jmespath::ast::Ast;
+    let identity = || Ast::Identity { offset: 0 };
+    match ast {
+        Ast::Field { name, .. } => Some((vec![name.clone()], identity())),
+        Ast::Subexpr { offset, lhs, rhs } => {
+            let (mut prefix, left_rest) = split_member_prefix(lhs)?;
+            if !matches!(left_rest, Ast::Identity { .. }) {
+                let rest = Ast::Subexpr { offset: *offset, lhs: Box::new(left_rest), rhs: rhs.clone() };
+                return Some((prefix, rest));
+            }
+            match split_member_prefix(rhs) {
+                Some((more, rest)) => {
+                    prefix.extend(more);
+                    Some((prefix, rest))
+                }
+                None => Some((prefix, (**rhs).clone())),
+            }
+        }
+        Ast::Projection { offset, lhs, rhs } => {
+            let (prefix, left_rest) = split_member_prefix(lhs)?;
+            Some((prefix, Ast::Projection { offset: *offset, lhs: Box::new(left_rest), rhs: rhs.clone() }))
+        }
+        Ast::Flatten { offset, node } => {
+            let (prefix, rest) = split_member_prefix(node)?;
+            Some((prefix, Ast::Flatten { offset: *offset, node: Box::new(rest) }))
+        }
+        _ => None,
     }
 }
 
@@ -468,7 +530,7 @@ mod tests {
 
     fn eval(expr: &str, data: Value) -> Result<Value, JmesPathError> {
         let e = JmesPath::compile(expr)?;
-        e.search(&to_var(&data)).map(|r| from_var(&r))
+        e.search_in(Scope::Value(&data), || to_var(&data)).map(|r| from_var(&r))
     }
 
     #[test]
@@ -514,24 +576,43 @@ mod tests {
 
     #[test]
     fn projections_yield_each_element() {
-        let data = to_var(&json!({"Body": [{"hr": 1}, {"hr": 2}, {"x": 3}]}));
+        let doc = json!({"Body": [{"hr": 1}, {"hr": 2}, {"x": 3}]});
+        let scope = Scope::Value(&doc);
+        let full = || to_var(&doc);
         let e = JmesPath::compile("Body[?hr]").unwrap();
         assert!(e.is_projection());
-        assert_eq!(e.select(&data).unwrap().len(), 2);
+        assert_eq!(e.select_in(scope, full).unwrap().len(), 2);
         let e = JmesPath::compile("to_array(@.Body) | [? hr].hr").unwrap();
         assert!(e.is_projection());
-        assert_eq!(e.select(&data).unwrap(), vec![json!(1), json!(2)]);
+        assert_eq!(e.select_in(scope, full).unwrap(), vec![json!(1), json!(2)]);
         let e = JmesPath::compile("Body").unwrap();
         assert!(!e.is_projection());
-        assert_eq!(e.select(&data).unwrap().len(), 1);
-        assert!(matches!(
-            JmesPath::compile("Body[*].hr").unwrap().select_one(&data),
-            Err(JmesPathSelectError::Multiple)
-        ));
-        assert_eq!(
-            JmesPath::compile("missing").unwrap().select(&data).unwrap(),
-            Vec::<Value>::new()
-        );
+        assert_eq!(e.select_in(scope, full).unwrap().len(), 1);
+        let e = JmesPath::compile("Body[*].hr").unwrap();
+        assert!(matches!(e.select_one_in(scope, full), Err(JmesPathSelectError::Multiple)));
+        let e = JmesPath::compile("missing").unwrap();
+        assert_eq!(e.select_in(scope, full).unwrap(), Vec::<Value>::new());
+    }
+
+    #[test]
+    fn member_prefix_split_gives_the_same_results() {
+        let doc = json!({
+            "Body": {"a": {"b": [{"c": 1, "d": [1, 2]}, {"c": 2, "d": [3]}, {"e": 0}]}, "n": null, "s": "x"},
+            "matchedToken": {"v": 5}
+        });
+        let exprs = [
+            "Body.a.b[*].c", "Body.a.b[?c].d[]", "Body.a.b[0].c", "Body.a.b | [1]", "Body.a.b[*].c | [0]",
+            "Body.missing.x", "Body.n.x", "Body.s.x", "Body.a.b[].d", "Body.a.*", "Body", "Body.a.b[-1]",
+            "Body.a.b[?c > `1`].c", "matchedToken.v", "length(Body.a.b)", "Body.a.b[0].d[1]",
+        ];
+        for text in exprs {
+            let e = JmesPath::compile(text).unwrap();
+            let fast = e.search_in(Scope::Value(&doc), || to_var(&doc)).map(|r| from_var(&r));
+            let mut ctx = Context::new(text, &RUNTIME);
+            let slow = jmespath::interpret(&to_var(&doc), e.expression.as_ast(), &mut ctx)
+                .map(|r| from_var(&r));
+            assert_eq!(fast.ok(), slow.ok(), "{text}");
+        }
     }
 
     #[test]

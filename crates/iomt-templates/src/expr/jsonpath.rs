@@ -252,7 +252,7 @@ impl JsonPath {
                     let start = if first == "matchedToken" {
                         Some(token)
                     } else {
-                        envelope.get(first.as_str())
+                        envelope.as_object().and_then(|m| member(m, first))
                     };
                     let Some(start) = start else {
                         return f(Ok(None));
@@ -277,7 +277,7 @@ impl JsonPath {
         for step in &self.steps {
             cur = match step {
                 Step::Child(Sel::Name(n)) => match cur {
-                    Value::Object(m) => match m.get(n.as_str()) {
+                    Value::Object(m) => match member(m, n) {
                         Some(v) => v,
                         None => return Some(None),
                     },
@@ -294,6 +294,17 @@ impl JsonPath {
             };
         }
         Some(Some(cur))
+    }
+}
+
+/// Member lookup tuned for device messages: their objects are small, and comparing a handful
+/// of short keys is several times cheaper than hashing the name with SipHash.
+#[inline]
+pub fn member<'a>(map: &'a Map<String, Value>, name: &str) -> Option<&'a Value> {
+    if map.len() <= 16 {
+        map.iter().find_map(|(k, v)| (k == name).then_some(v))
+    } else {
+        map.get(name)
     }
 }
 
@@ -539,17 +550,20 @@ fn eval_steps<'a>(steps: &[Step], root: &'a Value, start: &'a Value, out: &mut V
         out.push(start);
         return;
     };
+    if rest.is_empty() {
+        match step {
+            Step::Child(sel) => apply_child(sel, root, start, out),
+            Step::Descendant(sel) => apply_descendant(sel, root, start, out),
+        }
+        return;
+    }
     let mut next = Vec::new();
     match step {
         Step::Child(sel) => apply_child(sel, root, start, &mut next),
         Step::Descendant(sel) => apply_descendant(sel, root, start, &mut next),
     }
-    if rest.is_empty() {
-        out.extend(next);
-    } else {
-        for node in next {
-            eval_steps(rest, root, node, out);
-        }
+    for node in next {
+        eval_steps(rest, root, node, out);
     }
 }
 
@@ -557,7 +571,7 @@ fn apply_child<'a>(sel: &Sel, root: &'a Value, node: &'a Value, out: &mut Vec<&'
     match sel {
         Sel::Name(n) => {
             if let Value::Object(m) = node
-                && let Some(v) = m.get(n.as_str())
+                && let Some(v) = member(m, n)
             {
                 out.push(v);
             }
@@ -690,7 +704,7 @@ fn query_exists(q: &Query, root: &Value, current: &Value) -> bool {
     let mut simple = true;
     for step in &q.steps {
         match (step, cur) {
-            (Step::Child(Sel::Name(n)), Value::Object(m)) => match m.get(n.as_str()) {
+            (Step::Child(Sel::Name(n)), Value::Object(m)) => match member(m, n) {
                 Some(v) => cur = v,
                 None => return false,
             },
