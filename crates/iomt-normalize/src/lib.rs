@@ -25,6 +25,7 @@ use std::sync::OnceLock;
 use iomt_core::{DeviceEvent, Measurement, MeasurementProperty, Timestamp};
 use iomt_templates::device::{ContentTemplate, DeviceMapping, Field};
 use iomt_templates::expr::jmespath::{to_var, with_matched_token};
+use iomt_templates::expr::jsonpath::KeyFilter;
 use iomt_templates::expr::{Expression, ExpressionKind, Scope};
 use jmespath::Rcvar;
 use serde::Serialize;
@@ -162,6 +163,7 @@ impl Normalizer {
         let mut eval = Evaluation {
             root,
             jmes_root: OnceLock::new(),
+            keys: OnceLock::new(),
         };
         for template in &self.mapping.templates {
             eval.template(template, ingestion_time, trace, &mut out);
@@ -233,6 +235,7 @@ pub fn parse_body(body: &[u8]) -> Result<Value, NormalizeError> {
 struct Evaluation<'a> {
     root: &'a Value,
     jmes_root: OnceLock<Rcvar>,
+    keys: OnceLock<KeyFilter>,
 }
 
 impl Evaluation<'_> {
@@ -250,7 +253,9 @@ impl Evaluation<'_> {
         let tokens: Vec<Cow<'_, Value>> = match &t.type_match.kind {
             ExpressionKind::JsonPath(p) => {
                 let mut found = Vec::new();
-                p.select(self.root, &mut found);
+                if p.may_select(self.keys.get_or_init(|| KeyFilter::of(self.root))) {
+                    p.select(self.root, &mut found);
+                }
                 found.into_iter().map(Cow::Borrowed).collect()
             }
             ExpressionKind::JmesPath(p) => match p.select_in(Scope::Value(self.root), || self.jmes_root().clone()) {

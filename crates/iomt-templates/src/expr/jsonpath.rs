@@ -36,6 +36,9 @@ pub struct JsonPath {
     steps: Vec<Step>,
     /// Whether a filter refers to `$`, so the evaluation root must be a real value.
     uses_root_in_filter: bool,
+    /// Member names that must occur somewhere in a document for the path to select anything,
+    /// as [`KeyFilter`] bits.
+    required_keys: Vec<(usize, u64)>,
 }
 
 #[derive(Debug, Clone)]
@@ -152,10 +155,14 @@ impl JsonPath {
             uses_root_in_filter: false,
         };
         let steps = lowering.query(&parsed).map_err(error)?;
+        let mut names = Vec::new();
+        step_requirements(&steps, &mut names);
+        let required_keys = names.iter().map(|n| KeyFilter::bit(n)).collect();
         Ok(Self {
             source: source.to_owned(),
             steps,
             uses_root_in_filter: lowering.uses_root_in_filter,
+            required_keys,
         })
     }
 
@@ -224,16 +231,7 @@ impl JsonPath {
 
     /// The single token the expression selects, if any (`SelectToken`).
     pub fn select_one<'a>(&self, root: &'a Value) -> Result<Option<&'a Value>, MultipleTokens> {
-        if let Some(v) = self.select_simple(root) {
-            return Ok(v);
-        }
-        let mut out = Vec::new();
-        self.select(root, &mut out);
-        match out.len() {
-            0 => Ok(None),
-            1 => Ok(Some(out[0])),
-            _ => Err(MultipleTokens),
-        }
+        select_one_from(&self.steps, root)
     }
 
     /// Runs `f` on the single token selected in `scope`, materializing the scope only when the
@@ -257,13 +255,7 @@ impl JsonPath {
                     let Some(start) = start else {
                         return f(Ok(None));
                     };
-                    let mut out = Vec::new();
-                    eval_steps(rest, start, start, &mut out);
-                    return f(match out.len() {
-                        0 => Ok(None),
-                        1 => Ok(Some(out[0])),
-                        _ => Err(MultipleTokens),
-                    });
+                    return f(select_one_from(rest, start));
                 }
                 let owned = scope.materialize();
                 f(self.select_one(&owned))
@@ -271,29 +263,116 @@ impl JsonPath {
         }
     }
 
-    /// Fast path for `$.a.b[0]` chains: `Some(result)` when every step is a name or index.
-    fn select_simple<'a>(&self, root: &'a Value) -> Option<Option<&'a Value>> {
-        let mut cur = root;
-        for step in &self.steps {
-            cur = match step {
-                Step::Child(Sel::Name(n)) => match cur {
-                    Value::Object(m) => match member(m, n) {
-                        Some(v) => v,
-                        None => return Some(None),
-                    },
-                    _ => return Some(None),
+    /// Whether the path can select anything in a document with these member names: a cheap
+    /// test that lets a collection skip templates whose members the message does not have.
+    pub fn may_select(&self, keys: &KeyFilter) -> bool {
+        self.required_keys.iter().all(|&(word, bit)| keys.0[word] & bit != 0)
+    }
+}
+
+/// `SelectToken` of `steps` from `start`, without allocating for name/index chains.
+fn select_one_from<'a>(steps: &[Step], start: &'a Value) -> Result<Option<&'a Value>, MultipleTokens> {
+    if let Some(v) = simple_walk(steps, start) {
+        return Ok(v);
+    }
+    let mut out = Vec::new();
+    eval_steps(steps, start, start, &mut out);
+    match out.len() {
+        0 => Ok(None),
+        1 => Ok(Some(out[0])),
+        _ => Err(MultipleTokens),
+    }
+}
+
+/// Fast path for `$.a.b[0]` chains: `Some(result)` when every step is a name or index.
+fn simple_walk<'a>(steps: &[Step], start: &'a Value) -> Option<Option<&'a Value>> {
+    let mut cur = start;
+    for step in steps {
+        cur = match step {
+            Step::Child(Sel::Name(n)) => match cur {
+                Value::Object(m) => match member(m, n) {
+                    Some(v) => v,
+                    None => return Some(None),
                 },
-                Step::Child(Sel::Index(i)) => match cur {
-                    Value::Array(a) => match index(a.len(), *i).and_then(|i| a.get(i)) {
-                        Some(v) => v,
-                        None => return Some(None),
-                    },
-                    _ => return Some(None),
+                _ => return Some(None),
+            },
+            Step::Child(Sel::Index(i)) => match cur {
+                Value::Array(a) => match index(a.len(), *i).and_then(|i| a.get(i)) {
+                    Some(v) => v,
+                    None => return Some(None),
                 },
-                _ => return None,
-            };
+                _ => return Some(None),
+            },
+            _ => return None,
+        };
+    }
+    Some(Some(cur))
+}
+
+/// The member names that occur anywhere in a document, as a 256-bit Bloom filter.
+///
+/// Built in one walk per event; [`JsonPath::may_select`] then rules out, with a few bit
+/// tests, every template whose `typeMatchExpression` needs a member the message lacks. In a
+/// mixed fleet most templates miss most messages, so this removes most of the filter scans.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct KeyFilter([u64; 4]);
+
+impl KeyFilter {
+    /// Collects the member names of every object in `doc`.
+    pub fn of(doc: &Value) -> Self {
+        let mut filter = Self::default();
+        walk_self_and_descendants(doc, &mut |node| {
+            if let Value::Object(m) = node {
+                for key in m.keys() {
+                    let (word, bit) = Self::bit(key);
+                    filter.0[word] |= bit;
+                }
+            }
+        });
+        filter
+    }
+
+    fn bit(name: &str) -> (usize, u64) {
+        // FNV-1a: short keys, no need for a strong hash.
+        let mut h: u64 = 0xcbf2_9ce4_8422_2325;
+        for b in name.bytes() {
+            h = (h ^ u64::from(b)).wrapping_mul(0x0100_0000_01b3);
         }
-        Some(Some(cur))
+        (((h >> 6) & 3) as usize, 1u64 << (h & 63))
+    }
+}
+
+/// Names that must be members somewhere in the document for `steps` to select anything.
+/// Only certain requirements are collected: a name step, and the tests a filter cannot pass
+/// without (every branch of `&&`; none for `||` and `!`).
+fn step_requirements(steps: &[Step], out: &mut Vec<String>) {
+    for step in steps {
+        match step {
+            Step::Child(Sel::Name(n)) | Step::Descendant(Sel::Name(n)) => out.push(n.clone()),
+            Step::Child(Sel::Filter(f)) | Step::Descendant(Sel::Filter(f)) => filter_requirements(f, out),
+            _ => {}
+        }
+    }
+}
+
+fn filter_requirements(f: &Filter, out: &mut Vec<String>) {
+    match f {
+        Filter::And(fs) => fs.iter().for_each(|f| filter_requirements(f, out)),
+        Filter::Or(_) | Filter::Not(_) => {}
+        Filter::Exists(q) => step_requirements(&q.steps, out),
+        // A comparison or regex with an empty side is false.
+        Filter::Compare(a, _, b) => {
+            for op in [a, b] {
+                if let Operand::Query(q) = op {
+                    step_requirements(&q.steps, out);
+                }
+            }
+        }
+        Filter::Regex(subject, _) => {
+            if let Operand::Query(q) = subject {
+                step_requirements(&q.steps, out);
+            }
+        }
     }
 }
 
@@ -879,6 +958,21 @@ mod tests {
         for bad in ["$..[?(@a ==)]", "$[", "$.a b", "$..[?(length(@.a) > 1)]"] {
             assert!(JsonPath::compile(bad).is_err(), "{bad}");
         }
+    }
+
+    #[test]
+    fn key_filter_never_rules_out_a_possible_match() {
+        let doc = json!({"Body": {"hr": 1, "inner": [{"spo2": 2}]}, "SystemProperties": {"iothub-connection-device-id": "d"}});
+        let keys = KeyFilter::of(&doc);
+        for path in ["$..[?(@hr)]", "$..[?(@Body.hr && @SystemProperties)]", "$..spo2", "$.Body.inner[0].spo2", "$..[?(@hr || @nothing)]", "$..[?(@.hr > 0)]"] {
+            let p = JsonPath::compile(path).unwrap();
+            assert!(p.may_select(&keys), "{path}");
+            let mut out = Vec::new();
+            p.select(&doc, &mut out);
+            assert!(!out.is_empty(), "{path}");
+        }
+        let p = JsonPath::compile("$..[?(@heartRate && @hr)]").unwrap();
+        assert!(!p.may_select(&keys));
     }
 
     #[test]
