@@ -89,6 +89,9 @@ pub struct JmesPath {
     prefix: Vec<String>,
     /// The rest of the expression, run on what `prefix` reached.
     rest: jmespath::ast::Ast,
+    /// Without a prefix: the only top-level members the expression reads, when it reads the
+    /// document through named members alone (`fromUnixTimestamp(matchedToken.t)`).
+    root_fields: Option<Vec<String>>,
     projection: bool,
 }
 
@@ -144,7 +147,9 @@ impl JmesPath {
         let projection = is_projection(expression.as_ast());
         let (prefix, rest) = split_member_prefix(expression.as_ast())
             .unwrap_or_else(|| (Vec::new(), expression.as_ast().clone()));
-        Ok(Self { expression, prefix, rest, projection })
+        let mut fields = Vec::new();
+        let root_fields = root_fields(expression.as_ast(), &mut fields).then_some(fields);
+        Ok(Self { expression, prefix, rest, root_fields, projection })
     }
 
     /// The expression as written in the template.
@@ -173,6 +178,21 @@ impl JmesPath {
                 None => Arc::new(Variable::Null),
             };
             jmespath::interpret(&data, &self.rest, &mut ctx)
+        } else if let Some(fields) = &self.root_fields {
+            // Only the named members are converted; the rest of the event is never touched.
+            let mut object = std::collections::BTreeMap::new();
+            for name in fields {
+                let value = match scope {
+                    Scope::Matched { token, .. } if name == "matchedToken" => Some(token),
+                    Scope::Value(v) | Scope::Matched { envelope: v, .. } => {
+                        v.as_object().and_then(|m| member(m, name))
+                    }
+                };
+                if let Some(value) = value {
+                    object.insert(name.clone(), to_var(value));
+                }
+            }
+            jmespath::interpret(&Arc::new(Variable::Object(object)), self.expression.as_ast(), &mut ctx)
         } else {
             jmespath::interpret(&full(), self.expression.as_ast(), &mut ctx)
         };
@@ -207,6 +227,33 @@ impl JmesPath {
             },
             _ => Ok(Some(from_var(&result))),
         }
+    }
+}
+
+/// Collects the top-level members `ast` reads from the document it is evaluated on; `false`
+/// when it reads the document in any other way (`@`, `*`, an index on the root, ...).
+fn root_fields(ast: &jmespath::ast::Ast, out: &mut Vec<String>) -> bool {
+    use jmespath::ast::Ast;
+    match ast {
+        Ast::Field { name, .. } => {
+            if !out.contains(name) {
+                out.push(name.clone());
+            }
+            true
+        }
+        // The right side runs on what the left side produced, not on the document.
+        Ast::Subexpr { lhs, .. } | Ast::Projection { lhs, .. } => root_fields(lhs, out),
+        Ast::Function { args, .. } => args.iter().all(|a| root_fields(a, out)),
+        Ast::Comparison { lhs, rhs, .. } | Ast::And { lhs, rhs, .. } | Ast::Or { lhs, rhs, .. } => {
+            root_fields(lhs, out) && root_fields(rhs, out)
+        }
+        Ast::Condition { predicate, then, .. } => root_fields(predicate, out) && root_fields(then, out),
+        Ast::Not { node, .. } | Ast::Flatten { node, .. } => root_fields(node, out),
+        Ast::MultiList { elements, .. } => elements.iter().all(|e| root_fields(e, out)),
+        Ast::MultiHash { elements, .. } => elements.iter().all(|kv| root_fields(&kv.value, out)),
+        // An expression reference is applied to other values later.
+        Ast::Literal { .. } | Ast::Expref { .. } => true,
+        Ast::Identity { .. } | Ast::ObjectValues { .. } | Ast::Index { .. } | Ast::Slice { .. } => false,
     }
 }
 
@@ -604,6 +651,8 @@ mod tests {
             "Body.a.b[*].c", "Body.a.b[?c].d[]", "Body.a.b[0].c", "Body.a.b | [1]", "Body.a.b[*].c | [0]",
             "Body.missing.x", "Body.n.x", "Body.s.x", "Body.a.b[].d", "Body.a.*", "Body", "Body.a.b[-1]",
             "Body.a.b[?c > `1`].c", "matchedToken.v", "length(Body.a.b)", "Body.a.b[0].d[1]",
+            "add(matchedToken.v, `1`)", "[Body.s, matchedToken.v]", "{x: Body.s}", "Body.s == 'x' && matchedToken.v",
+            "not_null(Body.missing, matchedToken.v)", "sort_by(Body.a.b[?c], &c)[0].c", "keys(@)", "to_array(@)[0].Body.s",
         ];
         for text in exprs {
             let e = JmesPath::compile(text).unwrap();
