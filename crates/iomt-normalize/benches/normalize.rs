@@ -19,6 +19,10 @@ use iomt_normalize::Normalizer;
 use iomt_templates::device::DeviceMapping;
 use serde_json::{Map, Value};
 
+/// The allocator the `iomt` binary uses, so the figures match production.
+#[global_allocator]
+static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 const EVENTS: usize = 1000;
 const GROUP: &str = "normalize";
 
@@ -38,16 +42,26 @@ fn collection() -> Normalizer {
     for dir in dirs {
         let text = std::fs::read_to_string(dir.join("devicecontent.json")).expect("readable");
         let doc: Value = serde_json::from_str(&text).expect("sample mappings are strict JSON");
-        templates.extend(doc["template"].as_array().expect("template array").iter().cloned());
+        templates.extend(
+            doc["template"]
+                .as_array()
+                .expect("template array")
+                .iter()
+                .cloned(),
+        );
     }
     let doc = serde_json::json!({"templateType": "CollectionContent", "template": templates});
     let mapping = DeviceMapping::parse(&doc.to_string()).expect("sample collection is valid");
-    assert!(mapping.templates.len() >= 5, "the benchmark needs at least five templates");
+    assert!(
+        mapping.templates.len() >= 5,
+        "the benchmark needs at least five templates"
+    );
     Normalizer::new(mapping)
 }
 
 fn example(path: &str) -> Value {
-    let text = std::fs::read_to_string(repo().join("examples/messages").join(path)).expect("example message");
+    let text = std::fs::read_to_string(repo().join("examples/messages").join(path))
+        .expect("example message");
     serde_json::from_str(&text).expect("example is JSON")
 }
 
@@ -61,7 +75,9 @@ fn vary(value: &mut Value, i: usize) {
                 *value = Value::from(x + (i % 5) as f64 * 0.1);
             }
         }
-        Value::String(s) if s.contains('-') && !s.starts_with("20") => s.push_str(&format!("-{}", i % 100)),
+        Value::String(s) if s.contains('-') && !s.starts_with("20") => {
+            s.push_str(&format!("-{}", i % 100))
+        }
         Value::Array(a) => a.iter_mut().for_each(|v| vary(v, i)),
         Value::Object(m) => m.values_mut().for_each(|v| vary(v, i)),
         _ => {}
@@ -92,7 +108,10 @@ fn events() -> Vec<DeviceEvent> {
             } else {
                 let mut body = example(bodies[i % 6]);
                 vary(&mut body, i);
-                DeviceEvent { body: serde_json::to_vec(&body).expect("serializable"), ..DeviceEvent::default() }
+                DeviceEvent {
+                    body: serde_json::to_vec(&body).expect("serializable"),
+                    ..DeviceEvent::default()
+                }
             }
         })
         .collect()
@@ -123,7 +142,8 @@ fn mean_ns(bench: &str) -> Option<f64> {
     let dir = std::env::var_os("CRITERION_HOME")
         .map(PathBuf::from)
         .unwrap_or_else(|| repo().join("target/criterion"));
-    let text = std::fs::read_to_string(dir.join(GROUP).join(bench).join("new/estimates.json")).ok()?;
+    let text =
+        std::fs::read_to_string(dir.join(GROUP).join(bench).join("new/estimates.json")).ok()?;
     let v: Value = serde_json::from_str(&text).ok()?;
     v["mean"]["point_estimate"].as_f64()
 }
@@ -132,8 +152,14 @@ fn main() {
     let normalizer = collection();
     let events = events();
     let bytes: usize = events.iter().map(|e| e.body.len()).sum();
-    let measurements: usize = events.iter().map(|e| normalizer.normalize_event(e).measurements.len()).sum();
-    let errors: usize = events.iter().map(|e| normalizer.normalize_event(e).errors.len()).sum();
+    let measurements: usize = events
+        .iter()
+        .map(|e| normalizer.normalize_event(e).measurements.len())
+        .sum();
+    let errors: usize = events
+        .iter()
+        .map(|e| normalizer.normalize_event(e).errors.len())
+        .sum();
     assert_eq!(errors, 0, "the benchmark events must normalize cleanly");
     let mut c = Criterion::default().configure_from_args();
     bench(&mut c, &normalizer, &events);

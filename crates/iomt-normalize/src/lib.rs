@@ -258,18 +258,20 @@ impl Evaluation<'_> {
                 }
                 found.into_iter().map(Cow::Borrowed).collect()
             }
-            ExpressionKind::JmesPath(p) => match p.select_in(Scope::Value(self.root), || self.jmes_root().clone()) {
-                Ok(values) => values.into_iter().map(Cow::Owned).collect(),
-                Err(e) => {
-                    out.errors.push(error_at(
-                        t,
-                        &t.type_match,
-                        ErrorKind::TemplateExpression,
-                        e.to_string(),
-                    ));
-                    return;
+            ExpressionKind::JmesPath(p) => {
+                match p.select_in(Scope::Value(self.root), || self.jmes_root().clone()) {
+                    Ok(values) => values.into_iter().map(Cow::Owned).collect(),
+                    Err(e) => {
+                        out.errors.push(error_at(
+                            t,
+                            &t.type_match,
+                            ErrorKind::TemplateExpression,
+                            e.to_string(),
+                        ));
+                        return;
+                    }
                 }
-            },
+            }
         };
         if T::ENABLED {
             trace.type_match(t, &tokens);
@@ -340,10 +342,12 @@ impl Matched<'_, '_> {
                     )
                 })
             }
-            ExpressionKind::JmesPath(p) => match p.select_one_in(self.scope(), || self.jmes_scope().clone()) {
-                Ok(v) => Ok(f(v.as_ref())),
-                Err(e) => Err((ErrorKind::TemplateExpression, e.to_string())),
-            },
+            ExpressionKind::JmesPath(p) => {
+                match p.select_one_in(self.scope(), || self.jmes_scope().clone()) {
+                    Ok(v) => Ok(f(v.as_ref())),
+                    Err(e) => Err((ErrorKind::TemplateExpression, e.to_string())),
+                }
+            }
         }
     }
 

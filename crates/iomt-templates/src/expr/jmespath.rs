@@ -9,6 +9,7 @@
 //! about as much as parsing the message again, so callers convert only when a JMESPath
 //! expression actually runs, and share the converted event across the templates of one event.
 
+use std::collections::BTreeMap;
 use std::sync::{Arc, LazyLock};
 
 use iomt_core::Timestamp;
@@ -89,9 +90,10 @@ pub struct JmesPath {
     prefix: Vec<String>,
     /// The rest of the expression, run on what `prefix` reached.
     rest: jmespath::ast::Ast,
-    /// Without a prefix: the only top-level members the expression reads, when it reads the
-    /// document through named members alone (`fromUnixTimestamp(matchedToken.t)`).
-    root_fields: Option<Vec<String>>,
+    /// Without a prefix: the only member paths the expression reads, when it reads the
+    /// document through named members alone (`fromUnixTimestamp(matchedToken.t)` reads
+    /// `matchedToken.t`).
+    root_paths: Option<Vec<Vec<String>>>,
     projection: bool,
 }
 
@@ -147,9 +149,21 @@ impl JmesPath {
         let projection = is_projection(expression.as_ast());
         let (prefix, rest) = split_member_prefix(expression.as_ast())
             .unwrap_or_else(|| (Vec::new(), expression.as_ast().clone()));
-        let mut fields = Vec::new();
-        let root_fields = root_fields(expression.as_ast(), &mut fields).then_some(fields);
-        Ok(Self { expression, prefix, rest, root_fields, projection })
+        let mut paths = Vec::new();
+        let root_paths = root_paths(expression.as_ast(), &mut paths).then(|| {
+            // A path under another one is already covered by the whole subtree.
+            let all = paths.clone();
+            paths.retain(|p| !all.iter().any(|q| q.len() < p.len() && p.starts_with(q)));
+            paths.dedup();
+            paths
+        });
+        Ok(Self {
+            expression,
+            prefix,
+            rest,
+            root_paths,
+            projection,
+        })
     }
 
     /// The expression as written in the template.
@@ -163,46 +177,66 @@ impl JmesPath {
     }
 
     /// Evaluates in `scope`; `full` supplies the whole scope in jmespath form, and is called
-    /// only when the expression does not start with a member name.
-    pub fn search_in(&self, scope: Scope<'_>, full: impl FnOnce() -> Rcvar) -> Result<Rcvar, JmesPathError> {
+    /// only when the expression reads the document other than through named members.
+    fn evaluate<'v>(
+        &self,
+        scope: Scope<'v>,
+        full: impl FnOnce() -> Rcvar,
+    ) -> Result<Outcome<'v>, JmesPathError> {
         let mut ctx = Context::new(self.expression.as_str(), &RUNTIME);
-        let result = if let Some((first, more)) = self.prefix.split_first() {
-            let start = match scope {
-                Scope::Value(v) => v.as_object().and_then(|m| member(m, first)),
-                Scope::Matched { token, .. } if first == "matchedToken" => Some(token),
-                Scope::Matched { envelope, .. } => envelope.as_object().and_then(|m| member(m, first)),
-            };
-            let reached = more.iter().try_fold(start, |cur, name| Some(cur?.as_object().and_then(|m| member(m, name))));
-            let data = match reached.flatten() {
-                Some(v) => to_var(v),
-                None => Arc::new(Variable::Null),
-            };
+        let result = if !self.prefix.is_empty() {
+            let reached = resolve(scope, &self.prefix);
+            if matches!(self.rest, jmespath::ast::Ast::Identity { .. }) {
+                // A plain member chain: no interpreter, no conversion.
+                return Ok(Outcome::Json(reached));
+            }
+            let data = reached.map_or_else(|| Arc::new(Variable::Null), to_var);
             jmespath::interpret(&data, &self.rest, &mut ctx)
-        } else if let Some(fields) = &self.root_fields {
-            // Only the named members are converted; the rest of the event is never touched.
-            let mut object = std::collections::BTreeMap::new();
-            for name in fields {
-                let value = match scope {
-                    Scope::Matched { token, .. } if name == "matchedToken" => Some(token),
-                    Scope::Value(v) | Scope::Matched { envelope: v, .. } => {
-                        v.as_object().and_then(|m| member(m, name))
-                    }
-                };
-                if let Some(value) = value {
-                    object.insert(name.clone(), to_var(value));
+        } else if let Some(paths) = &self.root_paths {
+            // Only what the expression reads is converted; the rest of the event is not.
+            let mut object = BTreeMap::new();
+            for path in paths {
+                if let Some(value) = resolve(scope, path) {
+                    insert_path(&mut object, path, value);
                 }
             }
-            jmespath::interpret(&Arc::new(Variable::Object(object)), self.expression.as_ast(), &mut ctx)
+            jmespath::interpret(
+                &Arc::new(Variable::Object(object)),
+                self.expression.as_ast(),
+                &mut ctx,
+            )
         } else {
             jmespath::interpret(&full(), self.expression.as_ast(), &mut ctx)
         };
-        result.map_err(|e| JmesPathError::new(self.as_str(), &e))
+        result
+            .map(Outcome::Var)
+            .map_err(|e| JmesPathError::new(self.as_str(), &e))
+    }
+
+    /// Evaluates in `scope`, in jmespath form; `full` supplies the whole scope when needed.
+    pub fn search_in(
+        &self,
+        scope: Scope<'_>,
+        full: impl FnOnce() -> Rcvar,
+    ) -> Result<Rcvar, JmesPathError> {
+        Ok(match self.evaluate(scope, full)? {
+            Outcome::Json(v) => v.map_or_else(|| Arc::new(Variable::Null), to_var),
+            Outcome::Var(v) => v,
+        })
     }
 
     /// The tokens `typeMatchExpression` selects: each element of a projection, or the one
     /// non-null result.
-    pub fn select_in(&self, scope: Scope<'_>, full: impl FnOnce() -> Rcvar) -> Result<Vec<Value>, JmesPathError> {
-        let result = self.search_in(scope, full)?;
+    pub fn select_in(
+        &self,
+        scope: Scope<'_>,
+        full: impl FnOnce() -> Rcvar,
+    ) -> Result<Vec<Value>, JmesPathError> {
+        let result = match self.evaluate(scope, full)? {
+            Outcome::Json(None | Some(Value::Null)) => return Ok(Vec::new()),
+            Outcome::Json(Some(v)) => return Ok(vec![v.clone()]),
+            Outcome::Var(v) => v,
+        };
         Ok(match (&*result, self.projection) {
             (Variable::Null, _) => Vec::new(),
             (Variable::Array(items), true) => items.iter().map(|v| from_var(v)).collect(),
@@ -217,7 +251,14 @@ impl JmesPath {
         scope: Scope<'_>,
         full: impl FnOnce() -> Rcvar,
     ) -> Result<Option<Value>, JmesPathSelectError> {
-        let result = self.search_in(scope, full).map_err(JmesPathSelectError::Eval)?;
+        let result = match self
+            .evaluate(scope, full)
+            .map_err(JmesPathSelectError::Eval)?
+        {
+            Outcome::Json(None | Some(Value::Null)) => return Ok(None),
+            Outcome::Json(Some(v)) => return Ok(Some(v.clone())),
+            Outcome::Var(v) => v,
+        };
         match (&*result, self.projection) {
             (Variable::Null, _) => Ok(None),
             (Variable::Array(items), true) => match items.len() {
@@ -230,30 +271,82 @@ impl JmesPath {
     }
 }
 
-/// Collects the top-level members `ast` reads from the document it is evaluated on; `false`
-/// when it reads the document in any other way (`@`, `*`, an index on the root, ...).
-fn root_fields(ast: &jmespath::ast::Ast, out: &mut Vec<String>) -> bool {
+/// What an evaluation produced: a JSON value reached directly, or an interpreter result.
+enum Outcome<'v> {
+    Json(Option<&'v Value>),
+    Var(Rcvar),
+}
+
+/// The value at a member path of the scope (`matchedToken` resolves to the matched token).
+fn resolve<'v>(scope: Scope<'v>, path: &[String]) -> Option<&'v Value> {
+    let (first, rest) = path.split_first()?;
+    let start = match scope {
+        Scope::Matched { token, .. } if first == "matchedToken" => token,
+        Scope::Value(v) | Scope::Matched { envelope: v, .. } => member(v.as_object()?, first)?,
+    };
+    rest.iter()
+        .try_fold(start, |cur, name| member(cur.as_object()?, name))
+}
+
+/// Places `value` at `path` in a tree of jmespath objects.
+fn insert_path(map: &mut BTreeMap<String, Rcvar>, path: &[String], value: &Value) {
+    let Some((first, rest)) = path.split_first() else {
+        return;
+    };
+    if rest.is_empty() {
+        map.insert(first.clone(), to_var(value));
+        return;
+    }
+    let entry = map
+        .entry(first.clone())
+        .or_insert_with(|| Arc::new(Variable::Object(BTreeMap::new())));
+    if let Variable::Object(inner) = Arc::make_mut(entry) {
+        insert_path(inner, rest, value);
+    }
+}
+
+/// `a.b.c` as `["a", "b", "c"]`, if the expression is nothing but member names.
+fn member_chain(ast: &jmespath::ast::Ast) -> Option<Vec<String>> {
     use jmespath::ast::Ast;
     match ast {
-        Ast::Field { name, .. } => {
-            if !out.contains(name) {
-                out.push(name.clone());
-            }
-            true
+        Ast::Field { name, .. } => Some(vec![name.clone()]),
+        Ast::Subexpr { lhs, rhs, .. } => {
+            let mut chain = member_chain(lhs)?;
+            chain.extend(member_chain(rhs)?);
+            Some(chain)
         }
+        _ => None,
+    }
+}
+
+/// Collects the member paths `ast` reads from the document it is evaluated on; `false` when
+/// it reads the document in any other way (`@`, `*`, an index on the root, ...).
+fn root_paths(ast: &jmespath::ast::Ast, out: &mut Vec<Vec<String>>) -> bool {
+    use jmespath::ast::Ast;
+    if let Some(chain) = member_chain(ast) {
+        out.push(chain);
+        return true;
+    }
+    match ast {
         // The right side runs on what the left side produced, not on the document.
-        Ast::Subexpr { lhs, .. } | Ast::Projection { lhs, .. } => root_fields(lhs, out),
-        Ast::Function { args, .. } => args.iter().all(|a| root_fields(a, out)),
+        Ast::Subexpr { lhs, .. } | Ast::Projection { lhs, .. } => root_paths(lhs, out),
+        Ast::Function { args, .. } => args.iter().all(|a| root_paths(a, out)),
         Ast::Comparison { lhs, rhs, .. } | Ast::And { lhs, rhs, .. } | Ast::Or { lhs, rhs, .. } => {
-            root_fields(lhs, out) && root_fields(rhs, out)
+            root_paths(lhs, out) && root_paths(rhs, out)
         }
-        Ast::Condition { predicate, then, .. } => root_fields(predicate, out) && root_fields(then, out),
-        Ast::Not { node, .. } | Ast::Flatten { node, .. } => root_fields(node, out),
-        Ast::MultiList { elements, .. } => elements.iter().all(|e| root_fields(e, out)),
-        Ast::MultiHash { elements, .. } => elements.iter().all(|kv| root_fields(&kv.value, out)),
+        Ast::Condition {
+            predicate, then, ..
+        } => root_paths(predicate, out) && root_paths(then, out),
+        Ast::Not { node, .. } | Ast::Flatten { node, .. } => root_paths(node, out),
+        Ast::MultiList { elements, .. } => elements.iter().all(|e| root_paths(e, out)),
+        Ast::MultiHash { elements, .. } => elements.iter().all(|kv| root_paths(&kv.value, out)),
         // An expression reference is applied to other values later.
         Ast::Literal { .. } | Ast::Expref { .. } => true,
-        Ast::Identity { .. } | Ast::ObjectValues { .. } | Ast::Index { .. } | Ast::Slice { .. } => false,
+        Ast::Field { .. }
+        | Ast::Identity { .. }
+        | Ast::ObjectValues { .. }
+        | Ast::Index { .. }
+        | Ast::Slice { .. } => false,
     }
 }
 
@@ -267,7 +360,11 @@ fn split_member_prefix(ast: &jmespath::ast::Ast) -> Option<(Vec<String>, jmespat
         Ast::Subexpr { offset, lhs, rhs } => {
             let (mut prefix, left_rest) = split_member_prefix(lhs)?;
             if !matches!(left_rest, Ast::Identity { .. }) {
-                let rest = Ast::Subexpr { offset: *offset, lhs: Box::new(left_rest), rhs: rhs.clone() };
+                let rest = Ast::Subexpr {
+                    offset: *offset,
+                    lhs: Box::new(left_rest),
+                    rhs: rhs.clone(),
+                };
                 return Some((prefix, rest));
             }
             match split_member_prefix(rhs) {
@@ -280,11 +377,24 @@ fn split_member_prefix(ast: &jmespath::ast::Ast) -> Option<(Vec<String>, jmespat
         }
         Ast::Projection { offset, lhs, rhs } => {
             let (prefix, left_rest) = split_member_prefix(lhs)?;
-            Some((prefix, Ast::Projection { offset: *offset, lhs: Box::new(left_rest), rhs: rhs.clone() }))
+            Some((
+                prefix,
+                Ast::Projection {
+                    offset: *offset,
+                    lhs: Box::new(left_rest),
+                    rhs: rhs.clone(),
+                },
+            ))
         }
         Ast::Flatten { offset, node } => {
             let (prefix, rest) = split_member_prefix(node)?;
-            Some((prefix, Ast::Flatten { offset: *offset, node: Box::new(rest) }))
+            Some((
+                prefix,
+                Ast::Flatten {
+                    offset: *offset,
+                    node: Box::new(rest),
+                },
+            ))
         }
         _ => None,
     }
@@ -577,7 +687,8 @@ mod tests {
 
     fn eval(expr: &str, data: Value) -> Result<Value, JmesPathError> {
         let e = JmesPath::compile(expr)?;
-        e.search_in(Scope::Value(&data), || to_var(&data)).map(|r| from_var(&r))
+        e.search_in(Scope::Value(&data), || to_var(&data))
+            .map(|r| from_var(&r))
     }
 
     #[test]
@@ -636,7 +747,10 @@ mod tests {
         assert!(!e.is_projection());
         assert_eq!(e.select_in(scope, full).unwrap().len(), 1);
         let e = JmesPath::compile("Body[*].hr").unwrap();
-        assert!(matches!(e.select_one_in(scope, full), Err(JmesPathSelectError::Multiple)));
+        assert!(matches!(
+            e.select_one_in(scope, full),
+            Err(JmesPathSelectError::Multiple)
+        ));
         let e = JmesPath::compile("missing").unwrap();
         assert_eq!(e.select_in(scope, full).unwrap(), Vec::<Value>::new());
     }
@@ -648,15 +762,40 @@ mod tests {
             "matchedToken": {"v": 5}
         });
         let exprs = [
-            "Body.a.b[*].c", "Body.a.b[?c].d[]", "Body.a.b[0].c", "Body.a.b | [1]", "Body.a.b[*].c | [0]",
-            "Body.missing.x", "Body.n.x", "Body.s.x", "Body.a.b[].d", "Body.a.*", "Body", "Body.a.b[-1]",
-            "Body.a.b[?c > `1`].c", "matchedToken.v", "length(Body.a.b)", "Body.a.b[0].d[1]",
-            "add(matchedToken.v, `1`)", "[Body.s, matchedToken.v]", "{x: Body.s}", "Body.s == 'x' && matchedToken.v",
-            "not_null(Body.missing, matchedToken.v)", "sort_by(Body.a.b[?c], &c)[0].c", "keys(@)", "to_array(@)[0].Body.s",
+            "Body.a.b[*].c",
+            "Body.a.b[?c].d[]",
+            "Body.a.b[0].c",
+            "Body.a.b | [1]",
+            "Body.a.b[*].c | [0]",
+            "Body.missing.x",
+            "Body.n.x",
+            "Body.s.x",
+            "Body.a.b[].d",
+            "Body.a.*",
+            "Body",
+            "Body.a.b[-1]",
+            "Body.a.b[?c > `1`].c",
+            "matchedToken.v",
+            "length(Body.a.b)",
+            "Body.a.b[0].d[1]",
+            "add(matchedToken.v, `1`)",
+            "[Body.s, matchedToken.v]",
+            "{x: Body.s}",
+            "Body.s == 'x' && matchedToken.v",
+            "not_null(Body.missing, matchedToken.v)",
+            "sort_by(Body.a.b[?c], &c)[0].c",
+            "keys(@)",
+            "to_array(@)[0].Body.s",
+            "length(Body.a.b[0].d)",
+            "[Body.a.b[0].c, Body.a]",
+            "type(Body.n)",
+            "Body.a.b[0].c.x",
         ];
         for text in exprs {
             let e = JmesPath::compile(text).unwrap();
-            let fast = e.search_in(Scope::Value(&doc), || to_var(&doc)).map(|r| from_var(&r));
+            let fast = e
+                .search_in(Scope::Value(&doc), || to_var(&doc))
+                .map(|r| from_var(&r));
             let mut ctx = Context::new(text, &RUNTIME);
             let slow = jmespath::interpret(&to_var(&doc), e.expression.as_ast(), &mut ctx)
                 .map(|r| from_var(&r));

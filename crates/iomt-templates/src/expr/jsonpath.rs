@@ -266,12 +266,17 @@ impl JsonPath {
     /// Whether the path can select anything in a document with these member names: a cheap
     /// test that lets a collection skip templates whose members the message does not have.
     pub fn may_select(&self, keys: &KeyFilter) -> bool {
-        self.required_keys.iter().all(|&(word, bit)| keys.0[word] & bit != 0)
+        self.required_keys
+            .iter()
+            .all(|&(word, bit)| keys.0[word] & bit != 0)
     }
 }
 
 /// `SelectToken` of `steps` from `start`, without allocating for name/index chains.
-fn select_one_from<'a>(steps: &[Step], start: &'a Value) -> Result<Option<&'a Value>, MultipleTokens> {
+fn select_one_from<'a>(
+    steps: &[Step],
+    start: &'a Value,
+) -> Result<Option<&'a Value>, MultipleTokens> {
     if let Some(v) = simple_walk(steps, start) {
         return Ok(v);
     }
@@ -349,7 +354,9 @@ fn step_requirements(steps: &[Step], out: &mut Vec<String>) {
     for step in steps {
         match step {
             Step::Child(Sel::Name(n)) | Step::Descendant(Sel::Name(n)) => out.push(n.clone()),
-            Step::Child(Sel::Filter(f)) | Step::Descendant(Sel::Filter(f)) => filter_requirements(f, out),
+            Step::Child(Sel::Filter(f)) | Step::Descendant(Sel::Filter(f)) => {
+                filter_requirements(f, out)
+            }
             _ => {}
         }
     }
@@ -964,7 +971,14 @@ mod tests {
     fn key_filter_never_rules_out_a_possible_match() {
         let doc = json!({"Body": {"hr": 1, "inner": [{"spo2": 2}]}, "SystemProperties": {"iothub-connection-device-id": "d"}});
         let keys = KeyFilter::of(&doc);
-        for path in ["$..[?(@hr)]", "$..[?(@Body.hr && @SystemProperties)]", "$..spo2", "$.Body.inner[0].spo2", "$..[?(@hr || @nothing)]", "$..[?(@.hr > 0)]"] {
+        for path in [
+            "$..[?(@hr)]",
+            "$..[?(@Body.hr && @SystemProperties)]",
+            "$..spo2",
+            "$.Body.inner[0].spo2",
+            "$..[?(@hr || @nothing)]",
+            "$..[?(@.hr > 0)]",
+        ] {
             let p = JsonPath::compile(path).unwrap();
             assert!(p.may_select(&keys), "{path}");
             let mut out = Vec::new();
