@@ -5,6 +5,8 @@
 //! PascalCase that the .NET connector puts on its internal Event Hub, so captured traffic from
 //! a running MedTech deployment can be replayed into iomt.
 
+use std::sync::Arc;
+
 use serde::{Deserialize, Serialize};
 
 use crate::time::Timestamp;
@@ -13,9 +15,10 @@ use crate::time::Timestamp;
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "camelCase")]
 pub struct Measurement {
-    /// The template's `typeName`; binds the measurement to a FHIR mapping template.
+    /// The template's `typeName`; binds the measurement to a FHIR mapping template. Shared
+    /// with the template (and every other measurement of the type) rather than copied.
     #[serde(rename = "type", alias = "Type")]
-    pub type_name: String,
+    pub type_name: Arc<str>,
     /// When the reading was taken (the template's timestamp expression).
     #[serde(alias = "OccurrenceTimeUtc")]
     pub occurrence_time_utc: Timestamp,
@@ -45,9 +48,9 @@ pub struct Measurement {
 /// One named value of a measurement.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct MeasurementProperty {
-    /// The template's `valueName`.
+    /// The template's `valueName`, shared with the template.
     #[serde(alias = "Name")]
-    pub name: String,
+    pub name: Arc<str>,
     /// The value as text, converted the way .NET converts JSON tokens to strings.
     #[serde(alias = "Value")]
     pub value: String,
@@ -95,7 +98,7 @@ mod tests {
     fn camel_case_out_pascal_case_in() {
         let json = r#"{"Type":"heartrate","OccurrenceTimeUtc":"2019-02-01T22:46:01.875Z","IngestionTimeUtc":"2019-02-01T22:46:02.11Z","DeviceId":"device123","PatientId":null,"EncounterId":null,"CorrelationId":null,"Properties":[{"Name":"hr","Value":"78"}]}"#;
         let m: Measurement = serde_json::from_str(json).unwrap();
-        assert_eq!(m.type_name, "heartrate");
+        assert_eq!(&*m.type_name, "heartrate");
         assert_eq!(m.properties[0].value, "78");
         let out = serde_json::to_string(&m).unwrap();
         assert_eq!(

@@ -194,7 +194,7 @@ fn values_convert_like_dotnet() {
     let values: Vec<(&str, &str)> = m
         .properties
         .iter()
-        .map(|p| (p.name.as_str(), p.value.as_str()))
+        .map(|p| (&*p.name, p.value.as_str()))
         .collect();
     assert_eq!(
         values,

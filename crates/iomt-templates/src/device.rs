@@ -11,6 +11,8 @@
 //! mapping with any error is rejected as a whole with every error listed, instead of loading the
 //! valid part and failing at run time.
 
+use std::sync::Arc;
+
 use jsonc_parser::ast::{Object, Value as Node};
 
 use crate::error::{TemplateError, TemplateErrorKind};
@@ -78,7 +80,7 @@ pub struct ContentTemplate {
     /// The template type.
     pub kind: ContentKind,
     /// The measurement type this template produces.
-    pub type_name: String,
+    pub type_name: Arc<str>,
     /// 1-based line of the template object in the file.
     pub line: usize,
     /// Selects the tokens that become measurements, one measurement per token.
@@ -124,7 +126,7 @@ pub struct Field {
 #[derive(Debug, Clone)]
 pub struct ValueTemplate {
     /// The property name in the measurement.
-    pub name: String,
+    pub name: Arc<str>,
     /// Where the value comes from.
     pub expression: Expression,
     /// Whether a missing value is an error (otherwise the property is left out).
@@ -358,7 +360,7 @@ fn content(
     Some(ContentTemplate {
         index,
         kind,
-        type_name: type_name?,
+        type_name: type_name?.into(),
         line,
         type_match: type_match?,
         device_id: Field {
@@ -548,7 +550,7 @@ fn values(
         let required = required_flag(c, &vm);
         match (name, expression, required) {
             (Some(name), Some(expression), Some(required)) => out.push(ValueTemplate {
-                name,
+                name: name.into(),
                 expression,
                 required,
             }),
