@@ -260,7 +260,7 @@ impl Evaluation<'_> {
             }
             ExpressionKind::JmesPath(p) => {
                 match p.select_in(Scope::Value(self.root), || self.jmes_root().clone()) {
-                    Ok(values) => values.into_iter().map(Cow::Owned).collect(),
+                    Ok(values) => values,
                     Err(e) => {
                         out.errors.push(error_at(
                             t,

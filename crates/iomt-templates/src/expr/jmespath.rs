@@ -9,6 +9,7 @@
 //! about as much as parsing the message again, so callers convert only when a JMESPath
 //! expression actually runs, and share the converted event across the templates of one event.
 
+use std::borrow::Cow;
 use std::collections::BTreeMap;
 use std::sync::{Arc, LazyLock};
 
@@ -94,7 +95,20 @@ pub struct JmesPath {
     /// document through named members alone (`fromUnixTimestamp(matchedToken.t)` reads
     /// `matchedToken.t`).
     root_paths: Option<Vec<Vec<String>>>,
+    /// `members[?condition].members`, the usual shape of a JMESPath `typeMatchExpression`,
+    /// answered without converting the array or the selected elements.
+    filter: Option<FilterProjection>,
     projection: bool,
+}
+
+/// A filter projection over a member path: `prefix[?predicate].then`.
+#[derive(Debug, Clone)]
+struct FilterProjection {
+    predicate: jmespath::ast::Ast,
+    /// The member paths the predicate reads from an element.
+    predicate_paths: Vec<Vec<String>>,
+    /// Member chain applied to each selected element (empty: the element itself).
+    then: Vec<String>,
 }
 
 impl std::fmt::Debug for JmesPath {
@@ -157,11 +171,17 @@ impl JmesPath {
             paths.dedup();
             paths
         });
+        let filter = if prefix.is_empty() {
+            None
+        } else {
+            filter_projection(&rest)
+        };
         Ok(Self {
             expression,
             prefix,
             rest,
             root_paths,
+            filter,
             projection,
         })
     }
@@ -184,7 +204,34 @@ impl JmesPath {
         full: impl FnOnce() -> Rcvar,
     ) -> Result<Outcome<'v>, JmesPathError> {
         let mut ctx = Context::new(self.expression.as_str(), &RUNTIME);
-        let result = if !self.prefix.is_empty() {
+        let result = if let Some(f) = &self.filter {
+            // A projection over anything but an array is null.
+            let Some(Value::Array(items)) = resolve(scope, &self.prefix) else {
+                return Ok(Outcome::Json(None));
+            };
+            let mut selected = Vec::new();
+            for item in items {
+                let mut object = BTreeMap::new();
+                for path in &f.predicate_paths {
+                    if let Some(value) = resolve(Scope::Value(item), path) {
+                        insert_path(&mut object, path, value);
+                    }
+                }
+                let keep = jmespath::interpret(
+                    &Arc::new(Variable::Object(object)),
+                    &f.predicate,
+                    &mut ctx,
+                )
+                .map_err(|e| JmesPathError::new(self.as_str(), &e))?;
+                if keep.is_truthy()
+                    && let Some(v) = resolve_chain(item, &f.then)
+                    && !v.is_null()
+                {
+                    selected.push(v);
+                }
+            }
+            return Ok(Outcome::Many(selected));
+        } else if !self.prefix.is_empty() {
             let reached = resolve(scope, &self.prefix);
             if matches!(self.rest, jmespath::ast::Ast::Identity { .. }) {
                 // A plain member chain: no interpreter, no conversion.
@@ -221,26 +268,32 @@ impl JmesPath {
     ) -> Result<Rcvar, JmesPathError> {
         Ok(match self.evaluate(scope, full)? {
             Outcome::Json(v) => v.map_or_else(|| Arc::new(Variable::Null), to_var),
+            Outcome::Many(items) => {
+                Arc::new(Variable::Array(items.into_iter().map(to_var).collect()))
+            }
             Outcome::Var(v) => v,
         })
     }
 
     /// The tokens `typeMatchExpression` selects: each element of a projection, or the one
     /// non-null result.
-    pub fn select_in(
+    pub fn select_in<'v>(
         &self,
-        scope: Scope<'_>,
+        scope: Scope<'v>,
         full: impl FnOnce() -> Rcvar,
-    ) -> Result<Vec<Value>, JmesPathError> {
+    ) -> Result<Vec<Cow<'v, Value>>, JmesPathError> {
         let result = match self.evaluate(scope, full)? {
             Outcome::Json(None | Some(Value::Null)) => return Ok(Vec::new()),
-            Outcome::Json(Some(v)) => return Ok(vec![v.clone()]),
+            Outcome::Json(Some(v)) => return Ok(vec![Cow::Borrowed(v)]),
+            Outcome::Many(items) => return Ok(items.into_iter().map(Cow::Borrowed).collect()),
             Outcome::Var(v) => v,
         };
         Ok(match (&*result, self.projection) {
             (Variable::Null, _) => Vec::new(),
-            (Variable::Array(items), true) => items.iter().map(|v| from_var(v)).collect(),
-            (_, _) => vec![from_var(&result)],
+            (Variable::Array(items), true) => {
+                items.iter().map(|v| Cow::Owned(from_var(v))).collect()
+            }
+            (_, _) => vec![Cow::Owned(from_var(&result))],
         })
     }
 
@@ -257,6 +310,13 @@ impl JmesPath {
         {
             Outcome::Json(None | Some(Value::Null)) => return Ok(None),
             Outcome::Json(Some(v)) => return Ok(Some(v.clone())),
+            Outcome::Many(items) => {
+                return match items.as_slice() {
+                    [] => Ok(None),
+                    [one] => Ok(Some((*one).clone())),
+                    _ => Err(JmesPathSelectError::Multiple),
+                };
+            }
             Outcome::Var(v) => v,
         };
         match (&*result, self.projection) {
@@ -274,7 +334,43 @@ impl JmesPath {
 /// What an evaluation produced: a JSON value reached directly, or an interpreter result.
 enum Outcome<'v> {
     Json(Option<&'v Value>),
+    /// The elements a filter projection selected.
+    Many(Vec<&'v Value>),
     Var(Rcvar),
+}
+
+/// Recognises `[?predicate].chain` (after the member prefix) with a predicate that reads
+/// only member paths of the element.
+fn filter_projection(rest: &jmespath::ast::Ast) -> Option<FilterProjection> {
+    use jmespath::ast::Ast;
+    let Ast::Projection { lhs, rhs, .. } = rest else {
+        return None;
+    };
+    let (
+        Ast::Identity { .. },
+        Ast::Condition {
+            predicate, then, ..
+        },
+    ) = (&**lhs, &**rhs)
+    else {
+        return None;
+    };
+    let then = match &**then {
+        Ast::Identity { .. } => Vec::new(),
+        other => member_chain(other)?,
+    };
+    let mut predicate_paths = Vec::new();
+    root_paths(predicate, &mut predicate_paths).then(|| FilterProjection {
+        predicate: (**predicate).clone(),
+        predicate_paths,
+        then,
+    })
+}
+
+fn resolve_chain<'v>(start: &'v Value, chain: &[String]) -> Option<&'v Value> {
+    chain
+        .iter()
+        .try_fold(start, |cur, name| member(cur.as_object()?, name))
 }
 
 /// The value at a member path of the scope (`matchedToken` resolves to the matched token).
@@ -742,7 +838,13 @@ mod tests {
         assert_eq!(e.select_in(scope, full).unwrap().len(), 2);
         let e = JmesPath::compile("to_array(@.Body) | [? hr].hr").unwrap();
         assert!(e.is_projection());
-        assert_eq!(e.select_in(scope, full).unwrap(), vec![json!(1), json!(2)]);
+        let got: Vec<Value> = e
+            .select_in(scope, full)
+            .unwrap()
+            .into_iter()
+            .map(Cow::into_owned)
+            .collect();
+        assert_eq!(got, vec![json!(1), json!(2)]);
         let e = JmesPath::compile("Body").unwrap();
         assert!(!e.is_projection());
         assert_eq!(e.select_in(scope, full).unwrap().len(), 1);
@@ -752,7 +854,7 @@ mod tests {
             Err(JmesPathSelectError::Multiple)
         ));
         let e = JmesPath::compile("missing").unwrap();
-        assert_eq!(e.select_in(scope, full).unwrap(), Vec::<Value>::new());
+        assert!(e.select_in(scope, full).unwrap().is_empty());
     }
 
     #[test]
@@ -790,6 +892,16 @@ mod tests {
             "[Body.a.b[0].c, Body.a]",
             "type(Body.n)",
             "Body.a.b[0].c.x",
+            "Body.a.b[?c]",
+            "Body.a.b[?c].d",
+            "Body.a.b[?c == `2`]",
+            "Body.a.b[?!c]",
+            "Body.a.b[?e || c > `1`].c",
+            "Body.a[?c]",
+            "Body.missing[?c]",
+            "Body.a.b[?d[0]]",
+            "Body.a.b[?length(d) > `1`]",
+            "Body.a.b[?c].missing",
         ];
         for text in exprs {
             let e = JmesPath::compile(text).unwrap();
