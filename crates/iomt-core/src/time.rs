@@ -274,6 +274,9 @@ fn parse_offset(c: &mut Cursor<'_>) -> Option<Option<i32>> {
 }
 
 fn to_utc(naive: NaiveDateTime, offset_seconds: Option<i32>) -> Option<Timestamp> {
+    if offset_seconds.unwrap_or(0) == 0 {
+        return Some(Timestamp::from_datetime(naive.and_utc()));
+    }
     let offset = chrono::FixedOffset::east_opt(offset_seconds.unwrap_or(0))?;
     let dt = offset.from_local_datetime(&naive).single()?;
     Some(Timestamp::from_datetime(dt.with_timezone(&Utc)))

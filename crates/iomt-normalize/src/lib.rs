@@ -20,7 +20,7 @@ mod dotnet;
 pub mod explain;
 
 use std::borrow::Cow;
-use std::sync::OnceLock;
+use std::cell::OnceCell;
 
 use iomt_core::{DeviceEvent, Measurement, MeasurementProperty, Timestamp};
 use iomt_templates::device::{ContentTemplate, DeviceMapping, Field};
@@ -162,8 +162,8 @@ impl Normalizer {
         let mut out = Output::default();
         let mut eval = Evaluation {
             root,
-            jmes_root: OnceLock::new(),
-            keys: OnceLock::new(),
+            jmes_root: OnceCell::new(),
+            keys: OnceCell::new(),
         };
         for template in &self.mapping.templates {
             eval.template(template, ingestion_time, trace, &mut out);
@@ -234,8 +234,8 @@ pub fn parse_body(body: &[u8]) -> Result<Value, NormalizeError> {
 /// most once, and only if a JMESPath expression runs.
 struct Evaluation<'a> {
     root: &'a Value,
-    jmes_root: OnceLock<Rcvar>,
-    keys: OnceLock<KeyFilter>,
+    jmes_root: OnceCell<Rcvar>,
+    keys: OnceCell<KeyFilter>,
 }
 
 impl Evaluation<'_> {
@@ -284,7 +284,7 @@ impl Evaluation<'_> {
                 eval: self,
                 template: t,
                 token,
-                jmes_scope: OnceLock::new(),
+                jmes_scope: OnceCell::new(),
             };
             match matched.measurement(ingestion, trace) {
                 Ok(m) => out.measurements.push(m),
@@ -299,7 +299,7 @@ struct Matched<'e, 'a> {
     eval: &'e Evaluation<'a>,
     template: &'e ContentTemplate,
     token: &'e Value,
-    jmes_scope: OnceLock<Rcvar>,
+    jmes_scope: OnceCell<Rcvar>,
 }
 
 impl Matched<'_, '_> {

@@ -388,7 +388,11 @@ fn filter_requirements(f: &Filter, out: &mut Vec<String>) {
 #[inline]
 pub fn member<'a>(map: &'a Map<String, Value>, name: &str) -> Option<&'a Value> {
     if map.len() <= 16 {
-        map.iter().find_map(|(k, v)| (k == name).then_some(v))
+        // Length and first byte rule out almost every key without a memcmp call.
+        let first = name.as_bytes().first();
+        map.iter().find_map(|(k, v)| {
+            (k.len() == name.len() && k.as_bytes().first() == first && k == name).then_some(v)
+        })
     } else {
         map.get(name)
     }
