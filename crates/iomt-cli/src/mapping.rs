@@ -172,18 +172,22 @@ fn validate(args: &ValidateArgs) -> anyhow::Result<u8> {
             }
             Ok(0)
         }
-        Err(errors) => {
-            match args.output {
-                OutputFormat::Json => {
-                    print_json(&[], template_errors(&args.device_mapping, errors))?
-                }
-                OutputFormat::Text => {
-                    print_template_errors(&palette, &args.device_mapping, &errors)
-                }
-            }
-            Ok(EXIT_INVALID_TEMPLATE)
-        }
+        Err(errors) => invalid_mapping(args.output, &palette, &args.device_mapping, errors),
     }
+}
+
+/// Reports every error of an invalid mapping; the exit code says the template is invalid.
+fn invalid_mapping(
+    format: OutputFormat,
+    palette: &Palette,
+    path: &Path,
+    errors: Vec<TemplateError>,
+) -> anyhow::Result<u8> {
+    match format {
+        OutputFormat::Json => print_json(&[], template_errors(path, errors))?,
+        OutputFormat::Text => print_template_errors(palette, path, &errors),
+    }
+    Ok(EXIT_INVALID_TEMPLATE)
 }
 
 fn print_template_errors(palette: &Palette, path: &Path, errors: &[TemplateError]) {
@@ -252,17 +256,7 @@ fn test(args: &TestArgs) -> anyhow::Result<u8> {
     };
     let mapping = match loaded {
         Ok(m) => m,
-        Err(errors) => {
-            match args.output {
-                OutputFormat::Json => {
-                    print_json(&[], template_errors(&args.device_mapping, errors))?
-                }
-                OutputFormat::Text => {
-                    print_template_errors(&palette, &args.device_mapping, &errors)
-                }
-            }
-            return Ok(EXIT_INVALID_TEMPLATE);
-        }
+        Err(errors) => return invalid_mapping(args.output, &palette, &args.device_mapping, errors),
     };
     let loaded = match load_input(&args.input) {
         Ok(loaded) => loaded,
@@ -382,12 +376,7 @@ impl Trace for Recorder {
 }
 
 fn preview(v: &Value) -> String {
-    let text = v.to_string();
-    if text.chars().count() > 100 {
-        format!("{}…", text.chars().take(100).collect::<String>())
-    } else {
-        text
-    }
+    explain::preview(v, 100)
 }
 
 fn render_text(

@@ -43,7 +43,7 @@ pub fn why_no_match(template: &ContentTemplate, root: &Value) -> Vec<String> {
                     let values: Vec<String> = find_chain(root, chain, false)
                         .into_iter()
                         .take(5)
-                        .map(|(_, v)| short(v))
+                        .map(|(_, v)| preview(v, 40))
                         .collect();
                     hints.push(format!(
                         "'{}' exists, but the filter of {} is false for every object (values seen: {})",
@@ -152,10 +152,12 @@ fn find_chain<'a>(
     out
 }
 
-fn short(v: &Value) -> String {
+/// A JSON value as compact text, cut at `max_chars` characters with an ellipsis, for reports
+/// that must stay readable whatever the message holds.
+pub fn preview(v: &Value, max_chars: usize) -> String {
     let text = v.to_string();
-    if text.chars().count() > 40 {
-        format!("{}…", text.chars().take(40).collect::<String>())
+    if text.chars().count() > max_chars {
+        format!("{}…", text.chars().take(max_chars).collect::<String>())
     } else {
         text
     }

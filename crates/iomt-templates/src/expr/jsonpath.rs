@@ -829,19 +829,14 @@ fn compare(a: &Value, op: CmpOp, b: &Value) -> bool {
         // Containers never compare equal to anything; `!=` is true for them.
         return op == CmpOp::Ne;
     }
+    let ord = || order(a, b);
     match op {
         CmpOp::Eq => equals(a, b),
         CmpOp::Ne => !equals(a, b),
-        _ => match order(a, b) {
-            Some(ord) => match op {
-                CmpOp::Lt => ord == Ordering::Less,
-                CmpOp::Le => ord != Ordering::Greater,
-                CmpOp::Gt => ord == Ordering::Greater,
-                CmpOp::Ge => ord != Ordering::Less,
-                CmpOp::Eq | CmpOp::Ne => unreachable!("handled above"),
-            },
-            None => false,
-        },
+        CmpOp::Lt => ord() == Some(Ordering::Less),
+        CmpOp::Le => matches!(ord(), Some(Ordering::Less | Ordering::Equal)),
+        CmpOp::Gt => ord() == Some(Ordering::Greater),
+        CmpOp::Ge => matches!(ord(), Some(Ordering::Greater | Ordering::Equal)),
     }
 }
 
