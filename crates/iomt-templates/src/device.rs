@@ -157,128 +157,23 @@ impl DeviceMapping {
 }
 
 fn collection(c: &mut Checker<'_, '_>, root: &Node<'_>) -> Vec<ContentTemplate> {
-    let Node::Object(obj) = root else {
-        c.error(
-            TemplateErrorKind::TemplateType,
-            start(root),
-            "$",
-            format!(
-                "the mapping must be an object with templateType CollectionContent, found {}",
-                type_name(root)
-            ),
-        );
-        return Vec::new();
-    };
-    let m = c.members(obj, "$", &["templateType", "template"], &[]);
-    let type_ok = match m.get("templateType") {
-        Some(Node::StringLit(s))
-            if s.value.eq_ignore_ascii_case("CollectionContent")
-                || s.value.eq_ignore_ascii_case("CollectionContentTemplate") =>
-        {
-            true
-        }
-        other => {
-            let actual = match other {
-                Some(Node::StringLit(s)) => format!("'{}'", s.value),
-                Some(n) => type_name(n).to_owned(),
-                None => "Not Found".to_owned(),
-            };
-            c.error(
-                TemplateErrorKind::TemplateType,
-                other.map_or(obj.range.start, start),
-                "$.templateType",
-                format!("expected templateType CollectionContent (CollectionContentTemplate), actual {actual}"),
-            );
-            false
-        }
-    };
-    let items = match m.get("template") {
-        Some(Node::Array(a)) => &a.elements[..],
-        other => {
-            c.error(
-                TemplateErrorKind::InvalidValue,
-                other.map_or(obj.range.start, start),
-                "$.template",
-                format!(
-                    "expected an array for the template property of CollectionContent, found {}",
-                    other.map_or("nothing", type_name)
-                ),
-            );
-            return Vec::new();
-        }
-    };
-    if !type_ok {
-        return Vec::new();
-    }
+    let items = c.collection_items(root, "CollectionContent");
+    let expected =
+        "JsonPathContent, IotJsonPathContent, IotCentralJsonPathContent or CalculatedContent";
     items
         .iter()
         .enumerate()
-        .filter_map(|(index, item)| entry(c, index, item))
+        .filter_map(|(index, item)| {
+            let (kind, body, path) = c.entry(
+                index,
+                item,
+                ContentKind::from_type_name,
+                ContentKind::name,
+                expected,
+            )?;
+            content(c, index, kind, body, &path)
+        })
         .collect()
-}
-
-fn entry(c: &mut Checker<'_, '_>, index: usize, item: &Node<'_>) -> Option<ContentTemplate> {
-    let path = format!("$.template[{index}]");
-    c.template = Some(format!("template[{index}]"));
-    let Node::Object(obj) = item else {
-        c.error(
-            TemplateErrorKind::InvalidValue,
-            start(item),
-            &path,
-            format!("expected a template object, found {}", type_name(item)),
-        );
-        return None;
-    };
-    // The container accepts any other member (MedTech ignores them).
-    let m = c.members(obj, &path, &["templateType", "template"], &[]);
-    let kind = match m.get("templateType") {
-        Some(Node::StringLit(s)) => match ContentKind::from_type_name(&s.value) {
-            Some(kind) => kind,
-            None => {
-                c.error(
-                    TemplateErrorKind::TemplateType,
-                    s.range.start,
-                    &m.child("templateType"),
-                    format!(
-                        "no match found for template type '{}'; expected JsonPathContent, IotJsonPathContent, IotCentralJsonPathContent or CalculatedContent",
-                        s.value
-                    ),
-                );
-                return None;
-            }
-        },
-        Some(other) => {
-            c.error(
-                TemplateErrorKind::TemplateType,
-                start(other),
-                &m.child("templateType"),
-                format!("templateType must be a string, found {}", type_name(other)),
-            );
-            return None;
-        }
-        None => {
-            c.missing(&m, "templateType");
-            return None;
-        }
-    };
-    c.template = Some(format!("template[{index}] {}", kind.name()));
-    let body = match m.get("template") {
-        Some(Node::Object(body)) => body,
-        other => {
-            c.error(
-                TemplateErrorKind::InvalidValue,
-                other.map_or(obj.range.start, start),
-                &m.child("template"),
-                format!(
-                    "expected an object for the template property of template type {}, found {}",
-                    kind.name(),
-                    other.map_or("nothing", type_name)
-                ),
-            );
-            return None;
-        }
-    };
-    content(c, index, kind, body, &m.child("template"))
 }
 
 fn content(

@@ -6,6 +6,7 @@
 //! lenient (jsonc-parser with those options) and member lookup ignores case.
 
 use jsonc_parser::ast::{Object, ObjectProp, Value as Node};
+
 use jsonc_parser::{CollectOptions, ParseOptions};
 
 use crate::error::{TemplateError, TemplateErrorKind};
@@ -239,6 +240,142 @@ impl<'s, 'a> Checker<'s, 'a> {
                     start(other),
                     &m.child(name),
                     format!("'{name}' must be a string, found {}", type_name(other)),
+                );
+                None
+            }
+        }
+    }
+
+    /// The `template` array of a collection document whose `templateType` must be `root_type`
+    /// (or `root_type` + `Template`, in any case). Empty after reporting an error.
+    pub(crate) fn collection_items<'r, 'n>(
+        &mut self,
+        root: &'r Node<'n>,
+        root_type: &str,
+    ) -> &'r [Node<'n>] {
+        let Node::Object(obj) = root else {
+            self.error(
+                TemplateErrorKind::TemplateType,
+                start(root),
+                "$",
+                format!(
+                    "the mapping must be an object with templateType {root_type}, found {}",
+                    type_name(root)
+                ),
+            );
+            return &[];
+        };
+        let m = self.members(obj, "$", &["templateType", "template"], &[]);
+        let with_suffix = format!("{root_type}Template");
+        let type_ok = match m.get("templateType") {
+            Some(Node::StringLit(s))
+                if s.value.eq_ignore_ascii_case(root_type)
+                    || s.value.eq_ignore_ascii_case(&with_suffix) =>
+            {
+                true
+            }
+            other => {
+                let actual = match other {
+                    Some(Node::StringLit(s)) => format!("'{}'", s.value),
+                    Some(n) => type_name(n).to_owned(),
+                    None => "Not Found".to_owned(),
+                };
+                self.error(
+                    TemplateErrorKind::TemplateType,
+                    other.map_or(obj.range.start, start),
+                    "$.templateType",
+                    format!("expected templateType {root_type} ({with_suffix}), actual {actual}"),
+                );
+                false
+            }
+        };
+        match m.get("template") {
+            Some(Node::Array(a)) if type_ok => &a.elements,
+            Some(Node::Array(_)) => &[],
+            other => {
+                self.error(
+                    TemplateErrorKind::InvalidValue,
+                    other.map_or(obj.range.start, start),
+                    "$.template",
+                    format!(
+                        "expected an array for the template property of {root_type}, found {}",
+                        other.map_or("nothing", type_name)
+                    ),
+                );
+                &[]
+            }
+        }
+    }
+
+    /// One `{templateType, template}` entry of a collection: its resolved kind, its template
+    /// object and that object's JSON path. `None` after reporting an error.
+    pub(crate) fn entry<'r, 'n, K>(
+        &mut self,
+        index: usize,
+        item: &'r Node<'n>,
+        resolve: impl Fn(&str) -> Option<K>,
+        name: impl Fn(K) -> &'static str,
+        expected: &str,
+    ) -> Option<(K, &'r Object<'n>, String)>
+    where
+        K: Copy,
+    {
+        let path = format!("$.template[{index}]");
+        self.template = Some(format!("template[{index}]"));
+        let Node::Object(obj) = item else {
+            self.error(
+                TemplateErrorKind::InvalidValue,
+                start(item),
+                &path,
+                format!("expected a template object, found {}", type_name(item)),
+            );
+            return None;
+        };
+        // The container accepts any other member (MedTech ignores them).
+        let m = self.members(obj, &path, &["templateType", "template"], &[]);
+        let kind = match m.get("templateType") {
+            Some(Node::StringLit(s)) => match resolve(&s.value) {
+                Some(kind) => kind,
+                None => {
+                    self.error(
+                        TemplateErrorKind::TemplateType,
+                        s.range.start,
+                        &m.child("templateType"),
+                        format!(
+                            "no match found for template type '{}'; expected {expected}",
+                            s.value
+                        ),
+                    );
+                    return None;
+                }
+            },
+            Some(other) => {
+                self.error(
+                    TemplateErrorKind::TemplateType,
+                    start(other),
+                    &m.child("templateType"),
+                    format!("templateType must be a string, found {}", type_name(other)),
+                );
+                return None;
+            }
+            None => {
+                self.missing(&m, "templateType");
+                return None;
+            }
+        };
+        self.template = Some(format!("template[{index}] {}", name(kind)));
+        match m.get("template") {
+            Some(Node::Object(body)) => Some((kind, body, m.child("template"))),
+            other => {
+                self.error(
+                    TemplateErrorKind::InvalidValue,
+                    other.map_or(obj.range.start, start),
+                    &m.child("template"),
+                    format!(
+                        "expected an object for the template property of template type {}, found {}",
+                        name(kind),
+                        other.map_or("nothing", type_name)
+                    ),
                 );
                 None
             }
