@@ -15,6 +15,7 @@ use iomt_normalize::{
 use iomt_templates::TemplateError;
 use iomt_templates::device::{ContentTemplate, DeviceMapping};
 use iomt_templates::expr::Expression;
+use iomt_templates::fhir::FhirMapping;
 use serde::Serialize;
 use serde_json::Value;
 
@@ -33,7 +34,8 @@ pub(crate) enum MappingCommand {
     /// Exit code 0 when the message produced no errors, 1 when its data did not fit the
     /// templates, 2 when the mapping is invalid (every template error is listed).
     Test(TestArgs),
-    /// Check a device mapping and list every error with its line and JSON path.
+    /// Check a device mapping (and a FHIR mapping) and list every error with its line and JSON
+    /// path.
     Validate(ValidateArgs),
 }
 
@@ -42,6 +44,10 @@ pub(crate) struct TestArgs {
     /// The device mapping (a CollectionContent document).
     #[arg(long, value_name = "FILE")]
     device_mapping: PathBuf,
+    /// The FHIR mapping (a CollectionFhir document); when given, the measurements are also
+    /// grouped and converted to Observations.
+    #[arg(long, value_name = "FILE")]
+    fhir_mapping: Option<PathBuf>,
     #[command(flatten)]
     input: InputArgs,
     /// Output format.
@@ -69,6 +75,8 @@ struct InputArgs {
 pub(crate) struct ValidateArgs {
     /// The device mapping (a CollectionContent document).
     device_mapping: PathBuf,
+    /// The FHIR mapping (a CollectionFhir document).
+    fhir_mapping: Option<PathBuf>,
     /// Output format.
     #[arg(long, value_enum, default_value_t = OutputFormat::Text)]
     output: OutputFormat,
@@ -131,75 +139,120 @@ fn read_input(path: &Path) -> std::io::Result<Vec<u8>> {
     Ok(buf)
 }
 
-fn load_mapping(path: &Path) -> anyhow::Result<Result<DeviceMapping, Vec<TemplateError>>> {
-    let text = std::fs::read_to_string(path)
-        .with_context(|| format!("cannot read the device mapping {}", path.display()))?;
-    Ok(DeviceMapping::parse(&text))
+/// Both mappings of a run, validated.
+struct Mappings {
+    device: DeviceMapping,
+    fhir: Option<FhirMapping>,
 }
 
-fn template_errors(path: &Path, errors: Vec<TemplateError>) -> Vec<ReportedError> {
-    let file = path.display().to_string();
-    errors
-        .into_iter()
-        .map(|error| ReportedError::Template {
+/// Reads and validates the device mapping and the optional FHIR mapping, collecting the
+/// errors of both files. An unreadable file is an `Err`; invalid templates are `Ok(Err(_))`.
+fn load_mappings(
+    device: &Path,
+    fhir: Option<&Path>,
+) -> anyhow::Result<Result<Mappings, Vec<ReportedError>>> {
+    let read = |path: &Path| {
+        std::fs::read_to_string(path)
+            .with_context(|| format!("cannot read the mapping {}", path.display()))
+    };
+    let device_text = read(device)?;
+    let fhir_text = fhir.map(read).transpose()?;
+    let mut errors = Vec::new();
+    let mut collect = |path: &Path, found: Vec<TemplateError>| {
+        let file = path.display().to_string();
+        errors.extend(found.into_iter().map(|error| ReportedError::Template {
             file: file.clone(),
             error,
-        })
-        .collect()
+        }));
+    };
+    let device_mapping = DeviceMapping::parse(&device_text)
+        .map_err(|e| collect(device, e))
+        .ok();
+    let fhir_mapping = match (fhir, &fhir_text) {
+        (Some(path), Some(text)) => FhirMapping::parse(text).map_err(|e| collect(path, e)).ok(),
+        _ => None,
+    };
+    Ok(match device_mapping {
+        Some(device) if errors.is_empty() => Ok(Mappings {
+            device,
+            fhir: fhir_mapping,
+        }),
+        _ => Err(errors),
+    })
 }
 
 fn validate(args: &ValidateArgs) -> anyhow::Result<u8> {
     let palette = Palette::new(args.color);
-    let loaded = match load_mapping(&args.device_mapping) {
+    let loaded = match load_mappings(&args.device_mapping, args.fhir_mapping.as_deref()) {
         Ok(loaded) => loaded,
         Err(e) => return unreadable(args.output, &e),
     };
-    match loaded {
-        Ok(mapping) => {
-            match args.output {
-                OutputFormat::Json => print_json(&[], Vec::new())?,
-                OutputFormat::Text => {
+    let mappings = match loaded {
+        Ok(m) => m,
+        Err(errors) => return invalid_mapping(args.output, &palette, errors),
+    };
+    match args.output {
+        OutputFormat::Json => print_json(&[], Vec::new())?,
+        OutputFormat::Text => {
+            println!(
+                "{} {}: {} template(s)",
+                paint(palette.ok, "valid"),
+                args.device_mapping.display(),
+                mappings.device.templates.len()
+            );
+            for t in &mappings.device.templates {
+                println!("  {} (line {})", t.label(), t.line);
+            }
+            if let (Some(path), Some(fhir)) = (&args.fhir_mapping, &mappings.fhir) {
+                println!(
+                    "{} {}: {} template(s)",
+                    paint(palette.ok, "valid"),
+                    path.display(),
+                    fhir.templates.len()
+                );
+                for t in &fhir.templates {
                     println!(
-                        "{} {}: {} template(s)",
-                        paint(palette.ok, "valid"),
-                        args.device_mapping.display(),
-                        mapping.templates.len()
+                        "  template[{}] CodeValueFhir '{}' (line {})",
+                        t.index, t.type_name, t.line
                     );
-                    for t in &mapping.templates {
-                        println!("  {} (line {})", t.label(), t.line);
+                }
+                for t in &mappings.device.templates {
+                    if fhir.template(&t.type_name).is_none() {
+                        println!(
+                            "  {} no FHIR template for device type '{}': its measurements would be dead-lettered",
+                            paint(palette.hint, "warning:"),
+                            t.type_name
+                        );
                     }
                 }
             }
-            Ok(0)
         }
-        Err(errors) => invalid_mapping(args.output, &palette, &args.device_mapping, errors),
     }
+    Ok(0)
 }
 
-/// Reports every error of an invalid mapping; the exit code says the template is invalid.
+/// Reports every error of invalid mappings; the exit code says a template is invalid.
 fn invalid_mapping(
     format: OutputFormat,
     palette: &Palette,
-    path: &Path,
-    errors: Vec<TemplateError>,
+    errors: Vec<ReportedError>,
 ) -> anyhow::Result<u8> {
     match format {
-        OutputFormat::Json => print_json(&[], template_errors(path, errors))?,
-        OutputFormat::Text => print_template_errors(palette, path, &errors),
+        OutputFormat::Json => print_json(&[], errors)?,
+        OutputFormat::Text => {
+            println!(
+                "{} {} error(s)",
+                paint(palette.bad, "invalid mapping:"),
+                errors.len()
+            );
+            for e in &errors {
+                if let ReportedError::Template { file, error } = e {
+                    println!("  {file}: {error}");
+                }
+            }
+        }
     }
     Ok(EXIT_INVALID_TEMPLATE)
-}
-
-fn print_template_errors(palette: &Palette, path: &Path, errors: &[TemplateError]) {
-    println!(
-        "{} {}: {} error(s)",
-        paint(palette.bad, "invalid"),
-        path.display(),
-        errors.len()
-    );
-    for e in errors {
-        println!("  {}: {e}", path.display());
-    }
 }
 
 /// The document the templates run against, and the event's ingestion time if known.
@@ -250,14 +303,15 @@ fn unreadable(format: OutputFormat, error: &anyhow::Error) -> anyhow::Result<u8>
 
 fn test(args: &TestArgs) -> anyhow::Result<u8> {
     let palette = Palette::new(args.color);
-    let loaded = match load_mapping(&args.device_mapping) {
+    let loaded = match load_mappings(&args.device_mapping, args.fhir_mapping.as_deref()) {
         Ok(loaded) => loaded,
         Err(e) => return unreadable(args.output, &e),
     };
-    let mapping = match loaded {
+    let mappings = match loaded {
         Ok(m) => m,
-        Err(errors) => return invalid_mapping(args.output, &palette, &args.device_mapping, errors),
+        Err(errors) => return invalid_mapping(args.output, &palette, errors),
     };
+    let mapping = mappings.device;
     let loaded = match load_input(&args.input) {
         Ok(loaded) => loaded,
         Err(e) => return unreadable(args.output, &e),

@@ -6,6 +6,7 @@
 //!
 //! * [`device`]: device mapping templates (`CollectionContent`), which the normalize stage
 //!   evaluates.
+//! * [`fhir`]: FHIR mapping templates (`CollectionFhir`), which the convert stage applies.
 //! * [`expr`]: the expression languages, with Newtonsoft.Json's JSONPath dialect and MedTech's
 //!   JMESPath functions.
 #![deny(missing_docs)]
@@ -13,6 +14,7 @@
 pub mod device;
 mod error;
 pub mod expr;
+pub mod fhir;
 mod source;
 
 pub use error::{TemplateError, TemplateErrorKind};

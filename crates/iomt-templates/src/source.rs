@@ -289,9 +289,13 @@ impl<'s, 'a> Checker<'s, 'a> {
                 false
             }
         };
+        if !type_ok {
+            // A document of another type: its contents mean something else, so only the type
+            // is reported (as MedTech does).
+            return &[];
+        }
         match m.get("template") {
-            Some(Node::Array(a)) if type_ok => &a.elements,
-            Some(Node::Array(_)) => &[],
+            Some(Node::Array(a)) => &a.elements,
             other => {
                 self.error(
                     TemplateErrorKind::InvalidValue,

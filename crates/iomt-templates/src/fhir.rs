@@ -1,0 +1,591 @@
+//! FHIR mapping templates: the `CollectionFhir` document and its `CodeValueFhir` templates.
+//!
+//! A FHIR template turns the measurements of one type into Observations: which codes and
+//! categories they carry, how values are represented (SampledData, Quantity, String or
+//! CodeableConcept, directly or as components), and how measurements are grouped in time
+//! (`periodInterval`). Templates are looked up by `typeName` without regard to case.
+
+use jsonc_parser::ast::{Object, Value as Node};
+
+use crate::error::{TemplateError, TemplateErrorKind};
+use crate::source::{Checker, Members, Source, start, type_name};
+
+/// A validated FHIR mapping.
+#[derive(Debug, Clone)]
+pub struct FhirMapping {
+    /// Templates in declaration order; type names are unique without regard to case.
+    pub templates: Vec<CodeValueTemplate>,
+}
+
+impl FhirMapping {
+    /// Reads and validates a FHIR mapping file; on failure returns every error.
+    pub fn parse(text: &str) -> Result<Self, Vec<TemplateError>> {
+        let source = Source::new(text);
+        let root = source.parse().map_err(|e| vec![e])?;
+        let mut c = Checker::new(&source);
+        let items = c.collection_items(&root, "CollectionFhir");
+        let mut templates: Vec<CodeValueTemplate> = Vec::new();
+        for (index, item) in items.iter().enumerate() {
+            let Some((_, body, path)) = c.entry(
+                index,
+                item,
+                |name| {
+                    (name.eq_ignore_ascii_case("CodeValueFhir")
+                        || name.eq_ignore_ascii_case("CodeValueFhirTemplate"))
+                    .then_some(())
+                },
+                |()| "CodeValueFhir",
+                "CodeValueFhir",
+            ) else {
+                continue;
+            };
+            let Some(template) = code_value(&mut c, index, body, &path) else {
+                continue;
+            };
+            if let Some(first) = templates
+                .iter()
+                .find(|t| t.type_name.eq_ignore_ascii_case(&template.type_name))
+            {
+                let message = format!(
+                    "duplicate template defined for type name '{}' (also template[{}]; type names are matched without regard to case)",
+                    template.type_name, first.index
+                );
+                c.error(
+                    TemplateErrorKind::InvalidValue,
+                    template.type_name_offset,
+                    &format!("{path}.typeName"),
+                    message,
+                );
+                continue;
+            }
+            templates.push(template);
+        }
+        if c.errors.is_empty() {
+            Ok(Self { templates })
+        } else {
+            Err(c.errors)
+        }
+    }
+
+    /// The template for a measurement type (case-insensitive, as in MedTech).
+    pub fn template(&self, type_name: &str) -> Option<&CodeValueTemplate> {
+        self.templates
+            .iter()
+            .find(|t| t.type_name.eq_ignore_ascii_case(type_name))
+    }
+}
+
+/// How measurements are grouped into one Observation.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum PeriodInterval {
+    /// One Observation per distinct occurrence time (`0`, `Single`; the default).
+    Single,
+    /// One per UTC hour (`60`, `Hourly`).
+    Hourly,
+    /// One per UTC day (`1440`, `Daily`).
+    Daily,
+    /// One per correlation id (`-1`, `CorrelationId`).
+    CorrelationId,
+}
+
+/// A coding as written in a template.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Coding {
+    /// `code`.
+    pub code: Option<String>,
+    /// `system`.
+    pub system: Option<String>,
+    /// `display`.
+    pub display: Option<String>,
+}
+
+/// A category: a text and codings.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Category {
+    /// `text`.
+    pub text: Option<String>,
+    /// `codes`.
+    pub codes: Vec<Coding>,
+}
+
+/// How a measurement property becomes an Observation value.
+#[derive(Debug, Clone, PartialEq)]
+pub struct ValueTemplate {
+    /// The measurement property that supplies the value.
+    pub value_name: String,
+    /// The FHIR representation.
+    pub kind: ValueKind,
+}
+
+/// The four FHIR value representations.
+#[derive(Debug, Clone, PartialEq)]
+pub enum ValueKind {
+    /// `valueSampledData`: values in fixed-period slots across the Observation's period.
+    SampledData {
+        /// Slot length in milliseconds.
+        default_period: f64,
+        /// `origin.unit`.
+        unit: Option<String>,
+    },
+    /// `valueQuantity`.
+    Quantity {
+        /// `unit`.
+        unit: Option<String>,
+        /// `code`.
+        code: Option<String>,
+        /// `system`.
+        system: Option<String>,
+    },
+    /// `valueString`.
+    String,
+    /// `valueCodeableConcept`; only the presence of the measurement value matters.
+    CodeableConcept {
+        /// `text`.
+        text: Option<String>,
+        /// `coding`.
+        codes: Vec<Coding>,
+    },
+}
+
+/// One Observation component.
+#[derive(Debug, Clone, PartialEq)]
+pub struct ComponentTemplate {
+    /// `component.code.coding`.
+    pub codes: Vec<Coding>,
+    /// The component's value.
+    pub value: ValueTemplate,
+}
+
+/// One compiled `CodeValueFhir` template.
+#[derive(Debug, Clone)]
+pub struct CodeValueTemplate {
+    /// Position in the collection (0-based).
+    pub index: usize,
+    /// 1-based line of the template object in the file.
+    pub line: usize,
+    /// The measurement type this template converts.
+    pub type_name: String,
+    type_name_offset: usize,
+    /// Grouping in time.
+    pub period_interval: PeriodInterval,
+    /// `Observation.code.coding`, before the service coding MedTech appends.
+    pub codes: Vec<Coding>,
+    /// `Observation.category`.
+    pub category: Vec<Category>,
+    /// `Observation.value[x]`.
+    pub value: Option<ValueTemplate>,
+    /// `Observation.component`.
+    pub components: Vec<ComponentTemplate>,
+}
+
+fn code_value(
+    c: &mut Checker<'_, '_>,
+    index: usize,
+    obj: &Object<'_>,
+    path: &str,
+) -> Option<CodeValueTemplate> {
+    let errors_before = c.errors.len();
+    let m = c.members(
+        obj,
+        path,
+        &[
+            "typeName",
+            "periodInterval",
+            "codes",
+            "category",
+            "value",
+            "components",
+        ],
+        &["lineNumber", "linePosition"],
+    );
+    let type_name_found = c.required_string(&m, "typeName");
+    if let Some((name, offset)) = &type_name_found {
+        if name.trim().is_empty() {
+            c.error(
+                TemplateErrorKind::InvalidValue,
+                *offset,
+                &m.child("typeName"),
+                "empty type name is not allowed".into(),
+            );
+        } else {
+            c.template = Some(format!("template[{index}] CodeValueFhir '{name}'"));
+        }
+    }
+    let period_interval = period_interval(c, &m);
+    let codes = match m.get("codes") {
+        None => {
+            c.missing(&m, "codes");
+            Vec::new()
+        }
+        Some(node) => codings(c, node, &m.child("codes")),
+    };
+    let category = match m.get("category") {
+        None | Some(Node::NullKeyword(_)) => Vec::new(),
+        Some(Node::Array(a)) => a
+            .elements
+            .iter()
+            .enumerate()
+            .filter_map(|(i, item)| category(c, item, &format!("{}[{i}]", m.child("category"))))
+            .collect(),
+        Some(other) => {
+            c.error(
+                TemplateErrorKind::InvalidValue,
+                start(other),
+                &m.child("category"),
+                format!("'category' must be an array, found {}", type_name(other)),
+            );
+            Vec::new()
+        }
+    };
+    let value = match m.get("value") {
+        None | Some(Node::NullKeyword(_)) => None,
+        Some(node) => value(c, node, &m.child("value")),
+    };
+    let components = match m.get("components") {
+        None | Some(Node::NullKeyword(_)) => Vec::new(),
+        Some(Node::Array(a)) => a
+            .elements
+            .iter()
+            .enumerate()
+            .filter_map(|(i, item)| component(c, item, &format!("{}[{i}]", m.child("components"))))
+            .collect(),
+        Some(other) => {
+            c.error(
+                TemplateErrorKind::InvalidValue,
+                start(other),
+                &m.child("components"),
+                format!("'components' must be an array, found {}", type_name(other)),
+            );
+            Vec::new()
+        }
+    };
+    if c.errors.len() != errors_before {
+        return None;
+    }
+    let (type_name, type_name_offset) = type_name_found?;
+    Some(CodeValueTemplate {
+        index,
+        line: c.line(obj.range.start),
+        type_name,
+        type_name_offset,
+        period_interval: period_interval?,
+        codes,
+        category,
+        value,
+        components,
+    })
+}
+
+fn period_interval(c: &mut Checker<'_, '_>, m: &Members<'_, '_>) -> Option<PeriodInterval> {
+    let node = match m.get("periodInterval") {
+        None | Some(Node::NullKeyword(_)) => return Some(PeriodInterval::Single),
+        Some(node) => node,
+    };
+    let parsed = match node {
+        Node::NumberLit(n) => match n.value {
+            "0" => Some(PeriodInterval::Single),
+            "60" => Some(PeriodInterval::Hourly),
+            "1440" => Some(PeriodInterval::Daily),
+            "-1" => Some(PeriodInterval::CorrelationId),
+            _ => None,
+        },
+        Node::StringLit(s) => match s.value.trim().to_ascii_lowercase().as_str() {
+            "single" | "0" => Some(PeriodInterval::Single),
+            "hourly" | "60" => Some(PeriodInterval::Hourly),
+            "daily" | "1440" => Some(PeriodInterval::Daily),
+            "correlationid" | "-1" => Some(PeriodInterval::CorrelationId),
+            _ => None,
+        },
+        _ => None,
+    };
+    if parsed.is_none() {
+        c.error(
+            TemplateErrorKind::InvalidValue,
+            start(node),
+            &m.child("periodInterval"),
+            "periodInterval must be 0 (Single), 60 (Hourly), 1440 (Daily) or -1 (CorrelationId)"
+                .into(),
+        );
+    }
+    parsed
+}
+
+fn optional_text(
+    c: &mut Checker<'_, '_>,
+    m: &Members<'_, '_>,
+    name: &'static str,
+) -> Option<String> {
+    match m.get(name) {
+        None | Some(Node::NullKeyword(_)) => None,
+        Some(Node::StringLit(s)) => Some(s.value.to_string()),
+        // Newtonsoft reads numbers and booleans into string members as their text.
+        Some(Node::NumberLit(n)) => Some(n.value.to_owned()),
+        Some(Node::BooleanLit(b)) => Some(b.value.to_string()),
+        Some(other) => {
+            c.error(
+                TemplateErrorKind::InvalidValue,
+                start(other),
+                &m.child(name),
+                format!("'{name}' must be a string, found {}", type_name(other)),
+            );
+            None
+        }
+    }
+}
+
+fn codings(c: &mut Checker<'_, '_>, node: &Node<'_>, path: &str) -> Vec<Coding> {
+    let Node::Array(a) = node else {
+        c.error(
+            TemplateErrorKind::InvalidValue,
+            start(node),
+            path,
+            format!("expected an array of codes, found {}", type_name(node)),
+        );
+        return Vec::new();
+    };
+    let mut out = Vec::with_capacity(a.elements.len());
+    for (i, item) in a.elements.iter().enumerate() {
+        let item_path = format!("{path}[{i}]");
+        let Node::Object(obj) = item else {
+            c.error(
+                TemplateErrorKind::InvalidValue,
+                start(item),
+                &item_path,
+                format!("expected a code object, found {}", type_name(item)),
+            );
+            continue;
+        };
+        let m = c.members(
+            obj,
+            &item_path,
+            &["code", "system", "display"],
+            &["lineNumber", "linePosition"],
+        );
+        out.push(Coding {
+            code: optional_text(c, &m, "code"),
+            system: optional_text(c, &m, "system"),
+            display: optional_text(c, &m, "display"),
+        });
+    }
+    out
+}
+
+fn category(c: &mut Checker<'_, '_>, node: &Node<'_>, path: &str) -> Option<Category> {
+    let Node::Object(obj) = node else {
+        c.error(
+            TemplateErrorKind::InvalidValue,
+            start(node),
+            path,
+            format!("expected a category object, found {}", type_name(node)),
+        );
+        return None;
+    };
+    let m = c.members(
+        obj,
+        path,
+        &["text", "codes"],
+        &["lineNumber", "linePosition"],
+    );
+    let text = optional_text(c, &m, "text");
+    let codes = match m.get("codes") {
+        None | Some(Node::NullKeyword(_)) => Vec::new(),
+        Some(node) => codings(c, node, &m.child("codes")),
+    };
+    Some(Category { text, codes })
+}
+
+fn component(c: &mut Checker<'_, '_>, node: &Node<'_>, path: &str) -> Option<ComponentTemplate> {
+    let Node::Object(obj) = node else {
+        c.error(
+            TemplateErrorKind::InvalidValue,
+            start(node),
+            path,
+            format!("expected a component object, found {}", type_name(node)),
+        );
+        return None;
+    };
+    let m = c.members(
+        obj,
+        path,
+        &["codes", "value"],
+        &["lineNumber", "linePosition"],
+    );
+    let codes = match m.get("codes") {
+        None => {
+            c.missing(&m, "codes");
+            Vec::new()
+        }
+        Some(node) => codings(c, node, &m.child("codes")),
+    };
+    let value = match m.get("value") {
+        None | Some(Node::NullKeyword(_)) => {
+            c.missing(&m, "value");
+            None
+        }
+        Some(node) => value(c, node, &m.child("value")),
+    };
+    Some(ComponentTemplate {
+        codes,
+        value: value?,
+    })
+}
+
+/// A value type object. MedTech reads these with a deserializer that ignores unknown members,
+/// so they are accepted here too.
+fn value(c: &mut Checker<'_, '_>, node: &Node<'_>, path: &str) -> Option<ValueTemplate> {
+    let Node::Object(obj) = node else {
+        c.error(
+            TemplateErrorKind::InvalidValue,
+            start(node),
+            path,
+            format!("expected a value object, found {}", type_name(node)),
+        );
+        return None;
+    };
+    let known = [
+        "valueType",
+        "valueName",
+        "defaultPeriod",
+        "unit",
+        "code",
+        "system",
+        "text",
+        "codes",
+    ];
+    let mut m = Members::empty(obj.range.start, path.to_owned());
+    for prop in &obj.properties {
+        if let Some(k) = known
+            .iter()
+            .find(|k| k.eq_ignore_ascii_case(prop.name.as_str()))
+        {
+            m.push(k, prop);
+        }
+    }
+    let value_name = c.required_string(&m, "valueName").map(|(s, _)| s);
+    let value_type = c.required_string(&m, "valueType");
+    let kind = match value_type {
+        None => None,
+        Some((t, offset)) => match t.to_ascii_lowercase().as_str() {
+            "sampleddata" => {
+                let default_period = match m.get("defaultPeriod") {
+                    Some(Node::NumberLit(n)) => n.value.parse::<f64>().ok().filter(|p| *p > 0.0),
+                    Some(Node::StringLit(s)) => {
+                        s.value.trim().parse::<f64>().ok().filter(|p| *p > 0.0)
+                    }
+                    _ => None,
+                };
+                if default_period.is_none() {
+                    let at = m.get("defaultPeriod").map_or(obj.range.start, start);
+                    c.error(
+                        TemplateErrorKind::InvalidValue,
+                        at,
+                        &m.child("defaultPeriod"),
+                        "SampledData needs a positive defaultPeriod (milliseconds between samples)"
+                            .into(),
+                    );
+                }
+                default_period.map(|default_period| ValueKind::SampledData {
+                    default_period,
+                    unit: optional_text(c, &m, "unit"),
+                })
+            }
+            "quantity" => Some(ValueKind::Quantity {
+                unit: optional_text(c, &m, "unit"),
+                code: optional_text(c, &m, "code"),
+                system: optional_text(c, &m, "system"),
+            }),
+            "string" => Some(ValueKind::String),
+            "codeableconcept" => Some(ValueKind::CodeableConcept {
+                text: optional_text(c, &m, "text"),
+                codes: match m.get("codes") {
+                    None | Some(Node::NullKeyword(_)) => Vec::new(),
+                    Some(node) => codings(c, node, &m.child("codes")),
+                },
+            }),
+            _ => {
+                c.error(
+                    TemplateErrorKind::InvalidValue,
+                    offset,
+                    &m.child("valueType"),
+                    format!("unknown valueType '{t}'; expected SampledData, Quantity, String or CodeableConcept"),
+                );
+                None
+            }
+        },
+    };
+    Some(ValueTemplate {
+        value_name: value_name?,
+        kind: kind?,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn parses_the_basic_sample() {
+        let text = r#"{"templateType": "CollectionFhir", "template": [
+          {"templateType": "CodeValueFhir", "template": {
+            "codes": [{"code": "8867-4", "system": "http://loinc.org", "display": "Heart rate"}],
+            "periodInterval": 60, "typeName": "heartrate",
+            "value": {"defaultPeriod": 1000, "unit": "count/min", "valueName": "hr", "valueType": "SampledData"}}},
+          {"templateType": "CodeValueFhirTemplate", "template": {
+            "codes": [{"code": "85354-9"}], "typeName": "bloodpressure", "periodInterval": "Daily",
+            "category": [{"text": "vital-signs", "codes": [{"code": "vital-signs", "system": "http://terminology.hl7.org/CodeSystem/observation-category"}]}],
+            "components": [{"codes": [{"code": "8480-6"}], "value": {"valueName": "systolic", "valueType": "Quantity", "unit": "mmHg"}}]}}
+        ]}"#;
+        let m = FhirMapping::parse(text).unwrap();
+        assert_eq!(m.templates.len(), 2);
+        assert_eq!(
+            m.template("HeartRate").unwrap().period_interval,
+            PeriodInterval::Hourly
+        );
+        let bp = m.template("bloodpressure").unwrap();
+        assert_eq!(bp.period_interval, PeriodInterval::Daily);
+        assert_eq!(
+            bp.components[0].value.kind,
+            ValueKind::Quantity {
+                unit: Some("mmHg".into()),
+                code: None,
+                system: None
+            }
+        );
+    }
+
+    #[test]
+    fn reports_every_error() {
+        let text = r#"{"templateType": "CollectionFhir", "template": [
+          {"templateType": "CodeValueFhir", "template": {"codes": [], "value": {"valueName": "a", "valueType": "Sampled"}}},
+          {"templateType": "CodeValueFhir", "template": {"typeName": "x", "codes": [], "periodInterval": 30, "extra": 1}},
+          {"templateType": "CodeValueFhir", "template": {"typeName": " ", "codes": []}},
+          {"templateType": "CodeValueFhir", "template": {"typeName": "y", "codes": []}},
+          {"templateType": "CodeValueFhir", "template": {"typeName": "Y", "codes": []}}
+        ]}"#;
+        let errors = FhirMapping::parse(text).unwrap_err();
+        let messages: Vec<&str> = errors.iter().map(|e| e.message.as_str()).collect();
+        assert_eq!(errors.len(), 6, "{messages:#?}");
+        assert!(messages.iter().any(|m| m.contains("'typeName' not found")));
+        assert!(
+            messages
+                .iter()
+                .any(|m| m.contains("unknown valueType 'Sampled'"))
+        );
+        assert!(
+            messages
+                .iter()
+                .any(|m| m.contains("periodInterval must be"))
+        );
+        assert!(
+            messages
+                .iter()
+                .any(|m| m.contains("unknown member 'extra'"))
+        );
+        assert!(messages.iter().any(|m| m.contains("empty type name")));
+        assert!(
+            messages
+                .iter()
+                .any(|m| m.contains("duplicate template defined for type name 'Y'"))
+        );
+    }
+}
