@@ -29,5 +29,4 @@ if [[ ! -f "$conformance/run.py" ]]; then
   exit 1
 fi
 cargo build --locked --bin iomt
-# FHIR mapping cases arrive with FHIR conversion (issue 3); until then they are skipped.
-python3 "$conformance/run.py" --iomt "$repo/target/debug/iomt" --skip-fhir
+python3 "$conformance/run.py" --iomt "$repo/target/debug/iomt"

@@ -7,7 +7,8 @@ use std::path::{Path, PathBuf};
 
 use anyhow::Context as _;
 use clap::{Args, Subcommand};
-use iomt_core::{DeviceEvent, Measurement, Timestamp};
+use iomt_convert::{ConvertError, ResourceIds, build_observation, observation_groups};
+use iomt_core::{DeviceEvent, Measurement, MeasurementGroup, Timestamp};
 use iomt_normalize::{
     MAX_BODY_BYTES, NormalizeError, Normalizer, Output, Trace, envelope, envelope_enqueued_time,
     explain, parse_body,
@@ -102,6 +103,12 @@ enum ReportedError {
         error: TemplateError,
     },
     Data(NormalizeError),
+    Convert {
+        kind: &'static str,
+        message: String,
+        #[serde(rename = "type")]
+        type_name: String,
+    },
     Input {
         message: String,
     },
@@ -115,9 +122,17 @@ struct JsonReport<'a> {
 }
 
 fn print_json(measurements: &[Measurement], errors: Vec<ReportedError>) -> anyhow::Result<()> {
+    print_report(measurements, Vec::new(), errors)
+}
+
+fn print_report(
+    measurements: &[Measurement],
+    observations: Vec<Value>,
+    errors: Vec<ReportedError>,
+) -> anyhow::Result<()> {
     let report = JsonReport {
         measurements,
-        observations: Vec::new(),
+        observations,
         errors,
     };
     println!("{}", serde_json::to_string_pretty(&report)?);
@@ -338,36 +353,142 @@ fn test(args: &TestArgs) -> anyhow::Result<u8> {
             normalizer.normalize_value(&input.root, input.ingestion, &mut recorder)
         }
     };
-    let code = if output.errors.is_empty() {
+    let mut errors: Vec<ReportedError> = output
+        .errors
+        .iter()
+        .cloned()
+        .map(ReportedError::Data)
+        .collect();
+    let observations = match &mappings.fhir {
+        Some(fhir) => convert(fhir, &output.measurements, &mut errors),
+        None => Vec::new(),
+    };
+    let code = if errors.is_empty() {
         0
     } else {
         EXIT_DATA_ERRORS
     };
     match args.output {
-        OutputFormat::Json => {
-            let errors = output
-                .errors
-                .iter()
-                .cloned()
-                .map(ReportedError::Data)
-                .collect();
-            print_json(&output.measurements, errors)?;
-        }
+        OutputFormat::Json => print_report(&output.measurements, observations, errors)?,
         OutputFormat::Text => {
-            print!(
-                "{}",
-                render_text(
-                    &palette,
-                    &normalizer,
-                    &input,
-                    &recorder,
-                    &output,
-                    &args.device_mapping
-                )?
-            );
+            let mut text = render_text(
+                &palette,
+                &normalizer,
+                &input,
+                &recorder,
+                &output,
+                &args.device_mapping,
+            )?;
+            if mappings.fhir.is_some() {
+                render_observations(&mut text, &palette, &observations, &errors)?;
+            }
+            print!("{text}");
         }
     }
     Ok(code)
+}
+
+/// Groups the measurements as the pipeline does and converts each group with placeholder
+/// Patient and Device ids (there is no FHIR server to resolve them).
+fn convert(
+    fhir: &FhirMapping,
+    measurements: &[Measurement],
+    errors: &mut Vec<ReportedError>,
+) -> Vec<Value> {
+    let mut observations = Vec::new();
+    let issued = Timestamp::now();
+    for group in MeasurementGroup::group(measurements.iter().cloned()) {
+        let converted = fhir
+            .template(&group.type_name)
+            .ok_or_else(|| ConvertError::TemplateNotFound(group.type_name.to_string()))
+            .and_then(|template| {
+                let ids = ResourceIds::placeholders(&group);
+                observation_groups(template, &group)?
+                    .iter()
+                    .map(|window| {
+                        build_observation(template, window, &ids, issued).map(mark_placeholders)
+                    })
+                    .collect::<Result<Vec<_>, _>>()
+            });
+        match converted {
+            Ok(built) => observations.extend(built),
+            Err(e) => errors.push(ReportedError::Convert {
+                kind: e.name(),
+                message: e.to_string(),
+                type_name: group.type_name.to_string(),
+            }),
+        }
+    }
+    observations
+}
+
+/// Labels the references built from business identifiers, which a FHIR server would replace
+/// with the resolved Patient and Device ids (and so change the identifier and id).
+fn mark_placeholders(mut observation: Value) -> Value {
+    for (key, what) in [
+        ("subject", "Patient"),
+        ("device", "Device"),
+        ("encounter", "Encounter"),
+    ] {
+        if let Some(reference) = observation.get_mut(key).and_then(Value::as_object_mut) {
+            reference.insert(
+                "display".to_owned(),
+                Value::String(format!(
+                    "placeholder: no FHIR server; the {what} id is the business identifier from the message"
+                )),
+            );
+        }
+    }
+    observation
+}
+
+fn render_observations(
+    s: &mut String,
+    p: &Palette,
+    observations: &[Value],
+    errors: &[ReportedError],
+) -> std::fmt::Result {
+    writeln!(
+        s,
+        "\n{} ({})",
+        paint(p.heading, "observations"),
+        observations.len()
+    )?;
+    for o in observations {
+        let mut shown = o.clone();
+        // Hourly SampledData holds thousands of slots; show the filled ones.
+        abbreviate_data(&mut shown);
+        if let Some(components) = shown.get_mut("component").and_then(Value::as_array_mut) {
+            components.iter_mut().for_each(abbreviate_data);
+        }
+        writeln!(
+            s,
+            "{}",
+            serde_json::to_string_pretty(&shown).unwrap_or_default()
+        )?;
+    }
+    for e in errors {
+        if let ReportedError::Convert { kind, message, .. } = e {
+            writeln!(s, "  {} [{kind}] {message}", paint(p.bad, "✗"))?;
+        }
+    }
+    Ok(())
+}
+
+fn abbreviate_data(holder: &mut Value) {
+    if let Some(data) = holder.pointer_mut("/valueSampledData/data")
+        && let Some(text) = data.as_str()
+    {
+        let tokens: Vec<&str> = text.split(' ').collect();
+        let filled = tokens.iter().filter(|t| **t != "E").count();
+        if tokens.len() > 12 {
+            *data = Value::String(format!(
+                "{} … ({} slots, {filled} filled)",
+                tokens[..12].join(" "),
+                tokens.len()
+            ));
+        }
+    }
 }
 
 /// What the evaluation did, template by template, for the text report.

@@ -9,5 +9,5 @@ pub mod measurement;
 pub mod time;
 
 pub use event::DeviceEvent;
-pub use measurement::{Measurement, MeasurementProperty};
+pub use measurement::{Measurement, MeasurementGroup, MeasurementProperty};
 pub use time::Timestamp;

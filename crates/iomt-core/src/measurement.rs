@@ -68,6 +68,53 @@ impl Measurement {
     }
 }
 
+/// The measurements of one device, patient, encounter, correlation id and type: the unit the
+/// convert stage turns into Observations.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct MeasurementGroup {
+    /// The measurement type, as the device mapping produced it.
+    pub type_name: Arc<str>,
+    /// The device's business identifier.
+    pub device_id: String,
+    /// The patient's business identifier, if the mapping extracted one.
+    pub patient_id: Option<String>,
+    /// The encounter's business identifier, if the mapping extracted one.
+    pub encounter_id: Option<String>,
+    /// The correlation id, if the mapping extracted one.
+    pub correlation_id: Option<String>,
+    /// The measurements, in arrival order.
+    pub measurements: Vec<Measurement>,
+}
+
+impl MeasurementGroup {
+    /// Groups measurements by device, patient, encounter, correlation id and type, keeping the
+    /// order in which each group first appears (MedTech's grouping key).
+    pub fn group(measurements: impl IntoIterator<Item = Measurement>) -> Vec<MeasurementGroup> {
+        let mut groups: Vec<MeasurementGroup> = Vec::new();
+        for m in measurements {
+            let found = groups.iter_mut().find(|g| {
+                g.type_name == m.type_name
+                    && g.device_id == m.device_id
+                    && g.patient_id == m.patient_id
+                    && g.encounter_id == m.encounter_id
+                    && g.correlation_id == m.correlation_id
+            });
+            match found {
+                Some(g) => g.measurements.push(m),
+                None => groups.push(MeasurementGroup {
+                    type_name: m.type_name.clone(),
+                    device_id: m.device_id.clone(),
+                    patient_id: m.patient_id.clone(),
+                    encounter_id: m.encounter_id.clone(),
+                    correlation_id: m.correlation_id.clone(),
+                    measurements: vec![m],
+                }),
+            }
+        }
+        groups
+    }
+}
+
 /// MedTech's device partition key: `h = 31*h + c` over the UTF-16 code units of the
 /// lower-cased id in wrapping 32-bit arithmetic, then `|h| % 256` in decimal.
 ///

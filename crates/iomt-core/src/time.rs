@@ -107,6 +107,57 @@ impl Timestamp {
         shape.newtonsoft_date.then_some(ts)
     }
 
+    /// The start of the UTC hour this instant falls in.
+    pub fn hour_start(&self) -> Self {
+        let d = self.0;
+        Self(
+            d - chrono::Duration::nanoseconds(
+                i64::from(d.minute() * 60 + d.second()) * 1_000_000_000 + i64::from(d.nanosecond()),
+            ),
+        )
+    }
+
+    /// The start of the UTC day this instant falls in.
+    pub fn day_start(&self) -> Self {
+        Self(self.0.date_naive().and_time(NaiveTime::MIN).and_utc())
+    }
+
+    /// This instant moved by a number of .NET ticks (100 ns), saturating at the ends of time.
+    pub fn add_ticks(&self, ticks: i64) -> Self {
+        let nanos = ticks.saturating_mul(i64::from(NANOS_PER_TICK));
+        Self(
+            self.0
+                .checked_add_signed(chrono::Duration::nanoseconds(nanos))
+                .unwrap_or(self.0),
+        )
+    }
+
+    /// .NET ticks since the Unix epoch (negative before it).
+    pub fn unix_ticks(&self) -> i64 {
+        self.0.timestamp() * 10_000_000 + i64::from(self.0.nanosecond() / NANOS_PER_TICK)
+    }
+
+    /// `yyyyMMddHHmmss`, the form MedTech uses in Observation identifier segments.
+    pub fn to_compact_string(&self) -> String {
+        let (date, time) = (self.0.date_naive(), self.0.time());
+        format!(
+            "{:04}{:02}{:02}{:02}{:02}{:02}",
+            date.year(),
+            date.month(),
+            date.day(),
+            time.hour(),
+            time.minute(),
+            time.second()
+        )
+    }
+
+    /// A FHIR `instant` as Firely writes `DateTimeOffset`s: up to seven fraction digits, trailing
+    /// zeros dropped, offset `+00:00`.
+    pub fn to_fhir_instant(&self) -> String {
+        let text = self.to_string();
+        format!("{}+00:00", text.trim_end_matches('Z'))
+    }
+
     /// Formats as .NET's invariant `DateTime.ToString()` does (`MM/dd/yyyy HH:mm:ss`), which is
     /// how a date token turns into a measurement value string.
     pub fn to_invariant_string(&self) -> String {
@@ -440,6 +491,22 @@ mod tests {
         assert!(Timestamp::parse_json_date("2019-02-01T22:46:01.1234567+02:00").is_some());
         assert!(Timestamp::parse_json_date("2019-02-01").is_none());
         assert!(Timestamp::parse_json_date("2019-02-01 22:46:01").is_none());
+    }
+
+    #[test]
+    fn windows_and_ticks() {
+        let ts = Timestamp::parse("2019-01-01T00:37:12.1234567Z").unwrap();
+        assert_eq!(ts.hour_start().to_string(), "2019-01-01T00:00:00Z");
+        assert_eq!(ts.day_start().to_string(), "2019-01-01T00:00:00Z");
+        assert_eq!(
+            ts.hour_start()
+                .add_ticks(36_000_000_000 - 1)
+                .to_round_trip_string(),
+            "2019-01-01T00:59:59.9999999Z"
+        );
+        assert_eq!(ts.to_compact_string(), "20190101003712");
+        assert_eq!(ts.to_fhir_instant(), "2019-01-01T00:37:12.1234567+00:00");
+        assert_eq!(ts.add_ticks(1).unix_ticks() - ts.unix_ticks(), 1);
     }
 
     #[test]

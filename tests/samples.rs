@@ -1,11 +1,14 @@
 //! Runs every sample mapping under `mappings/` against its cases and the example messages
-//! under `examples/messages/`, so the samples customers copy from are known to work.
+//! under `examples/messages/`, through normalize and (where the sample has a FHIR mapping)
+//! convert, so the samples customers copy from are known to work end to end.
 
 use std::path::{Path, PathBuf};
 
-use iomt_core::DeviceEvent;
+use iomt_convert::{ResourceIds, build_observation, observation_groups};
+use iomt_core::{DeviceEvent, MeasurementGroup, Timestamp};
 use iomt_normalize::{Normalizer, envelope, envelope_enqueued_time, parse_body};
 use iomt_templates::device::DeviceMapping;
+use iomt_templates::fhir::FhirMapping;
 use serde::Deserialize;
 use serde_json::Value;
 
@@ -20,6 +23,10 @@ struct Case {
     file: PathBuf,
     measurements: Vec<Value>,
     errors: Vec<ExpectedError>,
+    /// Observations from the sample's FHIR mapping, built with placeholder Patient and Device
+    /// ids, without `issued` (the time of conversion).
+    #[serde(default)]
+    observations: Vec<Value>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -30,7 +37,7 @@ struct ExpectedError {
 }
 
 fn repo_root() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("../..")
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("..")
 }
 
 fn json_files(dir: &Path) -> Vec<PathBuf> {
@@ -60,6 +67,11 @@ fn every_sample_mapping_passes_its_cases() {
         let mapping =
             DeviceMapping::parse(&text).unwrap_or_else(|e| panic!("{}: {e:?}", dir.display()));
         let normalizer = Normalizer::new(mapping);
+        let fhir = std::fs::read_to_string(dir.join("fhirmapping.json"))
+            .ok()
+            .map(|text| {
+                FhirMapping::parse(&text).unwrap_or_else(|e| panic!("{}: {e:?}", dir.display()))
+            });
         let cases = json_files(&dir.join("cases"));
         assert!(!cases.is_empty(), "{} has no cases", dir.display());
         for case_path in cases {
@@ -83,6 +95,10 @@ fn every_sample_mapping_passes_its_cases() {
                 }
                 other => panic!("{}: unknown input {other}", case_path.display()),
             };
+            let observations = fhir
+                .as_ref()
+                .map_or_else(Vec::new, |fhir| convert(fhir, &output.measurements));
+            assert_eq!(observations, case.observations, "{}", case_path.display());
             let got: Vec<Value> = output
                 .measurements
                 .iter()
@@ -129,6 +145,23 @@ fn every_sample_mapping_passes_its_cases() {
             );
         }
     }
+}
+
+/// Converts measurements as the mapping debugger does, dropping the time-dependent `issued`.
+fn convert(fhir: &FhirMapping, measurements: &[iomt_core::Measurement]) -> Vec<Value> {
+    let mut out = Vec::new();
+    for group in MeasurementGroup::group(measurements.iter().cloned()) {
+        let template = fhir
+            .template(&group.type_name)
+            .unwrap_or_else(|| panic!("no FHIR template for {}", group.type_name));
+        let ids = ResourceIds::placeholders(&group);
+        for window in observation_groups(template, &group).unwrap() {
+            let mut o = build_observation(template, &window, &ids, Timestamp::now()).unwrap();
+            o.as_object_mut().unwrap().shift_remove("issued");
+            out.push(o);
+        }
+    }
+    out
 }
 
 #[test]

@@ -1,0 +1,1 @@
+//! Integration tests that span several stages live in the `[[test]]` targets of this crate.
