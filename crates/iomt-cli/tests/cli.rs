@@ -295,3 +295,99 @@ fn validate_reports_valid_and_invalid() {
     let json: Value = serde_json::from_slice(&out.stdout).unwrap();
     assert_eq!(json["errors"][0]["path"], "$.templateType");
 }
+
+fn json_test_fhir(mapping: &Path, fhir: &Path, flag: &str, input: &Path) -> (i32, Value) {
+    let out = iomt(&[
+        "mapping",
+        "test",
+        "--device-mapping",
+        mapping.to_str().unwrap(),
+        "--fhir-mapping",
+        fhir.to_str().unwrap(),
+        flag,
+        input.to_str().unwrap(),
+        "--output",
+        "json",
+    ]);
+    let stdout = String::from_utf8(out.stdout).unwrap();
+    let json: Value = serde_json::from_str(&stdout)
+        .unwrap_or_else(|e| panic!("stdout is not JSON ({e}): {stdout}"));
+    (out.status.code().unwrap(), json)
+}
+
+#[test]
+fn fhir_mapping_produces_observations_with_marked_placeholders() {
+    let (code, out) = json_test_fhir(
+        &repo("mappings/bloodpressure/devicecontent.json"),
+        &repo("mappings/bloodpressure/fhirmapping.json"),
+        "--message",
+        &repo("examples/messages/bloodpressure/cuff.json"),
+    );
+    assert_eq!(code, 0, "{out}");
+    let o = &out["observations"][0];
+    assert_eq!(o["resourceType"], "Observation");
+    assert_eq!(o["component"][0]["valueQuantity"]["value"], 128);
+    assert!(
+        o["subject"]["display"]
+            .as_str()
+            .unwrap()
+            .contains("placeholder")
+    );
+    assert!(
+        o["device"]["display"]
+            .as_str()
+            .unwrap()
+            .contains("placeholder")
+    );
+}
+
+#[test]
+fn missing_fhir_template_is_a_data_error() {
+    let dir = tempfile::tempdir().unwrap();
+    let fhir = write(
+        &dir,
+        "fhir.json",
+        br#"{"templateType": "CollectionFhir", "template": [{"templateType": "CodeValueFhir", "template": {"typeName": "other", "codes": []}}]}"#,
+    );
+    let (code, out) = json_test_fhir(
+        &repo("mappings/heartrate/devicecontent.json"),
+        &fhir,
+        "--message",
+        &repo("examples/messages/heartrate/watch.json"),
+    );
+    assert_eq!(code, 1);
+    assert_eq!(out["measurements"].as_array().unwrap().len(), 1);
+    assert_eq!(out["observations"], Value::Array(vec![]));
+    assert_eq!(out["errors"][0]["kind"], "TemplateNotFoundException");
+    assert_eq!(out["errors"][0]["type"], "heartrate");
+}
+
+#[test]
+fn validate_checks_both_mappings_and_names_both_files() {
+    let out = iomt(&[
+        "mapping",
+        "validate",
+        repo("mappings/iothub/devicecontent.json").to_str().unwrap(),
+        repo("mappings/iothub/fhirmapping.json").to_str().unwrap(),
+    ]);
+    assert_eq!(out.status.code(), Some(0));
+    let dir = tempfile::tempdir().unwrap();
+    let bad = write(&dir, "fhir.json", br#"{"templateType": "CollectionFhir", "template": [{"templateType": "CodeValueFhir", "template": {"codes": []}}]}"#);
+    let out = iomt(&[
+        "mapping",
+        "validate",
+        repo("mappings/iothub/devicecontent.json").to_str().unwrap(),
+        bad.to_str().unwrap(),
+        "--output",
+        "json",
+    ]);
+    assert_eq!(out.status.code(), Some(2));
+    let json: Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert!(
+        json["errors"][0]["file"]
+            .as_str()
+            .unwrap()
+            .ends_with("fhir.json")
+    );
+    assert_eq!(json["errors"][0]["path"], "$.template[0].template.typeName");
+}

@@ -272,7 +272,7 @@ fn merge_appends_missing_components_and_checks_value_types() {
     assert_eq!(updated["component"][0]["valueQuantity"]["value"], 121);
     assert_eq!(updated["component"][1]["code"]["text"], "diastolic");
 
-    let mut wrong = created.clone();
+    let mut wrong = created;
     let component = wrong["component"][0].as_object_mut().unwrap();
     let quantity = component.shift_remove("valueQuantity").unwrap();
     component.insert("valueString".into(), quantity);
