@@ -196,15 +196,30 @@ fn load_mappings(
     })
 }
 
+/// Loads both mappings, or reports why they cannot be used and gives the exit code.
+fn load_or_report(
+    format: OutputFormat,
+    palette: &Palette,
+    device: &Path,
+    fhir: Option<&Path>,
+) -> anyhow::Result<Result<Mappings, u8>> {
+    Ok(match load_mappings(device, fhir) {
+        Err(e) => Err(unreadable(format, &e)?),
+        Ok(Err(errors)) => Err(invalid_mapping(format, palette, errors)?),
+        Ok(Ok(m)) => Ok(m),
+    })
+}
+
 fn validate(args: &ValidateArgs) -> anyhow::Result<u8> {
     let palette = Palette::new(args.color);
-    let loaded = match load_mappings(&args.device_mapping, args.fhir_mapping.as_deref()) {
-        Ok(loaded) => loaded,
-        Err(e) => return unreadable(args.output, &e),
-    };
-    let mappings = match loaded {
+    let mappings = match load_or_report(
+        args.output,
+        &palette,
+        &args.device_mapping,
+        args.fhir_mapping.as_deref(),
+    )? {
         Ok(m) => m,
-        Err(errors) => return invalid_mapping(args.output, &palette, errors),
+        Err(code) => return Ok(code),
     };
     match args.output {
         OutputFormat::Json => print_json(&[], Vec::new())?,
@@ -318,13 +333,14 @@ fn unreadable(format: OutputFormat, error: &anyhow::Error) -> anyhow::Result<u8>
 
 fn test(args: &TestArgs) -> anyhow::Result<u8> {
     let palette = Palette::new(args.color);
-    let loaded = match load_mappings(&args.device_mapping, args.fhir_mapping.as_deref()) {
-        Ok(loaded) => loaded,
-        Err(e) => return unreadable(args.output, &e),
-    };
-    let mappings = match loaded {
+    let mappings = match load_or_report(
+        args.output,
+        &palette,
+        &args.device_mapping,
+        args.fhir_mapping.as_deref(),
+    )? {
         Ok(m) => m,
-        Err(errors) => return invalid_mapping(args.output, &palette, errors),
+        Err(code) => return Ok(code),
     };
     let mapping = mappings.device;
     let loaded = match load_input(&args.input) {

@@ -139,16 +139,22 @@ impl Timestamp {
 
     /// `yyyyMMddHHmmss`, the form MedTech uses in Observation identifier segments.
     pub fn to_compact_string(&self) -> String {
+        let [y, mo, d, h, mi, se] = self.fields();
+        format!("{y:04}{mo:02}{d:02}{h:02}{mi:02}{se:02}")
+    }
+
+    /// Year, month, day, hour, minute, second; formatted by hand because chrono's format
+    /// machinery costs more than the rest of building a measurement.
+    fn fields(&self) -> [u32; 6] {
         let (date, time) = (self.0.date_naive(), self.0.time());
-        format!(
-            "{:04}{:02}{:02}{:02}{:02}{:02}",
-            date.year(),
+        [
+            date.year() as u32,
             date.month(),
             date.day(),
             time.hour(),
             time.minute(),
-            time.second()
-        )
+            time.second(),
+        ]
     }
 
     /// A FHIR `instant` as Firely writes `DateTimeOffset`s: up to seven fraction digits, trailing
@@ -167,26 +173,17 @@ impl Timestamp {
     /// Formats with all seven fraction digits (`2019-02-01T22:59:59.9999999Z`), the .NET
     /// round-trip form FHIR resources written by MedTech use.
     pub fn to_round_trip_string(&self) -> String {
+        let [y, mo, d, h, mi, se] = self.fields();
         let ticks = self.0.nanosecond() / NANOS_PER_TICK;
-        format!("{}.{ticks:07}Z", self.0.format("%Y-%m-%dT%H:%M:%S"))
+        format!("{y:04}-{mo:02}-{d:02}T{h:02}:{mi:02}:{se:02}.{ticks:07}Z")
     }
 }
 
 impl fmt::Display for Timestamp {
     /// Newtonsoft's ISO form: up to seven fraction digits, trailing zeros dropped.
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        // Written by hand: chrono's format machinery costs more than the rest of a measurement.
-        let (date, time) = (self.0.date_naive(), self.0.time());
-        write!(
-            f,
-            "{:04}-{:02}-{:02}T{:02}:{:02}:{:02}",
-            date.year(),
-            date.month(),
-            date.day(),
-            time.hour(),
-            time.minute(),
-            time.second()
-        )?;
+        let [y, mo, d, h, mi, se] = self.fields();
+        write!(f, "{y:04}-{mo:02}-{d:02}T{h:02}:{mi:02}:{se:02}")?;
         let ticks = self.0.nanosecond() / NANOS_PER_TICK;
         if ticks != 0 {
             let digits = format!("{ticks:07}");

@@ -219,46 +219,12 @@ fn code_value(
         }
         Some(node) => codings(c, node, &m.child("codes")),
     };
-    let category = match m.get("category") {
-        None | Some(Node::NullKeyword(_)) => Vec::new(),
-        Some(Node::Array(a)) => a
-            .elements
-            .iter()
-            .enumerate()
-            .filter_map(|(i, item)| category(c, item, &format!("{}[{i}]", m.child("category"))))
-            .collect(),
-        Some(other) => {
-            c.error(
-                TemplateErrorKind::InvalidValue,
-                start(other),
-                &m.child("category"),
-                format!("'category' must be an array, found {}", type_name(other)),
-            );
-            Vec::new()
-        }
-    };
+    let category = objects(c, &m, "category", category);
     let value = match m.get("value") {
         None | Some(Node::NullKeyword(_)) => None,
         Some(node) => value(c, node, &m.child("value")),
     };
-    let components = match m.get("components") {
-        None | Some(Node::NullKeyword(_)) => Vec::new(),
-        Some(Node::Array(a)) => a
-            .elements
-            .iter()
-            .enumerate()
-            .filter_map(|(i, item)| component(c, item, &format!("{}[{i}]", m.child("components"))))
-            .collect(),
-        Some(other) => {
-            c.error(
-                TemplateErrorKind::InvalidValue,
-                start(other),
-                &m.child("components"),
-                format!("'components' must be an array, found {}", type_name(other)),
-            );
-            Vec::new()
-        }
-    };
+    let components = objects(c, &m, "components", component);
     if c.errors.len() != errors_before {
         return None;
     }
@@ -274,6 +240,34 @@ fn code_value(
         value,
         components,
     })
+}
+
+/// An optional array member whose items `read` turns into values (items it rejects are
+/// reported by it and left out).
+fn objects<T>(
+    c: &mut Checker<'_, '_>,
+    m: &Members<'_, '_>,
+    name: &'static str,
+    read: fn(&mut Checker<'_, '_>, &Node<'_>, &str) -> Option<T>,
+) -> Vec<T> {
+    match m.get(name) {
+        None | Some(Node::NullKeyword(_)) => Vec::new(),
+        Some(Node::Array(a)) => a
+            .elements
+            .iter()
+            .enumerate()
+            .filter_map(|(i, item)| read(c, item, &format!("{}[{i}]", m.child(name))))
+            .collect(),
+        Some(other) => {
+            c.error(
+                TemplateErrorKind::InvalidValue,
+                start(other),
+                &m.child(name),
+                format!("'{name}' must be an array, found {}", type_name(other)),
+            );
+            Vec::new()
+        }
+    }
 }
 
 fn period_interval(c: &mut Checker<'_, '_>, m: &Members<'_, '_>) -> Option<PeriodInterval> {
