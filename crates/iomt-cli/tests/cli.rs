@@ -20,16 +20,22 @@ fn iomt(args: &[&str]) -> Output {
 }
 
 fn json_test(mapping: &Path, flag: &str, input: &Path) -> (i32, Value) {
-    let out = iomt(&[
+    json_test_with(mapping, None, flag, input)
+}
+
+/// Runs `mapping test --output json`, optionally with a FHIR mapping, and parses stdout.
+fn json_test_with(mapping: &Path, fhir: Option<&Path>, flag: &str, input: &Path) -> (i32, Value) {
+    let mut args = vec![
         "mapping",
         "test",
         "--device-mapping",
         mapping.to_str().unwrap(),
-        flag,
-        input.to_str().unwrap(),
-        "--output",
-        "json",
-    ]);
+    ];
+    if let Some(fhir) = fhir {
+        args.extend(["--fhir-mapping", fhir.to_str().unwrap()]);
+    }
+    args.extend([flag, input.to_str().unwrap(), "--output", "json"]);
+    let out = iomt(&args);
     let stdout = String::from_utf8(out.stdout).unwrap();
     let json: Value = serde_json::from_str(&stdout)
         .unwrap_or_else(|e| panic!("stdout is not JSON ({e}): {stdout}"));
@@ -296,30 +302,11 @@ fn validate_reports_valid_and_invalid() {
     assert_eq!(json["errors"][0]["path"], "$.templateType");
 }
 
-fn json_test_fhir(mapping: &Path, fhir: &Path, flag: &str, input: &Path) -> (i32, Value) {
-    let out = iomt(&[
-        "mapping",
-        "test",
-        "--device-mapping",
-        mapping.to_str().unwrap(),
-        "--fhir-mapping",
-        fhir.to_str().unwrap(),
-        flag,
-        input.to_str().unwrap(),
-        "--output",
-        "json",
-    ]);
-    let stdout = String::from_utf8(out.stdout).unwrap();
-    let json: Value = serde_json::from_str(&stdout)
-        .unwrap_or_else(|e| panic!("stdout is not JSON ({e}): {stdout}"));
-    (out.status.code().unwrap(), json)
-}
-
 #[test]
 fn fhir_mapping_produces_observations_with_marked_placeholders() {
-    let (code, out) = json_test_fhir(
+    let (code, out) = json_test_with(
         &repo("mappings/bloodpressure/devicecontent.json"),
-        &repo("mappings/bloodpressure/fhirmapping.json"),
+        Some(&repo("mappings/bloodpressure/fhirmapping.json")),
         "--message",
         &repo("examples/messages/bloodpressure/cuff.json"),
     );
@@ -349,9 +336,9 @@ fn missing_fhir_template_is_a_data_error() {
         "fhir.json",
         br#"{"templateType": "CollectionFhir", "template": [{"templateType": "CodeValueFhir", "template": {"typeName": "other", "codes": []}}]}"#,
     );
-    let (code, out) = json_test_fhir(
+    let (code, out) = json_test_with(
         &repo("mappings/heartrate/devicecontent.json"),
-        &fhir,
+        Some(&fhir),
         "--message",
         &repo("examples/messages/heartrate/watch.json"),
     );
