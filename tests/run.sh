@@ -14,11 +14,42 @@ conformance=${IOMT_CONFORMANCE:-$repo/../shared/conformance}
 
 step() { printf '\n==> %s\n' "$*"; }
 
+# The FHIR R4 test server (Medplum's router and in-memory repository behind
+# tests/fhir-server/server.mjs), on a free loopback port, stopped when this script exits.
+start_fhir_server() {
+  if [[ -n "${IOMT_TEST_FHIR_URL:-}" ]]; then
+    echo "using the FHIR server at $IOMT_TEST_FHIR_URL"
+    return
+  fi
+  (cd tests/fhir-server && npm ci --no-audit --no-fund --loglevel=error)
+  local port
+  port=${IOMT_TEST_FHIR_PORT:-$(python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])')}
+  node --experimental-websocket tests/fhir-server/server.mjs "$port" > "$repo/target/fhir-server.log" 2>&1 &
+  fhir_pid=$!
+  trap 'kill "$fhir_pid" 2>/dev/null || true' EXIT
+  export IOMT_TEST_FHIR_URL="http://127.0.0.1:$port/fhir/R4"
+  for _ in $(seq 1 300); do
+    if curl -sf "$IOMT_TEST_FHIR_URL/metadata" > /dev/null; then
+      echo "FHIR test server ready at $IOMT_TEST_FHIR_URL"
+      return
+    fi
+    if ! kill -0 "$fhir_pid" 2>/dev/null; then break; fi
+    sleep 0.1
+  done
+  echo "the FHIR test server did not start; its log:" >&2
+  cat "$repo/target/fhir-server.log" >&2
+  exit 1
+}
+
 step "cargo fmt --check"
 cargo fmt --all -- --check
 
 step "cargo clippy --all-targets -- -D warnings"
 cargo clippy --workspace --all-targets --locked -- -D warnings
+
+step "FHIR test server"
+mkdir -p target
+start_fhir_server
 
 step "cargo test"
 cargo test --workspace --locked

@@ -1,0 +1,515 @@
+//! The HTTP side: requests, retries and error classification.
+//!
+//! MedTech has no HTTP-level retry: a 429 or a 5xx fails the whole batch, which is replayed
+//! minutes later. Here each request is retried on its own: 429 and 503 wait for `Retry-After`
+//! (capped), other 5xx responses, timeouts and connection errors back off exponentially with
+//! jitter. 409 and 412 are returned as [`FhirError::Conflict`] so that the caller re-reads and
+//! re-merges; any other 4xx is a data error carrying the server's OperationOutcome.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use reqwest::{Method, StatusCode, header};
+use serde_json::Value;
+use tokio::sync::Semaphore;
+
+/// How the client authenticates.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Auth {
+    /// No `Authorization` header (test servers, a sidecar proxy that adds it).
+    None,
+    /// A fixed bearer token.
+    Bearer(String),
+}
+
+/// Client settings.
+#[derive(Debug, Clone)]
+pub struct FhirClientConfig {
+    /// The FHIR base URL, e.g. `https://example.fhir.azurehealthcareapis.com`.
+    pub base_url: String,
+    /// Authentication.
+    pub auth: Auth,
+    /// Timeout of one HTTP request.
+    pub request_timeout: Duration,
+    /// Requests in flight at most; more wait for a slot.
+    pub max_concurrency: usize,
+    /// Retries after the first attempt, for retryable failures.
+    pub max_retries: u32,
+    /// First backoff delay; doubles per retry.
+    pub backoff_base: Duration,
+    /// Longest wait between attempts, also for `Retry-After`.
+    pub backoff_cap: Duration,
+}
+
+impl FhirClientConfig {
+    /// Defaults suited to a managed FHIR service.
+    pub fn new(base_url: impl Into<String>) -> Self {
+        Self {
+            base_url: base_url.into(),
+            auth: Auth::None,
+            request_timeout: Duration::from_secs(30),
+            max_concurrency: 32,
+            max_retries: 5,
+            backoff_base: Duration::from_millis(200),
+            backoff_cap: Duration::from_secs(30),
+        }
+    }
+}
+
+/// Why a FHIR request failed.
+#[derive(Debug, Clone, PartialEq, thiserror::Error)]
+pub enum FhirError {
+    /// 409 or 412: someone else changed the resource; re-read and re-merge.
+    #[error("the FHIR server reported a conflict ({status})")]
+    Conflict {
+        /// 409 or 412.
+        status: u16,
+    },
+    /// A 4xx the data caused: the resource is invalid for this server. Retrying cannot help.
+    #[error("the FHIR server rejected the request with {status}: {message}")]
+    Rejected {
+        /// The HTTP status.
+        status: u16,
+        /// The OperationOutcome's diagnostics and details, or the start of the body.
+        message: String,
+        /// The OperationOutcome, when the server sent one.
+        outcome: Option<Value>,
+    },
+    /// 401 or 403: credentials or permissions are wrong; an operator must act.
+    #[error(
+        "the FHIR server refused access ({status}): check the credentials and the role assignment"
+    )]
+    Unauthorized {
+        /// 401 or 403.
+        status: u16,
+    },
+    /// Retries are exhausted on 429, 5xx, timeouts or connection errors.
+    #[error("the FHIR server is unavailable after {attempts} attempts: {last}")]
+    Unavailable {
+        /// Attempts made.
+        attempts: u32,
+        /// The last failure.
+        last: String,
+    },
+    /// A 2xx whose body is not the JSON expected.
+    #[error("the FHIR server sent an unreadable response: {0}")]
+    InvalidResponse(String),
+}
+
+impl FhirError {
+    /// The MedTech metric name for this failure (`FHIRServiceError…`).
+    pub fn metric_name(&self) -> &'static str {
+        match self {
+            FhirError::Conflict { .. } => "FHIRResourceContention",
+            FhirError::Rejected { .. } => "FHIRServiceErrorHttpRequestError",
+            FhirError::Unauthorized { .. } => "FHIRServiceErrorAuthorizationError",
+            FhirError::Unavailable { .. } => "FHIRServiceErrorTooManyRequests",
+            FhirError::InvalidResponse(_) => "FHIRServiceErrorInvalidResponse",
+        }
+    }
+}
+
+/// A resource with the version it was read or written at.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Versioned {
+    /// The resource JSON.
+    pub resource: Value,
+    /// The ETag (`W/"3"`), for `If-Match`.
+    pub etag: Option<String>,
+}
+
+/// A FHIR R4 REST client.
+#[derive(Debug, Clone)]
+pub struct FhirClient {
+    http: reqwest::Client,
+    config: Arc<FhirClientConfig>,
+    slots: Arc<Semaphore>,
+}
+
+enum Attempt {
+    Done(reqwest::StatusCode, header::HeaderMap, Vec<u8>),
+    Retry {
+        after: Option<Duration>,
+        reason: String,
+    },
+}
+
+impl FhirClient {
+    /// Builds a client with a connection pool shared by every request.
+    pub fn new(config: FhirClientConfig) -> Result<Self, FhirError> {
+        let http = reqwest::Client::builder()
+            .timeout(config.request_timeout)
+            .pool_max_idle_per_host(config.max_concurrency)
+            .build()
+            .map_err(|e| {
+                FhirError::InvalidResponse(format!("cannot build the HTTP client: {e}"))
+            })?;
+        let slots = Arc::new(Semaphore::new(config.max_concurrency.max(1)));
+        Ok(Self {
+            http,
+            config: Arc::new(config),
+            slots,
+        })
+    }
+
+    fn url(&self, path: &str) -> String {
+        format!(
+            "{}/{}",
+            self.config.base_url.trim_end_matches('/'),
+            path.trim_start_matches('/')
+        )
+    }
+
+    async fn attempt(
+        &self,
+        method: &Method,
+        url: &str,
+        body: Option<&[u8]>,
+        if_match: Option<&str>,
+    ) -> Attempt {
+        let Ok(_slot) = self.slots.acquire().await else {
+            return Attempt::Retry {
+                after: None,
+                reason: "client is shutting down".into(),
+            };
+        };
+        let mut req = self
+            .http
+            .request(method.clone(), url)
+            .header(header::ACCEPT, "application/fhir+json");
+        if let Auth::Bearer(token) = &self.config.auth {
+            req = req.bearer_auth(token);
+        }
+        if let Some(body) = body {
+            req = req
+                .header(header::CONTENT_TYPE, "application/fhir+json")
+                .body(body.to_vec());
+        }
+        if let Some(etag) = if_match {
+            req = req.header(header::IF_MATCH, etag);
+        }
+        let response = match req.send().await {
+            Ok(r) => r,
+            Err(e) => {
+                let kind = if e.is_timeout() {
+                    "timed out"
+                } else {
+                    "failed"
+                };
+                return Attempt::Retry {
+                    after: None,
+                    reason: format!("request {kind}: {e}"),
+                };
+            }
+        };
+        let status = response.status();
+        let headers = response.headers().clone();
+        let bytes = match response.bytes().await {
+            Ok(b) => b.to_vec(),
+            Err(e) => {
+                return Attempt::Retry {
+                    after: None,
+                    reason: format!("reading the response failed: {e}"),
+                };
+            }
+        };
+        if status == StatusCode::TOO_MANY_REQUESTS || status == StatusCode::SERVICE_UNAVAILABLE {
+            return Attempt::Retry {
+                after: retry_after(&headers),
+                reason: format!("{status}"),
+            };
+        }
+        if status.is_server_error() {
+            return Attempt::Retry {
+                after: None,
+                reason: format!("{status}: {}", body_excerpt(&bytes)),
+            };
+        }
+        Attempt::Done(status, headers, bytes)
+    }
+
+    /// Sends one request, retrying what is retryable. Returns the final status, headers and
+    /// body for any non-retryable response.
+    async fn send(
+        &self,
+        method: Method,
+        path: &str,
+        body: Option<&Value>,
+        if_match: Option<&str>,
+    ) -> Result<(StatusCode, header::HeaderMap, Vec<u8>), FhirError> {
+        let url = self.url(path);
+        let body = body.map(|b| serde_json::to_vec(b).unwrap_or_default());
+        let mut attempt = 0;
+        loop {
+            attempt += 1;
+            match self.attempt(&method, &url, body.as_deref(), if_match).await {
+                Attempt::Done(status, headers, bytes) => return Ok((status, headers, bytes)),
+                Attempt::Retry { after, reason } => {
+                    if attempt > self.config.max_retries {
+                        return Err(FhirError::Unavailable {
+                            attempts: attempt,
+                            last: reason,
+                        });
+                    }
+                    let wait = after
+                        .unwrap_or_else(|| self.backoff(attempt))
+                        .min(self.config.backoff_cap);
+                    tracing::warn!(%method, path, attempt, wait_ms = wait.as_millis() as u64, reason, "fhir request will be retried");
+                    tokio::time::sleep(wait).await;
+                }
+            }
+        }
+    }
+
+    /// Exponential backoff with full jitter.
+    fn backoff(&self, attempt: u32) -> Duration {
+        let exp = self
+            .config
+            .backoff_base
+            .saturating_mul(1u32 << attempt.min(16).saturating_sub(1));
+        let capped = exp.min(self.config.backoff_cap);
+        capped.mul_f64(0.5 + fastrand::f64() / 2.0)
+    }
+
+    /// `GET {type}/{id}`; `None` when the resource does not exist.
+    pub async fn read(
+        &self,
+        resource_type: &str,
+        id: &str,
+    ) -> Result<Option<Versioned>, FhirError> {
+        let (status, headers, body) = self
+            .send(Method::GET, &format!("{resource_type}/{id}"), None, None)
+            .await?;
+        if status == StatusCode::NOT_FOUND || status == StatusCode::GONE {
+            return Ok(None);
+        }
+        versioned(status, &headers, &body).map(Some)
+    }
+
+    /// `GET {type}?{params}`, following `next` links, returning at most `limit` resources.
+    pub async fn search(
+        &self,
+        resource_type: &str,
+        params: &[(&str, &str)],
+        limit: usize,
+    ) -> Result<Vec<Value>, FhirError> {
+        let query: Vec<String> = params
+            .iter()
+            .map(|(k, v)| format!("{k}={}", encode(v)))
+            .collect();
+        let mut path = format!("{resource_type}?{}", query.join("&"));
+        let mut found = Vec::new();
+        loop {
+            let (status, headers, body) = self.send(Method::GET, &path, None, None).await?;
+            let bundle = versioned(status, &headers, &body)?.resource;
+            for entry in bundle["entry"].as_array().into_iter().flatten() {
+                if entry["search"]["mode"]
+                    .as_str()
+                    .is_none_or(|m| m == "match")
+                {
+                    found.push(entry["resource"].clone());
+                }
+            }
+            let next = bundle["link"]
+                .as_array()
+                .into_iter()
+                .flatten()
+                .find(|l| l["relation"] == "next")
+                .and_then(|l| l["url"].as_str());
+            match next {
+                Some(url) if found.len() < limit => {
+                    path = url
+                        .strip_prefix(self.config.base_url.trim_end_matches('/'))
+                        .unwrap_or(url)
+                        .to_owned();
+                }
+                _ => break,
+            }
+        }
+        found.truncate(limit);
+        Ok(found)
+    }
+
+    /// `PUT {type}/{id}` (update, or create with a client-chosen id), conditional on
+    /// `if_match` when given.
+    pub async fn update(
+        &self,
+        resource: &Value,
+        if_match: Option<&str>,
+    ) -> Result<Versioned, FhirError> {
+        let (Some(resource_type), Some(id)) =
+            (resource["resourceType"].as_str(), resource["id"].as_str())
+        else {
+            return Err(FhirError::InvalidResponse(
+                "a resource to update needs resourceType and id".into(),
+            ));
+        };
+        let (status, headers, body) = self
+            .send(
+                Method::PUT,
+                &format!("{resource_type}/{id}"),
+                Some(resource),
+                if_match,
+            )
+            .await?;
+        versioned(status, &headers, &body)
+    }
+}
+
+/// Classifies a final response and reads its resource.
+fn versioned(
+    status: StatusCode,
+    headers: &header::HeaderMap,
+    body: &[u8],
+) -> Result<Versioned, FhirError> {
+    match status.as_u16() {
+        200..=299 => {
+            let resource: Value = serde_json::from_slice(body)
+                .map_err(|e| FhirError::InvalidResponse(format!("{e}: {}", body_excerpt(body))))?;
+            let etag = headers
+                .get(header::ETAG)
+                .and_then(|v| v.to_str().ok())
+                .map(str::to_owned)
+                .or_else(|| {
+                    resource["meta"]["versionId"]
+                        .as_str()
+                        .map(|v| format!("W/\"{v}\""))
+                });
+            Ok(Versioned { resource, etag })
+        }
+        409 | 412 => Err(FhirError::Conflict {
+            status: status.as_u16(),
+        }),
+        401 | 403 => Err(FhirError::Unauthorized {
+            status: status.as_u16(),
+        }),
+        code => {
+            let outcome: Option<Value> = serde_json::from_slice(body)
+                .ok()
+                .filter(|v: &Value| v["resourceType"] == "OperationOutcome");
+            let message = outcome
+                .as_ref()
+                .map_or_else(|| body_excerpt(body), outcome_message);
+            Err(FhirError::Rejected {
+                status: code,
+                message,
+                outcome,
+            })
+        }
+    }
+}
+
+/// The human part of an OperationOutcome: each issue's severity, code, diagnostics or details
+/// text, and the FHIRPath expression it points at.
+fn outcome_message(outcome: &Value) -> String {
+    let issues: Vec<String> = outcome["issue"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .map(|i| {
+            let text = i["diagnostics"]
+                .as_str()
+                .or_else(|| i["details"]["text"].as_str())
+                .unwrap_or("");
+            let at: Vec<&str> = i["expression"]
+                .as_array()
+                .into_iter()
+                .flatten()
+                .filter_map(Value::as_str)
+                .collect();
+            let mut s = format!(
+                "{} {}",
+                i["severity"].as_str().unwrap_or("error"),
+                i["code"].as_str().unwrap_or("unknown")
+            );
+            if !text.is_empty() {
+                s.push_str(": ");
+                s.push_str(text);
+            }
+            if !at.is_empty() {
+                s.push_str(&format!(" (at {})", at.join(", ")));
+            }
+            s
+        })
+        .collect();
+    if issues.is_empty() {
+        "OperationOutcome without issues".into()
+    } else {
+        issues.join("; ")
+    }
+}
+
+fn body_excerpt(body: &[u8]) -> String {
+    let text = String::from_utf8_lossy(body);
+    let text = text.trim();
+    if text.chars().count() > 200 {
+        format!("{}…", text.chars().take(200).collect::<String>())
+    } else {
+        text.to_owned()
+    }
+}
+
+/// `Retry-After` as seconds or an HTTP date.
+fn retry_after(headers: &header::HeaderMap) -> Option<Duration> {
+    let value = headers.get(header::RETRY_AFTER)?.to_str().ok()?.trim();
+    if let Ok(secs) = value.parse::<u64>() {
+        return Some(Duration::from_secs(secs));
+    }
+    let at = httpdate::parse_http_date(value).ok()?;
+    Some(
+        at.duration_since(std::time::SystemTime::now())
+            .unwrap_or_default(),
+    )
+}
+
+/// Percent-encodes a search parameter value (RFC 3986 unreserved characters pass through;
+/// `|` and `,` keep their FHIR meaning only when encoded as themselves, so they stay too).
+fn encode(value: &str) -> String {
+    let mut out = String::with_capacity(value.len());
+    for b in value.bytes() {
+        match b {
+            b'A'..=b'Z'
+            | b'a'..=b'z'
+            | b'0'..=b'9'
+            | b'-'
+            | b'.'
+            | b'_'
+            | b'~'
+            | b'|'
+            | b':'
+            | b'/' => out.push(b as char),
+            _ => out.push_str(&format!("%{b:02X}")),
+        }
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn retry_after_seconds_and_dates() {
+        let mut h = header::HeaderMap::new();
+        h.insert(header::RETRY_AFTER, "2".parse().unwrap());
+        assert_eq!(retry_after(&h), Some(Duration::from_secs(2)));
+        h.insert(
+            header::RETRY_AFTER,
+            "Sun, 06 Nov 1994 08:49:37 GMT".parse().unwrap(),
+        );
+        assert_eq!(retry_after(&h), Some(Duration::ZERO));
+        h.insert(header::RETRY_AFTER, "soon".parse().unwrap());
+        assert_eq!(retry_after(&h), None);
+    }
+
+    #[test]
+    fn operation_outcomes_are_summarized() {
+        let oo = serde_json::json!({"resourceType": "OperationOutcome", "issue": [
+            {"severity": "error", "code": "invalid", "details": {"text": "Missing required property"}, "expression": ["Observation.code"]}]});
+        assert_eq!(
+            outcome_message(&oo),
+            "error invalid: Missing required property (at Observation.code)"
+        );
+        assert_eq!(encode("https://a.b/|x y"), "https://a.b/|x%20y");
+    }
+}

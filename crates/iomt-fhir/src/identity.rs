@@ -1,0 +1,249 @@
+//! Resolving a measurement group's device, patient and encounter to FHIR logical ids.
+//!
+//! Follows MedTech's `ResourceIdentity` service: the Device is found by identifier and the
+//! Patient comes from `Device.patient` (the message's patient id is not used in Lookup mode).
+//! In Create mode missing Patients and Devices are created with deterministic ids (SHA-256 of
+//! `"{system}_{value}"`), so concurrent creators and replays converge on one resource.
+
+use std::time::Duration;
+
+use iomt_convert::{ResourceIds, resource_id};
+use iomt_core::MeasurementGroup;
+use moka::future::Cache;
+use serde_json::{Value, json};
+
+use crate::client::{FhirClient, FhirError};
+
+/// How identities are resolved (`ResourceIdentity:ResourceIdentityServiceType`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum IdentityMode {
+    /// Device must exist; its `patient` must be set.
+    Lookup,
+    /// Lookup, and every measurement must name an encounter.
+    LookupWithEncounter,
+    /// Create the Patient and Device when they do not exist.
+    Create,
+}
+
+/// Identity settings.
+#[derive(Debug, Clone)]
+pub struct IdentityConfig {
+    /// The mode.
+    pub mode: IdentityMode,
+    /// System of Device identifiers (`ResourceIdentity:DefaultDeviceIdentifierSystem`).
+    pub device_identifier_system: Option<String>,
+    /// How long a resolution is reused (MedTech: 2 hours).
+    pub cache_ttl: Duration,
+    /// Devices remembered at most (MedTech: 5000).
+    pub cache_capacity: u64,
+}
+
+impl Default for IdentityConfig {
+    fn default() -> Self {
+        Self {
+            mode: IdentityMode::Lookup,
+            device_identifier_system: None,
+            cache_ttl: Duration::from_secs(2 * 3600),
+            cache_capacity: 5000,
+        }
+    }
+}
+
+/// Why identities could not be resolved; names follow MedTech's exceptions.
+#[derive(Debug, Clone, PartialEq, thiserror::Error)]
+pub enum IdentityError {
+    /// No Device has the identifier.
+    #[error("DeviceNotFound: no Device has the identifier of this measurement's device")]
+    DeviceNotFound,
+    /// Several Devices have the identifier.
+    #[error("MultipleDeviceFound: more than one Device has this device identifier")]
+    MultipleDeviceFound,
+    /// The Device has no usable `patient` reference.
+    #[error("PatientNotFound: the Device has no patient reference of the form Patient/{{id}}")]
+    PatientNotFound,
+    /// Create mode needs a patient id in the measurement.
+    #[error("PatientIdentityNotDefined: Create mode needs a patient id in the measurement")]
+    PatientIdentityNotDefined,
+    /// The Device already belongs to another Patient.
+    #[error(
+        "PatientDeviceMismatch: the Device is linked to another Patient than the measurement names"
+    )]
+    PatientDeviceMismatch,
+    /// LookupWithEncounter needs an encounter id in the measurement.
+    #[error("EncounterIdentityNotDefined: the measurement has no encounter id")]
+    EncounterIdentityNotDefined,
+    /// No Encounter has the identifier.
+    #[error("EncounterNotFound: no Encounter has this encounter identifier")]
+    EncounterNotFound,
+    /// The FHIR server failed.
+    #[error(transparent)]
+    Fhir(#[from] FhirError),
+}
+
+/// Resolves and caches identities.
+#[derive(Debug, Clone)]
+pub struct IdentityResolver {
+    client: FhirClient,
+    config: IdentityConfig,
+    cache: Cache<(String, Option<String>), ResourceIds>,
+}
+
+impl IdentityResolver {
+    /// A resolver over `client`.
+    pub fn new(client: FhirClient, config: IdentityConfig) -> Self {
+        let cache = Cache::builder()
+            .max_capacity(config.cache_capacity)
+            .time_to_live(config.cache_ttl)
+            .build();
+        Self {
+            client,
+            config,
+            cache,
+        }
+    }
+
+    /// The FHIR ids for a group, from the cache when possible.
+    pub async fn resolve(&self, group: &MeasurementGroup) -> Result<ResourceIds, IdentityError> {
+        if self.config.mode == IdentityMode::LookupWithEncounter && group.encounter_id.is_none() {
+            return Err(IdentityError::EncounterIdentityNotDefined);
+        }
+        let key = (group.device_id.clone(), group.encounter_id.clone());
+        if let Some(ids) = self.cache.get(&key).await {
+            return Ok(ids);
+        }
+        let ids = self.resolve_uncached(group).await?;
+        self.cache.insert(key, ids.clone()).await;
+        Ok(ids)
+    }
+
+    /// Forgets a device's resolution (after a 404 on a referenced resource, for example).
+    pub async fn forget(&self, group: &MeasurementGroup) {
+        self.cache
+            .invalidate(&(group.device_id.clone(), group.encounter_id.clone()))
+            .await;
+    }
+
+    fn device_identifier(&self, device_id: &str) -> String {
+        match &self.config.device_identifier_system {
+            Some(system) => format!("{system}|{device_id}"),
+            None => device_id.to_owned(),
+        }
+    }
+
+    async fn find_device(&self, device_id: &str) -> Result<Option<Value>, IdentityError> {
+        let found = self
+            .client
+            .search(
+                "Device",
+                &[("identifier", &self.device_identifier(device_id))],
+                2,
+            )
+            .await?;
+        match found.len() {
+            0 => Ok(None),
+            1 => Ok(found.into_iter().next()),
+            _ => Err(IdentityError::MultipleDeviceFound),
+        }
+    }
+
+    async fn resolve_uncached(
+        &self,
+        group: &MeasurementGroup,
+    ) -> Result<ResourceIds, IdentityError> {
+        let device = self.find_device(&group.device_id).await?;
+        let (device_id, patient_id) = match (device, self.config.mode) {
+            (Some(d), _) if patient_of(&d).is_some() => {
+                (id_of(&d)?, patient_of(&d).unwrap_or_default())
+            }
+            (Some(d), IdentityMode::Create) => self.create_identities(group, Some(d)).await?,
+            (Some(_), _) => return Err(IdentityError::PatientNotFound),
+            (None, IdentityMode::Create) => self.create_identities(group, None).await?,
+            (None, _) => return Err(IdentityError::DeviceNotFound),
+        };
+        let encounter = match (&group.encounter_id, self.config.mode) {
+            // MedTech's create path does not resolve encounters.
+            (Some(_), IdentityMode::Create) | (None, _) => None,
+            (Some(encounter), _) => {
+                let found = self
+                    .client
+                    .search("Encounter", &[("identifier", encounter)], 2)
+                    .await?;
+                let first = found.first().ok_or(IdentityError::EncounterNotFound)?;
+                Some(id_of(first)?)
+            }
+        };
+        Ok(ResourceIds {
+            patient: patient_id,
+            device: device_id,
+            encounter,
+        })
+    }
+
+    /// Create mode: find or create the Patient by identifier, then find, link or create the
+    /// Device, all with deterministic ids.
+    async fn create_identities(
+        &self,
+        group: &MeasurementGroup,
+        device: Option<Value>,
+    ) -> Result<(String, String), IdentityError> {
+        let patient_value = group
+            .patient_id
+            .as_deref()
+            .filter(|p| !p.trim().is_empty())
+            .ok_or(IdentityError::PatientIdentityNotDefined)?;
+        let patients = self
+            .client
+            .search("Patient", &[("identifier", patient_value)], 1)
+            .await?;
+        let patient_id = match patients.first() {
+            Some(p) => id_of(p)?,
+            None => {
+                let id = resource_id("", patient_value);
+                let patient = json!({"resourceType": "Patient", "id": id, "identifier": [{"value": patient_value}]});
+                id_of(&self.client.update(&patient, None).await?.resource)?
+            }
+        };
+        let reference = format!("Patient/{patient_id}");
+        let device_id = match device {
+            Some(d) if patient_of(&d).is_some_and(|p| p != patient_id) => {
+                return Err(IdentityError::PatientDeviceMismatch);
+            }
+            Some(mut d) => {
+                d["patient"] = json!({"reference": reference});
+                id_of(&self.client.update(&d, None).await?.resource)?
+            }
+            None => {
+                let system = self
+                    .config
+                    .device_identifier_system
+                    .as_deref()
+                    .unwrap_or("");
+                let id = resource_id(system, &group.device_id);
+                let mut identifier = json!({"value": group.device_id});
+                if !system.is_empty() {
+                    identifier["system"] = json!(system);
+                }
+                let device = json!({"resourceType": "Device", "id": id, "identifier": [identifier], "patient": {"reference": reference}});
+                id_of(&self.client.update(&device, None).await?.resource)?
+            }
+        };
+        Ok((device_id, patient_id))
+    }
+}
+
+fn id_of(resource: &Value) -> Result<String, IdentityError> {
+    resource["id"].as_str().map(str::to_owned).ok_or_else(|| {
+        IdentityError::Fhir(FhirError::InvalidResponse("a resource without id".into()))
+    })
+}
+
+/// The Patient id of `Device.patient` when it is a relative `Patient/{id}` reference.
+fn patient_of(device: &Value) -> Option<String> {
+    let reference = device["patient"]["reference"].as_str()?;
+    let id = reference.strip_prefix("Patient/")?;
+    let valid = !id.is_empty()
+        && id
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || "_.-~#".contains(c));
+    valid.then(|| id.to_owned())
+}

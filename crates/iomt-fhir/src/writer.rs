@@ -1,0 +1,149 @@
+//! Creating and merging Observations on the FHIR server with as few requests as possible.
+//!
+//! MedTech searches for every Observation by identifier and then PUTs it: two requests per
+//! observation window, every time. Here the last written version of each Observation is kept
+//! in a cache (keyed by its deterministic id), so a window that is written again costs one PUT,
+//! or no request at all when the merge changes nothing. On a cache miss one identifier search
+//! finds the Observation (including ones MedTech created), then one PUT writes it. A 409 or 412
+//! means another writer got there first: the Observation is re-read and merged again.
+
+use std::time::Duration;
+
+use iomt_convert::{
+    ConvertError, Merge, ObservationGroup, ResourceIds, SERVICE_SYSTEM, build_observation,
+    identifier_value, merge_observation, resource_id,
+};
+use iomt_core::Timestamp;
+use iomt_templates::fhir::CodeValueTemplate;
+use moka::future::Cache;
+use serde_json::Value;
+
+use crate::client::{FhirClient, FhirError, Versioned};
+
+/// How many times a conflicting write is re-read and re-merged (MedTech: 2).
+const CONFLICT_RETRIES: u32 = 2;
+
+/// What a write did, for `FhirResourceSaved` (`ObservationCreated|Updated|NoOperation`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum WriteOutcome {
+    /// A new Observation.
+    Created,
+    /// An existing Observation changed.
+    Updated,
+    /// The data was already there: nothing was written.
+    Unchanged,
+}
+
+/// Why a window could not be written.
+#[derive(Debug, Clone, PartialEq, thiserror::Error)]
+pub enum WriteError {
+    /// The data does not fit the template or the existing Observation.
+    #[error(transparent)]
+    Convert(#[from] ConvertError),
+    /// The FHIR server failed or rejected the write.
+    #[error(transparent)]
+    Fhir(#[from] FhirError),
+    /// Several Observations carry the identifier (MedTech: MultipleObservationFoundException).
+    #[error("MultipleObservationFound: {0} Observations have the identifier")]
+    MultipleObservations(usize),
+}
+
+/// Writes observation windows.
+#[derive(Debug, Clone)]
+pub struct ObservationWriter {
+    client: FhirClient,
+    versions: Cache<String, Versioned>,
+}
+
+impl ObservationWriter {
+    /// A writer that remembers up to `capacity` Observations for `ttl` (MedTech: 5000, 1 h).
+    pub fn new(client: FhirClient, capacity: u64, ttl: Duration) -> Self {
+        Self {
+            client,
+            versions: Cache::builder()
+                .max_capacity(capacity)
+                .time_to_live(ttl)
+                .build(),
+        }
+    }
+
+    /// Creates or merges the Observation for one window.
+    pub async fn write(
+        &self,
+        template: &CodeValueTemplate,
+        window: &ObservationGroup<'_>,
+        ids: &ResourceIds,
+    ) -> Result<WriteOutcome, WriteError> {
+        let identifier = identifier_value(ids, window);
+        let id = resource_id(SERVICE_SYSTEM, &identifier);
+        let mut cached = self.versions.get(&id).await;
+        for attempt in 0..=CONFLICT_RETRIES {
+            let existing = match cached.take() {
+                Some(v) => Some(v),
+                None => self.find(&identifier).await?,
+            };
+            let (body, if_match, outcome) = match &existing {
+                None => (
+                    build_observation(template, window, ids, Timestamp::now())?,
+                    None,
+                    WriteOutcome::Created,
+                ),
+                Some(v) => match merge_observation(&v.resource, template, window)? {
+                    Merge::Unchanged => return Ok(WriteOutcome::Unchanged),
+                    Merge::Updated(o) => (o, v.etag.clone(), WriteOutcome::Updated),
+                },
+            };
+            match self.client.update(&body, if_match.as_deref()).await {
+                Ok(written) => {
+                    self.versions.insert(id, written).await;
+                    return Ok(outcome);
+                }
+                Err(FhirError::Conflict { status }) if attempt < CONFLICT_RETRIES => {
+                    tracing::info!(
+                        status,
+                        attempt,
+                        "observation changed concurrently; re-reading"
+                    );
+                    self.versions.invalidate(&id).await;
+                }
+                Err(e) => {
+                    self.versions.invalidate(&id).await;
+                    return Err(e.into());
+                }
+            }
+        }
+        Err(FhirError::Conflict { status: 412 }.into())
+    }
+
+    /// The Observation with exactly this identifier, if any. Search by identifier rather than
+    /// read by id, so that Observations an older writer created under other ids are found.
+    async fn find(&self, identifier: &str) -> Result<Option<Versioned>, WriteError> {
+        let token = format!("{SERVICE_SYSTEM}|{identifier}");
+        let found = self
+            .client
+            .search("Observation", &[("identifier", &token)], 10)
+            .await?;
+        // Some servers index only a prefix of identifiers: keep exact matches only.
+        let exact: Vec<Value> = found
+            .into_iter()
+            .filter(|o| {
+                o["identifier"].as_array().is_some_and(|ids| {
+                    ids.iter().any(|i| {
+                        i["system"] == SERVICE_SYSTEM && i["value"].as_str() == Some(identifier)
+                    })
+                })
+            })
+            .collect();
+        match exact.len() {
+            0 => Ok(None),
+            1 => {
+                let resource = exact.into_iter().next().unwrap_or_default();
+                let etag = resource["meta"]["versionId"]
+                    .as_str()
+                    .map(|v| format!("W/\"{v}\""));
+                Ok(Some(Versioned { resource, etag }))
+            }
+            n => Err(WriteError::MultipleObservations(n)),
+        }
+    }
+}

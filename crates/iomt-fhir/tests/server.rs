@@ -1,0 +1,331 @@
+//! Against the real FHIR test server (`tests/fhir-server`, started by `tests/run.sh`, which sets
+//! `IOMT_TEST_FHIR_URL`). Tests share one server, so each uses its own device and patient ids,
+//! and they run one at a time because fault injection is server-wide.
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use iomt_convert::{ResourceIds, SERVICE_SYSTEM, observation_groups, resource_id};
+use iomt_core::{Measurement, MeasurementGroup, MeasurementProperty, Timestamp};
+use iomt_fhir::{
+    FhirClient, FhirClientConfig, FhirError, IdentityConfig, IdentityError, IdentityMode,
+    IdentityResolver, ObservationWriter, WriteOutcome,
+};
+use iomt_templates::fhir::FhirMapping;
+use serde_json::{Value, json};
+use tokio::sync::Mutex;
+
+static SERIAL: Mutex<()> = Mutex::const_new(());
+
+fn base_url() -> String {
+    std::env::var("IOMT_TEST_FHIR_URL").expect(
+        "IOMT_TEST_FHIR_URL is not set: run tests/run.sh, which starts the FHIR test server",
+    )
+}
+
+fn control_url(path: &str) -> String {
+    let base = base_url();
+    let root = base.split("/fhir/").next().unwrap_or(&base).to_owned();
+    format!("{root}{path}")
+}
+
+fn client_with(timeout: Duration) -> FhirClient {
+    let mut config = FhirClientConfig::new(base_url());
+    config.request_timeout = timeout;
+    config.backoff_base = Duration::from_millis(50);
+    config.max_retries = 3;
+    FhirClient::new(config).unwrap()
+}
+
+fn client() -> FhirClient {
+    client_with(Duration::from_secs(10))
+}
+
+async fn inject(faults: Value) {
+    let status = reqwest::Client::new()
+        .post(control_url("/__faults"))
+        .body(faults.to_string())
+        .send()
+        .await
+        .unwrap()
+        .status();
+    assert!(status.is_success());
+}
+
+fn unique(prefix: &str) -> String {
+    format!("{prefix}-{}-{}", std::process::id(), fastrand::u64(..))
+}
+
+const FHIR: &str = r#"{"templateType": "CollectionFhir", "template": [
+  {"templateType": "CodeValueFhir", "template": {"typeName": "heartrate", "periodInterval": 60,
+    "codes": [{"code": "8867-4", "system": "http://loinc.org", "display": "Heart rate"}],
+    "value": {"valueName": "hr", "valueType": "SampledData", "defaultPeriod": 1000, "unit": "/min"}}}
+]}"#;
+
+fn group(device: &str, patient: &str, readings: &[(&str, &str)]) -> MeasurementGroup {
+    let measurements = readings.iter().map(|(time, hr)| Measurement {
+        type_name: Arc::from("heartrate"),
+        occurrence_time_utc: Timestamp::parse(time).unwrap(),
+        ingestion_time_utc: None,
+        device_id: device.to_owned(),
+        patient_id: Some(patient.to_owned()),
+        encounter_id: None,
+        correlation_id: None,
+        properties: vec![MeasurementProperty {
+            name: Arc::from("hr"),
+            value: (*hr).to_owned(),
+        }],
+    });
+    MeasurementGroup::group(measurements).remove(0)
+}
+
+async fn seed_device(client: &FhirClient, device: &str, patient: &str) -> (String, String) {
+    let patient_id = unique("pat");
+    client.update(&json!({"resourceType": "Patient", "id": patient_id, "identifier": [{"value": patient}]}), None).await.unwrap();
+    let device_id = unique("dev");
+    client
+        .update(
+            &json!({"resourceType": "Device", "id": device_id, "identifier": [{"value": device}],
+                    "patient": {"reference": format!("Patient/{patient_id}")}}),
+            None,
+        )
+        .await
+        .unwrap();
+    (device_id, patient_id)
+}
+
+async fn observations(client: &FhirClient, ids: &ResourceIds, segment: &str) -> Vec<Value> {
+    let value = format!("{}.{}.heartrate.{segment}", ids.patient, ids.device);
+    client
+        .search(
+            "Observation",
+            &[("identifier", &format!("{SERVICE_SYSTEM}|{value}"))],
+            10,
+        )
+        .await
+        .unwrap()
+}
+
+#[tokio::test]
+async fn lookup_mode_writes_once_then_merges_in_the_same_hour() {
+    let _serial = SERIAL.lock().await;
+    let client = client();
+    let (device, patient) = (unique("watch"), unique("mrn"));
+    let (device_id, patient_id) = seed_device(&client, &device, &patient).await;
+    let fhir = FhirMapping::parse(FHIR).unwrap();
+    let template = fhir.template("heartrate").unwrap();
+    let resolver = IdentityResolver::new(client.clone(), IdentityConfig::default());
+    let writer = ObservationWriter::new(client.clone(), 100, Duration::from_secs(60));
+
+    let first = group(
+        &device,
+        &patient,
+        &[
+            ("2026-11-20T08:15:30Z", "72"),
+            ("2026-11-20T08:15:31Z", "73"),
+        ],
+    );
+    let ids = resolver.resolve(&first).await.unwrap();
+    assert_eq!(
+        ids,
+        ResourceIds {
+            patient: patient_id.clone(),
+            device: device_id.clone(),
+            encounter: None
+        }
+    );
+    let window = &observation_groups(template, &first).unwrap()[0];
+    assert_eq!(
+        writer.write(template, window, &ids).await.unwrap(),
+        WriteOutcome::Created
+    );
+
+    let found = observations(&client, &ids, "20261120080000Z.20261120085959Z").await;
+    assert_eq!(found.len(), 1);
+    let o = &found[0];
+    assert_eq!(
+        o["id"],
+        resource_id(
+            SERVICE_SYSTEM,
+            o["identifier"][0]["value"].as_str().unwrap()
+        )
+    );
+    assert_eq!(o["subject"]["reference"], format!("Patient/{patient_id}"));
+    assert_eq!(o["device"]["reference"], format!("Device/{device_id}"));
+    assert_eq!(o["status"], "final");
+    let data: Vec<&str> = o["valueSampledData"]["data"]
+        .as_str()
+        .unwrap()
+        .split(' ')
+        .collect();
+    assert_eq!((data.len(), data[930], data[931]), (3600, "72", "73"));
+    let version = o["meta"]["versionId"].clone();
+
+    // The same group again: nothing is written, with or without the version cache.
+    assert_eq!(
+        writer.write(template, window, &ids).await.unwrap(),
+        WriteOutcome::Unchanged
+    );
+    let fresh = ObservationWriter::new(client.clone(), 100, Duration::from_secs(60));
+    assert_eq!(
+        fresh.write(template, window, &ids).await.unwrap(),
+        WriteOutcome::Unchanged
+    );
+    let again = observations(&client, &ids, "20261120080000Z.20261120085959Z").await;
+    assert_eq!(again[0]["meta"]["versionId"], version);
+
+    // New data in the same hour updates the same Observation, merging the SampledData.
+    let later = group(&device, &patient, &[("2026-11-20T08:45:00Z", "80")]);
+    let window = &observation_groups(template, &later).unwrap()[0];
+    assert_eq!(
+        writer.write(template, window, &ids).await.unwrap(),
+        WriteOutcome::Updated
+    );
+    // A writer that never saw the Observation merges through the search path.
+    let late = group(&device, &patient, &[("2026-11-20T08:50:00Z", "81")]);
+    let window = &observation_groups(template, &late).unwrap()[0];
+    assert_eq!(
+        fresh.write(template, window, &ids).await.unwrap(),
+        WriteOutcome::Updated
+    );
+    let merged = observations(&client, &ids, "20261120080000Z.20261120085959Z").await;
+    assert_eq!(merged.len(), 1);
+    assert_eq!(merged[0]["status"], "amended");
+    let data: Vec<&str> = merged[0]["valueSampledData"]["data"]
+        .as_str()
+        .unwrap()
+        .split(' ')
+        .collect();
+    assert_eq!(
+        (data[930], data[931], data[2700], data[3000]),
+        ("72", "73", "80", "81")
+    );
+}
+
+#[tokio::test]
+async fn create_mode_is_deterministic_and_lookup_reports_unknown_devices() {
+    let _serial = SERIAL.lock().await;
+    let client = client();
+    let (device, patient) = (unique("band"), unique("mrn"));
+    let g = group(&device, &patient, &[("2026-11-20T08:00:00Z", "70")]);
+
+    let lookup = IdentityResolver::new(client.clone(), IdentityConfig::default());
+    assert_eq!(lookup.resolve(&g).await, Err(IdentityError::DeviceNotFound));
+
+    let config = IdentityConfig {
+        mode: IdentityMode::Create,
+        device_identifier_system: Some("urn:iomt:devices".into()),
+        ..IdentityConfig::default()
+    };
+    let ids = IdentityResolver::new(client.clone(), config.clone())
+        .resolve(&g)
+        .await
+        .unwrap();
+    assert_eq!(ids.patient, resource_id("", &patient));
+    assert_eq!(ids.device, resource_id("urn:iomt:devices", &device));
+    // A second process resolves to the same resources and creates nothing new.
+    let again = IdentityResolver::new(client.clone(), config)
+        .resolve(&g)
+        .await
+        .unwrap();
+    assert_eq!(again, ids);
+    assert_eq!(
+        client
+            .search("Patient", &[("identifier", &patient)], 10)
+            .await
+            .unwrap()
+            .len(),
+        1
+    );
+    assert_eq!(
+        client
+            .search(
+                "Device",
+                &[("identifier", &format!("urn:iomt:devices|{device}"))],
+                10
+            )
+            .await
+            .unwrap()
+            .len(),
+        1
+    );
+    let created = client.read("Device", &ids.device).await.unwrap().unwrap();
+    assert_eq!(
+        created.resource["patient"]["reference"],
+        format!("Patient/{}", ids.patient)
+    );
+
+    // Lookup mode now finds the created Device and its Patient.
+    let lookup = IdentityResolver::new(
+        client.clone(),
+        IdentityConfig {
+            device_identifier_system: Some("urn:iomt:devices".into()),
+            ..IdentityConfig::default()
+        },
+    );
+    assert_eq!(lookup.resolve(&g).await.unwrap(), ids);
+}
+
+#[tokio::test]
+async fn faults_are_retried_or_classified() {
+    let _serial = SERIAL.lock().await;
+    let client = client();
+    let id = unique("fault");
+    client
+        .update(&json!({"resourceType": "Patient", "id": id}), None)
+        .await
+        .unwrap();
+
+    // 429 with Retry-After: the client waits as told, then succeeds.
+    inject(json!([{"status": 429, "headers": {"Retry-After": "1"}, "body": "{}"}])).await;
+    let started = Instant::now();
+    assert!(client.read("Patient", &id).await.unwrap().is_some());
+    assert!(
+        started.elapsed() >= Duration::from_secs(1),
+        "{:?}",
+        started.elapsed()
+    );
+
+    // An HTML 502 page from a proxy: retried with backoff.
+    inject(json!([{"status": 502, "headers": {"Content-Type": "text/html"}, "body": "<html><body><h1>502 Bad Gateway</h1></body></html>"}])).await;
+    assert!(client.read("Patient", &id).await.unwrap().is_some());
+
+    // A server slower than the request timeout: the attempt times out and is retried.
+    let impatient = client_with(Duration::from_millis(300));
+    inject(json!([{"delayMs": 1200}])).await;
+    assert!(impatient.read("Patient", &id).await.unwrap().is_some());
+
+    // A 400 OperationOutcome is a data error that carries the server's explanation.
+    inject(json!([{"status": 400, "body": {"resourceType": "OperationOutcome", "issue": [
+        {"severity": "error", "code": "invalid", "details": {"text": "Missing required property"}, "expression": ["Observation.code"]}]}}]))
+    .await;
+    match client.read("Patient", &id).await {
+        Err(FhirError::Rejected {
+            status: 400,
+            message,
+            outcome,
+        }) => {
+            assert!(
+                message.contains("Missing required property")
+                    && message.contains("Observation.code"),
+                "{message}"
+            );
+            assert!(outcome.is_some());
+        }
+        other => panic!("expected a rejected request, got {other:?}"),
+    }
+
+    // A server that keeps failing: retries are bounded and the error says so.
+    inject(json!([{"status": 500}, {"status": 500}, {"status": 500}, {"status": 500}])).await;
+    assert!(matches!(
+        client.read("Patient", &id).await,
+        Err(FhirError::Unavailable { attempts: 4, .. })
+    ));
+
+    // Real validation errors from the server are classified the same way.
+    let invalid = json!({"resourceType": "Observation", "id": unique("obs"), "status": "final"});
+    assert!(matches!(
+        client.update(&invalid, None).await,
+        Err(FhirError::Rejected { status: 400, .. })
+    ));
+}
