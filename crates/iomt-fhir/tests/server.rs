@@ -329,3 +329,45 @@ async fn faults_are_retried_or_classified() {
         Err(FhirError::Rejected { status: 400, .. })
     ));
 }
+
+#[tokio::test]
+async fn a_stale_version_is_reread_and_merged_again() {
+    let _serial = SERIAL.lock().await;
+    let client = client();
+    let (device, patient) = (unique("monitor"), unique("mrn"));
+    seed_device(&client, &device, &patient).await;
+    let fhir = FhirMapping::parse(FHIR).unwrap();
+    let template = fhir.template("heartrate").unwrap();
+    let resolver = IdentityResolver::new(client.clone(), IdentityConfig::default());
+    let a = ObservationWriter::new(client.clone(), 100, Duration::from_secs(60));
+    let b = ObservationWriter::new(client.clone(), 100, Duration::from_secs(60));
+
+    let first = group(&device, &patient, &[("2026-11-20T09:00:10Z", "60")]);
+    let ids = resolver.resolve(&first).await.unwrap();
+    let window = &observation_groups(template, &first).unwrap()[0];
+    assert_eq!(
+        a.write(template, window, &ids).await.unwrap(),
+        WriteOutcome::Created
+    );
+    // Another writer (another pod) updates the Observation; `a` still caches the old version.
+    let other = group(&device, &patient, &[("2026-11-20T09:00:20Z", "61")]);
+    let window = &observation_groups(template, &other).unwrap()[0];
+    assert_eq!(
+        b.write(template, window, &ids).await.unwrap(),
+        WriteOutcome::Updated
+    );
+    // `a` writes with a stale If-Match, gets 412, re-reads and merges on top of `b`'s data.
+    let third = group(&device, &patient, &[("2026-11-20T09:00:30Z", "62")]);
+    let window = &observation_groups(template, &third).unwrap()[0];
+    assert_eq!(
+        a.write(template, window, &ids).await.unwrap(),
+        WriteOutcome::Updated
+    );
+    let found = observations(&client, &ids, "20261120090000Z.20261120095959Z").await;
+    let data: Vec<&str> = found[0]["valueSampledData"]["data"]
+        .as_str()
+        .unwrap()
+        .split(' ')
+        .collect();
+    assert_eq!((data[10], data[20], data[30]), ("60", "61", "62"));
+}
