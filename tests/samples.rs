@@ -4,7 +4,7 @@
 
 use std::path::{Path, PathBuf};
 
-use iomt_convert::{ResourceIds, build_observation, observation_groups};
+use iomt_convert::{ResourceIds, convert_window, observation_groups};
 use iomt_core::{DeviceEvent, MeasurementGroup, Timestamp};
 use iomt_normalize::{Normalizer, envelope, envelope_enqueued_time, parse_body};
 use iomt_templates::device::DeviceMapping;
@@ -152,11 +152,11 @@ fn convert(fhir: &FhirMapping, measurements: &[iomt_core::Measurement]) -> Vec<V
     let mut out = Vec::new();
     for group in MeasurementGroup::group(measurements.iter().cloned()) {
         let template = fhir
-            .template(&group.type_name)
+            .lookup(&group.type_name)
             .unwrap_or_else(|| panic!("no FHIR template for {}", group.type_name));
         let ids = ResourceIds::placeholders(&group);
-        for window in observation_groups(template, &group).unwrap() {
-            let mut o = build_observation(template, &window, &ids, Timestamp::now()).unwrap();
+        for window in observation_groups(template.period_interval(), &group).unwrap() {
+            let mut o = convert_window(template, &window, &ids, &group, Timestamp::now()).unwrap();
             o.as_object_mut().unwrap().shift_remove("issued");
             out.push(o);
         }

@@ -7,7 +7,7 @@ use std::path::{Path, PathBuf};
 
 use anyhow::Context as _;
 use clap::{Args, Subcommand};
-use iomt_convert::{ConvertError, ResourceIds, build_observation, observation_groups};
+use iomt_convert::{ConvertError, ResourceIds, convert_window, observation_groups};
 use iomt_core::{DeviceEvent, Measurement, MeasurementGroup, Timestamp};
 use iomt_normalize::{
     MAX_BODY_BYTES, NormalizeError, Normalizer, Output, Trace, envelope, envelope_enqueued_time,
@@ -415,14 +415,15 @@ fn convert(
     let issued = Timestamp::now();
     for group in MeasurementGroup::group(measurements.iter().cloned()) {
         let converted = fhir
-            .template(&group.type_name)
+            .lookup(&group.type_name)
             .ok_or_else(|| ConvertError::TemplateNotFound(group.type_name.to_string()))
             .and_then(|template| {
                 let ids = ResourceIds::placeholders(&group);
-                observation_groups(template, &group)?
+                observation_groups(template.period_interval(), &group)?
                     .iter()
                     .map(|window| {
-                        build_observation(template, window, &ids, issued).map(mark_placeholders)
+                        convert_window(template, window, &ids, &group, issued)
+                            .map(mark_placeholders)
                     })
                     .collect::<Result<Vec<_>, _>>()
             });

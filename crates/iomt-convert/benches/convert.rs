@@ -85,7 +85,7 @@ fn convert_all(fhir: &FhirMapping, groups: &[MeasurementGroup]) -> Vec<Value> {
     for g in groups {
         let template = fhir.template(&g.type_name).expect("template");
         let ids = ResourceIds::placeholders(g);
-        for w in observation_groups(template, g).expect("groups") {
+        for w in observation_groups(template.period_interval, g).expect("groups") {
             out.push(build_observation(template, &w, &ids, issued).expect("observation"));
         }
     }
@@ -118,7 +118,7 @@ fn main() {
             for g in &later {
                 let template = fhir.template(&g.type_name).expect("template");
                 let ids = ResourceIds::placeholders(g);
-                for w in observation_groups(template, g).expect("groups") {
+                for w in observation_groups(template.period_interval, g).expect("groups") {
                     let id = resource_id(SERVICE_SYSTEM, &identifier_value(&ids, &w));
                     let o = match existing.get(&id) {
                         Some(old) => match merge_observation(old, template, &w).expect("merge") {

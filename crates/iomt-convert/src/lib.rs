@@ -19,7 +19,10 @@
 use std::collections::BTreeMap;
 
 use iomt_core::{Measurement, MeasurementGroup, Timestamp};
-use iomt_templates::fhir::{CodeValueTemplate, Coding, PeriodInterval, ValueKind, ValueTemplate};
+use iomt_templates::fhir::{
+    CodeValueTemplate, Coding, FhirTemplate, HandlebarsTemplate, PeriodInterval, ValueKind,
+    ValueTemplate,
+};
 use serde_json::{Map, Number, Value, json};
 use sha2::{Digest, Sha256};
 
@@ -68,6 +71,14 @@ pub enum ConvertError {
         /// What the Observation has.
         actual: String,
     },
+    /// A handlebars template failed to render, or rendered something that is not a resource.
+    #[error("the handlebars template for [{type_name}] {reason}")]
+    Render {
+        /// The measurement type.
+        type_name: String,
+        /// What went wrong.
+        reason: String,
+    },
     /// The existing Observation has no usable effective period.
     #[error("the existing Observation has no effectivePeriod or effectiveDateTime")]
     EffectiveNotSupported,
@@ -81,6 +92,7 @@ impl ConvertError {
             ConvertError::CorrelationIdNotDefined(_) => "CorrelationIdNotDefinedException",
             ConvertError::InvalidQuantityValue { .. } => "InvalidQuantityFhirValueException",
             ConvertError::MultipleStringValues { .. } => "InvalidOperationException",
+            ConvertError::Render { .. } => "HandlebarsRenderException",
             ConvertError::ExistingValueType { .. } | ConvertError::EffectiveNotSupported => {
                 "NotSupportedException"
             }
@@ -133,7 +145,7 @@ pub struct ObservationGroup<'a> {
 /// Splits a measurement group into observation windows, after MedTech's de-duplication: of
 /// measurements with the same occurrence time, the one ingested last is kept.
 pub fn observation_groups<'a>(
-    template: &CodeValueTemplate,
+    period: PeriodInterval,
     group: &'a MeasurementGroup,
 ) -> Result<Vec<ObservationGroup<'a>>, ConvertError> {
     let mut latest: BTreeMap<Timestamp, &'a Measurement> = BTreeMap::new();
@@ -146,7 +158,7 @@ pub fn observation_groups<'a>(
         }
     }
     let window = |t: Timestamp| -> (Timestamp, Timestamp) {
-        match template.period_interval {
+        match period {
             PeriodInterval::Single | PeriodInterval::CorrelationId => (t, t),
             PeriodInterval::Hourly => {
                 (t.hour_start(), t.hour_start().add_ticks(TICKS_PER_HOUR - 1))
@@ -162,7 +174,7 @@ pub fn observation_groups<'a>(
         )
     };
     let mut windows: BTreeMap<Timestamp, ObservationGroup<'a>> = BTreeMap::new();
-    if template.period_interval == PeriodInterval::CorrelationId {
+    if period == PeriodInterval::CorrelationId {
         let correlation = group
             .correlation_id
             .as_deref()
@@ -517,6 +529,107 @@ fn new_component(
     m.insert("code".to_owned(), code_json(&c.value.value_name, &c.codes));
     m.insert(key.to_owned(), value);
     Ok(Value::Object(m))
+}
+
+/// What a handlebars template sees for one window.
+///
+/// | Field | Content |
+/// |---|---|
+/// | `type`, `deviceId`, `patientId`, `encounterId`, `correlationId` | from the measurements |
+/// | `ids.patient`, `ids.device`, `ids.encounter` | the resolved FHIR ids |
+/// | `period.start`, `period.end` | the window, in .NET round-trip form |
+/// | `segment` | MedTech's identifier segment |
+/// | `identifier.system`, `identifier.value` | the MedTech Observation identifier |
+/// | `values.<name>` | `[{"time", "value"}]`, time-ordered |
+/// | `latest.<name>` | the last value of each name |
+pub fn template_context(
+    group: &ObservationGroup<'_>,
+    ids: &ResourceIds,
+    measurement: &MeasurementGroup,
+) -> Value {
+    let mut values = Map::new();
+    let mut latest = Map::new();
+    for (name, list) in &group.values {
+        values.insert(
+            (*name).to_owned(),
+            Value::Array(
+                list.iter()
+                    .map(|(t, v)| json!({"time": t.to_string(), "value": v}))
+                    .collect(),
+            ),
+        );
+        if let Some((_, v)) = list.last() {
+            latest.insert((*name).to_owned(), json!(v));
+        }
+    }
+    json!({
+        "type": group.type_name,
+        "deviceId": measurement.device_id,
+        "patientId": measurement.patient_id,
+        "encounterId": measurement.encounter_id,
+        "correlationId": measurement.correlation_id,
+        "ids": {"patient": ids.patient, "device": ids.device, "encounter": ids.encounter},
+        "period": {"start": group.start.to_round_trip_string(), "end": group.end.to_round_trip_string()},
+        "segment": group.segment,
+        "identifier": {"system": SERVICE_SYSTEM, "value": identifier_value(ids, group)},
+        "values": values,
+        "latest": latest,
+    })
+}
+
+/// Renders a handlebars template into a resource with a deterministic id: the rendered `id`,
+/// else the SHA-256 of `"{resourceType}|{key}"`.
+pub fn render_resource(
+    template: &HandlebarsTemplate,
+    group: &ObservationGroup<'_>,
+    ids: &ResourceIds,
+    measurement: &MeasurementGroup,
+) -> Result<Value, ConvertError> {
+    let fail = |reason: String| ConvertError::Render {
+        type_name: group.type_name.to_owned(),
+        reason,
+    };
+    let context = template_context(group, ids, measurement);
+    let text = template
+        .render_resource(&context)
+        .map_err(|e| fail(format!("failed to render: {e}")))?;
+    let mut resource: Value = serde_json::from_str(&text)
+        .map_err(|e| fail(format!("rendered text that is not JSON ({e})")))?;
+    let Some(resource_type) = resource
+        .get("resourceType")
+        .and_then(Value::as_str)
+        .map(str::to_owned)
+    else {
+        return Err(fail("rendered JSON without a resourceType".into()));
+    };
+    if resource.get("id").and_then(Value::as_str).is_none() {
+        let key = template
+            .render_key(&context)
+            .ok_or_else(|| {
+                fail(
+                    "renders no id and declares no key; add \"key\" so that writes stay idempotent"
+                        .into(),
+                )
+            })?
+            .map_err(|e| fail(format!("failed to render its key: {e}")))?;
+        resource["id"] = json!(resource_id(&resource_type, &key));
+    }
+    Ok(resource)
+}
+
+/// Converts one window with a template of either kind: a new Observation from `CodeValueFhir`,
+/// or the rendered resource from `HandlebarsFhir`.
+pub fn convert_window(
+    template: FhirTemplate<'_>,
+    window: &ObservationGroup<'_>,
+    ids: &ResourceIds,
+    group: &MeasurementGroup,
+    issued: Timestamp,
+) -> Result<Value, ConvertError> {
+    match template {
+        FhirTemplate::CodeValue(t) => build_observation(t, window, ids, issued),
+        FhirTemplate::Handlebars(t) => render_resource(t, window, ids, group),
+    }
 }
 
 /// The outcome of merging a window into an existing Observation.

@@ -89,7 +89,7 @@ fn hourly_window_identifier_and_id() {
         measurement("heartrate", "2019-01-01T00:12:00Z", &[("hr", "72")]),
     ])
     .remove(0);
-    let windows = observation_groups(t, &group).unwrap();
+    let windows = observation_groups(t.period_interval, &group).unwrap();
     assert_eq!(windows.len(), 1);
     assert_eq!(windows[0].segment, "20190101000000Z.20190101005959Z");
     let o = build_observation(t, &windows[0], &ids(), ts("2026-11-22T05:00:00Z")).unwrap();
@@ -138,7 +138,7 @@ fn components_quantities_and_categories() {
         &[("systolic", "120"), ("diastolic", "80.50")],
     )])
     .remove(0);
-    let windows = observation_groups(t, &group).unwrap();
+    let windows = observation_groups(t.period_interval, &group).unwrap();
     assert_eq!(windows[0].segment, "20190101001000Z.20190101001000Z");
     let o = build_observation(t, &windows[0], &ids(), Timestamp::now()).unwrap();
     assert_eq!(
@@ -159,7 +159,7 @@ fn components_quantities_and_categories() {
         &[("systolic", "high")],
     )])
     .remove(0);
-    let windows = observation_groups(t, &bad).unwrap();
+    let windows = observation_groups(t.period_interval, &bad).unwrap();
     assert!(matches!(
         build_observation(t, &windows[0], &ids(), Timestamp::now()),
         Err(ConvertError::InvalidQuantityValue { .. })
@@ -175,14 +175,14 @@ fn correlation_windows_need_a_correlation_id() {
         measurement("session", "2019-01-01T00:00:03Z", &[("steps", "4")]),
     ])
     .remove(0);
-    let windows = observation_groups(t, &group).unwrap();
+    let windows = observation_groups(t.period_interval, &group).unwrap();
     assert_eq!(windows[0].segment, "corr-1");
     let o = build_observation(t, &windows[0], &ids(), Timestamp::now()).unwrap();
     assert_eq!(o["valueSampledData"]["data"], "1 E E 4");
     let mut no_corr = group.clone();
     no_corr.correlation_id = None;
     assert!(matches!(
-        observation_groups(t, &no_corr),
+        observation_groups(t.period_interval, &no_corr),
         Err(ConvertError::CorrelationIdNotDefined(_))
     ));
 }
@@ -196,7 +196,7 @@ fn duplicates_keep_the_latest_ingestion() {
     a.ingestion_time_utc = Some(ts("2019-01-01T00:10:05Z"));
     b.ingestion_time_utc = Some(ts("2019-01-01T00:10:01Z"));
     let group = MeasurementGroup::group(vec![a, b]).remove(0);
-    let windows = observation_groups(t, &group).unwrap();
+    let windows = observation_groups(t.period_interval, &group).unwrap();
     assert_eq!(
         windows[0].values["hr"],
         vec![(ts("2019-01-01T00:10:00Z"), "70")]
@@ -213,7 +213,7 @@ fn merge_is_idempotent_and_widens_sampled_data() {
         &[("hr", "70")],
     )])
     .remove(0);
-    let w = observation_groups(t, &first).unwrap();
+    let w = observation_groups(t.period_interval, &first).unwrap();
     let created = build_observation(t, &w[0], &ids(), Timestamp::now()).unwrap();
     // The same data again changes nothing: no write.
     assert_eq!(
@@ -227,7 +227,7 @@ fn merge_is_idempotent_and_widens_sampled_data() {
         &[("hr", "75")],
     )])
     .remove(0);
-    let w2 = observation_groups(t, &second).unwrap();
+    let w2 = observation_groups(t.period_interval, &second).unwrap();
     let Merge::Updated(updated) = merge_observation(&created, t, &w2[0]).unwrap() else {
         panic!("expected an update")
     };
@@ -256,7 +256,7 @@ fn merge_appends_missing_components_and_checks_value_types() {
         &[("systolic", "120")],
     )])
     .remove(0);
-    let w = observation_groups(t, &only_sys).unwrap();
+    let w = observation_groups(t.period_interval, &only_sys).unwrap();
     let created = build_observation(t, &w[0], &ids(), Timestamp::now()).unwrap();
     assert_eq!(created["component"].as_array().unwrap().len(), 1);
     let both = MeasurementGroup::group(vec![measurement(
@@ -265,7 +265,7 @@ fn merge_appends_missing_components_and_checks_value_types() {
         &[("systolic", "121"), ("diastolic", "80")],
     )])
     .remove(0);
-    let w = observation_groups(t, &both).unwrap();
+    let w = observation_groups(t.period_interval, &both).unwrap();
     let Merge::Updated(updated) = merge_observation(&created, t, &w[0]).unwrap() else {
         panic!("expected an update")
     };

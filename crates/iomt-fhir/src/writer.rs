@@ -115,6 +115,54 @@ impl ObservationWriter {
         Err(FhirError::Conflict { status: 412 }.into())
     }
 
+    /// Writes a resource rendered by a handlebars template: PUT by its deterministic id,
+    /// skipped when the server already holds the same content. A concurrent change (412) is
+    /// re-read and compared again.
+    pub async fn write_resource(&self, resource: &Value) -> Result<WriteOutcome, WriteError> {
+        let (Some(resource_type), Some(id)) =
+            (resource["resourceType"].as_str(), resource["id"].as_str())
+        else {
+            return Err(FhirError::InvalidResponse(
+                "a rendered resource needs resourceType and id".into(),
+            )
+            .into());
+        };
+        let key = format!("{resource_type}/{id}");
+        let mut cached = self.versions.get(&key).await;
+        for attempt in 0..=CONFLICT_RETRIES {
+            let existing = match cached.take() {
+                Some(v) => Some(v),
+                None => self.client.read(resource_type, id).await?,
+            };
+            if existing
+                .as_ref()
+                .is_some_and(|v| same_content(&v.resource, resource))
+            {
+                return Ok(WriteOutcome::Unchanged);
+            }
+            let outcome = if existing.is_some() {
+                WriteOutcome::Updated
+            } else {
+                WriteOutcome::Created
+            };
+            let if_match = existing.as_ref().and_then(|v| v.etag.clone());
+            match self.client.update(resource, if_match.as_deref()).await {
+                Ok(written) => {
+                    self.versions.insert(key, written).await;
+                    return Ok(outcome);
+                }
+                Err(FhirError::Conflict { .. }) if attempt < CONFLICT_RETRIES => {
+                    self.versions.invalidate(&key).await
+                }
+                Err(e) => {
+                    self.versions.invalidate(&key).await;
+                    return Err(e.into());
+                }
+            }
+        }
+        Err(FhirError::Conflict { status: 412 }.into())
+    }
+
     /// The Observation with exactly this identifier, if any. Search by identifier rather than
     /// read by id, so that Observations an older writer created under other ids are found.
     async fn find(&self, identifier: &str) -> Result<Option<Versioned>, WriteError> {
@@ -146,4 +194,17 @@ impl ObservationWriter {
             n => Err(WriteError::MultipleObservations(n)),
         }
     }
+}
+
+/// Whether the server's copy holds the rendered content (the server adds `meta`).
+fn same_content(stored: &Value, rendered: &Value) -> bool {
+    let mut stored = stored.clone();
+    if let Some(m) = stored.as_object_mut() {
+        m.shift_remove("meta");
+    }
+    let mut rendered = rendered.clone();
+    if let Some(m) = rendered.as_object_mut() {
+        m.shift_remove("meta");
+    }
+    stored == rendered
 }

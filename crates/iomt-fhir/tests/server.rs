@@ -134,7 +134,7 @@ async fn lookup_mode_writes_once_then_merges_in_the_same_hour() {
             encounter: None
         }
     );
-    let window = &observation_groups(template, &first).unwrap()[0];
+    let window = &observation_groups(template.period_interval, &first).unwrap()[0];
     assert_eq!(
         writer.write(template, window, &ids).await.unwrap(),
         WriteOutcome::Created
@@ -176,14 +176,14 @@ async fn lookup_mode_writes_once_then_merges_in_the_same_hour() {
 
     // New data in the same hour updates the same Observation, merging the SampledData.
     let later = group(&device, &patient, &[("2026-11-20T08:45:00Z", "80")]);
-    let window = &observation_groups(template, &later).unwrap()[0];
+    let window = &observation_groups(template.period_interval, &later).unwrap()[0];
     assert_eq!(
         writer.write(template, window, &ids).await.unwrap(),
         WriteOutcome::Updated
     );
     // A writer that never saw the Observation merges through the search path.
     let late = group(&device, &patient, &[("2026-11-20T08:50:00Z", "81")]);
-    let window = &observation_groups(template, &late).unwrap()[0];
+    let window = &observation_groups(template.period_interval, &late).unwrap()[0];
     assert_eq!(
         fresh.write(template, window, &ids).await.unwrap(),
         WriteOutcome::Updated
@@ -344,21 +344,21 @@ async fn a_stale_version_is_reread_and_merged_again() {
 
     let first = group(&device, &patient, &[("2026-11-20T09:00:10Z", "60")]);
     let ids = resolver.resolve(&first).await.unwrap();
-    let window = &observation_groups(template, &first).unwrap()[0];
+    let window = &observation_groups(template.period_interval, &first).unwrap()[0];
     assert_eq!(
         a.write(template, window, &ids).await.unwrap(),
         WriteOutcome::Created
     );
     // Another writer (another pod) updates the Observation; `a` still caches the old version.
     let other = group(&device, &patient, &[("2026-11-20T09:00:20Z", "61")]);
-    let window = &observation_groups(template, &other).unwrap()[0];
+    let window = &observation_groups(template.period_interval, &other).unwrap()[0];
     assert_eq!(
         b.write(template, window, &ids).await.unwrap(),
         WriteOutcome::Updated
     );
     // `a` writes with a stale If-Match, gets 412, re-reads and merges on top of `b`'s data.
     let third = group(&device, &patient, &[("2026-11-20T09:00:30Z", "62")]);
-    let window = &observation_groups(template, &third).unwrap()[0];
+    let window = &observation_groups(template.period_interval, &third).unwrap()[0];
     assert_eq!(
         a.write(template, window, &ids).await.unwrap(),
         WriteOutcome::Updated
@@ -370,4 +370,68 @@ async fn a_stale_version_is_reread_and_merged_again() {
         .split(' ')
         .collect();
     assert_eq!((data[10], data[20], data[30]), ("60", "61", "62"));
+}
+
+#[tokio::test]
+async fn handlebars_resources_are_written_idempotently() {
+    let _serial = SERIAL.lock().await;
+    let client = client();
+    let (device, patient) = (unique("pump"), unique("mrn"));
+    seed_device(&client, &device, &patient).await;
+    let fhir = FhirMapping::parse(
+        r#"{"templateType": "CollectionFhir", "template": [{"templateType": "HandlebarsFhir", "template": {
+          "typeName": "heartrate", "periodInterval": 0,
+          "key": "{{ids.device}}.{{type}}.{{segment}}",
+          "resource": "{\"resourceType\": \"Observation\", \"meta\": {\"profile\": [\"https://example.org/fhir/StructureDefinition/my-heart-rate\"]}, \"status\": \"final\", \"code\": {\"coding\": [{\"system\": \"http://loinc.org\", \"code\": \"8867-4\"}]}, \"subject\": {\"reference\": \"Patient/{{ids.patient}}\"}, \"effectiveDateTime\": \"{{period.start}}\", \"valueQuantity\": {\"value\": {{latest.hr}}, \"unit\": \"/min\"}, \"identifier\": [{\"system\": \"{{identifier.system}}\", \"value\": \"{{identifier.value}}\"}]}"
+        }}]}"#,
+    )
+    .unwrap();
+    let template = fhir.lookup("heartrate").unwrap();
+    let resolver = IdentityResolver::new(client.clone(), IdentityConfig::default());
+    let writer = ObservationWriter::new(client.clone(), 100, Duration::from_secs(60));
+    let g = group(&device, &patient, &[("2026-11-20T10:00:00Z", "66")]);
+    let ids = resolver.resolve(&g).await.unwrap();
+    let window = &observation_groups(template.period_interval(), &g).unwrap()[0];
+    let resource =
+        iomt_convert::convert_window(template, window, &ids, &g, Timestamp::now()).unwrap();
+    let id = resource["id"].as_str().unwrap().to_owned();
+    assert_eq!(
+        id,
+        resource_id(
+            "Observation",
+            &format!("{}.heartrate.{}", ids.device, window.segment)
+        )
+    );
+    assert_eq!(
+        writer.write_resource(&resource).await.unwrap(),
+        WriteOutcome::Created
+    );
+    // A replay writes nothing, also from a process that never saw the resource.
+    assert_eq!(
+        writer.write_resource(&resource).await.unwrap(),
+        WriteOutcome::Unchanged
+    );
+    let fresh = ObservationWriter::new(client.clone(), 100, Duration::from_secs(60));
+    assert_eq!(
+        fresh.write_resource(&resource).await.unwrap(),
+        WriteOutcome::Unchanged
+    );
+    let stored = client
+        .read("Observation", &id)
+        .await
+        .unwrap()
+        .unwrap()
+        .resource;
+    assert_eq!(stored["valueQuantity"]["value"], 66);
+    assert_eq!(
+        stored["subject"]["reference"],
+        format!("Patient/{}", ids.patient)
+    );
+
+    let mut changed = resource.clone();
+    changed["valueQuantity"]["value"] = json!(67);
+    assert_eq!(
+        writer.write_resource(&changed).await.unwrap(),
+        WriteOutcome::Updated
+    );
 }

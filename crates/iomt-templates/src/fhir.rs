@@ -13,8 +13,56 @@ use crate::source::{Checker, Members, Source, start, type_name};
 /// A validated FHIR mapping.
 #[derive(Debug, Clone)]
 pub struct FhirMapping {
-    /// Templates in declaration order; type names are unique without regard to case.
+    /// `CodeValueFhir` templates in declaration order.
     pub templates: Vec<CodeValueTemplate>,
+    /// `HandlebarsFhir` templates (an iomt extension) in declaration order. Type names are
+    /// unique across both lists, without regard to case.
+    pub handlebars: Vec<HandlebarsTemplate>,
+}
+
+/// The template a measurement type converts with.
+#[derive(Debug, Clone, Copy)]
+pub enum FhirTemplate<'a> {
+    /// MedTech's Observation template.
+    CodeValue(&'a CodeValueTemplate),
+    /// A handlebars template that renders any FHIR resource.
+    Handlebars(&'a HandlebarsTemplate),
+}
+
+impl FhirTemplate<'_> {
+    /// How the template groups measurements in time.
+    pub fn period_interval(&self) -> PeriodInterval {
+        match self {
+            FhirTemplate::CodeValue(t) => t.period_interval,
+            FhirTemplate::Handlebars(t) => t.period_interval,
+        }
+    }
+}
+
+#[derive(Clone, Copy)]
+enum FhirKind {
+    CodeValue,
+    Handlebars,
+}
+
+impl FhirKind {
+    fn from_type_name(name: &str) -> Option<Self> {
+        let is = |n: &str| name.eq_ignore_ascii_case(n);
+        if is("CodeValueFhir") || is("CodeValueFhirTemplate") {
+            Some(FhirKind::CodeValue)
+        } else if is("HandlebarsFhir") {
+            Some(FhirKind::Handlebars)
+        } else {
+            None
+        }
+    }
+
+    fn name(self) -> &'static str {
+        match self {
+            FhirKind::CodeValue => "CodeValueFhir",
+            FhirKind::Handlebars => "HandlebarsFhir",
+        }
+    }
 }
 
 impl FhirMapping {
@@ -24,55 +72,275 @@ impl FhirMapping {
         let root = source.parse().map_err(|e| vec![e])?;
         let mut c = Checker::new(&source);
         let items = c.collection_items(&root, "CollectionFhir");
-        let mut templates: Vec<CodeValueTemplate> = Vec::new();
+        let mut mapping = FhirMapping {
+            templates: Vec::new(),
+            handlebars: Vec::new(),
+        };
+        let mut names: Vec<(String, usize)> = Vec::new();
         for (index, item) in items.iter().enumerate() {
-            let Some((_, body, path)) = c.entry(
+            let Some((kind, body, path)) = c.entry(
                 index,
                 item,
-                |name| {
-                    (name.eq_ignore_ascii_case("CodeValueFhir")
-                        || name.eq_ignore_ascii_case("CodeValueFhirTemplate"))
-                    .then_some(())
-                },
-                |()| "CodeValueFhir",
-                "CodeValueFhir",
+                FhirKind::from_type_name,
+                FhirKind::name,
+                "CodeValueFhir or HandlebarsFhir",
             ) else {
                 continue;
             };
-            let Some(template) = code_value(&mut c, index, body, &path) else {
-                continue;
+            let (type_name, offset) = match kind {
+                FhirKind::CodeValue => match code_value(&mut c, index, body, &path) {
+                    Some(t) => {
+                        let key = (t.type_name.clone(), t.type_name_offset);
+                        mapping.templates.push(t);
+                        key
+                    }
+                    None => continue,
+                },
+                FhirKind::Handlebars => match handlebars_template(&mut c, index, body, &path) {
+                    Some((t, offset)) => {
+                        let key = (t.type_name.clone(), offset);
+                        mapping.handlebars.push(t);
+                        key
+                    }
+                    None => continue,
+                },
             };
-            if let Some(first) = templates
+            if let Some((_, first)) = names
                 .iter()
-                .find(|t| t.type_name.eq_ignore_ascii_case(&template.type_name))
+                .find(|(n, _)| n.eq_ignore_ascii_case(&type_name))
             {
                 let message = format!(
-                    "duplicate template defined for type name '{}' (also template[{}]; type names are matched without regard to case)",
-                    template.type_name, first.index
+                    "duplicate template defined for type name '{type_name}' (also template[{first}]; type names are matched without regard to case)"
                 );
                 c.error(
                     TemplateErrorKind::InvalidValue,
-                    template.type_name_offset,
+                    offset,
                     &format!("{path}.typeName"),
                     message,
                 );
                 continue;
             }
-            templates.push(template);
+            names.push((type_name, index));
         }
         if c.errors.is_empty() {
-            Ok(Self { templates })
+            Ok(mapping)
         } else {
             Err(c.errors)
         }
     }
 
-    /// The template for a measurement type (case-insensitive, as in MedTech).
+    /// The `CodeValueFhir` template for a measurement type (case-insensitive, as in MedTech).
     pub fn template(&self, type_name: &str) -> Option<&CodeValueTemplate> {
         self.templates
             .iter()
             .find(|t| t.type_name.eq_ignore_ascii_case(type_name))
     }
+
+    /// The template of either kind for a measurement type (case-insensitive).
+    pub fn lookup(&self, type_name: &str) -> Option<FhirTemplate<'_>> {
+        self.template(type_name)
+            .map(FhirTemplate::CodeValue)
+            .or_else(|| {
+                self.handlebars
+                    .iter()
+                    .find(|t| t.type_name.eq_ignore_ascii_case(type_name))
+                    .map(FhirTemplate::Handlebars)
+            })
+    }
+}
+
+/// A `HandlebarsFhir` template: renders any FHIR resource (an Observation with the customer's
+/// own profile, a DeviceMetric, ...) from one observation window.
+///
+/// ```json
+/// {"templateType": "HandlebarsFhir", "template": {
+///   "typeName": "heartrate", "periodInterval": 60,
+///   "key": "{{ids.device}}.{{type}}.{{segment}}",
+///   "resource": "{\"resourceType\": \"Observation\", \"status\": \"final\", ...}"}}
+/// ```
+///
+/// The registry runs in strict mode (a missing field is an error, not an empty string), with
+/// no partials and no access to files or the network; `{{x}}` escapes for JSON strings.
+/// Rendering must give a JSON object with a `resourceType`. The resource's id is its own `id`
+/// if it renders one, else the SHA-256 of `key`, so that a replay writes the same resource.
+#[derive(Debug, Clone)]
+pub struct HandlebarsTemplate {
+    /// Position in the collection (0-based).
+    pub index: usize,
+    /// 1-based line of the template object in the file.
+    pub line: usize,
+    /// The measurement type this template converts.
+    pub type_name: String,
+    /// Grouping in time.
+    pub period_interval: PeriodInterval,
+    /// Whether a `key` template was declared.
+    pub has_key: bool,
+    registry: std::sync::Arc<handlebars::Handlebars<'static>>,
+}
+
+impl HandlebarsTemplate {
+    /// Renders the resource text for a window context.
+    pub fn render_resource(&self, context: &serde_json::Value) -> Result<String, String> {
+        self.registry
+            .render("resource", context)
+            .map_err(|e| render_error(&e))
+    }
+
+    /// Renders the declared key, if any.
+    pub fn render_key(&self, context: &serde_json::Value) -> Option<Result<String, String>> {
+        self.has_key.then(|| {
+            self.registry
+                .render("key", context)
+                .map_err(|e| render_error(&e))
+        })
+    }
+}
+
+fn render_error(e: &handlebars::RenderError) -> String {
+    match (e.line_no, e.column_no) {
+        (Some(l), Some(c)) => format!("{e} (template line {l}, column {c})"),
+        _ => e.to_string(),
+    }
+}
+
+/// JSON string escaping for `{{x}}`: the value can sit inside a JSON string literal.
+fn json_escape(text: &str) -> String {
+    let quoted = serde_json::Value::String(text.to_owned()).to_string();
+    quoted[1..quoted.len() - 1].to_owned()
+}
+
+fn registry() -> handlebars::Handlebars<'static> {
+    use handlebars::{Context, Handlebars, Helper, HelperResult, Output, RenderContext};
+    let mut h = Handlebars::new();
+    h.set_strict_mode(true);
+    h.set_prevent_indent(true);
+    h.register_escape_fn(json_escape);
+    // `{{json x}}`: x as a JSON literal (quoted string, number, object...).
+    h.register_helper(
+        "json",
+        Box::new(
+            |helper: &Helper<'_>,
+             _: &Handlebars<'_>,
+             _: &Context,
+             _: &mut RenderContext<'_, '_>,
+             out: &mut dyn Output|
+             -> HelperResult {
+                let value = helper
+                    .param(0)
+                    .map(|p| p.value().clone())
+                    .unwrap_or(serde_json::Value::Null);
+                out.write(&value.to_string())?;
+                Ok(())
+            },
+        ),
+    );
+    // `{{sha256 x}}`: lowercase hex SHA-256 of the text, for derived ids.
+    h.register_helper(
+        "sha256",
+        Box::new(
+            |helper: &Helper<'_>,
+             _: &Handlebars<'_>,
+             _: &Context,
+             _: &mut RenderContext<'_, '_>,
+             out: &mut dyn Output|
+             -> HelperResult {
+                use sha2::Digest;
+                let text = match helper.param(0).map(|p| p.value()) {
+                    Some(serde_json::Value::String(s)) => s.clone(),
+                    Some(other) => other.to_string(),
+                    None => String::new(),
+                };
+                let digest = sha2::Sha256::digest(text.as_bytes());
+                out.write(
+                    &digest
+                        .iter()
+                        .map(|b| format!("{b:02x}"))
+                        .collect::<String>(),
+                )?;
+                Ok(())
+            },
+        ),
+    );
+    h
+}
+
+fn handlebars_template(
+    c: &mut Checker<'_, '_>,
+    index: usize,
+    obj: &Object<'_>,
+    path: &str,
+) -> Option<(HandlebarsTemplate, usize)> {
+    let errors_before = c.errors.len();
+    let m = c.members(
+        obj,
+        path,
+        &["typeName", "periodInterval", "resource", "key"],
+        &[],
+    );
+    let declared = c.required_string(&m, "typeName");
+    if let Some((name, offset)) = &declared {
+        if name.trim().is_empty() {
+            c.error(
+                TemplateErrorKind::InvalidValue,
+                *offset,
+                &m.child("typeName"),
+                "empty type name is not allowed".into(),
+            );
+        } else {
+            c.template = Some(format!("template[{index}] HandlebarsFhir '{name}'"));
+        }
+    }
+    let period_interval = period_interval(c, &m);
+    let mut registry = registry();
+    let resource = c.required_string(&m, "resource");
+    if let Some((text, offset)) = &resource
+        && let Err(e) = registry.register_template_string("resource", text)
+    {
+        c.error(
+            TemplateErrorKind::Expression,
+            *offset,
+            &m.child("resource"),
+            format!("invalid handlebars template: {e}"),
+        );
+    }
+    let key = match m.get("key") {
+        None | Some(Node::NullKeyword(_)) => None,
+        Some(Node::StringLit(s)) => Some((s.value.to_string(), s.range.start)),
+        Some(other) => {
+            c.error(
+                TemplateErrorKind::InvalidValue,
+                start(other),
+                &m.child("key"),
+                format!("'key' must be a string, found {}", type_name(other)),
+            );
+            None
+        }
+    };
+    if let Some((text, offset)) = &key
+        && let Err(e) = registry.register_template_string("key", text)
+    {
+        c.error(
+            TemplateErrorKind::Expression,
+            *offset,
+            &m.child("key"),
+            format!("invalid handlebars template: {e}"),
+        );
+    }
+    if c.errors.len() != errors_before {
+        return None;
+    }
+    let (type_name, offset) = declared?;
+    Some((
+        HandlebarsTemplate {
+            index,
+            line: c.line(obj.range.start),
+            type_name,
+            period_interval: period_interval?,
+            has_key: key.is_some(),
+            registry: std::sync::Arc::new(registry),
+        },
+        offset,
+    ))
 }
 
 /// How measurements are grouped into one Observation.
@@ -545,6 +813,36 @@ mod tests {
                 system: None
             }
         );
+    }
+
+    #[test]
+    fn handlebars_templates_compile_and_render_json_safely() {
+        let text = r#"{"templateType": "CollectionFhir", "template": [
+          {"templateType": "HandlebarsFhir", "template": {"typeName": "hr", "key": "{{device}}",
+            "resource": "{\"resourceType\": \"DeviceMetric\", \"source\": \"{{device}}\", \"n\": {{json n}}}"}},
+          {"templateType": "HandlebarsFhir", "template": {"typeName": "HR", "resource": "{}"}},
+          {"templateType": "HandlebarsFhir", "template": {"typeName": "bad", "resource": "{{#if}}"}}
+        ]}"#;
+        let errors = FhirMapping::parse(text).unwrap_err();
+        assert_eq!(errors.len(), 2, "{errors:#?}");
+        assert!(errors[0].message.contains("duplicate"));
+        assert!(errors[1].message.contains("invalid handlebars template"));
+
+        let text = r#"{"templateType": "CollectionFhir", "template": [
+          {"templateType": "HandlebarsFhir", "template": {"typeName": "hr", "key": "{{device}}",
+            "resource": "{\"resourceType\": \"DeviceMetric\", \"source\": \"{{device}}\", \"n\": {{json n}}}"}}]}"#;
+        let m = FhirMapping::parse(text).unwrap();
+        let Some(FhirTemplate::Handlebars(t)) = m.lookup("HR") else {
+            panic!("expected a handlebars template")
+        };
+        let out = t
+            .render_resource(&serde_json::json!({"device": "a\"b", "n": 3}))
+            .unwrap();
+        let v: serde_json::Value = serde_json::from_str(&out).unwrap();
+        assert_eq!(v["source"], "a\"b");
+        assert_eq!(v["n"], 3);
+        // Strict mode: a missing field is an error, not an empty string.
+        assert!(t.render_resource(&serde_json::json!({"n": 3})).is_err());
     }
 
     #[test]
