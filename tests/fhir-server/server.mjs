@@ -12,7 +12,7 @@
 //                    queues faults; each of the next FHIR requests consumes one instead of
 //                    being served (a fault with only delayMs delays the real response).
 //   POST /__reset    forgets every resource and queued fault.
-//   GET  /__stats    {"requests": n, "byMethod": {...}} since the last reset.
+//   GET  /__stats    {"requests": n, "byMethod": {...}, "lastAuthorization": ...} since the last reset.
 import http from 'node:http';
 import {
   badRequest,
@@ -72,6 +72,7 @@ async function control(req, res, path) {
 
 async function fhir(req, res, url) {
   stats.requests += 1;
+  stats.lastAuthorization = req.headers.authorization ?? null;
   stats.byMethod[req.method] = (stats.byMethod[req.method] ?? 0) + 1;
   const fault = faults.shift();
   if (fault?.delayMs) await new Promise((resolve) => setTimeout(resolve, fault.delayMs));

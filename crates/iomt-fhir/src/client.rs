@@ -6,20 +6,127 @@
 //! jitter. 409 and 412 are returned as [`FhirError::Conflict`] so that the caller re-reads and
 //! re-merges; any other 4xx is a data error carrying the server's OperationOutcome.
 
+use std::future::Future;
+use std::pin::Pin;
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, SystemTime};
 
 use reqwest::{Method, StatusCode, header};
 use serde_json::Value;
 use tokio::sync::Semaphore;
 
 /// How the client authenticates.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone)]
 pub enum Auth {
     /// No `Authorization` header (test servers, a sidecar proxy that adds it).
     None,
     /// A fixed bearer token.
     Bearer(String),
+    /// OAuth tokens from a source (Microsoft Entra ID), cached until shortly before they
+    /// expire and fetched again after a 401.
+    Token(Arc<dyn TokenSource>),
+}
+
+/// An OAuth access token.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct BearerToken {
+    /// The token.
+    pub secret: String,
+    /// When it stops being valid.
+    pub expires_at: SystemTime,
+}
+
+/// Where OAuth access tokens come from.
+pub trait TokenSource: Send + Sync + std::fmt::Debug {
+    /// A fresh token for the FHIR service.
+    fn token(&self) -> Pin<Box<dyn Future<Output = Result<BearerToken, String>> + Send + '_>>;
+}
+
+/// Microsoft Entra ID credentials for the FHIR service (scope `<FHIR URL>/.default`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum EntraCredential {
+    /// AKS workload identity: `AZURE_CLIENT_ID`, `AZURE_TENANT_ID` and
+    /// `AZURE_FEDERATED_TOKEN_FILE` injected by the webhook.
+    WorkloadIdentity,
+    /// A managed identity; `client_id` selects a user-assigned one.
+    ManagedIdentity {
+        /// Client id of a user-assigned identity, or `None` for the system-assigned one.
+        client_id: Option<String>,
+    },
+    /// An app registration with a client secret.
+    ClientSecret {
+        /// Directory (tenant) id.
+        tenant_id: String,
+        /// Application (client) id.
+        client_id: String,
+        /// The secret.
+        secret: String,
+    },
+}
+
+/// Tokens from azure_identity for one scope.
+struct EntraTokens {
+    credential: Arc<dyn azure_core::credentials::TokenCredential>,
+    scope: String,
+}
+
+impl std::fmt::Debug for EntraTokens {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("EntraTokens")
+            .field("scope", &self.scope)
+            .finish_non_exhaustive()
+    }
+}
+
+impl TokenSource for EntraTokens {
+    fn token(&self) -> Pin<Box<dyn Future<Output = Result<BearerToken, String>> + Send + '_>> {
+        Box::pin(async move {
+            let token = self
+                .credential
+                .get_token(&[self.scope.as_str()], None)
+                .await
+                .map_err(|e| e.to_string())?;
+            let expires_at = SystemTime::UNIX_EPOCH
+                + Duration::from_secs(
+                    u64::try_from(token.expires_on.unix_timestamp()).unwrap_or_default(),
+                );
+            Ok(BearerToken {
+                secret: token.token.secret().to_owned(),
+                expires_at,
+            })
+        })
+    }
+}
+
+impl Auth {
+    /// Entra ID authentication for the FHIR service at `fhir_url`.
+    pub fn entra(credential: EntraCredential, fhir_url: &str) -> Result<Self, FhirError> {
+        use azure_identity::{
+            ClientSecretCredential, ManagedIdentityCredential, ManagedIdentityCredentialOptions,
+            UserAssignedId, WorkloadIdentityCredential,
+        };
+        let failed = |e: azure_core::Error| FhirError::Credential(e.to_string());
+        let credential: Arc<dyn azure_core::credentials::TokenCredential> = match credential {
+            EntraCredential::WorkloadIdentity => {
+                WorkloadIdentityCredential::new(None).map_err(failed)?
+            }
+            EntraCredential::ManagedIdentity { client_id } => {
+                let options = ManagedIdentityCredentialOptions {
+                    user_assigned_id: client_id.map(UserAssignedId::ClientId),
+                    ..Default::default()
+                };
+                ManagedIdentityCredential::new(Some(options)).map_err(failed)?
+            }
+            EntraCredential::ClientSecret {
+                tenant_id,
+                client_id,
+                secret,
+            } => ClientSecretCredential::new(&tenant_id, client_id, secret.into(), None)
+                .map_err(failed)?,
+        };
+        let scope = format!("{}/.default", fhir_url.trim_end_matches('/'));
+        Ok(Auth::Token(Arc::new(EntraTokens { credential, scope })))
+    }
 }
 
 /// Client settings.
@@ -91,6 +198,9 @@ pub enum FhirError {
         /// The last failure.
         last: String,
     },
+    /// No token could be obtained from Microsoft Entra ID.
+    #[error("could not get an access token: {0}")]
+    Credential(String),
     /// A 2xx whose body is not the JSON expected.
     #[error("the FHIR server sent an unreadable response: {0}")]
     InvalidResponse(String),
@@ -105,6 +215,7 @@ impl FhirError {
             FhirError::Unauthorized { .. } => "FHIRServiceErrorAuthorizationError",
             FhirError::Unavailable { .. } => "FHIRServiceErrorTooManyRequests",
             FhirError::InvalidResponse(_) => "FHIRServiceErrorInvalidResponse",
+            FhirError::Credential(_) => "FHIRServiceErrorMsalServiceError",
         }
     }
 }
@@ -124,7 +235,11 @@ pub struct FhirClient {
     http: reqwest::Client,
     config: Arc<FhirClientConfig>,
     slots: Arc<Semaphore>,
+    token: Arc<tokio::sync::Mutex<Option<BearerToken>>>,
 }
+
+/// Tokens are renewed this long before they expire.
+const TOKEN_MARGIN: Duration = Duration::from_secs(300);
 
 enum Attempt {
     Done(reqwest::StatusCode, header::HeaderMap, Vec<u8>),
@@ -149,6 +264,7 @@ impl FhirClient {
             http,
             config: Arc::new(config),
             slots,
+            token: Arc::default(),
         })
     }
 
@@ -158,6 +274,24 @@ impl FhirClient {
             self.config.base_url.trim_end_matches('/'),
             path.trim_start_matches('/')
         )
+    }
+
+    /// The `Authorization` value, from the token cache when it is still fresh.
+    async fn authorization(&self) -> Result<Option<String>, String> {
+        match &self.config.auth {
+            Auth::None => Ok(None),
+            Auth::Bearer(token) => Ok(Some(format!("Bearer {token}"))),
+            Auth::Token(source) => {
+                let mut cached = self.token.lock().await;
+                let fresh = cached
+                    .as_ref()
+                    .is_some_and(|t| t.expires_at > SystemTime::now() + TOKEN_MARGIN);
+                if !fresh {
+                    *cached = Some(source.token().await?);
+                }
+                Ok(cached.as_ref().map(|t| format!("Bearer {}", t.secret)))
+            }
+        }
     }
 
     async fn attempt(
@@ -177,8 +311,15 @@ impl FhirClient {
             .http
             .request(method.clone(), url)
             .header(header::ACCEPT, "application/fhir+json");
-        if let Auth::Bearer(token) = &self.config.auth {
-            req = req.bearer_auth(token);
+        match self.authorization().await {
+            Ok(Some(value)) => req = req.header(header::AUTHORIZATION, value),
+            Ok(None) => {}
+            Err(e) => {
+                return Attempt::Retry {
+                    after: None,
+                    reason: format!("no access token: {e}"),
+                };
+            }
         }
         if let Some(body) = body {
             req = req
@@ -213,6 +354,16 @@ impl FhirClient {
                 };
             }
         };
+        if status == StatusCode::UNAUTHORIZED && matches!(self.config.auth, Auth::Token(_)) {
+            // The token may have been revoked or rotated early: fetch a new one and retry.
+            let mut cached = self.token.lock().await;
+            if cached.take().is_some() {
+                return Attempt::Retry {
+                    after: Some(Duration::ZERO),
+                    reason: "401 with a cached token".into(),
+                };
+            }
+        }
         if status == StatusCode::TOO_MANY_REQUESTS || status == StatusCode::SERVICE_UNAVAILABLE {
             return Attempt::Retry {
                 after: retry_after(&headers),

@@ -18,6 +18,9 @@ pub mod client;
 pub mod identity;
 pub mod writer;
 
-pub use client::{Auth, FhirClient, FhirClientConfig, FhirError, Versioned};
+pub use client::{
+    Auth, BearerToken, EntraCredential, FhirClient, FhirClientConfig, FhirError, TokenSource,
+    Versioned,
+};
 pub use identity::{IdentityConfig, IdentityError, IdentityMode, IdentityResolver};
 pub use writer::{ObservationWriter, WriteError, WriteOutcome};

@@ -435,3 +435,102 @@ async fn handlebars_resources_are_written_idempotently() {
         WriteOutcome::Updated
     );
 }
+
+/// Hands out numbered tokens that live for `lifetime`, counting how often it is asked.
+#[derive(Debug)]
+struct CountingTokens {
+    issued: std::sync::atomic::AtomicUsize,
+    lifetime: Duration,
+}
+
+impl iomt_fhir::TokenSource for CountingTokens {
+    fn token(
+        &self,
+    ) -> std::pin::Pin<
+        Box<dyn std::future::Future<Output = Result<iomt_fhir::BearerToken, String>> + Send + '_>,
+    > {
+        let n = self
+            .issued
+            .fetch_add(1, std::sync::atomic::Ordering::SeqCst)
+            + 1;
+        Box::pin(async move {
+            Ok(iomt_fhir::BearerToken {
+                secret: format!("token-{n}"),
+                expires_at: std::time::SystemTime::now() + self.lifetime,
+            })
+        })
+    }
+}
+
+async fn last_authorization() -> Value {
+    let body = reqwest::get(control_url("/__stats"))
+        .await
+        .unwrap()
+        .bytes()
+        .await
+        .unwrap();
+    let stats: Value = serde_json::from_slice(&body).unwrap();
+    stats["lastAuthorization"].clone()
+}
+
+#[tokio::test]
+async fn tokens_are_cached_renewed_and_refetched_after_a_401() {
+    let _serial = SERIAL.lock().await;
+    let long = Arc::new(CountingTokens {
+        issued: 0.into(),
+        lifetime: Duration::from_secs(3600),
+    });
+    let mut config = FhirClientConfig::new(base_url());
+    config.auth = iomt_fhir::Auth::Token(long.clone());
+    config.backoff_base = Duration::from_millis(50);
+    let client = FhirClient::new(config).unwrap();
+    let id = unique("auth");
+    client
+        .update(&json!({"resourceType": "Patient", "id": id}), None)
+        .await
+        .unwrap();
+    assert!(client.read("Patient", &id).await.unwrap().is_some());
+    assert_eq!(last_authorization().await, "Bearer token-1");
+    assert_eq!(
+        long.issued.load(std::sync::atomic::Ordering::SeqCst),
+        1,
+        "a valid token is reused"
+    );
+
+    // A 401 (a revoked token): the client drops its token, fetches another and retries.
+    inject(json!([{"status": 401, "body": "{}"}])).await;
+    assert!(client.read("Patient", &id).await.unwrap().is_some());
+    assert_eq!(last_authorization().await, "Bearer token-2");
+
+    // Tokens about to expire are renewed before use.
+    let short = Arc::new(CountingTokens {
+        issued: 0.into(),
+        lifetime: Duration::from_secs(60),
+    });
+    let mut config = FhirClientConfig::new(base_url());
+    config.auth = iomt_fhir::Auth::Token(short.clone());
+    let client = FhirClient::new(config).unwrap();
+    client.read("Patient", &id).await.unwrap();
+    client.read("Patient", &id).await.unwrap();
+    assert_eq!(short.issued.load(std::sync::atomic::Ordering::SeqCst), 2);
+    assert_eq!(last_authorization().await, "Bearer token-2");
+}
+
+#[test]
+fn entra_credentials_build_with_the_fhir_scope() {
+    // Building the credential does not contact Entra ID; a client secret needs nothing else.
+    let auth = iomt_fhir::Auth::entra(
+        iomt_fhir::EntraCredential::ClientSecret {
+            tenant_id: "00000000-0000-0000-0000-000000000000".into(),
+            client_id: "11111111-1111-1111-1111-111111111111".into(),
+            secret: "not-a-real-secret".into(),
+        },
+        "https://example.fhir.azurehealthcareapis.com/",
+    )
+    .unwrap();
+    let text = format!("{auth:?}");
+    assert!(
+        text.contains("scope: \"https://example.fhir.azurehealthcareapis.com/.default\""),
+        "{text}"
+    );
+}
