@@ -534,3 +534,47 @@ fn entra_credentials_build_with_the_fhir_scope() {
         "{text}"
     );
 }
+
+#[tokio::test]
+async fn encounters_are_resolved_and_required_in_lookup_with_encounter() {
+    let _serial = SERIAL.lock().await;
+    let client = client();
+    let (device, patient) = (unique("vent"), unique("mrn"));
+    let (device_id, patient_id) = seed_device(&client, &device, &patient).await;
+    let encounter = unique("visit");
+    let encounter_id = unique("enc");
+    client
+        .update(
+            &json!({"resourceType": "Encounter", "id": encounter_id, "status": "in-progress",
+                    "class": {"code": "IMP"}, "identifier": [{"value": encounter}]}),
+            None,
+        )
+        .await
+        .unwrap();
+    let config = IdentityConfig {
+        mode: IdentityMode::LookupWithEncounter,
+        ..IdentityConfig::default()
+    };
+    let resolver = IdentityResolver::new(client.clone(), config);
+
+    let mut g = group(&device, &patient, &[("2026-11-20T11:00:00Z", "70")]);
+    assert_eq!(
+        resolver.resolve(&g).await,
+        Err(IdentityError::EncounterIdentityNotDefined)
+    );
+    g.encounter_id = Some(encounter.clone());
+    let ids = resolver.resolve(&g).await.unwrap();
+    assert_eq!(
+        ids,
+        ResourceIds {
+            patient: patient_id,
+            device: device_id,
+            encounter: Some(encounter_id)
+        }
+    );
+    g.encounter_id = Some(unique("no-such-visit"));
+    assert_eq!(
+        resolver.resolve(&g).await,
+        Err(IdentityError::EncounterNotFound)
+    );
+}
