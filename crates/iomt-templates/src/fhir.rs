@@ -277,19 +277,7 @@ fn handlebars_template(
         &["typeName", "periodInterval", "resource", "key"],
         &[],
     );
-    let declared = c.required_string(&m, "typeName");
-    if let Some((name, offset)) = &declared {
-        if name.trim().is_empty() {
-            c.error(
-                TemplateErrorKind::InvalidValue,
-                *offset,
-                &m.child("typeName"),
-                "empty type name is not allowed".into(),
-            );
-        } else {
-            c.template = Some(format!("template[{index}] HandlebarsFhir '{name}'"));
-        }
-    }
+    let declared = type_name_member(c, &m, index, "HandlebarsFhir");
     let period_interval = period_interval(c, &m);
     let mut registry = registry();
     let resource = c.required_string(&m, "resource");
@@ -466,19 +454,7 @@ fn code_value(
         ],
         &["lineNumber", "linePosition"],
     );
-    let type_name_found = c.required_string(&m, "typeName");
-    if let Some((name, offset)) = &type_name_found {
-        if name.trim().is_empty() {
-            c.error(
-                TemplateErrorKind::InvalidValue,
-                *offset,
-                &m.child("typeName"),
-                "empty type name is not allowed".into(),
-            );
-        } else {
-            c.template = Some(format!("template[{index}] CodeValueFhir '{name}'"));
-        }
-    }
+    let type_name_found = type_name_member(c, &m, index, "CodeValueFhir");
     let period_interval = period_interval(c, &m);
     let codes = match m.get("codes") {
         None => {
@@ -536,6 +512,28 @@ fn objects<T>(
             Vec::new()
         }
     }
+}
+
+/// The required, non-blank `typeName`; names the template in later errors.
+fn type_name_member(
+    c: &mut Checker<'_, '_>,
+    m: &Members<'_, '_>,
+    index: usize,
+    kind: &str,
+) -> Option<(String, usize)> {
+    let found = c.required_string(m, "typeName")?;
+    if found.0.trim().is_empty() {
+        c.error(
+            TemplateErrorKind::InvalidValue,
+            found.1,
+            &m.child("typeName"),
+            "empty type name is not allowed".into(),
+        );
+        // Still returned, so the error is the only one and the template is dropped.
+    } else {
+        c.template = Some(format!("template[{index}] {kind} '{}'", found.0));
+    }
+    Some(found)
 }
 
 fn period_interval(c: &mut Checker<'_, '_>, m: &Members<'_, '_>) -> Option<PeriodInterval> {
