@@ -4,6 +4,7 @@
 //! (formerly IoT Connector for FHIR) so that data written by either system reads the same.
 #![deny(missing_docs)]
 
+pub mod ack;
 pub mod event;
 pub mod measurement;
 pub mod time;

@@ -1,0 +1,193 @@
+//! In-order acknowledgement tracking: where a partition's checkpoint may safely move.
+//!
+//! Events are read in order but finish out of order: FHIR writes run concurrently, and one
+//! event's measurements may sit in a group buffer for minutes while later events are already
+//! written. A checkpoint at position P promises that nothing at or below P will ever need to be
+//! read again, so it may only move to the highest position below which *every* event has been
+//! written to FHIR or dead-lettered. [`AckTracker`] computes exactly that, per partition.
+//!
+//! Positions are the hub's sequence numbers: they increase by one per event within a
+//! partition, but a reader may start anywhere and skip nothing after that.
+
+use std::collections::{BTreeMap, BTreeSet};
+
+/// Why an ack was refused.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum AckError {
+    /// The position was never registered as in flight (or was already acknowledged).
+    #[error("position {0} is not in flight")]
+    NotInFlight(i64),
+    /// Positions must be registered in increasing order.
+    #[error("position {got} registered after {last}")]
+    OutOfOrder {
+        /// The last registered position.
+        last: i64,
+        /// The rejected one.
+        got: i64,
+    },
+}
+
+/// Ordered acknowledgement tracking for one partition.
+#[derive(Debug, Clone, Default)]
+pub struct AckTracker {
+    /// Registered positions not acknowledged yet, with how many acks each still needs.
+    pending: BTreeMap<i64, u32>,
+    /// The last registered position.
+    last_registered: Option<i64>,
+    /// Positions acknowledged, not yet contiguous with the checkpoint.
+    done: BTreeSet<i64>,
+    /// The highest position below which everything registered is acknowledged.
+    safe: Option<i64>,
+}
+
+impl AckTracker {
+    /// Registers a read event that must be acknowledged `parts` times (one per measurement
+    /// group or dead-letter record that came from it) before the checkpoint may pass it. An
+    /// event that produced nothing (`parts == 0`) is done at once.
+    pub fn register(&mut self, position: i64, parts: u32) -> Result<(), AckError> {
+        if let Some(last) = self.last_registered
+            && position <= last
+        {
+            return Err(AckError::OutOfOrder {
+                last,
+                got: position,
+            });
+        }
+        self.last_registered = Some(position);
+        if parts == 0 {
+            self.done.insert(position);
+            self.advance();
+        } else {
+            self.pending.insert(position, parts);
+        }
+        Ok(())
+    }
+
+    /// Adds parts to an event still in flight (its measurements split into more groups than
+    /// first known).
+    pub fn add_parts(&mut self, position: i64, parts: u32) -> Result<(), AckError> {
+        let remaining = self
+            .pending
+            .get_mut(&position)
+            .ok_or(AckError::NotInFlight(position))?;
+        *remaining += parts;
+        Ok(())
+    }
+
+    /// One part of the event at `position` is durably written (or dead-lettered).
+    pub fn ack(&mut self, position: i64) -> Result<(), AckError> {
+        let remaining = self
+            .pending
+            .get_mut(&position)
+            .ok_or(AckError::NotInFlight(position))?;
+        *remaining -= 1;
+        if *remaining == 0 {
+            self.pending.remove(&position);
+            self.done.insert(position);
+            self.advance();
+        }
+        Ok(())
+    }
+
+    fn advance(&mut self) {
+        let bound = self.pending.keys().next().copied();
+        while let Some(&first) = self.done.first() {
+            if bound.is_some_and(|p| first > p) {
+                break;
+            }
+            self.done.remove(&first);
+            self.safe = Some(self.safe.map_or(first, |s| s.max(first)));
+        }
+    }
+
+    /// The position a checkpoint may be written at: every registered event at or below it is
+    /// done. `None` while nothing is.
+    pub fn checkpoint(&self) -> Option<i64> {
+        self.safe
+    }
+
+    /// Events registered but not fully acknowledged.
+    pub fn in_flight(&self) -> usize {
+        self.pending.len()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use proptest::prelude::*;
+
+    use super::*;
+
+    #[test]
+    fn checkpoint_waits_for_the_oldest_event() {
+        let mut t = AckTracker::default();
+        for p in 10..15 {
+            t.register(p, 1).unwrap();
+        }
+        t.ack(12).unwrap();
+        t.ack(11).unwrap();
+        assert_eq!(t.checkpoint(), None, "10 is still in flight");
+        t.ack(10).unwrap();
+        assert_eq!(t.checkpoint(), Some(12));
+        t.ack(14).unwrap();
+        assert_eq!(t.checkpoint(), Some(12));
+        t.ack(13).unwrap();
+        assert_eq!(t.checkpoint(), Some(14));
+        assert_eq!(t.in_flight(), 0);
+    }
+
+    #[test]
+    fn multi_part_events_and_empty_events() {
+        let mut t = AckTracker::default();
+        t.register(1, 2).unwrap();
+        t.register(2, 0).unwrap();
+        t.register(3, 1).unwrap();
+        t.add_parts(1, 1).unwrap();
+        t.ack(1).unwrap();
+        t.ack(1).unwrap();
+        t.ack(3).unwrap();
+        assert_eq!(t.checkpoint(), None);
+        t.ack(1).unwrap();
+        assert_eq!(t.checkpoint(), Some(3));
+        assert_eq!(t.ack(1), Err(AckError::NotInFlight(1)));
+        assert_eq!(
+            t.register(3, 1),
+            Err(AckError::OutOfOrder { last: 3, got: 3 })
+        );
+    }
+
+    proptest! {
+        /// Whatever the order of acks, the checkpoint is always the highest position with
+        /// every registered position at or below it acknowledged, and never moves back.
+        #[test]
+        fn checkpoint_is_the_contiguous_prefix(parts in prop::collection::vec(0u32..3, 1..40), seed in any::<u64>()) {
+            let mut t = AckTracker::default();
+            let mut acks = Vec::new();
+            for (i, n) in parts.iter().enumerate() {
+                t.register(i as i64, *n).unwrap();
+                acks.extend(std::iter::repeat_n(i as i64, *n as usize));
+            }
+            // A deterministic shuffle.
+            let mut state = seed;
+            for i in (1..acks.len()).rev() {
+                state = state.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
+                acks.swap(i, (state >> 33) as usize % (i + 1));
+            }
+            let mut remaining: Vec<u32> = parts.clone();
+            let mut previous = None;
+            let expected = |remaining: &[u32]| -> Option<i64> {
+                let prefix = remaining.iter().take_while(|r| **r == 0).count();
+                (prefix > 0).then(|| prefix as i64 - 1)
+            };
+            prop_assert_eq!(t.checkpoint(), expected(&remaining));
+            for p in acks {
+                t.ack(p).unwrap();
+                remaining[p as usize] -= 1;
+                prop_assert_eq!(t.checkpoint(), expected(&remaining));
+                prop_assert!(t.checkpoint() >= previous);
+                previous = t.checkpoint();
+            }
+            prop_assert_eq!(t.checkpoint(), Some(parts.len() as i64 - 1));
+        }
+    }
+}
