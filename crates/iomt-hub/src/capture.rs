@@ -1,0 +1,376 @@
+//! Captured device traffic: JSON Lines files and Event Hubs Capture Avro files.
+//!
+//! Both readers yield one [`Record`] per event. A record that cannot be read as an event (a
+//! line that is not JSON, an Avro body that is missing) is a [`BadRecord`] carrying its raw
+//! bytes, so that a replay dead-letters it and goes on; only I/O failures stop a reader.
+//!
+//! ## JSON Lines format
+//!
+//! One event per line, in the shape templates see it (and `iomt mapping test --event` takes):
+//!
+//! ```json
+//! {"Body": {"heartRate": 72, "deviceId": "watch-0042"}, "Properties": {}, "SystemProperties": {"x-opt-sequence-number": 4711, "x-opt-enqueued-time": "2026-11-20T08:15:30.701Z"}}
+//! ```
+//!
+//! * `Body` is the device payload as JSON. A payload that is not JSON goes in `BodyText` (the
+//!   raw text) instead, so captured poison messages replay as they arrived.
+//! * `Properties` and `SystemProperties` are optional.
+//! * `Partition` (optional, default `"0"`) names the hub partition the event came from.
+//! * The position is `SystemProperties.x-opt-sequence-number` when present, else the line
+//!   number; the enqueued time is `SystemProperties.x-opt-enqueued-time`.
+//! * Blank lines are skipped.
+
+use std::io::{BufRead, Read};
+
+use apache_avro::types::Value as Avro;
+use iomt_core::{DeviceEvent, Timestamp};
+use serde_json::{Map, Value};
+
+/// One captured event and where it was read.
+#[derive(Debug, Clone, PartialEq)]
+pub struct CapturedEvent {
+    /// The hub partition.
+    pub partition: String,
+    /// The position within the partition (the Event Hubs sequence number).
+    pub sequence_number: i64,
+    /// The Event Hubs offset, when the capture has one.
+    pub offset: Option<String>,
+    /// `file:line` or `file#record`, for messages and dead-letter records.
+    pub source: String,
+    /// The event.
+    pub event: DeviceEvent,
+}
+
+/// A record that is not a readable event.
+#[derive(Debug, Clone, PartialEq)]
+pub struct BadRecord {
+    /// `file:line` or `file#record`.
+    pub source: String,
+    /// The partition, when known.
+    pub partition: String,
+    /// The position within the partition (line or record number when nothing better is known).
+    pub sequence_number: i64,
+    /// The raw bytes, kept for the dead-letter record.
+    pub payload: Vec<u8>,
+    /// What is wrong with it.
+    pub reason: String,
+}
+
+/// What a reader yields.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Record {
+    /// An event to normalize.
+    Event(CapturedEvent),
+    /// A record to dead-letter.
+    Bad(BadRecord),
+}
+
+/// A failure that stops reading a file.
+#[derive(Debug, thiserror::Error)]
+pub enum CaptureError {
+    /// Reading the file failed.
+    #[error("cannot read {source_name}: {error}")]
+    Io {
+        /// The file.
+        source_name: String,
+        /// The cause.
+        error: std::io::Error,
+    },
+    /// The file is not an Avro container in the Event Hubs Capture schema.
+    #[error("{source_name} is not an Event Hubs Capture Avro file: {message}")]
+    Avro {
+        /// The file.
+        source_name: String,
+        /// The cause.
+        message: String,
+    },
+}
+
+/// Reads a JSON Lines capture.
+pub fn read_jsonl<R: BufRead>(
+    reader: R,
+    name: &str,
+) -> impl Iterator<Item = Result<Record, CaptureError>> {
+    let name = name.to_owned();
+    reader.lines().enumerate().filter_map(move |(index, line)| {
+        let line_number = index as i64 + 1;
+        let line = match line {
+            Ok(l) => l,
+            Err(error) => {
+                return Some(Err(CaptureError::Io {
+                    source_name: name.clone(),
+                    error,
+                }));
+            }
+        };
+        if line.trim().is_empty() {
+            return None;
+        }
+        Some(Ok(jsonl_record(&line, &name, line_number)))
+    })
+}
+
+fn jsonl_record(line: &str, name: &str, line_number: i64) -> Record {
+    let source = format!("{name}:{line_number}");
+    let bad = |reason: String| {
+        Record::Bad(BadRecord {
+            source: source.clone(),
+            partition: "0".into(),
+            sequence_number: line_number,
+            payload: line.as_bytes().to_vec(),
+            reason,
+        })
+    };
+    let mut envelope: Map<String, Value> = match serde_json::from_str(line) {
+        Ok(Value::Object(m)) => m,
+        Ok(_) => return bad("the line is not a JSON object".into()),
+        Err(e) => return bad(format!("the line is not JSON: {e}")),
+    };
+    let body = match (envelope.remove("Body"), envelope.remove("BodyText")) {
+        (_, Some(Value::String(text))) => text.into_bytes(),
+        (Some(Value::Null) | None, None) => Vec::new(),
+        (Some(body), None) => body.to_string().into_bytes(),
+        (_, Some(_)) => return bad("BodyText must be a string".into()),
+    };
+    let object = |v: Option<Value>| match v {
+        Some(Value::Object(m)) => Ok(m),
+        None | Some(Value::Null) => Ok(Map::new()),
+        Some(_) => Err(()),
+    };
+    let (Ok(properties), Ok(system_properties)) = (
+        object(envelope.remove("Properties")),
+        object(envelope.remove("SystemProperties")),
+    ) else {
+        return bad("Properties and SystemProperties must be objects".into());
+    };
+    let partition = match envelope.remove("Partition") {
+        Some(Value::String(p)) => p,
+        Some(Value::Number(n)) => n.to_string(),
+        _ => "0".into(),
+    };
+    let sequence_number = system_properties
+        .get("x-opt-sequence-number")
+        .and_then(Value::as_i64)
+        .unwrap_or(line_number);
+    let enqueued_time = system_properties
+        .get("x-opt-enqueued-time")
+        .and_then(Value::as_str)
+        .and_then(|t| Timestamp::parse(t).ok());
+    let offset = system_properties
+        .get("x-opt-offset")
+        .map(|o| o.as_str().map_or_else(|| o.to_string(), str::to_owned));
+    Record::Event(CapturedEvent {
+        partition,
+        sequence_number,
+        offset,
+        source,
+        event: DeviceEvent {
+            body,
+            properties,
+            system_properties,
+            enqueued_time,
+        },
+    })
+}
+
+/// The schema Event Hubs Capture writes.
+pub const CAPTURE_SCHEMA: &str = r#"{
+  "type": "record", "name": "EventData", "namespace": "Microsoft.ServiceBus.Messaging",
+  "fields": [
+    {"name": "SequenceNumber", "type": "long"},
+    {"name": "Offset", "type": "string"},
+    {"name": "EnqueuedTimeUtc", "type": "string"},
+    {"name": "SystemProperties", "type": {"type": "map", "values": ["long", "double", "string", "bytes"]}},
+    {"name": "Properties", "type": {"type": "map", "values": ["long", "double", "string", "bytes", "null"]}},
+    {"name": "Body", "type": ["null", "bytes"]}
+  ]
+}"#;
+
+/// Reads an Event Hubs Capture Avro file of partition `partition`.
+pub fn read_capture_avro<R: Read>(
+    reader: R,
+    name: &str,
+    partition: &str,
+) -> Result<impl Iterator<Item = Result<Record, CaptureError>>, CaptureError> {
+    let avro_error = |e: apache_avro::Error| CaptureError::Avro {
+        source_name: name.to_owned(),
+        message: e.to_string(),
+    };
+    let records = apache_avro::Reader::new(reader).map_err(avro_error)?;
+    let (name, partition) = (name.to_owned(), partition.to_owned());
+    Ok(records.enumerate().map(move |(index, value)| {
+        let value = value.map_err(|e| CaptureError::Avro {
+            source_name: name.clone(),
+            message: e.to_string(),
+        })?;
+        Ok(capture_record(value, &name, &partition, index as i64 + 1))
+    }))
+}
+
+fn capture_record(value: Avro, name: &str, partition: &str, record_number: i64) -> Record {
+    let source = format!("{name}#{record_number}");
+    let Avro::Record(fields) = value else {
+        return Record::Bad(BadRecord {
+            source,
+            partition: partition.to_owned(),
+            sequence_number: record_number,
+            payload: Vec::new(),
+            reason: "not a Capture EventData record".into(),
+        });
+    };
+    let mut sequence_number = record_number;
+    let mut offset = None;
+    let mut enqueued_time = None;
+    let mut event = DeviceEvent::default();
+    for (field, value) in fields {
+        match (field.as_str(), value) {
+            ("SequenceNumber", Avro::Long(n)) => sequence_number = n,
+            ("Offset", Avro::String(o)) => offset = Some(o),
+            // Capture writes .NET's invariant text, "11/20/2026 8:15:30 AM".
+            ("EnqueuedTimeUtc", Avro::String(t)) => enqueued_time = Timestamp::parse(&t).ok(),
+            ("SystemProperties", Avro::Map(m)) => event.system_properties = avro_map(m),
+            ("Properties", Avro::Map(m)) => event.properties = avro_map(m),
+            ("Body", Avro::Union(_, body)) => {
+                if let Avro::Bytes(b) = *body {
+                    event.body = b;
+                }
+            }
+            _ => {}
+        }
+    }
+    event.enqueued_time = enqueued_time;
+    Record::Event(CapturedEvent {
+        partition: partition.to_owned(),
+        sequence_number,
+        offset,
+        source,
+        event,
+    })
+}
+
+fn avro_map(map: std::collections::HashMap<String, Avro>) -> Map<String, Value> {
+    let mut entries: Vec<(String, Avro)> = map.into_iter().collect();
+    entries.sort_by(|a, b| a.0.cmp(&b.0));
+    entries
+        .into_iter()
+        .map(|(k, v)| (k, avro_value(v)))
+        .collect()
+}
+
+fn avro_value(value: Avro) -> Value {
+    match value {
+        Avro::Union(_, inner) => avro_value(*inner),
+        Avro::Long(n) => Value::from(n),
+        Avro::Int(n) => Value::from(n),
+        Avro::Double(f) => serde_json::Number::from_f64(f).map_or(Value::Null, Value::Number),
+        Avro::String(s) => Value::String(s),
+        Avro::Bytes(b) => Value::String(String::from_utf8_lossy(&b).into_owned()),
+        Avro::Boolean(b) => Value::Bool(b),
+        _ => Value::Null,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use apache_avro::{Codec, DeflateSettings, Schema, Writer};
+
+    use super::*;
+
+    #[test]
+    fn jsonl_good_bad_and_raw_lines() {
+        let text = concat!(
+            r#"{"Body": {"hr": 72}, "SystemProperties": {"x-opt-sequence-number": 41, "x-opt-enqueued-time": "2026-11-20T08:15:30.701Z"}, "Partition": "3"}"#,
+            "\n\n",
+            "not json at all\n",
+            r#"{"BodyText": "{\"hr\": 7", "Properties": {"source": "pump"}}"#,
+            "\n"
+        );
+        let records: Vec<Record> = read_jsonl(text.as_bytes(), "cap.jsonl")
+            .map(Result::unwrap)
+            .collect();
+        assert_eq!(records.len(), 3);
+        let Record::Event(first) = &records[0] else {
+            panic!("expected an event")
+        };
+        assert_eq!(
+            (
+                first.partition.as_str(),
+                first.sequence_number,
+                first.source.as_str()
+            ),
+            ("3", 41, "cap.jsonl:1")
+        );
+        assert_eq!(first.event.body, br#"{"hr":72}"#.to_vec());
+        assert_eq!(
+            first.event.enqueued_time.unwrap().to_string(),
+            "2026-11-20T08:15:30.701Z"
+        );
+        let Record::Bad(bad) = &records[1] else {
+            panic!("expected a bad record")
+        };
+        assert_eq!(
+            (bad.source.as_str(), bad.payload.as_slice()),
+            ("cap.jsonl:3", b"not json at all".as_slice())
+        );
+        let Record::Event(raw) = &records[2] else {
+            panic!("expected an event")
+        };
+        assert_eq!(raw.event.body, br#"{"hr": 7"#.to_vec());
+        assert_eq!(raw.sequence_number, 4);
+        assert_eq!(raw.event.properties["source"], "pump");
+    }
+
+    #[test]
+    fn capture_avro_round_trip() {
+        let schema = Schema::parse_str(CAPTURE_SCHEMA).unwrap();
+        let mut writer = Writer::with_codec(
+            &schema,
+            Vec::new(),
+            Codec::Deflate(DeflateSettings::default()),
+        );
+        for (seq, body) in [(7i64, Some(br#"{"hr": 70}"#.to_vec())), (8, None)] {
+            let mut record = apache_avro::types::Record::new(&schema).unwrap();
+            record.put("SequenceNumber", seq);
+            record.put("Offset", format!("{}", seq * 100));
+            record.put("EnqueuedTimeUtc", "11/20/2026 8:15:30 AM");
+            let system: std::collections::HashMap<String, Avro> = [(
+                "iothub-connection-device-id".to_owned(),
+                Avro::Union(2, Box::new(Avro::String("dev-1".into()))),
+            )]
+            .into();
+            record.put("SystemProperties", Avro::Map(system));
+            record.put("Properties", Avro::Map(Default::default()));
+            record.put(
+                "Body",
+                match body {
+                    Some(b) => Avro::Union(1, Box::new(Avro::Bytes(b))),
+                    None => Avro::Union(0, Box::new(Avro::Null)),
+                },
+            );
+            writer.append(record).unwrap();
+        }
+        let bytes = writer.into_inner().unwrap();
+        let records: Vec<Record> = read_capture_avro(bytes.as_slice(), "part-0.avro", "0")
+            .unwrap()
+            .map(Result::unwrap)
+            .collect();
+        let Record::Event(e) = &records[0] else {
+            panic!("expected an event")
+        };
+        assert_eq!((e.sequence_number, e.offset.as_deref()), (7, Some("700")));
+        assert_eq!(e.event.body, br#"{"hr": 70}"#.to_vec());
+        assert_eq!(
+            e.event.system_properties["iothub-connection-device-id"],
+            "dev-1"
+        );
+        assert_eq!(
+            e.event.enqueued_time.unwrap().to_string(),
+            "2026-11-20T08:15:30Z"
+        );
+        let Record::Event(empty) = &records[1] else {
+            panic!("expected an event")
+        };
+        assert!(empty.event.body.is_empty());
+        assert!(read_capture_avro(b"not avro".as_slice(), "x.avro", "0").is_err());
+    }
+}
