@@ -1,5 +1,6 @@
 //! Everything iomt does on a FHIR server: the HTTP client with its retry policy, identity
-//! resolution, and Observation writes.
+//! resolution, and Observation writes; and the NDJSON directory that stands in for a server
+//! in embedded mode.
 //!
 //! Requests per observation window, compared with MedTech (search + PUT every time):
 //!
@@ -16,6 +17,7 @@
 
 pub mod client;
 pub mod identity;
+pub mod ndjson;
 pub mod writer;
 
 pub use client::{
@@ -23,4 +25,5 @@ pub use client::{
     Versioned,
 };
 pub use identity::{IdentityConfig, IdentityError, IdentityMode, IdentityResolver};
+pub use ndjson::NdjsonStore;
 pub use writer::{ObservationWriter, WriteError, WriteOutcome};
