@@ -424,22 +424,15 @@ fn values(
     let mut ok = true;
     for (i, item) in items.iter().enumerate() {
         let path = format!("{}[{i}]", m.child("values"));
-        let Node::Object(obj) = item else {
-            c.error(
-                TemplateErrorKind::InvalidValue,
-                start(item),
-                &path,
-                format!("expected a value object, found {}", type_name(item)),
-            );
+        let Some(vm) = c.object(
+            item,
+            &path,
+            "a value",
+            &["valueName", "valueExpression", "required"],
+        ) else {
             ok = false;
             continue;
         };
-        let vm = c.members(
-            obj,
-            &path,
-            &["valueName", "valueExpression", "required"],
-            &["lineNumber", "linePosition"],
-        );
         let name = c.required_string(&vm, "valueName").map(|(s, _)| s);
         let expression = expression(c, &vm, "valueExpression", kind, language, true);
         let required = required_flag(c, &vm);

@@ -606,21 +606,9 @@ fn codings(c: &mut Checker<'_, '_>, node: &Node<'_>, path: &str) -> Vec<Coding> 
     let mut out = Vec::with_capacity(a.elements.len());
     for (i, item) in a.elements.iter().enumerate() {
         let item_path = format!("{path}[{i}]");
-        let Node::Object(obj) = item else {
-            c.error(
-                TemplateErrorKind::InvalidValue,
-                start(item),
-                &item_path,
-                format!("expected a code object, found {}", type_name(item)),
-            );
+        let Some(m) = c.object(item, &item_path, "a code", &["code", "system", "display"]) else {
             continue;
         };
-        let m = c.members(
-            obj,
-            &item_path,
-            &["code", "system", "display"],
-            &["lineNumber", "linePosition"],
-        );
         out.push(Coding {
             code: optional_text(c, &m, "code"),
             system: optional_text(c, &m, "system"),
@@ -631,21 +619,7 @@ fn codings(c: &mut Checker<'_, '_>, node: &Node<'_>, path: &str) -> Vec<Coding> 
 }
 
 fn category(c: &mut Checker<'_, '_>, node: &Node<'_>, path: &str) -> Option<Category> {
-    let Node::Object(obj) = node else {
-        c.error(
-            TemplateErrorKind::InvalidValue,
-            start(node),
-            path,
-            format!("expected a category object, found {}", type_name(node)),
-        );
-        return None;
-    };
-    let m = c.members(
-        obj,
-        path,
-        &["text", "codes"],
-        &["lineNumber", "linePosition"],
-    );
+    let m = c.object(node, path, "a category", &["text", "codes"])?;
     let text = optional_text(c, &m, "text");
     let codes = match m.get("codes") {
         None | Some(Node::NullKeyword(_)) => Vec::new(),
@@ -655,21 +629,7 @@ fn category(c: &mut Checker<'_, '_>, node: &Node<'_>, path: &str) -> Option<Cate
 }
 
 fn component(c: &mut Checker<'_, '_>, node: &Node<'_>, path: &str) -> Option<ComponentTemplate> {
-    let Node::Object(obj) = node else {
-        c.error(
-            TemplateErrorKind::InvalidValue,
-            start(node),
-            path,
-            format!("expected a component object, found {}", type_name(node)),
-        );
-        return None;
-    };
-    let m = c.members(
-        obj,
-        path,
-        &["codes", "value"],
-        &["lineNumber", "linePosition"],
-    );
+    let m = c.object(node, path, "a component", &["codes", "value"])?;
     let codes = match m.get("codes") {
         None => {
             c.missing(&m, "codes");

@@ -246,6 +246,27 @@ impl<'s, 'a> Checker<'s, 'a> {
         }
     }
 
+    /// The members of `node`, which must be an object (a `what` object); `None` after
+    /// reporting that it is not.
+    pub(crate) fn object<'o, 'n>(
+        &mut self,
+        node: &'o Node<'n>,
+        path: &str,
+        what: &str,
+        known: &[&'static str],
+    ) -> Option<Members<'o, 'n>> {
+        let Node::Object(obj) = node else {
+            self.error(
+                TemplateErrorKind::InvalidValue,
+                start(node),
+                path,
+                format!("expected {what} object, found {}", type_name(node)),
+            );
+            return None;
+        };
+        Some(self.members(obj, path, known, &["lineNumber", "linePosition"]))
+    }
+
     /// The `template` array of a collection document whose `templateType` must be `root_type`
     /// (or `root_type` + `Template`, in any case). Empty after reporting an error.
     pub(crate) fn collection_items<'r, 'n>(
