@@ -24,7 +24,6 @@ use iomt_templates::fhir::{
     ValueTemplate,
 };
 use serde_json::{Map, Number, Value, json};
-use sha2::{Digest, Sha256};
 
 /// The identifier system of every Observation MedTech writes.
 pub const SERVICE_SYSTEM: &str = "https://azure.microsoft.com/en-us/services/iomt-fhir-connector/";
@@ -236,8 +235,7 @@ pub fn identifier_value(ids: &ResourceIds, group: &ObservationGroup<'_>) -> Stri
 
 /// MedTech's deterministic resource id: lowercase hex SHA-256 of `"{system}_{value}"`.
 pub fn resource_id(system: &str, value: &str) -> String {
-    let digest = Sha256::digest(format!("{system}_{value}").as_bytes());
-    digest.iter().map(|b| format!("{b:02x}")).collect()
+    iomt_templates::fhir::sha256_hex(&format!("{system}_{value}"))
 }
 
 fn coding_json(c: &Coding) -> Value {

@@ -209,57 +209,50 @@ fn json_escape(text: &str) -> String {
     quoted[1..quoted.len() - 1].to_owned()
 }
 
-fn registry() -> handlebars::Handlebars<'static> {
+/// Lowercase hex SHA-256 of a text: MedTech's resource ids, and the `sha256` template helper.
+pub fn sha256_hex(text: &str) -> String {
+    use sha2::Digest;
+    sha2::Sha256::digest(text.as_bytes())
+        .iter()
+        .map(|b| format!("{b:02x}"))
+        .collect()
+}
+
+/// A helper that writes `f(first parameter)` unescaped (its output is already valid JSON text).
+fn text_helper(
+    f: fn(&serde_json::Value) -> String,
+) -> Box<dyn handlebars::HelperDef + Send + Sync> {
     use handlebars::{Context, Handlebars, Helper, HelperResult, Output, RenderContext};
-    let mut h = Handlebars::new();
+    Box::new(
+        move |helper: &Helper<'_>,
+              _: &Handlebars<'_>,
+              _: &Context,
+              _: &mut RenderContext<'_, '_>,
+              out: &mut dyn Output|
+              -> HelperResult {
+            let value = helper
+                .param(0)
+                .map_or(serde_json::Value::Null, |p| p.value().clone());
+            out.write(&f(&value))?;
+            Ok(())
+        },
+    )
+}
+
+fn registry() -> handlebars::Handlebars<'static> {
+    let mut h = handlebars::Handlebars::new();
     h.set_strict_mode(true);
     h.set_prevent_indent(true);
     h.register_escape_fn(json_escape);
     // `{{json x}}`: x as a JSON literal (quoted string, number, object...).
-    h.register_helper(
-        "json",
-        Box::new(
-            |helper: &Helper<'_>,
-             _: &Handlebars<'_>,
-             _: &Context,
-             _: &mut RenderContext<'_, '_>,
-             out: &mut dyn Output|
-             -> HelperResult {
-                let value = helper
-                    .param(0)
-                    .map(|p| p.value().clone())
-                    .unwrap_or(serde_json::Value::Null);
-                out.write(&value.to_string())?;
-                Ok(())
-            },
-        ),
-    );
+    h.register_helper("json", text_helper(|v| v.to_string()));
     // `{{sha256 x}}`: lowercase hex SHA-256 of the text, for derived ids.
     h.register_helper(
         "sha256",
-        Box::new(
-            |helper: &Helper<'_>,
-             _: &Handlebars<'_>,
-             _: &Context,
-             _: &mut RenderContext<'_, '_>,
-             out: &mut dyn Output|
-             -> HelperResult {
-                use sha2::Digest;
-                let text = match helper.param(0).map(|p| p.value()) {
-                    Some(serde_json::Value::String(s)) => s.clone(),
-                    Some(other) => other.to_string(),
-                    None => String::new(),
-                };
-                let digest = sha2::Sha256::digest(text.as_bytes());
-                out.write(
-                    &digest
-                        .iter()
-                        .map(|b| format!("{b:02x}"))
-                        .collect::<String>(),
-                )?;
-                Ok(())
-            },
-        ),
+        text_helper(|v| match v {
+            serde_json::Value::String(s) => sha256_hex(s),
+            other => sha256_hex(&other.to_string()),
+        }),
     );
     h
 }
