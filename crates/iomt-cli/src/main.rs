@@ -4,6 +4,8 @@
 //! data did not fit the templates, 2 when a template (or the command line) is invalid.
 
 mod mapping;
+mod replay;
+mod run;
 mod style;
 
 use std::process::ExitCode;
@@ -31,6 +33,13 @@ enum Command {
     /// Check and debug MedTech mapping templates.
     #[command(subcommand)]
     Mapping(mapping::MappingCommand),
+    /// Run the whole pipeline over captured device traffic (JSON Lines or Event Hubs Capture
+    /// Avro), into a FHIR server or an NDJSON directory.
+    ///
+    /// Exit code 0 when the input was processed to the end (dead-lettered events included; see
+    /// the summary), 130 when it was interrupted (run it again to resume), 2 on invalid
+    /// templates or arguments.
+    Replay(Box<replay::ReplayArgs>),
 }
 
 /// How results are printed.
@@ -51,10 +60,26 @@ enum ColorChoice {
     Never,
 }
 
+/// Logs go to stderr; `RUST_LOG` selects them (default `warn`, so the summary stands out).
+fn init_tracing() {
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn"));
+    // Fails only when a subscriber is already set, which is then used instead.
+    tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .try_init()
+        .ok();
+}
+
 fn main() -> ExitCode {
     let cli = Cli::parse();
     let code = match cli.command {
         Command::Mapping(cmd) => mapping::run(cmd),
+        Command::Replay(args) => {
+            init_tracing();
+            replay::run(&args)
+        }
     };
     match code {
         Ok(code) => ExitCode::from(code),

@@ -155,9 +155,9 @@ fn read_input(path: &Path) -> std::io::Result<Vec<u8>> {
 }
 
 /// Both mappings of a run, validated.
-struct Mappings {
-    device: DeviceMapping,
-    fhir: Option<FhirMapping>,
+pub(crate) struct Mappings {
+    pub(crate) device: DeviceMapping,
+    pub(crate) fhir: Option<FhirMapping>,
 }
 
 /// Reads and validates the device mapping and the optional FHIR mapping, collecting the
@@ -197,7 +197,7 @@ fn load_mappings(
 }
 
 /// Loads both mappings, or reports why they cannot be used and gives the exit code.
-fn load_or_report(
+pub(crate) fn load_or_report(
     format: OutputFormat,
     palette: &Palette,
     device: &Path,

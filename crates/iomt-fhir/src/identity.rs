@@ -80,6 +80,48 @@ pub enum IdentityError {
     Fhir(#[from] FhirError),
 }
 
+impl IdentityError {
+    /// MedTech's exception name, for metrics and dead-letter records.
+    pub fn name(&self) -> &'static str {
+        match self {
+            IdentityError::DeviceNotFound => "DeviceNotFoundException",
+            IdentityError::MultipleDeviceFound => "MultipleDeviceFoundException",
+            IdentityError::PatientNotFound => "PatientNotFoundException",
+            IdentityError::PatientIdentityNotDefined => "PatientIdentityNotDefinedException",
+            IdentityError::PatientDeviceMismatch => "PatientDeviceMismatchException",
+            IdentityError::EncounterIdentityNotDefined => "EncounterIdentityNotDefinedException",
+            IdentityError::EncounterNotFound => "EncounterNotFoundException",
+            IdentityError::Fhir(e) => e.metric_name(),
+        }
+    }
+}
+
+/// The Patient that Create mode makes for a patient identifier value, with its deterministic
+/// id. The NDJSON output uses the same resources, so its files match what a server in Create
+/// mode would hold.
+pub fn created_patient(patient_value: &str) -> Value {
+    json!({
+        "resourceType": "Patient",
+        "id": resource_id("", patient_value),
+        "identifier": [{"value": patient_value}],
+    })
+}
+
+/// The Device that Create mode makes for a device identifier, linked to a Patient id.
+pub fn created_device(system: Option<&str>, device_value: &str, patient_id: &str) -> Value {
+    let system = system.unwrap_or("");
+    let mut identifier = json!({"value": device_value});
+    if !system.is_empty() {
+        identifier["system"] = json!(system);
+    }
+    json!({
+        "resourceType": "Device",
+        "id": resource_id(system, device_value),
+        "identifier": [identifier],
+        "patient": {"reference": format!("Patient/{patient_id}")},
+    })
+}
+
 /// Resolves and caches identities.
 #[derive(Debug, Clone)]
 pub struct IdentityResolver {
@@ -197,11 +239,13 @@ impl IdentityResolver {
             .await?;
         let patient_id = match patients.first() {
             Some(p) => id_of(p)?,
-            None => {
-                let id = resource_id("", patient_value);
-                let patient = json!({"resourceType": "Patient", "id": id, "identifier": [{"value": patient_value}]});
-                id_of(&self.client.update(&patient, None).await?.resource)?
-            }
+            None => id_of(
+                &self
+                    .client
+                    .update(&created_patient(patient_value), None)
+                    .await?
+                    .resource,
+            )?,
         };
         let reference = format!("Patient/{patient_id}");
         let device_id = match device {
@@ -213,17 +257,11 @@ impl IdentityResolver {
                 id_of(&self.client.update(&d, None).await?.resource)?
             }
             None => {
-                let system = self
-                    .config
-                    .device_identifier_system
-                    .as_deref()
-                    .unwrap_or("");
-                let id = resource_id(system, &group.device_id);
-                let mut identifier = json!({"value": group.device_id});
-                if !system.is_empty() {
-                    identifier["system"] = json!(system);
-                }
-                let device = json!({"resourceType": "Device", "id": id, "identifier": [identifier], "patient": {"reference": reference}});
+                let device = created_device(
+                    self.config.device_identifier_system.as_deref(),
+                    &group.device_id,
+                    &patient_id,
+                );
                 id_of(&self.client.update(&device, None).await?.resource)?
             }
         };

@@ -24,6 +24,8 @@ pub use client::{
     Auth, BearerToken, EntraCredential, FhirClient, FhirClientConfig, FhirError, TokenSource,
     Versioned,
 };
-pub use identity::{IdentityConfig, IdentityError, IdentityMode, IdentityResolver};
+pub use identity::{
+    IdentityConfig, IdentityError, IdentityMode, IdentityResolver, created_device, created_patient,
+};
 pub use ndjson::NdjsonStore;
 pub use writer::{ObservationWriter, WriteError, WriteOutcome};

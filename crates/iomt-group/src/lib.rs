@@ -79,15 +79,18 @@ pub enum FlushReason {
     MaxWait,
     /// The stage is shutting down.
     Shutdown,
+    /// Too many measurements are buffered in all; the oldest buffer goes first.
+    MemoryLimit,
 }
 
-/// A flushed buffer.
+/// A flushed buffer. `T` is the source position type: a sequence number for one partition, or
+/// (partition, sequence number) when a buffer mixes partitions.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Flush {
+pub struct Flush<T = i64> {
     /// The measurements, in arrival order.
     pub group: MeasurementGroup,
     /// The source position of each measurement, in the same order.
-    pub positions: Vec<i64>,
+    pub positions: Vec<T>,
     /// Why it was flushed.
     pub reason: FlushReason,
 }
@@ -105,23 +108,23 @@ struct Key {
 }
 
 #[derive(Debug)]
-struct Buffer {
+struct Buffer<T> {
     group: MeasurementGroup,
-    positions: Vec<i64>,
+    positions: Vec<T>,
     opened_at_ms: u64,
 }
 
 /// The buffers of one partition.
 #[derive(Debug)]
-pub struct Grouper<P> {
+pub struct Grouper<P, T = i64> {
     config: GroupConfig,
     period_of: P,
     /// In creation order, which is also deadline order because the clock never goes back.
-    buffers: IndexMap<Key, Buffer>,
+    buffers: IndexMap<Key, Buffer<T>>,
     buffered: usize,
 }
 
-impl<P: Fn(&str) -> Option<PeriodInterval>> Grouper<P> {
+impl<P: Fn(&str) -> Option<PeriodInterval>, T> Grouper<P, T> {
     /// A grouper; `period_of` gives the FHIR template's period for a measurement type.
     pub fn new(config: GroupConfig, period_of: P) -> Self {
         Self {
@@ -152,7 +155,7 @@ impl<P: Fn(&str) -> Option<PeriodInterval>> Grouper<P> {
 
     /// Adds a measurement read at `position`; returns its buffer if that is now full.
     /// `now_ms` must not decrease between calls.
-    pub fn push(&mut self, measurement: Measurement, position: i64, now_ms: u64) -> Option<Flush> {
+    pub fn push(&mut self, measurement: Measurement, position: T, now_ms: u64) -> Option<Flush<T>> {
         let key = self.key(&measurement);
         let buffer = self.buffers.entry(key.clone()).or_insert_with(|| Buffer {
             group: MeasurementGroup {
@@ -176,7 +179,7 @@ impl<P: Fn(&str) -> Option<PeriodInterval>> Grouper<P> {
         Some(self.flushed(buffer, FlushReason::MaxEvents))
     }
 
-    fn flushed(&mut self, buffer: Buffer, reason: FlushReason) -> Flush {
+    fn flushed(&mut self, buffer: Buffer<T>, reason: FlushReason) -> Flush<T> {
         self.buffered -= buffer.positions.len();
         Flush {
             group: buffer.group,
@@ -190,7 +193,7 @@ impl<P: Fn(&str) -> Option<PeriodInterval>> Grouper<P> {
     }
 
     /// Flushes every buffer open for `max_wait` or longer, oldest first.
-    pub fn expired(&mut self, now_ms: u64) -> Vec<Flush> {
+    pub fn expired(&mut self, now_ms: u64) -> Vec<Flush<T>> {
         let mut out = Vec::new();
         while let Some((_, first)) = self.buffers.first() {
             if first.opened_at_ms.saturating_add(self.max_wait_ms()) > now_ms {
@@ -211,15 +214,22 @@ impl<P: Fn(&str) -> Option<PeriodInterval>> Grouper<P> {
     }
 
     /// Flushes everything, oldest first (shutdown).
-    pub fn drain(&mut self) -> Vec<Flush> {
-        let buffers: Vec<Buffer> = self.buffers.drain(..).map(|(_, b)| b).collect();
+    pub fn drain(&mut self) -> Vec<Flush<T>> {
+        let buffers: Vec<Buffer<T>> = self.buffers.drain(..).map(|(_, b)| b).collect();
         buffers
             .into_iter()
             .map(|b| self.flushed(b, FlushReason::Shutdown))
             .collect()
     }
 
-    /// Measurements currently buffered (bounds memory: the runtime stops reading above a limit).
+    /// Flushes the oldest buffer, when the runtime must bound memory across all buffers.
+    pub fn flush_oldest(&mut self) -> Option<Flush<T>> {
+        let (_, buffer) = self.buffers.shift_remove_index(0)?;
+        Some(self.flushed(buffer, FlushReason::MemoryLimit))
+    }
+
+    /// Measurements currently buffered (bounds memory: the runtime flushes the oldest buffers
+    /// above a limit).
     pub fn buffered(&self) -> usize {
         self.buffered
     }

@@ -17,9 +17,31 @@ use std::path::{Path, PathBuf};
 use iomt_core::Timestamp;
 use serde_json::{Value, json};
 
+/// Which stage gave up on the item, and so what its payload is and where a replay re-enters.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Stage {
+    /// The device event could not be read or normalized; the payload is the event body.
+    Normalize,
+    /// A normalized measurement could not be written to FHIR; the payload is the measurement
+    /// in the internal hub's JSON form.
+    Convert,
+}
+
+impl Stage {
+    /// The name in the file.
+    pub fn name(self) -> &'static str {
+        match self {
+            Stage::Normalize => "normalize",
+            Stage::Convert => "convert",
+        }
+    }
+}
+
 /// One dead-lettered item.
 #[derive(Debug, Clone, PartialEq)]
 pub struct DeadLetter {
+    /// The stage that gave up.
+    pub stage: Stage,
     /// The hub partition the event came from.
     pub partition: String,
     /// Its position (sequence number) in the partition.
@@ -50,6 +72,7 @@ impl DeadLetter {
             Err(_) => json!({"text": String::from_utf8_lossy(&self.payload)}),
         };
         json!({
+            "stage": self.stage.name(),
             "partition": self.partition,
             "sequenceNumber": self.sequence_number,
             "source": self.source,
@@ -83,7 +106,13 @@ impl DeadLetter {
                 .cloned()
                 .unwrap_or_default()
         };
+        let stage = match value.get("stage").and_then(Value::as_str) {
+            None | Some("normalize") => Stage::Normalize,
+            Some("convert") => Stage::Convert,
+            Some(_) => return None,
+        };
         Some(Self {
+            stage,
             partition: text("partition")?,
             sequence_number: value.get("sequenceNumber")?.as_i64()?,
             source: text("source"),
@@ -163,6 +192,7 @@ mod tests {
 
     fn record(payload: &[u8]) -> DeadLetter {
         DeadLetter {
+            stage: Stage::Normalize,
             partition: "2".into(),
             sequence_number: 41,
             source: Some("cap.jsonl:3".into()),

@@ -1,0 +1,195 @@
+//! Where the pipeline records how far it got, per source partition.
+//!
+//! A checkpoint is the highest position at or below which every event was written to FHIR or
+//! dead-lettered (see [`iomt_core::ack`]). After a crash the source restarts after it, so work
+//! is repeated but never skipped; the FHIR writes are idempotent, so repeating them converges
+//! on the same state.
+
+use std::collections::BTreeMap;
+use std::future::Future;
+use std::io::Write;
+use std::path::{Path, PathBuf};
+
+use serde_json::{Value, json};
+
+/// Why a checkpoint could not be read or written.
+#[derive(Debug, thiserror::Error)]
+pub enum CheckpointError {
+    /// The file could not be read or written.
+    #[error("checkpoint file {path}: {error}")]
+    Io {
+        /// The file.
+        path: PathBuf,
+        /// The cause.
+        error: std::io::Error,
+    },
+    /// The file is not a checkpoint written by iomt.
+    #[error("checkpoint file {path} is not a checkpoint: {message}")]
+    Invalid {
+        /// The file.
+        path: PathBuf,
+        /// What is wrong.
+        message: String,
+    },
+}
+
+/// Durable storage of checkpoints.
+pub trait CheckpointStore: Send + 'static {
+    /// Records the positions (partition index → last done position). Returns once they are
+    /// durable.
+    fn commit(
+        &mut self,
+        positions: &BTreeMap<u32, i64>,
+    ) -> impl Future<Output = Result<(), CheckpointError>> + Send;
+}
+
+/// A checkpoint in a local JSON file, for replays and single-machine runs.
+///
+/// The file names the input it belongs to (a fingerprint), so a checkpoint is never applied to
+/// different input, and whether that input was read to the end, so that replaying a finished
+/// capture again starts from the beginning rather than doing nothing.
+#[derive(Debug)]
+pub struct FileCheckpoint {
+    path: PathBuf,
+    fingerprint: String,
+    positions: BTreeMap<u32, i64>,
+}
+
+impl FileCheckpoint {
+    /// Opens the checkpoint at `path` for the input identified by `fingerprint`, and returns
+    /// the positions to resume after: those of an unfinished run over the same input, or none.
+    pub fn open(
+        path: &Path,
+        fingerprint: &str,
+    ) -> Result<(Self, BTreeMap<u32, i64>), CheckpointError> {
+        let io = |error| CheckpointError::Io {
+            path: path.to_owned(),
+            error,
+        };
+        let resume = match std::fs::read(path) {
+            Ok(bytes) => {
+                let invalid = |message: String| CheckpointError::Invalid {
+                    path: path.to_owned(),
+                    message,
+                };
+                let value: Value =
+                    serde_json::from_slice(&bytes).map_err(|e| invalid(e.to_string()))?;
+                let same_input = value["fingerprint"].as_str() == Some(fingerprint);
+                let complete = value["complete"].as_bool().unwrap_or(false);
+                let mut positions = BTreeMap::new();
+                if same_input && !complete {
+                    let Some(map) = value["partitions"].as_object() else {
+                        return Err(invalid("no partitions object".into()));
+                    };
+                    for (k, v) in map {
+                        let (Ok(p), Some(pos)) = (k.parse::<u32>(), v.as_i64()) else {
+                            return Err(invalid(format!("bad entry {k}: {v}")));
+                        };
+                        positions.insert(p, pos);
+                    }
+                }
+                positions
+            }
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => BTreeMap::new(),
+            Err(e) => return Err(io(e)),
+        };
+        Ok((
+            Self {
+                path: path.to_owned(),
+                fingerprint: fingerprint.to_owned(),
+                positions: resume.clone(),
+            },
+            resume,
+        ))
+    }
+
+    /// The file.
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    /// Records that the whole input was processed.
+    pub fn mark_complete(&mut self) -> Result<(), CheckpointError> {
+        self.write(true)
+    }
+
+    fn write(&self, complete: bool) -> Result<(), CheckpointError> {
+        let partitions: serde_json::Map<String, Value> = self
+            .positions
+            .iter()
+            .map(|(p, pos)| (p.to_string(), json!(pos)))
+            .collect();
+        let body = json!({
+            "fingerprint": self.fingerprint,
+            "complete": complete,
+            "partitions": partitions,
+        });
+        write_atomically(&self.path, body.to_string().as_bytes()).map_err(|error| {
+            CheckpointError::Io {
+                path: self.path.clone(),
+                error,
+            }
+        })
+    }
+}
+
+impl CheckpointStore for FileCheckpoint {
+    async fn commit(&mut self, positions: &BTreeMap<u32, i64>) -> Result<(), CheckpointError> {
+        let mut changed = false;
+        for (p, pos) in positions {
+            let entry = self.positions.entry(*p).or_insert(i64::MIN);
+            // A checkpoint never moves back.
+            if *pos > *entry {
+                *entry = *pos;
+                changed = true;
+            }
+        }
+        if changed { self.write(false) } else { Ok(()) }
+    }
+}
+
+/// Replaces `path` with `bytes` so that a crash leaves either the old or the new content:
+/// write a sibling, sync it, rename it over, sync the directory.
+pub fn write_atomically(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
+    let dir = path
+        .parent()
+        .filter(|d| !d.as_os_str().is_empty())
+        .unwrap_or(Path::new("."));
+    std::fs::create_dir_all(dir)?;
+    let mut name = path.file_name().unwrap_or_default().to_owned();
+    name.push(".tmp");
+    let tmp = dir.join(name);
+    let mut file = std::fs::File::create(&tmp)?;
+    file.write_all(bytes)?;
+    file.sync_all()?;
+    std::fs::rename(&tmp, path)?;
+    std::fs::File::open(dir)?.sync_all()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn resumes_only_unfinished_runs_of_the_same_input() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("cp/replay.json");
+        let (mut cp, resume) = FileCheckpoint::open(&path, "abc").unwrap();
+        assert!(resume.is_empty());
+        cp.commit(&[(0, 41)].into()).await.unwrap();
+        // Never backwards.
+        cp.commit(&[(0, 7)].into()).await.unwrap();
+        let (_, resume) = FileCheckpoint::open(&path, "abc").unwrap();
+        assert_eq!(resume, [(0, 41)].into());
+        let (_, other) = FileCheckpoint::open(&path, "other input").unwrap();
+        assert!(other.is_empty());
+        cp.mark_complete().unwrap();
+        let (_, finished) = FileCheckpoint::open(&path, "abc").unwrap();
+        assert!(finished.is_empty());
+        std::fs::write(&path, "{").unwrap();
+        assert!(matches!(
+            FileCheckpoint::open(&path, "abc"),
+            Err(CheckpointError::Invalid { .. })
+        ));
+    }
+}

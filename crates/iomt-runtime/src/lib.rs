@@ -1,0 +1,19 @@
+//! The running pipeline: the stages of the other crates joined by tokio tasks and bounded
+//! channels, with the I/O they need (sinks, dead letters, checkpoints) and the metrics an
+//! operator watches.
+//!
+//! Stages stay pure; everything that waits, retries or touches a disk or a network is here or
+//! in the fhir and hub crates.
+#![deny(missing_docs)]
+
+pub mod checkpoint;
+pub mod hub;
+pub mod metrics;
+pub mod pipeline;
+pub mod sink;
+
+pub use checkpoint::{CheckpointError, CheckpointStore, FileCheckpoint};
+pub use hub::{HubConsumer, HubMessage, HubProducer, Origin, in_process};
+pub use metrics::{Metrics, Summary};
+pub use pipeline::{Input, Pipeline, PipelineConfig, Report, SourceItem};
+pub use sink::{FhirSink, NdjsonSink, Sink, SinkError};

@@ -1,0 +1,330 @@
+//! Metrics, under MedTech's names so that dashboards and alerts carry over.
+//!
+//! Exposed in the Prometheus text format (counters get the standard `_total` suffix, so
+//! MedTech's `DeviceEvent` is `DeviceEvent_total`). Latencies are in real milliseconds (MedTech's
+//! console host emitted seconds under the `…Ms` names). The same counters feed the summary a
+//! replay prints, so the two never disagree.
+
+use std::collections::BTreeMap;
+use std::sync::Mutex;
+use std::time::Duration;
+
+use hdrhistogram::Histogram as Hdr;
+use prometheus_client::encoding::EncodeLabelSet;
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::metrics::histogram::Histogram;
+use prometheus_client::registry::Registry;
+
+/// Label of counters split by a name (`FhirResourceSaved{name="ObservationCreated"}`).
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct NameLabel {
+    name: String,
+}
+
+/// Labels of error counters: MedTech's error name and the operation it happened in.
+#[derive(Debug, Clone, Hash, PartialEq, Eq, PartialOrd, Ord, EncodeLabelSet)]
+struct ErrorLabels {
+    name: String,
+    operation: String,
+}
+
+/// Labels of `FhirResourceSaved`.
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct SavedLabels {
+    name: String,
+    resource_type: String,
+}
+
+/// What a write did to one resource, for `FhirResourceSaved`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Saved {
+    /// A new resource.
+    Created = 0,
+    /// An existing resource changed.
+    Updated = 1,
+    /// The data was already there.
+    Unchanged = 2,
+}
+
+impl Saved {
+    fn name(self, resource_type: &str) -> String {
+        let what = match self {
+            Saved::Created => "Created",
+            Saved::Updated => "Updated",
+            Saved::Unchanged => "NoOperation",
+        };
+        format!("{resource_type}{what}")
+    }
+}
+
+/// The pipeline's counters and histograms.
+#[derive(Debug)]
+pub struct Metrics {
+    registry: Registry,
+    device_event: Counter,
+    normalized_event: Counter,
+    measurement: Counter,
+    measurement_group: Family<NameLabel, Counter>,
+    dropped_event: Counter,
+    saved: Family<SavedLabels, Counter>,
+    errors: Family<ErrorLabels, Counter>,
+    total_errors: Counter,
+    dead_lettered: Counter,
+    retries: Counter,
+    device_latency: Histogram,
+    ingestion_latency: Histogram,
+    pipeline_latency: Histogram,
+    buffered: Gauge,
+    /// Totals across labels, for the summary (a label family cannot be summed).
+    groups_total: Counter,
+    outcomes: [Counter; 3],
+    /// Dead letters by (stage, kind), for the summary.
+    dead_letter_kinds: Mutex<BTreeMap<(String, String), u64>>,
+    /// Read-to-write latency with exact percentiles, for the summary and the benchmark.
+    latency: Mutex<Hdr<u64>>,
+}
+
+fn latency_buckets() -> impl Iterator<Item = f64> {
+    [
+        5.0, 10.0, 25.0, 50.0, 100.0, 250.0, 500.0, 750.0, 1000.0, 1500.0, 2000.0, 3000.0, 5000.0,
+        10_000.0, 30_000.0, 60_000.0, 300_000.0, 900_000.0,
+    ]
+    .into_iter()
+}
+
+impl Default for Metrics {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl Metrics {
+    /// A fresh set, registered for export.
+    pub fn new() -> Self {
+        let mut registry = Registry::default();
+        let m = Self {
+            device_event: Counter::default(),
+            normalized_event: Counter::default(),
+            measurement: Counter::default(),
+            measurement_group: Family::default(),
+            dropped_event: Counter::default(),
+            saved: Family::default(),
+            errors: Family::default(),
+            total_errors: Counter::default(),
+            dead_lettered: Counter::default(),
+            retries: Counter::default(),
+            device_latency: Histogram::new(latency_buckets()),
+            ingestion_latency: Histogram::new(latency_buckets()),
+            pipeline_latency: Histogram::new(latency_buckets()),
+            buffered: Gauge::default(),
+            groups_total: Counter::default(),
+            outcomes: Default::default(),
+            dead_letter_kinds: Mutex::default(),
+            latency: Mutex::new(
+                Hdr::new_with_bounds(1, 3_600_000, 3).unwrap_or_else(|_| Hdr::new(3).unwrap()),
+            ),
+            registry: Registry::default(),
+        };
+        registry.register("DeviceEvent", "Device events read", m.device_event.clone());
+        registry.register(
+            "NormalizedEvent",
+            "Measurements produced by the device mapping",
+            m.normalized_event.clone(),
+        );
+        registry.register(
+            "Measurement",
+            "Measurements written to FHIR",
+            m.measurement.clone(),
+        );
+        registry.register(
+            "MeasurementGroup",
+            "Measurement groups written, by flush reason",
+            m.measurement_group.clone(),
+        );
+        registry.register(
+            "DroppedEvent",
+            "Device events no template matched",
+            m.dropped_event.clone(),
+        );
+        registry.register(
+            "FhirResourceSaved",
+            "FHIR resources saved, by outcome",
+            m.saved.clone(),
+        );
+        registry.register(
+            "Errors",
+            "Errors by MedTech exception name and operation",
+            m.errors.clone(),
+        );
+        registry.register("TotalErrors", "All errors", m.total_errors.clone());
+        registry.register(
+            "DeadLetter",
+            "Items written to the dead-letter sink",
+            m.dead_lettered.clone(),
+        );
+        registry.register(
+            "FhirWriteRetry",
+            "Group writes retried because the FHIR server was unavailable",
+            m.retries.clone(),
+        );
+        registry.register(
+            "DeviceEventProcessingLatencyMs",
+            "From the event's enqueued time to its normalization, in milliseconds",
+            m.device_latency.clone(),
+        );
+        registry.register(
+            "MeasurementIngestionLatencyMs",
+            "From the event's enqueued time to the FHIR write, in milliseconds",
+            m.ingestion_latency.clone(),
+        );
+        registry.register(
+            "PipelineLatencyMs",
+            "From reading the event to the FHIR write, in milliseconds",
+            m.pipeline_latency.clone(),
+        );
+        registry.register(
+            "BufferedMeasurements",
+            "Measurements waiting in group buffers",
+            m.buffered.clone(),
+        );
+        Self { registry, ..m }
+    }
+
+    /// The Prometheus text exposition.
+    pub fn encode(&self) -> String {
+        let mut out = String::new();
+        // Writing to a String cannot fail.
+        prometheus_client::encoding::text::encode(&mut out, &self.registry).ok();
+        out
+    }
+
+    pub(crate) fn events_read(&self, n: u64) {
+        self.device_event.inc_by(n);
+    }
+
+    pub(crate) fn normalized(&self, n: u64) {
+        self.normalized_event.inc_by(n);
+    }
+
+    pub(crate) fn dropped(&self) {
+        self.dropped_event.inc();
+    }
+
+    pub(crate) fn device_latency(&self, ms: f64) {
+        self.device_latency.observe(ms);
+    }
+
+    pub(crate) fn group_written(&self, reason: &str, measurements: u64, latencies: &[Duration]) {
+        self.measurement_group
+            .get_or_create(&NameLabel {
+                name: reason.to_owned(),
+            })
+            .inc();
+        self.groups_total.inc();
+        self.measurement.inc_by(measurements);
+        if let Ok(mut hdr) = self.latency.lock() {
+            for l in latencies {
+                let ms = l.as_millis() as u64;
+                // Latencies above an hour are counted as an hour.
+                hdr.saturating_record(ms.max(1));
+                self.pipeline_latency.observe(ms as f64);
+            }
+        }
+    }
+
+    pub(crate) fn ingestion_latency(&self, ms: f64) {
+        self.ingestion_latency.observe(ms);
+    }
+
+    pub(crate) fn saved(&self, resource_type: &str, outcome: Saved, n: u64) {
+        self.saved
+            .get_or_create(&SavedLabels {
+                name: outcome.name(resource_type),
+                resource_type: resource_type.to_owned(),
+            })
+            .inc_by(n);
+        self.outcomes[outcome as usize].inc_by(n);
+    }
+
+    pub(crate) fn error(&self, name: &str, operation: &str) {
+        self.errors
+            .get_or_create(&ErrorLabels {
+                name: name.to_owned(),
+                operation: operation.to_owned(),
+            })
+            .inc();
+        self.total_errors.inc();
+    }
+
+    pub(crate) fn dead_letter(&self, stage: &str, kind: &str, n: u64) {
+        self.dead_lettered.inc_by(n);
+        if let Ok(mut kinds) = self.dead_letter_kinds.lock() {
+            *kinds
+                .entry((stage.to_owned(), kind.to_owned()))
+                .or_default() += n;
+        }
+    }
+
+    pub(crate) fn retry(&self) {
+        self.retries.inc();
+    }
+
+    pub(crate) fn buffered(&self, delta: i64) {
+        self.buffered.inc_by(delta);
+    }
+
+    /// The numbers a replay reports at the end.
+    pub fn summary(&self) -> Summary {
+        let (p50, p99, max) = self
+            .latency
+            .lock()
+            .map(|h| (h.value_at_quantile(0.5), h.value_at_quantile(0.99), h.max()))
+            .unwrap_or_default();
+        Summary {
+            events: self.device_event.get(),
+            measurements: self.normalized_event.get(),
+            written_measurements: self.measurement.get(),
+            groups: self.groups_total.get(),
+            dropped: self.dropped_event.get(),
+            created: self.outcomes[Saved::Created as usize].get(),
+            updated: self.outcomes[Saved::Updated as usize].get(),
+            unchanged: self.outcomes[Saved::Unchanged as usize].get(),
+            dead_letters: self
+                .dead_letter_kinds
+                .lock()
+                .map(|k| k.clone())
+                .unwrap_or_default(),
+            retries: self.retries.get(),
+            latency_ms: (p50, p99, max),
+        }
+    }
+}
+
+/// What a run did, for the summary a replay prints.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Summary {
+    /// Device events read.
+    pub events: u64,
+    /// Measurements the device mapping produced.
+    pub measurements: u64,
+    /// Measurements written to FHIR.
+    pub written_measurements: u64,
+    /// Measurement groups written.
+    pub groups: u64,
+    /// Events no template matched.
+    pub dropped: u64,
+    /// Resources created.
+    pub created: u64,
+    /// Resources updated.
+    pub updated: u64,
+    /// Resources that already held the data.
+    pub unchanged: u64,
+    /// Dead-lettered items by (stage, error kind).
+    pub dead_letters: BTreeMap<(String, String), u64>,
+    /// Group writes retried because the server was unavailable.
+    pub retries: u64,
+    /// Read-to-write latency in milliseconds: p50, p99, max.
+    pub latency_ms: (u64, u64, u64),
+}

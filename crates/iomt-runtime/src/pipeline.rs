@@ -1,0 +1,720 @@
+//! The running pipeline: source → normalize → internal hub → group → sink, with dead letters
+//! and checkpoints.
+//!
+//! ```text
+//!  source ──batches──▶ normalize ──by device──▶ hub partition 0..n ──▶ group ──flush──▶ write ─┐
+//!    ▲                    │ register                                                  │ ack   │
+//!    │                    └──────────────▶ dead letters (fsync) ──────────────────────┘       │
+//!    └──────────── checkpoint ◀── ack trackers ◀──────────────────────────────────────────────┘
+//! ```
+//!
+//! Every event is registered with its partition's [`AckTracker`] before any of its
+//! measurements leave the normalize task, with one part per measurement (plus one when it is
+//! dead-lettered). A part is acknowledged only after its group was written (or its dead-letter
+//! record synced), and the checkpoint task commits the trackers' positions after the sink has
+//! persisted. So a checkpoint never passes an event whose output could still be lost.
+//!
+//! Memory is bounded by the channels (source batches, hub batches), the number of group writes
+//! in flight, and a cap on buffered measurements (the oldest buffer is flushed early above it).
+
+use std::collections::BTreeMap;
+use std::future::Future;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use iomt_core::ack::AckTracker;
+use iomt_core::{Measurement, Timestamp};
+use iomt_group::{Flush, FlushReason, GroupConfig, Grouper};
+use iomt_hub::capture::{BadRecord, CapturedEvent};
+use iomt_hub::deadletter::{DeadLetter, DeadLetterWriter, Stage};
+use iomt_normalize::Normalizer;
+use iomt_templates::fhir::FhirMapping;
+use tokio::sync::{Semaphore, mpsc, oneshot, watch};
+use tokio::task::JoinSet;
+
+use crate::checkpoint::CheckpointStore;
+use crate::hub::{HubConsumer, HubMessage, HubProducer, Origin, device_partition};
+use crate::metrics::Metrics;
+use crate::sink::{Sink, SinkError};
+
+/// Tuning of the runtime.
+#[derive(Debug, Clone)]
+pub struct PipelineConfig {
+    /// Group flush limits.
+    pub group: GroupConfig,
+    /// Internal hub partitions (group tasks) in embedded mode.
+    pub hub_partitions: usize,
+    /// Batches each internal hub partition holds before the normalize task waits.
+    pub hub_capacity: usize,
+    /// Group writes in flight at once, across partitions.
+    pub max_in_flight: usize,
+    /// Measurements buffered across all groups before the oldest buffers are flushed early.
+    pub max_buffered: usize,
+    /// How often checkpoints are committed.
+    pub checkpoint_interval: Duration,
+    /// How long a shutdown may take to drain before in-flight work is abandoned (it is
+    /// replayed from the checkpoint on the next start).
+    pub drain_deadline: Duration,
+    /// Longest wait between retries of a group while the FHIR server is unavailable.
+    pub retry_cap: Duration,
+}
+
+impl Default for PipelineConfig {
+    fn default() -> Self {
+        Self {
+            group: GroupConfig::default(),
+            hub_partitions: 4,
+            hub_capacity: 16,
+            max_in_flight: 64,
+            max_buffered: 200_000,
+            checkpoint_interval: Duration::from_secs(5),
+            drain_deadline: Duration::from_secs(30),
+            retry_cap: Duration::from_secs(30),
+        }
+    }
+}
+
+/// What the source hands the pipeline.
+#[derive(Debug, Clone)]
+pub enum Input {
+    /// A device event to normalize.
+    Event(CapturedEvent),
+    /// A record that is not a readable event; it is dead-lettered.
+    Bad(BadRecord),
+    /// An already normalized measurement (a convert-stage dead letter being replayed).
+    Measurement(Box<Measurement>),
+}
+
+/// One input item and where it was read.
+#[derive(Debug, Clone)]
+pub struct SourceItem {
+    /// Its source partition and position, registered for checkpointing.
+    pub origin: Origin,
+    /// The item.
+    pub input: Input,
+}
+
+/// How a run ended.
+#[derive(Debug)]
+pub struct Report<K> {
+    /// The checkpoint store, after the final commit.
+    pub checkpoints: K,
+    /// The last committed position per partition.
+    pub positions: BTreeMap<u32, i64>,
+    /// Whether the run was stopped by a shutdown signal rather than reaching the input's end.
+    pub interrupted: bool,
+    /// Whether the drain deadline passed with work still in flight.
+    pub abandoned: bool,
+    /// Items whose output is not yet written (non-zero only when abandoned).
+    pub in_flight: usize,
+}
+
+/// Per-partition ordered acknowledgement.
+#[derive(Debug)]
+struct Acks {
+    trackers: Vec<Mutex<AckTracker>>,
+}
+
+impl Acks {
+    fn register(&self, items: &[(Origin, u32)]) {
+        for (origin, parts) in items {
+            self.with(origin.partition, |t| t.register(origin.position, *parts));
+        }
+    }
+
+    fn ack(&self, origins: impl IntoIterator<Item = Origin>) {
+        for origin in origins {
+            self.with(origin.partition, |t| t.ack(origin.position));
+        }
+    }
+
+    fn with(
+        &self,
+        partition: u32,
+        f: impl FnOnce(&mut AckTracker) -> Result<(), iomt_core::ack::AckError>,
+    ) {
+        let Some(tracker) = self.trackers.get(partition as usize) else {
+            tracing::error!(partition, "an origin names an unknown partition");
+            return;
+        };
+        let result = match tracker.lock() {
+            Ok(mut t) => f(&mut t),
+            Err(mut poisoned) => f(poisoned.get_mut()),
+        };
+        if let Err(e) = result {
+            tracing::error!(partition, error = %e, "acknowledgement out of protocol");
+        }
+    }
+
+    fn positions(&self) -> BTreeMap<u32, i64> {
+        self.trackers
+            .iter()
+            .enumerate()
+            .filter_map(|(i, t)| {
+                let t = t.lock().ok()?;
+                Some((i as u32, t.checkpoint()?))
+            })
+            .collect()
+    }
+
+    fn in_flight(&self) -> usize {
+        self.trackers
+            .iter()
+            .filter_map(|t| t.lock().ok().map(|t| t.in_flight()))
+            .sum()
+    }
+}
+
+/// Dead-letter records and the origins to acknowledge once they are durable.
+#[derive(Debug)]
+struct DeadLetters {
+    records: Vec<DeadLetter>,
+    origins: Vec<Origin>,
+}
+
+/// A measurement's origin and read time, kept beside it in the group buffer.
+#[derive(Debug, Clone, Copy)]
+struct Tag {
+    origin: Origin,
+    read_at: Instant,
+}
+
+#[derive(Debug)]
+struct Shared<S> {
+    config: PipelineConfig,
+    normalizer: Arc<Normalizer>,
+    mapping: Arc<FhirMapping>,
+    sink: Arc<S>,
+    metrics: Arc<Metrics>,
+    acks: Acks,
+    partition_names: Vec<String>,
+    slots: Arc<Semaphore>,
+}
+
+/// A pipeline ready to run.
+#[derive(Debug)]
+pub struct Pipeline<S> {
+    shared: Arc<Shared<S>>,
+}
+
+impl<S: Sink> Pipeline<S> {
+    /// A pipeline over compiled templates and a sink. `partitions` names the source
+    /// partitions; an [`Origin`]'s partition indexes this list.
+    pub fn new(
+        config: PipelineConfig,
+        normalizer: Arc<Normalizer>,
+        mapping: Arc<FhirMapping>,
+        sink: Arc<S>,
+        metrics: Arc<Metrics>,
+        partitions: Vec<String>,
+    ) -> Self {
+        let slots = Arc::new(Semaphore::new(config.max_in_flight.max(1)));
+        let acks = Acks {
+            trackers: partitions.iter().map(|_| Mutex::default()).collect(),
+        };
+        Self {
+            shared: Arc::new(Shared {
+                config,
+                normalizer,
+                mapping,
+                sink,
+                metrics,
+                acks,
+                partition_names: partitions,
+                slots,
+            }),
+        }
+    }
+
+    /// Runs until the input ends or `shutdown` completes, then drains within the deadline and
+    /// commits the final checkpoint.
+    pub async fn run<P, C, K>(
+        self,
+        input: mpsc::Receiver<Vec<SourceItem>>,
+        producer: P,
+        consumers: Vec<C>,
+        dead_letters: DeadLetterWriter,
+        checkpoints: K,
+        shutdown: impl Future<Output = ()> + Send,
+    ) -> Report<K>
+    where
+        P: HubProducer,
+        C: HubConsumer,
+        K: CheckpointStore,
+    {
+        let shared = self.shared;
+        let (stop_tx, stop_rx) = watch::channel(false);
+        let (dl_tx, dl_rx) = mpsc::channel::<DeadLetters>(64);
+        let (finish_tx, finish_rx) = oneshot::channel();
+
+        let dl_task = tokio::spawn(dead_letter_task(dl_rx, dead_letters, shared.clone()));
+        let checkpoint_task = tokio::spawn(checkpoint_task(shared.clone(), checkpoints, finish_rx));
+        let mut stages = JoinSet::new();
+        stages.spawn(normalize_task(
+            input,
+            producer,
+            dl_tx.clone(),
+            shared.clone(),
+            stop_rx,
+        ));
+        for consumer in consumers {
+            stages.spawn(group_task(consumer, dl_tx.clone(), shared.clone()));
+        }
+        drop(dl_tx);
+
+        let mut interrupted = false;
+        tokio::select! {
+            () = join_all(&mut stages) => {}
+            () = shutdown => {
+                interrupted = true;
+                tracing::info!(deadline = ?shared.config.drain_deadline, "shutting down: draining");
+                stop_tx.send_replace(true);
+            }
+        }
+        let abandoned = interrupted
+            && tokio::time::timeout(shared.config.drain_deadline, join_all(&mut stages))
+                .await
+                .is_err();
+        if abandoned {
+            tracing::warn!("drain deadline passed; unfinished work will be replayed on restart");
+            stages.abort_all();
+            join_all(&mut stages).await;
+            dl_task.abort();
+        }
+        if let Err(e) = dl_task.await
+            && !e.is_cancelled()
+        {
+            tracing::error!(error = %e, "the dead-letter task failed");
+        }
+        // The checkpoint task only ends on this signal, so it is still there to receive it.
+        finish_tx.send(()).ok();
+        let checkpoints = match checkpoint_task.await {
+            Ok(k) => k,
+            Err(e) => std::panic::resume_unwind(e.into_panic()),
+        };
+        Report {
+            checkpoints,
+            positions: shared.acks.positions(),
+            interrupted,
+            abandoned,
+            in_flight: shared.acks.in_flight(),
+        }
+    }
+}
+
+/// Waits for every task of the set; cancel-safe, so it can be raced and resumed.
+async fn join_all(tasks: &mut JoinSet<()>) {
+    while let Some(result) = tasks.join_next().await {
+        if let Err(e) = result
+            && !e.is_cancelled()
+        {
+            tracing::error!(error = %e, "a pipeline task failed");
+        }
+    }
+}
+
+fn millis_between(earlier: Timestamp, later: Timestamp) -> f64 {
+    (later.unix_ticks() - earlier.unix_ticks()) as f64 / 10_000.0
+}
+
+fn normalize_dead_letter(
+    event: &CapturedEvent,
+    errors: &[iomt_normalize::NormalizeError],
+) -> DeadLetter {
+    let first = &errors[0];
+    let mut messages: Vec<String> = Vec::new();
+    for e in errors {
+        let m = match (&e.template, &e.path, e.line) {
+            (Some(t), Some(p), Some(l)) => format!("{t}, {p} (line {l}): {}", e.message),
+            (Some(t), _, _) => format!("{t}: {}", e.message),
+            _ => e.message.clone(),
+        };
+        // A template failing the same way on every match of an event is said once.
+        if !messages.contains(&m) {
+            messages.push(m);
+        }
+    }
+    let message = messages.join("; ");
+    DeadLetter {
+        stage: Stage::Normalize,
+        partition: event.partition.clone(),
+        sequence_number: event.sequence_number,
+        source: Some(event.source.clone()),
+        kind: first.kind.name().to_owned(),
+        message,
+        template: first.template.clone(),
+        payload: event.event.body.clone(),
+        properties: event.event.properties.clone(),
+        system_properties: event.event.system_properties.clone(),
+        time: Timestamp::now(),
+    }
+}
+
+async fn normalize_task<S: Sink, P: HubProducer>(
+    mut input: mpsc::Receiver<Vec<SourceItem>>,
+    mut producer: P,
+    dead_letters: mpsc::Sender<DeadLetters>,
+    shared: Arc<Shared<S>>,
+    mut stop: watch::Receiver<bool>,
+) {
+    let partitions = producer.partitions();
+    loop {
+        let batch = tokio::select! {
+            biased;
+            _ = stop.wait_for(|s| *s) => break,
+            batch = input.recv() => match batch {
+                Some(b) => b,
+                None => break,
+            },
+        };
+        let read_at = Instant::now();
+        let now = Timestamp::now();
+        let mut out: Vec<Vec<HubMessage>> = (0..partitions).map(|_| Vec::new()).collect();
+        let mut registrations = Vec::with_capacity(batch.len());
+        let mut dead = DeadLetters {
+            records: Vec::new(),
+            origins: Vec::new(),
+        };
+        let mut events = 0;
+        let mut normalized = 0;
+        for item in batch {
+            let origin = item.origin;
+            let mut route = |measurement: Measurement| {
+                let p = device_partition(&measurement.device_id, partitions);
+                out[p].push(HubMessage {
+                    measurement,
+                    origin,
+                    read_at,
+                });
+            };
+            match item.input {
+                Input::Bad(bad) => {
+                    events += 1;
+                    shared
+                        .metrics
+                        .error("InvalidDataFormatException", "Normalization");
+                    registrations.push((origin, 1));
+                    dead.origins.push(origin);
+                    dead.records.push(DeadLetter {
+                        stage: Stage::Normalize,
+                        partition: bad.partition,
+                        sequence_number: bad.sequence_number,
+                        source: Some(bad.source),
+                        kind: "InvalidDataFormatException".to_owned(),
+                        message: bad.reason,
+                        template: None,
+                        payload: bad.payload,
+                        properties: Default::default(),
+                        system_properties: Default::default(),
+                        time: now,
+                    });
+                }
+                Input::Measurement(m) => {
+                    registrations.push((origin, 1));
+                    route(*m);
+                }
+                Input::Event(event) => {
+                    events += 1;
+                    if let Some(enqueued) = event.event.enqueued_time {
+                        shared
+                            .metrics
+                            .device_latency(millis_between(enqueued, now).max(0.0));
+                    }
+                    let output = shared.normalizer.normalize_event(&event.event);
+                    let failed = !output.errors.is_empty();
+                    let n = output.measurements.len();
+                    normalized += n as u64;
+                    if failed {
+                        for e in &output.errors {
+                            shared.metrics.error(e.kind.name(), "Normalization");
+                        }
+                        dead.origins.push(origin);
+                        dead.records
+                            .push(normalize_dead_letter(&event, &output.errors));
+                    } else if n == 0 {
+                        shared.metrics.dropped();
+                    }
+                    registrations.push((origin, n as u32 + u32::from(failed)));
+                    for mut m in output.measurements {
+                        if m.ingestion_time_utc.is_none() {
+                            m.ingestion_time_utc = event.event.enqueued_time;
+                        }
+                        route(m);
+                    }
+                }
+            }
+        }
+        shared.metrics.events_read(events);
+        shared.metrics.normalized(normalized);
+        // Registered before anything can be acknowledged.
+        shared.acks.register(&registrations);
+        if !dead.records.is_empty() && dead_letters.send(dead).await.is_err() {
+            break;
+        }
+        for (p, messages) in out.into_iter().enumerate() {
+            if !messages.is_empty() && producer.send(p, messages).await.is_err() {
+                tracing::error!(partition = p, "the internal hub closed; stopping normalize");
+                return;
+            }
+        }
+    }
+}
+
+fn reason_name(reason: FlushReason) -> &'static str {
+    match reason {
+        FlushReason::MaxEvents => "MaxEvents",
+        FlushReason::MaxWait => "MaxWait",
+        FlushReason::Shutdown => "Shutdown",
+        FlushReason::MemoryLimit => "MemoryLimit",
+    }
+}
+
+async fn group_task<S: Sink, C: HubConsumer>(
+    mut consumer: C,
+    dead_letters: mpsc::Sender<DeadLetters>,
+    shared: Arc<Shared<S>>,
+) {
+    let mapping = shared.mapping.clone();
+    let mut grouper: Grouper<_, Tag> = Grouper::new(shared.config.group, move |t: &str| {
+        mapping.lookup(t).map(|f| f.period_interval())
+    });
+    let partitions = shared.config.hub_partitions.max(1);
+    let limit = (shared.config.max_buffered / partitions).max(1);
+    let epoch = Instant::now();
+    let now_ms = move || epoch.elapsed().as_millis() as u64;
+    let mut writes = JoinSet::new();
+    loop {
+        let deadline = grouper
+            .next_deadline_ms()
+            .map(|ms| tokio::time::Instant::from_std(epoch + Duration::from_millis(ms)));
+        tokio::select! {
+            biased;
+            Some(result) = writes.join_next(), if !writes.is_empty() => {
+                if let Err(e) = result {
+                    tracing::error!(error = %e, "a group write failed");
+                }
+            }
+            () = tokio::time::sleep_until(deadline.unwrap_or_else(tokio::time::Instant::now)),
+                if deadline.is_some() =>
+            {
+                for flush in grouper.expired(now_ms()) {
+                    dispatch(&shared, &dead_letters, &mut writes, flush).await;
+                }
+            }
+            batch = consumer.recv() => {
+                let Some(batch) = batch else { break };
+                shared.metrics.buffered(batch.len() as i64);
+                for m in batch {
+                    let tag = Tag { origin: m.origin, read_at: m.read_at };
+                    if let Some(flush) = grouper.push(m.measurement, tag, now_ms()) {
+                        dispatch(&shared, &dead_letters, &mut writes, flush).await;
+                    }
+                }
+                while grouper.buffered() > limit {
+                    let Some(flush) = grouper.flush_oldest() else { break };
+                    dispatch(&shared, &dead_letters, &mut writes, flush).await;
+                }
+            }
+        }
+    }
+    for flush in grouper.drain() {
+        dispatch(&shared, &dead_letters, &mut writes, flush).await;
+    }
+    join_all(&mut writes).await;
+}
+
+/// Starts the write of a flushed group once a write slot is free (the wait is backpressure).
+async fn dispatch<S: Sink>(
+    shared: &Arc<Shared<S>>,
+    dead_letters: &mpsc::Sender<DeadLetters>,
+    writes: &mut JoinSet<()>,
+    flush: Flush<Tag>,
+) {
+    shared.metrics.buffered(-(flush.positions.len() as i64));
+    let permit = shared.slots.clone().acquire_owned().await;
+    let (shared, dead_letters) = (shared.clone(), dead_letters.clone());
+    writes.spawn(async move {
+        write_flush(&shared, flush, &dead_letters).await;
+        drop(permit);
+    });
+}
+
+async fn write_flush<S: Sink>(
+    shared: &Shared<S>,
+    flush: Flush<Tag>,
+    dead_letters: &mpsc::Sender<DeadLetters>,
+) {
+    let mut backoff = Duration::from_millis(250);
+    let error = loop {
+        match shared.sink.write(&flush.group).await {
+            Ok(written) => {
+                let now = Timestamp::now();
+                let latencies: Vec<Duration> = flush
+                    .positions
+                    .iter()
+                    .map(|t| t.read_at.elapsed())
+                    .collect();
+                for m in &flush.group.measurements {
+                    if let Some(ingested) = m.ingestion_time_utc {
+                        shared
+                            .metrics
+                            .ingestion_latency(millis_between(ingested, now).max(0.0));
+                    }
+                }
+                shared.metrics.group_written(
+                    reason_name(flush.reason),
+                    flush.group.measurements.len() as u64,
+                    &latencies,
+                );
+                for (resource_type, outcome) in &written {
+                    shared.metrics.saved(resource_type, *outcome, 1);
+                }
+                shared.acks.ack(flush.positions.iter().map(|t| t.origin));
+                return;
+            }
+            Err(SinkError::Unavailable { kind, message }) => {
+                shared.metrics.error(kind, "FHIRConversion");
+                shared.metrics.retry();
+                tracing::warn!(kind, retry_in = ?backoff, "FHIR output unavailable; retrying the group");
+                tracing::debug!(%message, "FHIR output failure");
+                tokio::time::sleep(backoff).await;
+                backoff = (backoff * 2).min(shared.config.retry_cap);
+            }
+            Err(e @ SinkError::Data { .. }) => break e,
+        }
+    };
+    let SinkError::Data {
+        kind,
+        message,
+        template,
+    } = error
+    else {
+        return;
+    };
+    shared.metrics.error(kind, "FHIRConversion");
+    tracing::debug!(
+        kind,
+        template = template.as_deref().unwrap_or(""),
+        measurements = flush.group.measurements.len(),
+        "group dead-lettered"
+    );
+    let now = Timestamp::now();
+    let records = flush
+        .group
+        .measurements
+        .iter()
+        .zip(&flush.positions)
+        .map(|(m, tag)| DeadLetter {
+            stage: Stage::Convert,
+            partition: shared
+                .partition_names
+                .get(tag.origin.partition as usize)
+                .cloned()
+                .unwrap_or_else(|| tag.origin.partition.to_string()),
+            sequence_number: tag.origin.position,
+            source: None,
+            kind: kind.to_owned(),
+            message: message.clone(),
+            template: template.clone(),
+            payload: serde_json::to_vec(m).unwrap_or_default(),
+            properties: Default::default(),
+            system_properties: Default::default(),
+            time: now,
+        })
+        .collect();
+    let origins = flush.positions.iter().map(|t| t.origin).collect();
+    if dead_letters
+        .send(DeadLetters { records, origins })
+        .await
+        .is_err()
+    {
+        // Only after the drain deadline: the group stays unacknowledged and is replayed.
+        tracing::warn!("dead-letter sink closed; the group will be replayed");
+    }
+}
+
+async fn dead_letter_task<S: Sink>(
+    mut rx: mpsc::Receiver<DeadLetters>,
+    mut writer: DeadLetterWriter,
+    shared: Arc<Shared<S>>,
+) {
+    while let Some(first) = rx.recv().await {
+        let mut batches = vec![first];
+        while batches.len() < 64 {
+            match rx.try_recv() {
+                Ok(b) => batches.push(b),
+                Err(_) => break,
+            }
+        }
+        let records: Vec<DeadLetter> = batches
+            .iter_mut()
+            .flat_map(|b| std::mem::take(&mut b.records))
+            .collect();
+        let mut wait = Duration::from_millis(100);
+        loop {
+            let (w, result) = match tokio::task::spawn_blocking({
+                let records = records.clone();
+                move || {
+                    let result = writer.write(&records);
+                    (writer, result)
+                }
+            })
+            .await
+            {
+                Ok(r) => r,
+                Err(e) => {
+                    tracing::error!(error = %e, "dead-letter writer failed");
+                    return;
+                }
+            };
+            writer = w;
+            match result {
+                Ok(()) => break,
+                Err(e) => {
+                    tracing::error!(path = %writer.path().display(), error = %e, "cannot write dead letters; retrying");
+                    tokio::time::sleep(wait).await;
+                    wait = (wait * 2).min(Duration::from_secs(10));
+                }
+            }
+        }
+        for r in &records {
+            shared.metrics.dead_letter(r.stage.name(), &r.kind, 1);
+        }
+        for b in batches {
+            shared.acks.ack(b.origins);
+        }
+    }
+}
+
+async fn checkpoint_task<S: Sink, K: CheckpointStore>(
+    shared: Arc<Shared<S>>,
+    mut store: K,
+    mut finish: oneshot::Receiver<()>,
+) -> K {
+    let mut tick = tokio::time::interval(shared.config.checkpoint_interval);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Skip);
+    loop {
+        tokio::select! {
+            _ = tick.tick() => commit(&shared, &mut store).await,
+            _ = &mut finish => break,
+        }
+    }
+    commit(&shared, &mut store).await;
+    store
+}
+
+/// Commits what is safe: positions are read before the sink persists, so every write they
+/// cover is durable when they are stored.
+async fn commit<S: Sink, K: CheckpointStore>(shared: &Shared<S>, store: &mut K) {
+    let positions = shared.acks.positions();
+    if let Err(e) = shared.sink.persist().await {
+        tracing::error!(error = %e, "cannot persist the output; the checkpoint waits");
+        return;
+    }
+    if positions.is_empty() {
+        return;
+    }
+    if let Err(e) = store.commit(&positions).await {
+        tracing::error!(error = %e, "cannot commit the checkpoint");
+    }
+}
