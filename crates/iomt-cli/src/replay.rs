@@ -331,15 +331,22 @@ pub(crate) fn run(args: &ReplayArgs) -> anyhow::Result<u8> {
         };
         let report = run_pipeline(prepared, rx, checkpoint).await;
         ticker.abort();
+        let report = match report {
+            Ok(r) => r,
+            Err(e) => return (Err(e), None),
+        };
         let reached_end = match reader.await {
             Ok(Ok(end)) => Ok(end),
             Ok(Err(e)) => Err(e),
             Err(e) => Err(anyhow::anyhow!("the reader failed: {e}")),
         };
-        (reached_end, report)
+        (reached_end, Some(report))
     });
     bar.finish_and_clear();
     let reached_end = reached_end?;
+    let Some(report) = report else {
+        anyhow::bail!("the pipeline did not start");
+    };
     let mut checkpoint = report.checkpoints;
     let complete = reached_end && !report.interrupted && report.in_flight == 0;
     if complete && resumable {

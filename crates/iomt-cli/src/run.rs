@@ -78,6 +78,9 @@ pub(crate) struct RunArgs {
     /// How often the checkpoint is committed.
     #[arg(long, default_value = "2s", value_parser = humantime::parse_duration, value_name = "DURATION")]
     pub(crate) checkpoint_interval: Duration,
+    /// Serve /metrics (Prometheus), /healthz and /readyz on this address, e.g. 127.0.0.1:9090.
+    #[arg(long, value_name = "ADDR")]
+    pub(crate) metrics_addr: Option<std::net::SocketAddr>,
 }
 
 /// The sink of a run, chosen by the arguments.
@@ -128,6 +131,7 @@ pub(crate) struct Prepared {
     pub(crate) metrics: Arc<Metrics>,
     pub(crate) dead_letters: DeadLetterWriter,
     pub(crate) config: PipelineConfig,
+    pub(crate) metrics_addr: Option<std::net::SocketAddr>,
     /// Identifies the output, so a checkpoint is only reused for the same destination.
     pub(crate) target: String,
 }
@@ -230,6 +234,7 @@ pub(crate) fn prepare(
         metrics,
         dead_letters,
         config,
+        metrics_addr: args.metrics_addr,
         target,
     }))
 }
@@ -261,10 +266,17 @@ pub(crate) async fn run_pipeline<K: CheckpointStore>(
     prepared: Prepared,
     input: mpsc::Receiver<Vec<SourceItem>>,
     checkpoints: K,
-) -> Report<K> {
+) -> anyhow::Result<Report<K>> {
+    if let Some(addr) = prepared.metrics_addr {
+        let health = prepared.pipeline.health();
+        let bound = iomt_runtime::serve(addr, prepared.metrics.clone(), health)
+            .await
+            .with_context(|| format!("cannot serve metrics on {addr}"))?;
+        tracing::info!(%bound, "serving /metrics, /healthz and /readyz");
+    }
     let (producer, consumers) =
         in_process(prepared.config.hub_partitions, prepared.config.hub_capacity);
-    prepared
+    Ok(prepared
         .pipeline
         .run(
             input,
@@ -274,7 +286,7 @@ pub(crate) async fn run_pipeline<K: CheckpointStore>(
             checkpoints,
             shutdown_signal(),
         )
-        .await
+        .await)
 }
 
 /// A tokio runtime with one worker per core.

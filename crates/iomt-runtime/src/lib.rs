@@ -10,10 +10,12 @@ pub mod checkpoint;
 pub mod hub;
 pub mod metrics;
 pub mod pipeline;
+pub mod server;
 pub mod sink;
 
 pub use checkpoint::{CheckpointError, CheckpointStore, FileCheckpoint};
 pub use hub::{HubConsumer, HubMessage, HubProducer, Origin, in_process};
 pub use metrics::{Metrics, Summary};
 pub use pipeline::{Input, Pipeline, PipelineConfig, Report, SourceItem};
+pub use server::{Health, serve};
 pub use sink::{FhirSink, NdjsonSink, Sink, SinkError};

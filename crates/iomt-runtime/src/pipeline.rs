@@ -35,6 +35,7 @@ use tokio::task::JoinSet;
 use crate::checkpoint::CheckpointStore;
 use crate::hub::{HubConsumer, HubMessage, HubProducer, Origin, device_partition};
 use crate::metrics::Metrics;
+use crate::server::Health;
 use crate::sink::{Sink, SinkError};
 
 /// Tuning of the runtime.
@@ -189,6 +190,7 @@ struct Shared<S> {
     acks: Acks,
     partition_names: Vec<String>,
     slots: Arc<Semaphore>,
+    health: Arc<Health>,
 }
 
 /// A pipeline ready to run.
@@ -222,8 +224,14 @@ impl<S: Sink> Pipeline<S> {
                 acks,
                 partition_names: partitions,
                 slots,
+                health: Arc::default(),
             }),
         }
+    }
+
+    /// The readiness the `/readyz` endpoint reports: true while the pipeline takes input.
+    pub fn health(&self) -> Arc<Health> {
+        self.shared.health.clone()
     }
 
     /// Runs until the input ends or `shutdown` completes, then drains within the deadline and
@@ -261,12 +269,14 @@ impl<S: Sink> Pipeline<S> {
             stages.spawn(group_task(consumer, dl_tx.clone(), shared.clone()));
         }
         drop(dl_tx);
+        shared.health.set_ready(true);
 
         let mut interrupted = false;
         tokio::select! {
-            () = join_all(&mut stages) => {}
+            () = join_all(&mut stages) => shared.health.set_ready(false),
             () = shutdown => {
                 interrupted = true;
+                shared.health.set_ready(false);
                 tracing::info!(deadline = ?shared.config.drain_deadline, "shutting down: draining");
                 stop_tx.send_replace(true);
             }
