@@ -3,6 +3,8 @@
 //! Exit codes follow the mapping-test contract: 0 when everything worked, 1 when the input
 //! data did not fit the templates, 2 when a template (or the command line) is invalid.
 
+mod config;
+mod deadletter;
 mod mapping;
 mod replay;
 mod run;
@@ -40,6 +42,12 @@ enum Command {
     /// the summary), 130 when it was interrupted (run it again to resume), 2 on invalid
     /// templates or arguments.
     Replay(Box<replay::ReplayArgs>),
+    /// Check or print the configuration.
+    #[command(subcommand)]
+    Config(config::ConfigCommand),
+    /// Work with dead-lettered items.
+    #[command(subcommand, name = "deadletter")]
+    DeadLetter(deadletter::DeadLetterCommand),
 }
 
 /// How results are printed.
@@ -79,6 +87,11 @@ fn main() -> ExitCode {
         Command::Replay(args) => {
             init_tracing();
             replay::run(&args)
+        }
+        Command::Config(cmd) => config::run(cmd),
+        Command::DeadLetter(cmd) => {
+            init_tracing();
+            deadletter::run(cmd)
         }
     };
     match code {

@@ -275,14 +275,13 @@ fn progress_bar(hidden: bool) -> indicatif::ProgressBar {
 
 pub(crate) fn run(args: &ReplayArgs) -> anyhow::Result<u8> {
     let sources = expand(&args.inputs)?;
-    let state = &args.run.state_dir;
-    let dead_letter_file = state.join("deadletter.jsonl");
-    let prepared = match prepare(&args.run, &dead_letter_file, vec!["replay".to_owned()])? {
+    let (config, prepared) = match prepare(&args.run, vec!["replay".to_owned()], None)? {
         Ok(p) => p,
         Err(code) => return Ok(code),
     };
+    let dead_letter_file = prepared.dead_letter_file.clone();
     let resumable = !sources.contains(&Source::Stdin);
-    let checkpoint_file = state.join("replay-checkpoint.json");
+    let checkpoint_file = config.output.state_dir.join("replay-checkpoint.json");
     let fingerprint = if resumable {
         fingerprint(&sources, &prepared.target)?
     } else {
@@ -329,7 +328,7 @@ pub(crate) fn run(args: &ReplayArgs) -> anyhow::Result<u8> {
                 }
             })
         };
-        let report = run_pipeline(prepared, rx, checkpoint).await;
+        let report = run_pipeline(&config, prepared, rx, checkpoint).await;
         ticker.abort();
         let report = match report {
             Ok(r) => r,

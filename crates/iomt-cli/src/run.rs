@@ -2,27 +2,23 @@
 //! file, tuning, and the summary printed at the end.
 
 use std::path::{Path, PathBuf};
-use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use anyhow::Context as _;
 use clap::{Args, ValueEnum};
-use iomt_fhir::{
-    Auth, FhirClient, FhirClientConfig, IdentityConfig, IdentityMode, IdentityResolver,
-    NdjsonStore, ObservationWriter,
-};
-use iomt_group::GroupConfig;
-use iomt_hub::deadletter::DeadLetterWriter;
-use iomt_normalize::Normalizer;
+use iomt_runtime::config::IdentityModeKind;
 use iomt_runtime::{
-    CheckpointStore, FhirSink, Metrics, NdjsonSink, Pipeline, PipelineConfig, Report, Sink,
-    SourceItem, Summary, in_process,
+    Assembled, CheckpointStore, Config, ConfigError, ConfiguredSink, Report, Sink, SourceItem,
+    Summary, assemble, in_process,
 };
 use tokio::sync::mpsc;
 
 use crate::OutputFormat;
 use crate::mapping::load_or_report;
 use crate::style::Palette;
+
+/// Exit code: invalid templates, configuration or arguments.
+pub(crate) const EXIT_INVALID: u8 = 2;
 
 /// How devices and patients are resolved on a FHIR server.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
@@ -35,208 +31,120 @@ pub(crate) enum IdentityModeArg {
     Create,
 }
 
+/// Settings of a pipeline run. Each flag overrides the configuration file and the `IOMT__…`
+/// environment.
 #[derive(Debug, Args)]
 pub(crate) struct RunArgs {
+    /// Configuration file (TOML); see `iomt config print` for every key and its default.
+    #[arg(long, env = "IOMT_CONFIG", value_name = "FILE")]
+    pub(crate) config: Option<PathBuf>,
     /// The device mapping (a CollectionContent document).
     #[arg(long, value_name = "FILE")]
-    pub(crate) device_mapping: PathBuf,
+    pub(crate) device_mapping: Option<PathBuf>,
     /// The FHIR mapping (a CollectionFhir document).
     #[arg(long, value_name = "FILE")]
-    pub(crate) fhir_mapping: PathBuf,
-    /// FHIR server base URL. Without it the output goes to the --out directory.
-    #[arg(long, env = "IOMT_FHIR_URL", value_name = "URL")]
+    pub(crate) fhir_mapping: Option<PathBuf>,
+    /// FHIR server base URL. Without one the output goes to the --out directory.
+    #[arg(long, value_name = "URL")]
     pub(crate) fhir_url: Option<String>,
-    /// Bearer token for the FHIR server.
-    #[arg(
-        long,
-        env = "IOMT_FHIR_TOKEN",
-        hide_env_values = true,
-        value_name = "TOKEN"
-    )]
-    pub(crate) fhir_token: Option<String>,
     /// How devices and patients are resolved on the FHIR server.
-    #[arg(long, value_enum, default_value_t = IdentityModeArg::Lookup)]
-    pub(crate) identity_mode: IdentityModeArg,
-    /// System of Device identifiers.
-    #[arg(long, value_name = "URI")]
-    pub(crate) device_identifier_system: Option<String>,
-    /// Output directory for FHIR NDJSON (Bulk Data layout) when no FHIR URL is given.
-    #[arg(long, default_value = "iomt-out", value_name = "DIR")]
-    pub(crate) out: PathBuf,
-    /// Where the dead-letter file and checkpoints are kept.
-    #[arg(long, default_value = ".iomt", value_name = "DIR")]
-    pub(crate) state_dir: PathBuf,
-    /// Flush a group buffer when it holds this many measurements.
-    #[arg(long, default_value_t = 1000, value_name = "N")]
-    pub(crate) max_events: usize,
-    /// Flush a group buffer when it has been open this long (100ms at least).
-    #[arg(long, default_value = "5m", value_parser = humantime::parse_duration, value_name = "DURATION")]
-    pub(crate) max_wait: Duration,
-    /// On Ctrl-C or SIGTERM, how long in-flight work may take to finish.
-    #[arg(long, default_value = "30s", value_parser = humantime::parse_duration, value_name = "DURATION")]
-    pub(crate) drain_deadline: Duration,
-    /// How often the checkpoint is committed.
-    #[arg(long, default_value = "2s", value_parser = humantime::parse_duration, value_name = "DURATION")]
-    pub(crate) checkpoint_interval: Duration,
+    #[arg(long, value_enum)]
+    pub(crate) identity_mode: Option<IdentityModeArg>,
+    /// Output directory for FHIR NDJSON (Bulk Data layout) when no FHIR URL is set
+    /// [default: iomt-out].
+    #[arg(long, value_name = "DIR")]
+    pub(crate) out: Option<PathBuf>,
+    /// Where the dead-letter file and checkpoints are kept [default: .iomt].
+    #[arg(long, value_name = "DIR")]
+    pub(crate) state_dir: Option<PathBuf>,
+    /// Flush a group buffer when it holds this many measurements [default: 1000].
+    #[arg(long, value_name = "N")]
+    pub(crate) max_events: Option<usize>,
+    /// Flush a group buffer when it has been open this long, 100ms at least [default: 5m].
+    #[arg(long, value_parser = humantime::parse_duration, value_name = "DURATION")]
+    pub(crate) max_wait: Option<Duration>,
+    /// On Ctrl-C or SIGTERM, how long in-flight work may take to finish [default: 30s].
+    #[arg(long, value_parser = humantime::parse_duration, value_name = "DURATION")]
+    pub(crate) drain_deadline: Option<Duration>,
     /// Serve /metrics (Prometheus), /healthz and /readyz on this address, e.g. 127.0.0.1:9090.
     #[arg(long, value_name = "ADDR")]
     pub(crate) metrics_addr: Option<std::net::SocketAddr>,
 }
 
-/// The sink of a run, chosen by the arguments.
-#[derive(Debug)]
-pub(crate) enum AnySink {
-    Fhir(Box<FhirSink>),
-    Ndjson(NdjsonSink),
-}
-
-impl Sink for AnySink {
-    async fn write(
-        &self,
-        group: &iomt_core::MeasurementGroup,
-    ) -> Result<iomt_runtime::sink::Written, iomt_runtime::SinkError> {
-        match self {
-            AnySink::Fhir(s) => s.write(group).await,
-            AnySink::Ndjson(s) => s.write(group).await,
+impl RunArgs {
+    /// The configuration in effect: file, environment, then these flags; validated.
+    pub(crate) fn load(&self) -> Result<Config, Vec<ConfigError>> {
+        let mut config = Config::load(self.config.as_deref(), std::env::vars())?;
+        let t = &mut config.templates;
+        t.device_mapping = self.device_mapping.clone().or(t.device_mapping.take());
+        t.fhir_mapping = self.fhir_mapping.clone().or(t.fhir_mapping.take());
+        if let Some(url) = &self.fhir_url {
+            config.fhir.url = Some(url.clone());
         }
-    }
-
-    async fn persist(&self) -> Result<(), iomt_runtime::SinkError> {
-        match self {
-            AnySink::Fhir(s) => s.persist().await,
-            AnySink::Ndjson(s) => s.persist().await,
+        if let Some(mode) = self.identity_mode {
+            config.identity.mode = match mode {
+                IdentityModeArg::Lookup => IdentityModeKind::Lookup,
+                IdentityModeArg::LookupWithEncounter => IdentityModeKind::LookupWithEncounter,
+                IdentityModeArg::Create => IdentityModeKind::Create,
+            };
         }
-    }
-
-    fn describe(&self) -> String {
-        match self {
-            AnySink::Fhir(s) => s.describe(),
-            AnySink::Ndjson(s) => {
-                let counts = s
-                    .counts()
-                    .into_iter()
-                    .map(|(t, n)| format!("{t} {n}"))
-                    .collect::<Vec<_>>()
-                    .join(", ");
-                format!("{} ({counts})", s.describe())
-            }
+        let o = &mut config.output;
+        o.dir = self.out.clone().unwrap_or(o.dir.clone());
+        o.state_dir = self.state_dir.clone().unwrap_or(o.state_dir.clone());
+        o.metrics_addr = self.metrics_addr.or(o.metrics_addr);
+        let g = &mut config.group;
+        g.max_events = self.max_events.unwrap_or(g.max_events);
+        g.max_wait = self.max_wait.unwrap_or(g.max_wait);
+        let p = &mut config.pipeline;
+        p.drain_deadline = self.drain_deadline.unwrap_or(p.drain_deadline);
+        let errors = config.validate();
+        if errors.is_empty() {
+            Ok(config)
+        } else {
+            Err(errors)
         }
     }
 }
 
-/// Everything a run needs besides its source.
-pub(crate) struct Prepared {
-    pub(crate) pipeline: Pipeline<AnySink>,
-    pub(crate) sink: Arc<AnySink>,
-    pub(crate) metrics: Arc<Metrics>,
-    pub(crate) dead_letters: DeadLetterWriter,
-    pub(crate) config: PipelineConfig,
-    pub(crate) metrics_addr: Option<std::net::SocketAddr>,
-    /// Identifies the output, so a checkpoint is only reused for the same destination.
-    pub(crate) target: String,
+/// Prints configuration errors; returns the exit code.
+pub(crate) fn report_config_errors(errors: &[ConfigError]) -> u8 {
+    eprintln!("error: the configuration is invalid:");
+    for e in errors {
+        eprintln!("  {e}");
+    }
+    EXIT_INVALID
 }
 
-/// Loads the templates and opens the sink; `Err(code)` when the templates are invalid (their
-/// errors are printed).
+/// Loads the configuration and templates and assembles the pipeline; `Err(code)` after
+/// printing every problem. `dead_letter_file` overrides the configured one.
 pub(crate) fn prepare(
     args: &RunArgs,
-    dead_letter_file: &Path,
     partitions: Vec<String>,
-) -> anyhow::Result<Result<Prepared, u8>> {
+    dead_letter_file: Option<PathBuf>,
+) -> anyhow::Result<Result<(Config, Assembled), u8>> {
+    let config = match args.load() {
+        Ok(c) => c,
+        Err(errors) => return Ok(Err(report_config_errors(&errors))),
+    };
+    let (Some(device), Some(fhir)) = (
+        &config.templates.device_mapping,
+        &config.templates.fhir_mapping,
+    ) else {
+        unreachable!("validate() requires both mappings");
+    };
     let palette = Palette::new(crate::ColorChoice::Auto);
-    let mappings = match load_or_report(
-        OutputFormat::Text,
-        &palette,
-        &args.device_mapping,
-        Some(&args.fhir_mapping),
-    )? {
+    let mappings = match load_or_report(OutputFormat::Text, &palette, device, Some(fhir))? {
         Ok(m) => m,
         Err(code) => return Ok(Err(code)),
     };
     let Some(fhir) = mappings.fhir else {
         anyhow::bail!("the FHIR mapping did not load");
     };
-    let group = GroupConfig::new(args.max_events, args.max_wait)?;
-    let config = PipelineConfig {
-        group,
-        drain_deadline: args.drain_deadline,
-        checkpoint_interval: args.checkpoint_interval,
-        ..PipelineConfig::default()
-    };
-    let mapping = Arc::new(fhir);
-    let (sink, target) = match &args.fhir_url {
-        Some(url) => {
-            let mut client_config = FhirClientConfig::new(url.clone());
-            if let Some(token) = &args.fhir_token {
-                client_config.auth = Auth::Bearer(token.clone());
-            }
-            let client = FhirClient::new(client_config)?;
-            let identity = IdentityResolver::new(
-                client.clone(),
-                IdentityConfig {
-                    mode: match args.identity_mode {
-                        IdentityModeArg::Lookup => IdentityMode::Lookup,
-                        IdentityModeArg::LookupWithEncounter => IdentityMode::LookupWithEncounter,
-                        IdentityModeArg::Create => IdentityMode::Create,
-                    },
-                    device_identifier_system: args.device_identifier_system.clone(),
-                    ..IdentityConfig::default()
-                },
-            );
-            let writer = ObservationWriter::new(client, 100_000, Duration::from_secs(3600));
-            (
-                AnySink::Fhir(Box::new(FhirSink::new(
-                    mapping.clone(),
-                    identity,
-                    writer,
-                    url.clone(),
-                ))),
-                url.clone(),
-            )
-        }
-        None => {
-            let store = NdjsonStore::open(&args.out).with_context(|| {
-                format!("cannot open the output directory {}", args.out.display())
-            })?;
-            let dir = args.out.display().to_string();
-            (
-                AnySink::Ndjson(NdjsonSink::new(
-                    mapping.clone(),
-                    store,
-                    args.device_identifier_system.clone(),
-                    dir.clone(),
-                )),
-                std::fs::canonicalize(&args.out)
-                    .map(|p| p.display().to_string())
-                    .unwrap_or(dir),
-            )
-        }
-    };
-    let sink = Arc::new(sink);
-    let metrics = Arc::new(Metrics::new());
-    let dead_letters = DeadLetterWriter::open(dead_letter_file).with_context(|| {
-        format!(
-            "cannot open the dead-letter file {}",
-            dead_letter_file.display()
-        )
-    })?;
-    let pipeline = Pipeline::new(
-        config.clone(),
-        Arc::new(Normalizer::new(mappings.device)),
-        mapping,
-        sink.clone(),
-        metrics.clone(),
-        partitions,
-    );
-    Ok(Ok(Prepared {
-        pipeline,
-        sink,
-        metrics,
-        dead_letters,
-        config,
-        metrics_addr: args.metrics_addr,
-        target,
-    }))
+    let dead_letter_file = dead_letter_file.unwrap_or_else(|| config.dead_letter_file());
+    match assemble(&config, mappings.device, fhir, partitions, dead_letter_file) {
+        Ok(a) => Ok(Ok((config, a))),
+        Err(e) => Ok(Err(report_config_errors(&[e]))),
+    }
 }
 
 /// Completes on Ctrl-C or SIGTERM.
@@ -263,11 +171,12 @@ pub(crate) async fn shutdown_signal() {
 
 /// Runs a prepared pipeline over a source channel on the in-process hub.
 pub(crate) async fn run_pipeline<K: CheckpointStore>(
-    prepared: Prepared,
+    config: &Config,
+    prepared: Assembled,
     input: mpsc::Receiver<Vec<SourceItem>>,
     checkpoints: K,
 ) -> anyhow::Result<Report<K>> {
-    if let Some(addr) = prepared.metrics_addr {
+    if let Some(addr) = config.output.metrics_addr {
         let health = prepared.pipeline.health();
         let bound = iomt_runtime::serve(addr, prepared.metrics.clone(), health)
             .await
@@ -312,7 +221,7 @@ fn thousands(n: u64) -> String {
 pub(crate) fn print_summary(
     summary: &Summary,
     started: Instant,
-    sink: &AnySink,
+    sink: &ConfiguredSink,
     dead_letter_file: &Path,
 ) {
     let secs = started.elapsed().as_secs_f64();

@@ -152,10 +152,7 @@ fn jsonl_record(line: &str, name: &str, line_number: i64) -> Record {
         .get("x-opt-sequence-number")
         .and_then(Value::as_i64)
         .unwrap_or(line_number);
-    let enqueued_time = system_properties
-        .get("x-opt-enqueued-time")
-        .and_then(Value::as_str)
-        .and_then(|t| Timestamp::parse(t).ok());
+    let enqueued_time = enqueued_time(&system_properties);
     let offset = system_properties
         .get("x-opt-offset")
         .map(|o| o.as_str().map_or_else(|| o.to_string(), str::to_owned));
@@ -171,6 +168,14 @@ fn jsonl_record(line: &str, name: &str, line_number: i64) -> Record {
             enqueued_time,
         },
     })
+}
+
+/// The enqueued time recorded in an event's system properties (`x-opt-enqueued-time`).
+pub(crate) fn enqueued_time(system_properties: &Map<String, Value>) -> Option<Timestamp> {
+    system_properties
+        .get("x-opt-enqueued-time")
+        .and_then(Value::as_str)
+        .and_then(|t| Timestamp::parse(t).ok())
 }
 
 /// The schema Event Hubs Capture writes.

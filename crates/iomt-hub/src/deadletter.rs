@@ -14,7 +14,9 @@ use std::fs::{File, OpenOptions};
 use std::io::{BufRead, BufReader, Write};
 use std::path::{Path, PathBuf};
 
-use iomt_core::Timestamp;
+use iomt_core::{DeviceEvent, Timestamp};
+
+use crate::capture::{CapturedEvent, enqueued_time};
 use serde_json::{Value, json};
 
 /// Which stage gave up on the item, and so what its payload is and where a replay re-enters.
@@ -84,6 +86,25 @@ impl DeadLetter {
             "properties": self.properties,
             "systemProperties": self.system_properties,
         })
+    }
+
+    /// The device event of a normalize-stage record, as it was read, for a replay.
+    pub fn to_event(&self) -> CapturedEvent {
+        CapturedEvent {
+            partition: self.partition.clone(),
+            sequence_number: self.sequence_number,
+            offset: None,
+            source: self
+                .source
+                .clone()
+                .unwrap_or_else(|| format!("{}/{}", self.partition, self.sequence_number)),
+            event: DeviceEvent {
+                body: self.payload.clone(),
+                properties: self.properties.clone(),
+                system_properties: self.system_properties.clone(),
+                enqueued_time: enqueued_time(&self.system_properties),
+            },
+        }
     }
 
     /// Reads a record written by [`DeadLetter::to_json`].

@@ -7,6 +7,8 @@
 #![deny(missing_docs)]
 
 pub mod checkpoint;
+pub mod config;
+pub mod embedded;
 pub mod hub;
 pub mod metrics;
 pub mod pipeline;
@@ -14,6 +16,8 @@ pub mod server;
 pub mod sink;
 
 pub use checkpoint::{CheckpointError, CheckpointStore, FileCheckpoint};
+pub use config::{Config, ConfigError};
+pub use embedded::{Assembled, ConfiguredSink, assemble};
 pub use hub::{HubConsumer, HubMessage, HubProducer, Origin, in_process};
 pub use metrics::{Metrics, Summary};
 pub use pipeline::{Input, Pipeline, PipelineConfig, Report, SourceItem};

@@ -1,0 +1,133 @@
+//! `iomt deadletter replay`: re-submits dead-lettered items once the templates (or the FHIR
+//! server's data) are fixed.
+//!
+//! Normalize-stage records re-enter as device events; convert-stage records re-enter as the
+//! normalized measurements they were, skipping the device mapping. Items that fail again are
+//! written to a new file, so the input file stays as it was and can be replayed again.
+
+use std::collections::BTreeMap;
+use std::path::PathBuf;
+use std::time::Instant;
+
+use anyhow::Context as _;
+use clap::{Args, Subcommand};
+use iomt_core::Measurement;
+use iomt_hub::deadletter::{Stage, read_dead_letters};
+use iomt_runtime::checkpoint::CheckpointError;
+use iomt_runtime::{CheckpointStore, Input, Origin, SourceItem};
+use tokio::sync::mpsc;
+
+use crate::run::{RunArgs, prepare, print_summary, run_pipeline, runtime};
+
+/// Exit code: some items failed again.
+const EXIT_STILL_FAILING: u8 = 1;
+
+#[derive(Debug, Subcommand)]
+pub(crate) enum DeadLetterCommand {
+    /// Re-submit the records of a dead-letter file through the pipeline.
+    ///
+    /// Exit code 0 when every record went through, 1 when some failed again (they are in the
+    /// new dead-letter file), 2 on invalid templates or arguments.
+    Replay(Box<ReplayArgs>),
+}
+
+#[derive(Debug, Args)]
+pub(crate) struct ReplayArgs {
+    /// The dead-letter file (JSON Lines, as the pipeline writes it).
+    file: PathBuf,
+    #[command(flatten)]
+    run: RunArgs,
+    /// Where records that fail again go; default: next to FILE, with `.retry.jsonl`.
+    #[arg(long, value_name = "FILE")]
+    dead_letter_out: Option<PathBuf>,
+}
+
+/// A replay of a dead-letter file is short and starts over when interrupted: nothing to store.
+#[derive(Debug)]
+struct NoCheckpoint;
+
+impl CheckpointStore for NoCheckpoint {
+    async fn commit(&mut self, _: &BTreeMap<u32, i64>) -> Result<(), CheckpointError> {
+        Ok(())
+    }
+}
+
+pub(crate) fn run(cmd: DeadLetterCommand) -> anyhow::Result<u8> {
+    let DeadLetterCommand::Replay(args) = cmd;
+    let (records, unreadable) = read_dead_letters(&args.file)
+        .with_context(|| format!("cannot read {}", args.file.display()))?;
+    if !unreadable.is_empty() {
+        eprintln!(
+            "warning: {} lines of {} are not dead-letter records (lines {:?}); skipped",
+            unreadable.len(),
+            args.file.display(),
+            unreadable
+        );
+    }
+    let out = args
+        .dead_letter_out
+        .clone()
+        .unwrap_or_else(|| args.file.with_extension("retry.jsonl"));
+    anyhow::ensure!(
+        out != args.file,
+        "the output file must differ from the file being replayed"
+    );
+    let mut items = Vec::with_capacity(records.len());
+    for (i, record) in records.iter().enumerate() {
+        let input = match record.stage {
+            Stage::Normalize => Input::Event(record.to_event()),
+            Stage::Convert => {
+                let m: Measurement =
+                    serde_json::from_slice(&record.payload).with_context(|| {
+                        format!(
+                            "record {} is a convert-stage record without a measurement",
+                            i + 1
+                        )
+                    })?;
+                Input::Measurement(Box::new(m))
+            }
+        };
+        items.push(SourceItem {
+            origin: Origin {
+                partition: 0,
+                position: i as i64 + 1,
+            },
+            input,
+        });
+    }
+    let (config, prepared) =
+        match prepare(&args.run, vec!["deadletter".to_owned()], Some(out.clone()))? {
+            Ok(p) => p,
+            Err(code) => return Ok(code),
+        };
+    let (metrics, sink) = (prepared.metrics.clone(), prepared.sink.clone());
+    let started = Instant::now();
+    let report = runtime()?.block_on(async {
+        let (tx, rx) = mpsc::channel(8);
+        let feeder = tokio::spawn(async move {
+            for chunk in items.chunks(256) {
+                if tx.send(chunk.to_vec()).await.is_err() {
+                    return;
+                }
+            }
+        });
+        let report = run_pipeline(&config, prepared, rx, NoCheckpoint).await;
+        feeder.abort();
+        report
+    })?;
+    let summary = metrics.summary();
+    println!(
+        "{} dead-letter records from {}",
+        records.len(),
+        args.file.display()
+    );
+    print_summary(&summary, started, &sink, &out);
+    if report.interrupted {
+        return Ok(130);
+    }
+    Ok(if summary.dead_letters.is_empty() {
+        0
+    } else {
+        EXIT_STILL_FAILING
+    })
+}

@@ -1,0 +1,200 @@
+//! Assembling a pipeline from a [`Config`]: the sink it names (a FHIR server with its client,
+//! identity resolver and writer, or an NDJSON directory), the dead-letter file and the metrics.
+
+use std::path::PathBuf;
+use std::sync::Arc;
+
+use iomt_core::MeasurementGroup;
+use iomt_fhir::{
+    Auth, EntraCredential, FhirClient, FhirClientConfig, IdentityConfig, IdentityMode,
+    IdentityResolver, NdjsonStore, ObservationWriter,
+};
+use iomt_hub::deadletter::DeadLetterWriter;
+use iomt_normalize::Normalizer;
+use iomt_templates::device::DeviceMapping;
+use iomt_templates::fhir::FhirMapping;
+
+use crate::config::{AuthKind, Config, ConfigError, IdentityModeKind};
+use crate::sink::{FhirSink, NdjsonSink, Sink, SinkError, Written};
+use crate::{Metrics, Pipeline, PipelineConfig};
+
+/// The sink a configuration names.
+#[derive(Debug)]
+pub enum ConfiguredSink {
+    /// A FHIR server.
+    Fhir(Box<FhirSink>),
+    /// An NDJSON directory.
+    Ndjson(NdjsonSink),
+}
+
+impl Sink for ConfiguredSink {
+    async fn write(&self, group: &MeasurementGroup) -> Result<Written, SinkError> {
+        match self {
+            ConfiguredSink::Fhir(s) => s.write(group).await,
+            ConfiguredSink::Ndjson(s) => s.write(group).await,
+        }
+    }
+
+    async fn persist(&self) -> Result<(), SinkError> {
+        match self {
+            ConfiguredSink::Fhir(s) => s.persist().await,
+            ConfiguredSink::Ndjson(s) => s.persist().await,
+        }
+    }
+
+    fn describe(&self) -> String {
+        match self {
+            ConfiguredSink::Fhir(s) => s.describe(),
+            ConfiguredSink::Ndjson(s) => {
+                let counts = s
+                    .counts()
+                    .into_iter()
+                    .map(|(t, n)| format!("{t} {n}"))
+                    .collect::<Vec<_>>()
+                    .join(", ");
+                format!("{} ({counts})", s.describe())
+            }
+        }
+    }
+}
+
+/// A pipeline ready to run, with the handles a command reports from.
+#[derive(Debug)]
+pub struct Assembled {
+    /// The pipeline.
+    pub pipeline: Pipeline<ConfiguredSink>,
+    /// Its sink.
+    pub sink: Arc<ConfiguredSink>,
+    /// Its metrics.
+    pub metrics: Arc<Metrics>,
+    /// The dead-letter file, opened.
+    pub dead_letters: DeadLetterWriter,
+    /// Where dead letters go.
+    pub dead_letter_file: PathBuf,
+    /// The tuning in effect.
+    pub config: PipelineConfig,
+    /// Identifies the destination (FHIR URL or output directory), so that a checkpoint is
+    /// reused only for the same one.
+    pub target: String,
+}
+
+fn fhir_client(config: &Config, url: &str) -> Result<FhirClient, ConfigError> {
+    let f = &config.fhir;
+    let fail = |e: iomt_fhir::FhirError| ConfigError {
+        origin: "fhir".into(),
+        message: e.to_string(),
+    };
+    let auth = match f.auth {
+        AuthKind::None => Auth::None,
+        AuthKind::Bearer => Auth::Bearer(f.token.clone().unwrap_or_default()),
+        AuthKind::WorkloadIdentity => {
+            Auth::entra(EntraCredential::WorkloadIdentity, url).map_err(fail)?
+        }
+        AuthKind::ManagedIdentity => Auth::entra(
+            EntraCredential::ManagedIdentity {
+                client_id: f.client_id.clone(),
+            },
+            url,
+        )
+        .map_err(fail)?,
+        AuthKind::ClientSecret => Auth::entra(
+            EntraCredential::ClientSecret {
+                tenant_id: f.tenant_id.clone().unwrap_or_default(),
+                client_id: f.client_id.clone().unwrap_or_default(),
+                secret: f.client_secret.clone().unwrap_or_default(),
+            },
+            url,
+        )
+        .map_err(fail)?,
+    };
+    FhirClient::new(FhirClientConfig {
+        base_url: url.to_owned(),
+        auth,
+        request_timeout: f.request_timeout,
+        max_concurrency: f.max_concurrency,
+        max_retries: f.max_retries,
+        backoff_base: f.backoff_base,
+        backoff_cap: f.backoff_cap,
+    })
+    .map_err(fail)
+}
+
+/// Builds the pipeline a validated configuration describes, over compiled templates.
+/// `partitions` names the source partitions; dead letters go to `dead_letter_file` (normally
+/// [`Config::dead_letter_file`]).
+pub fn assemble(
+    config: &Config,
+    device: DeviceMapping,
+    fhir: FhirMapping,
+    partitions: Vec<String>,
+    dead_letter_file: PathBuf,
+) -> Result<Assembled, ConfigError> {
+    let pipeline_config = config.pipeline_config()?;
+    let mapping = Arc::new(fhir);
+    let (sink, target) = match &config.fhir.url {
+        Some(url) => {
+            let client = fhir_client(config, url)?;
+            let identity = IdentityResolver::new(
+                client.clone(),
+                IdentityConfig {
+                    mode: match config.identity.mode {
+                        IdentityModeKind::Lookup => IdentityMode::Lookup,
+                        IdentityModeKind::LookupWithEncounter => IdentityMode::LookupWithEncounter,
+                        IdentityModeKind::Create => IdentityMode::Create,
+                    },
+                    device_identifier_system: config.identity.device_identifier_system.clone(),
+                    cache_ttl: config.identity.cache_ttl,
+                    cache_capacity: config.identity.cache_capacity,
+                },
+            );
+            let writer = ObservationWriter::new(
+                client,
+                config.fhir.observation_cache_capacity,
+                config.fhir.observation_cache_ttl,
+            );
+            let sink = FhirSink::new(mapping.clone(), identity, writer, url.clone());
+            (ConfiguredSink::Fhir(Box::new(sink)), url.clone())
+        }
+        None => {
+            let dir = &config.output.dir;
+            let store = NdjsonStore::open(dir).map_err(|e| ConfigError {
+                origin: "output.dir".into(),
+                message: format!("cannot open {}: {e}", dir.display()),
+            })?;
+            let shown = dir.display().to_string();
+            let target = std::fs::canonicalize(dir)
+                .map(|p| p.display().to_string())
+                .unwrap_or_else(|_| shown.clone());
+            let sink = NdjsonSink::new(
+                mapping.clone(),
+                store,
+                config.identity.device_identifier_system.clone(),
+                shown,
+            );
+            (ConfiguredSink::Ndjson(sink), target)
+        }
+    };
+    let dead_letters = DeadLetterWriter::open(&dead_letter_file).map_err(|e| ConfigError {
+        origin: "output.state_dir".into(),
+        message: format!("cannot open {}: {e}", dead_letter_file.display()),
+    })?;
+    let sink = Arc::new(sink);
+    let metrics = Arc::new(Metrics::new());
+    let pipeline = Pipeline::new(
+        pipeline_config.clone(),
+        Arc::new(Normalizer::new(device)),
+        mapping,
+        sink.clone(),
+        metrics.clone(),
+        partitions,
+    );
+    Ok(Assembled {
+        pipeline,
+        sink,
+        metrics,
+        dead_letters,
+        dead_letter_file,
+        config: pipeline_config,
+        target,
+    })
+}
