@@ -217,6 +217,14 @@ fn thousands(n: u64) -> String {
     out
 }
 
+/// The process's peak resident memory, where the platform reports it (Linux).
+fn peak_rss_mb() -> Option<u64> {
+    let status = std::fs::read_to_string("/proc/self/status").ok()?;
+    let line = status.lines().find(|l| l.starts_with("VmHWM:"))?;
+    let kb: u64 = line.split_whitespace().nth(1)?.parse().ok()?;
+    Some(kb / 1024)
+}
+
 /// Prints what a run did.
 pub(crate) fn print_summary(
     summary: &Summary,
@@ -274,5 +282,8 @@ pub(crate) fn print_summary(
     }
     let (p50, p99, max) = summary.latency_ms;
     println!("  latency        read to write: p50 {p50} ms, p99 {p99} ms, max {max} ms");
+    if let Some(mb) = peak_rss_mb() {
+        println!("  memory         peak RSS {mb} MB");
+    }
     println!("  output         {}", sink.describe());
 }

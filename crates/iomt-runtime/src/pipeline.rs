@@ -31,6 +31,7 @@ use iomt_normalize::Normalizer;
 use iomt_templates::fhir::FhirMapping;
 use tokio::sync::{Semaphore, mpsc, oneshot, watch};
 use tokio::task::JoinSet;
+use tracing::Instrument as _;
 
 use crate::checkpoint::CheckpointStore;
 use crate::hub::{HubConsumer, HubMessage, HubProducer, Origin, device_partition};
@@ -377,6 +378,7 @@ async fn normalize_task<S: Sink, P: HubProducer>(
                 None => break,
             },
         };
+        let span = tracing::debug_span!("normalize_batch", events = batch.len()).entered();
         let read_at = Instant::now();
         let now = Timestamp::now();
         let mut out: Vec<Vec<HubMessage>> = (0..partitions).map(|_| Vec::new()).collect();
@@ -454,6 +456,7 @@ async fn normalize_task<S: Sink, P: HubProducer>(
                 }
             }
         }
+        drop(span);
         shared.metrics.events_read(events);
         shared.metrics.normalized(normalized);
         // Registered before anything can be acknowledged.
@@ -543,10 +546,20 @@ async fn dispatch<S: Sink>(
     shared.metrics.buffered(-(flush.positions.len() as i64));
     let permit = shared.slots.clone().acquire_owned().await;
     let (shared, dead_letters) = (shared.clone(), dead_letters.clone());
-    writes.spawn(async move {
-        write_flush(&shared, flush, &dead_letters).await;
-        drop(permit);
-    });
+    // Type names and counts only: device and patient ids stay out of info-level telemetry.
+    let span = tracing::info_span!(
+        "write_group",
+        r#type = %flush.group.type_name,
+        measurements = flush.positions.len(),
+        reason = reason_name(flush.reason),
+    );
+    writes.spawn(
+        async move {
+            write_flush(&shared, flush, &dead_letters).await;
+            drop(permit);
+        }
+        .instrument(span),
+    );
 }
 
 async fn write_flush<S: Sink>(
