@@ -1,0 +1,308 @@
+//! `iomt replay`, `iomt deadletter replay` and `iomt config` as an operator runs them, on the
+//! embedded default (NDJSON output). The FHIR-server runs are in `tests/replay.rs`.
+
+use std::io::Write;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output, Stdio};
+
+use apache_avro::types::Value as Avro;
+use apache_avro::{Codec, DeflateSettings, Schema, Writer};
+use iomt_hub::capture::CAPTURE_SCHEMA;
+
+fn repo(path: &str) -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("../..")
+        .join(path)
+}
+
+fn iomt(args: &[&str], dir: &Path) -> Output {
+    Command::new(env!("CARGO_BIN_EXE_iomt"))
+        .args(args)
+        .current_dir(dir)
+        .env("NO_COLOR", "1")
+        .env_remove("IOMT_CONFIG")
+        .output()
+        .unwrap()
+}
+
+fn text(bytes: &[u8]) -> String {
+    String::from_utf8_lossy(bytes).into_owned()
+}
+
+/// The first `n` lines of the shipped capture.
+fn capture_lines(n: usize) -> Vec<String> {
+    std::fs::read_to_string(repo("examples/capture/wearables.jsonl"))
+        .unwrap()
+        .lines()
+        .take(n)
+        .map(str::to_owned)
+        .collect()
+}
+
+fn mapping_args<'a>(device: &'a str, fhir: &'a str) -> Vec<&'a str> {
+    vec![
+        "--device-mapping",
+        device,
+        "--fhir-mapping",
+        fhir,
+        "--no-progress",
+    ]
+}
+
+fn observations(dir: &Path) -> usize {
+    std::fs::read_to_string(dir.join("out/Observation.ndjson"))
+        .map(|t| t.lines().count())
+        .unwrap_or(0)
+}
+
+/// Writes heart rate events in the Event Hubs Capture Avro format.
+fn write_avro(path: &Path, count: i64) {
+    let schema = Schema::parse_str(CAPTURE_SCHEMA).unwrap();
+    let mut writer = Writer::with_codec(
+        &schema,
+        Vec::new(),
+        Codec::Deflate(DeflateSettings::default()),
+    );
+    for seq in 0..count {
+        let body = format!(
+            r#"{{"deviceId": "avro-watch", "patientId": "avro-patient", "heartRate": {}, "measuredAt": "2026-11-20T09:00:{:02}Z"}}"#,
+            60 + seq,
+            seq
+        );
+        let mut record = apache_avro::types::Record::new(&schema).unwrap();
+        record.put("SequenceNumber", seq);
+        record.put("Offset", format!("{}", seq * 100));
+        record.put("EnqueuedTimeUtc", "11/20/2026 9:00:30 AM");
+        record.put("SystemProperties", Avro::Map(Default::default()));
+        record.put("Properties", Avro::Map(Default::default()));
+        record.put(
+            "Body",
+            Avro::Union(1, Box::new(Avro::Bytes(body.into_bytes()))),
+        );
+        writer.append(record).unwrap();
+    }
+    std::fs::write(path, writer.into_inner().unwrap()).unwrap();
+}
+
+#[test]
+fn replay_reads_folders_globs_avro_and_stdin() {
+    let dir = tempfile::tempdir().unwrap();
+    let input = dir.path().join("input");
+    std::fs::create_dir_all(input.join("nested")).unwrap();
+    let lines = capture_lines(300);
+    std::fs::write(input.join("a.jsonl"), lines[..100].join("\n")).unwrap();
+    std::fs::write(input.join("nested/b.jsonl"), lines[100..].join("\n")).unwrap();
+    write_avro(&input.join("c.avro"), 20);
+    let (device, fhir) = (
+        repo("examples/capture/devicecontent.json"),
+        repo("examples/capture/fhirmapping.json"),
+    );
+    let (device, fhir) = (device.to_str().unwrap(), fhir.to_str().unwrap());
+
+    let out = iomt(
+        &[
+            &["replay", "input", "--out", "out"],
+            &mapping_args(device, fhir)[..],
+        ]
+        .concat(),
+        dir.path(),
+    );
+    assert_eq!(out.status.code(), Some(0), "{}", text(&out.stderr));
+    let stdout = text(&out.stdout);
+    assert!(stdout.starts_with("320 events"), "{stdout}");
+    assert!(stdout.contains("NDJSON directory out"), "{stdout}");
+    let folder_observations = observations(dir.path());
+    assert!(folder_observations > 0);
+
+    // A glob over the same JSON Lines files, into a fresh directory.
+    let out = iomt(
+        &[
+            &[
+                "replay",
+                "input/**/*.jsonl",
+                "--out",
+                "glob-out",
+                "--state-dir",
+                "g",
+            ],
+            &mapping_args(device, fhir)[..],
+        ]
+        .concat(),
+        dir.path(),
+    );
+    assert!(
+        text(&out.stdout).starts_with("300 events"),
+        "{}",
+        text(&out.stdout)
+    );
+
+    // Standard input: the same events again, into the first output: nothing changes.
+    let mut child = Command::new(env!("CARGO_BIN_EXE_iomt"))
+        .args(
+            [
+                &["replay", "-", "--out", "out"],
+                &mapping_args(device, fhir)[..],
+            ]
+            .concat(),
+        )
+        .current_dir(dir.path())
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    child
+        .stdin
+        .take()
+        .unwrap()
+        .write_all(lines.join("\n").as_bytes())
+        .unwrap();
+    let out = child.wait_with_output().unwrap();
+    let stdout = text(&out.stdout);
+    assert!(stdout.starts_with("300 events"), "{stdout}");
+    assert!(stdout.contains(" 0 created, 0 updated"), "{stdout}");
+    assert_eq!(observations(dir.path()), folder_observations);
+}
+
+#[test]
+fn dead_letters_replay_once_the_template_is_fixed() {
+    let dir = tempfile::tempdir().unwrap();
+    let (device, fhir) = (
+        repo("examples/capture/devicecontent.json"),
+        repo("examples/capture/fhirmapping.json"),
+    );
+    let (device, fhir_path) = (device.to_str().unwrap(), fhir.to_str().unwrap());
+    let out = iomt(
+        &[
+            &["replay"],
+            &[repo("examples/capture/wearables.jsonl").to_str().unwrap()][..],
+            &["--out", "out"],
+            &mapping_args(device, fhir_path)[..],
+        ]
+        .concat(),
+        dir.path(),
+    );
+    assert_eq!(out.status.code(), Some(0), "{}", text(&out.stderr));
+    let before = observations(dir.path());
+
+    // Add the missing FHIR template for the thermometer readings.
+    let mut mapping: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(&fhir).unwrap()).unwrap();
+    mapping["template"]
+        .as_array_mut()
+        .unwrap()
+        .push(serde_json::json!({
+            "templateType": "CodeValueFhir",
+            "template": {"typeName": "bodytemperature", "periodInterval": 0,
+                "codes": [{"code": "8310-5", "system": "http://loinc.org"}],
+                "value": {"valueName": "temperature", "valueType": "Quantity", "unit": "Cel"}}
+        }));
+    std::fs::write(dir.path().join("fixed.json"), mapping.to_string()).unwrap();
+    let out = iomt(
+        &[
+            &[
+                "deadletter",
+                "replay",
+                ".iomt/deadletter.jsonl",
+                "--out",
+                "out",
+            ],
+            &["--device-mapping", device, "--fhir-mapping", "fixed.json"][..],
+        ]
+        .concat(),
+        dir.path(),
+    );
+    let stdout = text(&out.stdout);
+    // The 4 thermometer readings are written; the 8 events that are broken still fail.
+    assert_eq!(out.status.code(), Some(1), "{stdout}{}", text(&out.stderr));
+    assert!(stdout.starts_with("12 dead-letter records"), "{stdout}");
+    assert!(stdout.contains("4 written in 4 groups"), "{stdout}");
+    assert_eq!(observations(dir.path()), before + 4);
+    let retry = std::fs::read_to_string(dir.path().join(".iomt/deadletter.retry.jsonl")).unwrap();
+    assert_eq!(retry.lines().count(), 8);
+}
+
+#[test]
+fn config_check_lists_every_problem() {
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::write(
+        dir.path().join("bad.toml"),
+        "[fhir]\nurl = \"not a url\"\nauth = \"client-secret\"\n[group]\nmax_wait = \"10ms\"\n",
+    )
+    .unwrap();
+    let out = iomt(&["config", "check", "--config", "bad.toml"], dir.path());
+    assert_eq!(out.status.code(), Some(2));
+    let stderr = text(&out.stderr);
+    for key in [
+        "templates.device_mapping",
+        "fhir.url",
+        "fhir.tenant_id",
+        "fhir.client_secret",
+        "group.max_wait",
+    ] {
+        assert!(stderr.contains(key), "{key} missing from: {stderr}");
+    }
+    let ok = iomt(
+        &[
+            "config",
+            "check",
+            "--config",
+            repo("examples/capture/iomt.toml").to_str().unwrap(),
+        ],
+        dir.path(),
+    );
+    assert_eq!(ok.status.code(), Some(0), "{}", text(&ok.stderr));
+}
+
+#[test]
+fn sigterm_drains_and_the_next_run_resumes() {
+    let dir = tempfile::tempdir().unwrap();
+    // Two hours of watch readings paced at 600x: about 12 s if left alone.
+    std::fs::write(dir.path().join("cap.jsonl"), capture_lines(2000).join("\n")).unwrap();
+    let (device, fhir) = (
+        repo("examples/capture/devicecontent.json"),
+        repo("examples/capture/fhirmapping.json"),
+    );
+    let (device, fhir) = (device.to_str().unwrap(), fhir.to_str().unwrap());
+    let args = [
+        &["replay", "cap.jsonl", "--out", "out"][..],
+        &mapping_args(device, fhir)[..],
+    ]
+    .concat();
+    let child = Command::new(env!("CARGO_BIN_EXE_iomt"))
+        .args(&args)
+        .args(["--speed", "600", "--max-wait", "200ms"])
+        .current_dir(dir.path())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    std::thread::sleep(std::time::Duration::from_millis(2500));
+    let killed = Command::new("kill")
+        .args(["-TERM", &child.id().to_string()])
+        .status()
+        .unwrap();
+    assert!(killed.success());
+    let out = child.wait_with_output().unwrap();
+    assert_eq!(out.status.code(), Some(130), "{}", text(&out.stderr));
+    assert!(text(&out.stderr).contains("run the same command again to resume"));
+    let checkpoint: serde_json::Value = serde_json::from_str(
+        &std::fs::read_to_string(dir.path().join(".iomt/replay-checkpoint.json")).unwrap(),
+    )
+    .unwrap();
+    let done = checkpoint["partitions"]["0"].as_i64().unwrap();
+    assert!(done > 0 && done < 2000, "{checkpoint}");
+
+    let out = iomt(&args, dir.path());
+    assert_eq!(out.status.code(), Some(0), "{}", text(&out.stderr));
+    assert!(
+        text(&out.stderr).contains(&format!(
+            "resuming an unfinished replay after record {done}"
+        )),
+        "{}",
+        text(&out.stderr)
+    );
+    let stdout = text(&out.stdout);
+    let expected = format!("{} events", 2000 - done);
+    assert!(stdout.replace(',', "").starts_with(&expected), "{stdout}");
+}
