@@ -116,11 +116,12 @@ pub(crate) fn run(cmd: DeadLetterCommand) -> anyhow::Result<u8> {
         report
     })?;
     let summary = metrics.summary();
-    println!(
-        "{} dead-letter records from {}",
+    let heading = format!(
+        "{} dead-letter records from {}\n",
         records.len(),
         args.file.display()
     );
+    std::io::Write::write_all(&mut std::io::stdout(), heading.as_bytes()).ok();
     print_summary(&summary, started, &sink, &out);
     if report.interrupted {
         return Ok(130);

@@ -232,58 +232,78 @@ pub(crate) fn print_summary(
     sink: &ConfiguredSink,
     dead_letter_file: &Path,
 ) {
+    use std::fmt::Write as _;
+    let mut out = String::new();
     let secs = started.elapsed().as_secs_f64();
     let rate = if secs > 0.0 {
         summary.events as f64 / secs
     } else {
         0.0
     };
-    println!(
+    writeln!(
+        out,
         "{} events in {secs:.1} s ({} events/s)",
         thousands(summary.events),
         thousands(rate as u64)
-    );
-    println!(
+    )
+    .ok();
+    writeln!(
+        out,
         "  measurements   {} normalized, {} written in {} groups",
         thousands(summary.measurements),
         thousands(summary.written_measurements),
         thousands(summary.groups)
-    );
-    println!(
+    )
+    .ok();
+    writeln!(
+        out,
         "  resources      {} created, {} updated, {} unchanged",
         thousands(summary.created),
         thousands(summary.updated),
         thousands(summary.unchanged)
-    );
+    )
+    .ok();
     if summary.dropped > 0 {
-        println!(
+        writeln!(
+            out,
             "  dropped        {} events matched no template",
             thousands(summary.dropped)
-        );
+        )
+        .ok();
     }
     let dead: u64 = summary.dead_letters.values().sum();
     if dead > 0 {
-        println!(
+        writeln!(
+            out,
             "  dead-lettered  {} -> {}",
             thousands(dead),
             dead_letter_file.display()
-        );
+        )
+        .ok();
         for ((stage, kind), n) in &summary.dead_letters {
-            println!("    {stage:<10} {kind:<40} {}", thousands(*n));
+            writeln!(out, "    {stage:<10} {kind:<40} {}", thousands(*n)).ok();
         }
     } else {
-        println!("  dead-lettered  0");
+        writeln!(out, "  dead-lettered  0").ok();
     }
     if summary.retries > 0 {
-        println!(
+        writeln!(
+            out,
             "  retries        {} group writes waited for the FHIR server",
             thousands(summary.retries)
-        );
+        )
+        .ok();
     }
     let (p50, p99, max) = summary.latency_ms;
-    println!("  latency        read to write: p50 {p50} ms, p99 {p99} ms, max {max} ms");
+    writeln!(
+        out,
+        "  latency        read to write: p50 {p50} ms, p99 {p99} ms, max {max} ms"
+    )
+    .ok();
     if let Some(mb) = peak_rss_mb() {
-        println!("  memory         peak RSS {mb} MB");
+        writeln!(out, "  memory         peak RSS {mb} MB").ok();
     }
-    println!("  output         {}", sink.describe());
+    writeln!(out, "  output         {}", sink.describe()).ok();
+    // A closed stdout (`iomt replay … | head`) is not an error of the run.
+    std::io::Write::write_all(&mut std::io::stdout(), out.as_bytes()).ok();
 }

@@ -150,12 +150,12 @@ impl IdentityResolver {
             return Err(IdentityError::EncounterIdentityNotDefined);
         }
         let key = (group.device_id.clone(), group.encounter_id.clone());
-        if let Some(ids) = self.cache.get(&key).await {
-            return Ok(ids);
-        }
-        let ids = self.resolve_uncached(group).await?;
-        self.cache.insert(key, ids.clone()).await;
-        Ok(ids)
+        // Concurrent resolutions of one device share a single lookup (and, in Create mode, a
+        // single create), instead of each group of a burst doing its own.
+        self.cache
+            .try_get_with(key, self.resolve_uncached(group))
+            .await
+            .map_err(|e| (*e).clone())
     }
 
     /// Forgets a device's resolution (after a 404 on a referenced resource, for example).

@@ -110,6 +110,21 @@ pub fn read_jsonl<R: BufRead>(
     })
 }
 
+/// One line of a JSON Lines capture; other members are ignored.
+#[derive(serde::Deserialize)]
+struct Line<'a> {
+    #[serde(rename = "Body", borrow, default)]
+    body: Option<&'a serde_json::value::RawValue>,
+    #[serde(rename = "BodyText", default)]
+    body_text: Option<Value>,
+    #[serde(rename = "Properties", default)]
+    properties: Option<Value>,
+    #[serde(rename = "SystemProperties", default)]
+    system_properties: Option<Value>,
+    #[serde(rename = "Partition", default)]
+    partition: Option<Value>,
+}
+
 fn jsonl_record(line: &str, name: &str, line_number: i64) -> Record {
     let source = format!("{name}:{line_number}");
     let bad = |reason: String| {
@@ -121,15 +136,19 @@ fn jsonl_record(line: &str, name: &str, line_number: i64) -> Record {
             reason,
         })
     };
-    let mut envelope: Map<String, Value> = match serde_json::from_str(line) {
-        Ok(Value::Object(m)) => m,
-        Ok(_) => return bad("the line is not a JSON object".into()),
+    let envelope: Line<'_> = match serde_json::from_str(line) {
+        Ok(l) => l,
+        Err(e) if e.classify() == serde_json::error::Category::Data => {
+            return bad(format!("the line is not an event envelope: {e}"));
+        }
         Err(e) => return bad(format!("the line is not JSON: {e}")),
     };
-    let body = match (envelope.remove("Body"), envelope.remove("BodyText")) {
+    let body = match (envelope.body, envelope.body_text) {
         (_, Some(Value::String(text))) => text.into_bytes(),
-        (Some(Value::Null) | None, None) => Vec::new(),
-        (Some(body), None) => body.to_string().into_bytes(),
+        (None, None) => Vec::new(),
+        (Some(raw), None) if raw.get() == "null" => Vec::new(),
+        // The body exactly as captured, without parsing it twice.
+        (Some(raw), None) => raw.get().as_bytes().to_vec(),
         (_, Some(_)) => return bad("BodyText must be a string".into()),
     };
     let object = |v: Option<Value>| match v {
@@ -138,12 +157,12 @@ fn jsonl_record(line: &str, name: &str, line_number: i64) -> Record {
         Some(_) => Err(()),
     };
     let (Ok(properties), Ok(system_properties)) = (
-        object(envelope.remove("Properties")),
-        object(envelope.remove("SystemProperties")),
+        object(envelope.properties),
+        object(envelope.system_properties),
     ) else {
         return bad("Properties and SystemProperties must be objects".into());
     };
-    let partition = match envelope.remove("Partition") {
+    let partition = match envelope.partition {
         Some(Value::String(p)) => p,
         Some(Value::Number(n)) => n.to_string(),
         _ => "0".into(),
@@ -305,7 +324,7 @@ mod tests {
             ),
             ("3", 41, "cap.jsonl:1")
         );
-        assert_eq!(first.event.body, br#"{"hr":72}"#.to_vec());
+        assert_eq!(first.event.body, br#"{"hr": 72}"#.to_vec());
         assert_eq!(
             first.event.enqueued_time.unwrap().to_string(),
             "2026-11-20T08:15:30.701Z"

@@ -17,7 +17,7 @@
 //! Memory is bounded by the channels (source batches, hub batches), the number of group writes
 //! in flight, and a cap on buffered measurements (the oldest buffer is flushed early above it).
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashMap};
 use std::future::Future;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -495,17 +495,18 @@ async fn group_task<S: Sink, C: HubConsumer>(
     let limit = (shared.config.max_buffered / partitions).max(1);
     let epoch = Instant::now();
     let now_ms = move || epoch.elapsed().as_millis() as u64;
-    let mut writes = JoinSet::new();
+    let mut writes = Writes::default();
     loop {
         let deadline = grouper
             .next_deadline_ms()
             .map(|ms| tokio::time::Instant::from_std(epoch + Duration::from_millis(ms)));
         tokio::select! {
             biased;
-            Some(result) = writes.join_next(), if !writes.is_empty() => {
+            Some(result) = writes.tasks.join_next(), if !writes.tasks.is_empty() => {
                 if let Err(e) = result {
                     tracing::error!(error = %e, "a group write failed");
                 }
+                writes.forget_finished_lanes();
             }
             () = tokio::time::sleep_until(deadline.unwrap_or_else(tokio::time::Instant::now)),
                 if deadline.is_some() =>
@@ -533,18 +534,57 @@ async fn group_task<S: Sink, C: HubConsumer>(
     for flush in grouper.drain() {
         dispatch(&shared, &dead_letters, &mut writes, flush).await;
     }
-    join_all(&mut writes).await;
+    join_all(&mut writes.tasks).await;
+}
+
+/// The group writes of one partition in flight.
+///
+/// Writes of the same device and type run one after another, in flush order: two flushes of
+/// one observation window written at once would both find no Observation and both create it,
+/// and the second PUT would replace the first one's values. Writes of other devices run
+/// concurrently.
+#[derive(Debug, Default)]
+struct Writes {
+    tasks: JoinSet<()>,
+    /// Per device and type, completion of the last write started (its sender is dropped when
+    /// that write ends).
+    lanes: HashMap<(Arc<str>, String), oneshot::Receiver<()>>,
+}
+
+impl Writes {
+    /// Returns what the next write of `group`'s device and type must wait for, and the
+    /// sender whose drop releases the write after it.
+    fn enter(
+        &mut self,
+        group: &iomt_core::MeasurementGroup,
+    ) -> (Option<oneshot::Receiver<()>>, oneshot::Sender<()>) {
+        let (done, next) = oneshot::channel();
+        let previous = self
+            .lanes
+            .insert((group.type_name.clone(), group.device_id.clone()), next);
+        (previous, done)
+    }
+
+    /// Drops lanes whose last write has ended, so the map holds only devices being written.
+    fn forget_finished_lanes(&mut self) {
+        if self.lanes.len() > 2 * self.tasks.len() + 64 {
+            self.lanes.retain(|_, last| {
+                matches!(last.try_recv(), Err(oneshot::error::TryRecvError::Empty))
+            });
+        }
+    }
 }
 
 /// Starts the write of a flushed group once a write slot is free (the wait is backpressure).
 async fn dispatch<S: Sink>(
     shared: &Arc<Shared<S>>,
     dead_letters: &mpsc::Sender<DeadLetters>,
-    writes: &mut JoinSet<()>,
+    writes: &mut Writes,
     flush: Flush<Tag>,
 ) {
     shared.metrics.buffered(-(flush.positions.len() as i64));
     let permit = shared.slots.clone().acquire_owned().await;
+    let (previous, done) = writes.enter(&flush.group);
     let (shared, dead_letters) = (shared.clone(), dead_letters.clone());
     // Type names and counts only: device and patient ids stay out of info-level telemetry.
     let span = tracing::info_span!(
@@ -553,10 +593,14 @@ async fn dispatch<S: Sink>(
         measurements = flush.positions.len(),
         reason = reason_name(flush.reason),
     );
-    writes.spawn(
+    writes.tasks.spawn(
         async move {
+            if let Some(previous) = previous {
+                // Err only means the previous write's task ended, which is what we wait for.
+                previous.await.ok();
+            }
             write_flush(&shared, flush, &dead_letters).await;
-            drop(permit);
+            drop((permit, done));
         }
         .instrument(span),
     );

@@ -289,14 +289,11 @@ impl NdjsonSink {
             kind: "NdjsonStorePoisoned",
             message: "an earlier write panicked".into(),
         })?;
-        let mut written = Vec::with_capacity(windows.len() + 2);
-        for (kind, resource) in [("Patient", patient), ("Device", device)] {
-            // Identities are reported when they are new, not on every group.
-            let outcome = store.write_resource(resource);
-            if outcome != WriteOutcome::Unchanged {
-                written.push((kind.to_owned(), saved(outcome)));
-            }
-        }
+        // Identities are written but not counted: the summary and `FhirResourceSaved` count
+        // what the FHIR mapping produces, as with a server.
+        store.write_resource(patient);
+        store.write_resource(device);
+        let mut written = Vec::with_capacity(windows.len());
         for window in &windows {
             match template {
                 FhirTemplate::CodeValue(t) => {

@@ -33,12 +33,31 @@ struct TestSink {
     reject_device: Option<String>,
     /// Groups of this device never finish.
     stuck_device: Option<String>,
+    /// Each write takes this long.
+    latency: Option<Duration>,
+    /// Devices being written now, and whether two writes of one device ever overlapped.
+    writing: Mutex<Vec<String>>,
+    overlapped: std::sync::atomic::AtomicBool,
 }
 
 impl Sink for TestSink {
     async fn write(&self, group: &MeasurementGroup) -> Result<Written, SinkError> {
         if self.stuck_device.as_deref() == Some(&group.device_id) {
             std::future::pending::<()>().await;
+        }
+        if let Some(latency) = self.latency {
+            {
+                let mut writing = self.writing.lock().unwrap();
+                if writing.contains(&group.device_id) {
+                    self.overlapped.store(true, Ordering::SeqCst);
+                }
+                writing.push(group.device_id.clone());
+            }
+            tokio::time::sleep(latency).await;
+            self.writing
+                .lock()
+                .unwrap()
+                .retain(|d| *d != group.device_id);
         }
         if self.reject_device.as_deref() == Some(&group.device_id) {
             return Err(SinkError::Data {
@@ -283,4 +302,30 @@ async fn buffered_measurements_are_bounded() {
             .encode()
             .contains("MeasurementGroup_total{name=\"MemoryLimit\"}")
     );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn writes_of_one_device_never_overlap_and_keep_their_order() {
+    // Small buffers flush many times per device while earlier writes are still running.
+    let sink = Arc::new(TestSink {
+        latency: Some(Duration::from_millis(5)),
+        ..TestSink::default()
+    });
+    let config = PipelineConfig {
+        group: GroupConfig::new(3, Duration::from_millis(100)).unwrap(),
+        ..PipelineConfig::default()
+    };
+    let run = run(sink.clone(), events(240, 4), config, None).await;
+    assert!(!sink.overlapped.load(Ordering::SeqCst));
+    assert_eq!(sink.measurements(), 240);
+    let written = sink.written.lock().unwrap();
+    for device in 0..4 {
+        let times: Vec<_> = written
+            .iter()
+            .filter(|g| g.device_id == format!("watch-{device}"))
+            .flat_map(|g| g.measurements.iter().map(|m| m.occurrence_time_utc))
+            .collect();
+        assert!(times.is_sorted(), "watch-{device} written out of order");
+    }
+    assert_eq!(committed(run.dir.path()), [(0, 240)].into());
 }
