@@ -9,11 +9,13 @@
 //! meanwhile (`cargo test` runs test binaries one after another). The test server searches
 //! Observations by identifier in time proportional to the Observations it holds, so a replay's
 //! writes (one identifier search per Observation) take time quadratic in their number: about
-//! 65 s for the whole capture, and twice that to resume into a server that holds it. By
-//! default the FHIR tests therefore replay a cut of the capture (120 of its 420 Observations):
-//! every event of the first five watches and of the first oximeter, cuff and band, and every
-//! event of any other device (the poisoned ones), so the dead letters are exactly those of the
-//! whole capture. Set `IOMT_TEST_FULL_CAPTURE=1` to replay the whole capture there too.
+//! 65 s for the whole capture, and more to resume into a server that holds part of it. The
+//! golden and crash tests replay the whole capture all the same (at least 10,000 events from
+//! at least 20 devices is the requirement); `IOMT_TEST_CUT_CAPTURE=1` makes them replay a cut
+//! (120 of its 420 Observations) for quick local runs: every event of the first five watches
+//! and of the first oximeter, cuff and band, and every event of any other device (the
+//! poisoned ones), so the dead letters are exactly those of the whole capture. The test of
+//! windows flushed in parts always replays the cut.
 //!
 //! The binary is built with `cargo build` on first use (a no-op when it is fresh), in the
 //! profile this test was built with.
@@ -366,12 +368,17 @@ impl Capture {
         }
     }
 
-    /// What the FHIR tests replay: the cut described at the top, or the whole capture with
-    /// `IOMT_TEST_FULL_CAPTURE=1`.
+    /// What the golden and crash tests replay: the whole capture, or the cut described at
+    /// the top with `IOMT_TEST_CUT_CAPTURE=1` (for quick local runs).
     fn for_fhir(dir: &Path) -> Self {
-        if std::env::var("IOMT_TEST_FULL_CAPTURE").is_ok_and(|v| v == "1") {
-            return Self::shipped();
+        if std::env::var("IOMT_TEST_CUT_CAPTURE").is_ok_and(|v| v == "1") {
+            return Self::cut(dir);
         }
+        Self::shipped()
+    }
+
+    /// The cut described at the top.
+    fn cut(dir: &Path) -> Self {
         // Wearables of each kind kept; every other device (the poisoned ones) is kept whole.
         let kept = |device: &str| -> bool {
             let Some((kind, n)) = device.rsplit_once('-') else {
@@ -1157,7 +1164,7 @@ fn windows_flushed_in_parts_keep_every_sample() {
     let server = Server::new();
     let mut rng = rng();
     let scratch = Scratch::new("fhir-parts");
-    let capture = Capture::for_fhir(scratch.path());
+    let capture = Capture::cut(scratch.path());
     let mut replay = Replay::new(&capture, scratch.path()).fhir(&server.base);
     replay.args.extend(["--max-wait".into(), "100ms".into()]);
     server.reset();
