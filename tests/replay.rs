@@ -28,6 +28,7 @@ use std::process::{Child, Command, ExitStatus, Output, Stdio};
 use std::sync::{Mutex, MutexGuard, OnceLock, PoisonError};
 use std::time::{Duration, Instant};
 
+use iomt_tests::{Scratch, iomt, repo_root};
 use serde_json::{Value, json};
 use sha2::{Digest, Sha256};
 
@@ -54,13 +55,6 @@ static FHIR_SERVER: Mutex<()> = Mutex::new(());
 
 fn serial() -> MutexGuard<'static, ()> {
     FHIR_SERVER.lock().unwrap_or_else(PoisonError::into_inner)
-}
-
-fn repo_root() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR"))
-        .parent()
-        .expect("the tests crate is inside the repository")
-        .to_owned()
 }
 
 fn capture_dir() -> PathBuf {
@@ -115,84 +109,6 @@ fn fhir_template(type_name: &str) -> Option<&'static Value> {
                 .as_str()
                 .is_some_and(|n| n.eq_ignore_ascii_case(type_name))
         })
-}
-
-// ---------------------------------------------------------------------------------------------
-// The binary.
-
-/// The `iomt` binary, built once per test process in this test's profile. `CARGO_BIN_EXE_*`
-/// exists only in the crate that defines the binary, and `cargo test -p iomt-tests` does not
-/// build it, so build it here; cargo makes this a no-op when it is fresh.
-fn iomt() -> &'static Path {
-    static BIN: OnceLock<PathBuf> = OnceLock::new();
-    BIN.get_or_init(|| {
-        let cargo = std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into());
-        let mut cmd = Command::new(cargo);
-        cmd.current_dir(repo_root()).args([
-            "build",
-            "--quiet",
-            "--package",
-            "iomt-cli",
-            "--bin",
-            "iomt",
-            "--message-format",
-            "json-render-diagnostics",
-        ]);
-        // This test runs from <target>/<profile dir>/deps/.
-        let exe = std::env::current_exe().unwrap();
-        let profile_dir = exe
-            .parent()
-            .and_then(Path::parent)
-            .and_then(Path::file_name);
-        match profile_dir.and_then(|p| p.to_str()) {
-            Some("debug") | None => {}
-            Some("release") => {
-                cmd.arg("--release");
-            }
-            Some(profile) => {
-                cmd.args(["--profile", profile]);
-            }
-        }
-        let output = cmd.stderr(Stdio::inherit()).output().expect("cargo runs");
-        assert!(output.status.success(), "cargo build of iomt failed");
-        String::from_utf8_lossy(&output.stdout)
-            .lines()
-            .filter_map(|line| serde_json::from_str::<Value>(line).ok())
-            .filter(|m| m["reason"] == "compiler-artifact" && m["target"]["name"] == "iomt")
-            .find_map(|m| m["executable"].as_str().map(PathBuf::from))
-            .expect("cargo reported the iomt executable")
-    })
-}
-
-/// A scratch directory under the target directory, removed when the test passes and kept
-/// (its path printed) when it fails.
-struct Scratch(PathBuf);
-
-impl Scratch {
-    fn new(name: &str) -> Self {
-        let dir = Path::new(env!("CARGO_TARGET_TMPDIR")).join(format!(
-            "replay-{name}-{}-{:x}",
-            std::process::id(),
-            fastrand::u32(..)
-        ));
-        std::fs::remove_dir_all(&dir).ok();
-        std::fs::create_dir_all(&dir).unwrap();
-        Scratch(dir)
-    }
-
-    fn path(&self) -> &Path {
-        &self.0
-    }
-}
-
-impl Drop for Scratch {
-    fn drop(&mut self) {
-        if std::thread::panicking() {
-            eprintln!("kept {} for inspection", self.0.display());
-        } else {
-            std::fs::remove_dir_all(&self.0).ok();
-        }
-    }
 }
 
 /// One `iomt replay` command line.
@@ -807,7 +723,7 @@ fn sorted_lines(path: &Path) -> Vec<String> {
 
 #[test]
 fn ndjson_replay_matches_the_oracle() {
-    let scratch = Scratch::new("ndjson");
+    let scratch = Scratch::new(env!("CARGO_TARGET_TMPDIR"), "replay-ndjson");
     let capture = Capture::shipped();
     let replay = Replay::new(&capture, scratch.path());
 
@@ -999,7 +915,7 @@ fn fhir_golden_run() {
     let _serial = serial();
     let server = Server::new();
     let mut rng = rng();
-    let scratch = Scratch::new("fhir-golden");
+    let scratch = Scratch::new(env!("CARGO_TARGET_TMPDIR"), "replay-fhir-golden");
     let capture = Capture::for_fhir(scratch.path());
     let replay = Replay::new(&capture, scratch.path()).fhir(&server.base);
     server.reset();
@@ -1071,7 +987,7 @@ fn killed_replay_resumes_to_the_golden_state() {
     let _serial = serial();
     let server = Server::new();
     let mut rng = rng();
-    let scratch = Scratch::new("fhir-killed");
+    let scratch = Scratch::new(env!("CARGO_TARGET_TMPDIR"), "replay-fhir-killed");
     let capture = Capture::for_fhir(scratch.path());
     let mut replay = Replay::new(&capture, scratch.path()).fhir(&server.base);
     server.reset();
@@ -1163,7 +1079,7 @@ fn windows_flushed_in_parts_keep_every_sample() {
     let _serial = serial();
     let server = Server::new();
     let mut rng = rng();
-    let scratch = Scratch::new("fhir-parts");
+    let scratch = Scratch::new(env!("CARGO_TARGET_TMPDIR"), "replay-fhir-parts");
     let capture = Capture::cut(scratch.path());
     let mut replay = Replay::new(&capture, scratch.path()).fhir(&server.base);
     replay.args.extend(["--max-wait".into(), "100ms".into()]);

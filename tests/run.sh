@@ -14,6 +14,10 @@ conformance=${IOMT_CONFORMANCE:-$repo/../shared/conformance}
 
 step() { printf '\n==> %s\n' "$*"; }
 
+# The test servers this script starts, stopped by PID when it exits.
+pids=()
+trap 'kill "${pids[@]}" 2>/dev/null || true' EXIT
+
 # The FHIR R4 test server (Medplum's router and in-memory repository behind
 # tests/fhir-server/server.mjs), on a free loopback port, stopped when this script exits.
 start_fhir_server() {
@@ -26,7 +30,7 @@ start_fhir_server() {
   port=${IOMT_TEST_FHIR_PORT:-$(python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])')}
   node --experimental-websocket tests/fhir-server/server.mjs "$port" > "$repo/target/fhir-server.log" 2>&1 &
   fhir_pid=$!
-  trap 'kill "$fhir_pid" 2>/dev/null || true' EXIT
+  pids+=("$fhir_pid")
   export IOMT_TEST_FHIR_URL="http://127.0.0.1:$port/fhir/R4"
   for _ in $(seq 1 300); do
     if curl -sf "$IOMT_TEST_FHIR_URL/metadata" > /dev/null; then
@@ -41,6 +45,35 @@ start_fhir_server() {
   exit 1
 }
 
+# Azurite (the Azure Storage emulator, Blob service only, from tests/azurite) on a free loopback
+# port, in memory, for the blob checkpoint store tests; stopped when this script exits.
+start_azurite() {
+  if [[ -n "${IOMT_TEST_AZURITE_URL:-}" ]]; then
+    echo "using Azurite at $IOMT_TEST_AZURITE_URL"
+    return
+  fi
+  (cd tests/azurite && npm ci --no-audit --no-fund --loglevel=error)
+  local port
+  port=${IOMT_TEST_AZURITE_PORT:-$(python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])')}
+  tests/azurite/node_modules/.bin/azurite-blob --blobHost 127.0.0.1 --blobPort "$port" \
+    --inMemoryPersistence --skipApiVersionCheck --loose --silent > "$repo/target/azurite.log" 2>&1 &
+  azurite_pid=$!
+  pids+=("$azurite_pid")
+  export IOMT_TEST_AZURITE_URL="http://127.0.0.1:$port/devstoreaccount1"
+  for _ in $(seq 1 300); do
+    # Any HTTP answer means ready (an anonymous request gets a 400 or 403).
+    if curl -s -o /dev/null "http://127.0.0.1:$port/"; then
+      echo "Azurite ready at $IOMT_TEST_AZURITE_URL"
+      return
+    fi
+    if ! kill -0 "$azurite_pid" 2>/dev/null; then break; fi
+    sleep 0.1
+  done
+  echo "Azurite did not start; its log:" >&2
+  cat "$repo/target/azurite.log" >&2
+  exit 1
+}
+
 step "cargo fmt --check"
 cargo fmt --all -- --check
 
@@ -50,6 +83,9 @@ cargo clippy --workspace --all-targets --locked -- -D warnings
 step "FHIR test server"
 mkdir -p target
 start_fhir_server
+
+step "Azurite"
+start_azurite
 
 step "cargo test"
 cargo test --workspace --locked

@@ -1,1 +1,94 @@
-//! Integration tests that span several stages live in the `[[test]]` targets of this crate.
+//! Helpers the integration tests of this crate (its `[[test]]` targets) share: the `iomt`
+//! binary, the repository root, and scratch directories.
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+use std::sync::OnceLock;
+
+use serde_json::Value;
+
+/// The repository root.
+pub fn repo_root() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .expect("the tests crate is inside the repository")
+        .to_owned()
+}
+
+/// The `iomt` binary, built once per test process in this test's profile. `CARGO_BIN_EXE_*`
+/// exists only in the crate that defines the binary, and `cargo test -p iomt-tests` does not
+/// build it, so build it here; cargo makes this a no-op when it is fresh.
+pub fn iomt() -> &'static Path {
+    static BIN: OnceLock<PathBuf> = OnceLock::new();
+    BIN.get_or_init(|| {
+        let cargo = std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into());
+        let mut cmd = Command::new(cargo);
+        cmd.current_dir(repo_root()).args([
+            "build",
+            "--quiet",
+            "--package",
+            "iomt-cli",
+            "--bin",
+            "iomt",
+            "--message-format",
+            "json-render-diagnostics",
+        ]);
+        // This test runs from <target>/<profile dir>/deps/.
+        let exe = std::env::current_exe().unwrap();
+        let profile_dir = exe
+            .parent()
+            .and_then(Path::parent)
+            .and_then(Path::file_name);
+        match profile_dir.and_then(|p| p.to_str()) {
+            Some("debug") | None => {}
+            Some("release") => {
+                cmd.arg("--release");
+            }
+            Some(profile) => {
+                cmd.args(["--profile", profile]);
+            }
+        }
+        let output = cmd.stderr(Stdio::inherit()).output().expect("cargo runs");
+        assert!(output.status.success(), "cargo build of iomt failed");
+        String::from_utf8_lossy(&output.stdout)
+            .lines()
+            .filter_map(|line| serde_json::from_str::<Value>(line).ok())
+            .filter(|m| m["reason"] == "compiler-artifact" && m["target"]["name"] == "iomt")
+            .find_map(|m| m["executable"].as_str().map(PathBuf::from))
+            .expect("cargo reported the iomt executable")
+    })
+}
+
+/// A scratch directory under the target directory, removed when the test passes and kept
+/// (its path printed) when it fails.
+#[derive(Debug)]
+pub struct Scratch(PathBuf);
+
+impl Scratch {
+    /// A fresh directory `{base}/{name}-…`; tests pass `env!("CARGO_TARGET_TMPDIR")`.
+    pub fn new(base: &str, name: &str) -> Self {
+        let dir = Path::new(base).join(format!(
+            "{name}-{}-{:x}",
+            std::process::id(),
+            fastrand::u32(..)
+        ));
+        std::fs::remove_dir_all(&dir).ok();
+        std::fs::create_dir_all(&dir).unwrap();
+        Scratch(dir)
+    }
+
+    /// The directory.
+    pub fn path(&self) -> &Path {
+        &self.0
+    }
+}
+
+impl Drop for Scratch {
+    fn drop(&mut self) {
+        if std::thread::panicking() {
+            eprintln!("kept {} for inspection", self.0.display());
+        } else {
+            std::fs::remove_dir_all(&self.0).ok();
+        }
+    }
+}

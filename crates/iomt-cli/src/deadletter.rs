@@ -5,7 +5,6 @@
 //! normalized measurements they were, skipping the device mapping. Items that fail again are
 //! written to a new file, so the input file stays as it was and can be replayed again.
 
-use std::collections::BTreeMap;
 use std::path::PathBuf;
 use std::time::Instant;
 
@@ -14,10 +13,10 @@ use clap::{Args, Subcommand};
 use iomt_core::Measurement;
 use iomt_hub::deadletter::{Stage, read_dead_letters};
 use iomt_runtime::checkpoint::CheckpointError;
-use iomt_runtime::{CheckpointStore, Input, Origin, SourceItem};
+use iomt_runtime::{CheckpointStore, Committed, Input, Origin, SourceItem};
 use tokio::sync::mpsc;
 
-use crate::run::{RunArgs, prepare, print_summary, run_pipeline, runtime};
+use crate::run::{RunArgs, prepare, print_summary, run_pipeline, runtime, shutdown_signal};
 
 /// Exit code: some items failed again.
 const EXIT_STILL_FAILING: u8 = 1;
@@ -47,7 +46,7 @@ pub(crate) struct ReplayArgs {
 struct NoCheckpoint;
 
 impl CheckpointStore for NoCheckpoint {
-    async fn commit(&mut self, _: &BTreeMap<u32, i64>) -> Result<(), CheckpointError> {
+    async fn commit(&mut self, _: &[Committed]) -> Result<(), CheckpointError> {
         Ok(())
     }
 }
@@ -111,7 +110,7 @@ pub(crate) fn run(cmd: DeadLetterCommand) -> anyhow::Result<u8> {
                 }
             }
         });
-        let report = run_pipeline(&config, prepared, rx, NoCheckpoint).await;
+        let report = run_pipeline(&config, prepared, rx, NoCheckpoint, shutdown_signal()).await;
         feeder.abort();
         report
     })?;

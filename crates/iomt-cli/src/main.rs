@@ -5,6 +5,7 @@
 
 mod config;
 mod deadletter;
+mod live;
 mod mapping;
 mod replay;
 mod run;
@@ -42,6 +43,9 @@ enum Command {
     /// the summary), 130 when it was interrupted (run it again to resume), 2 on invalid
     /// templates or arguments.
     Replay(Box<replay::ReplayArgs>),
+    /// Run the pipeline on the device Event Hub (`[source]`), with checkpoints and partition
+    /// ownership in Blob storage (`[checkpoints]`), until Ctrl-C or SIGTERM.
+    Run(Box<live::LiveArgs>),
     /// Check or print the configuration.
     #[command(subcommand)]
     Config(config::ConfigCommand),
@@ -87,6 +91,10 @@ fn main() -> ExitCode {
         Command::Replay(args) => {
             init_tracing();
             replay::run(&args)
+        }
+        Command::Run(args) => {
+            init_tracing();
+            live::run(&args)
         }
         Command::Config(cmd) => config::run(cmd),
         Command::DeadLetter(cmd) => {

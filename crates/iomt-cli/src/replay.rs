@@ -22,7 +22,7 @@ use iomt_runtime::{FileCheckpoint, Input, Origin, SourceItem};
 use sha2::{Digest, Sha256};
 use tokio::sync::mpsc;
 
-use crate::run::{RunArgs, prepare, print_summary, run_pipeline, runtime};
+use crate::run::{RunArgs, prepare, print_summary, run_pipeline, runtime, shutdown_signal};
 
 /// Records per batch handed to the pipeline.
 const BATCH: usize = 256;
@@ -328,7 +328,7 @@ pub(crate) fn run(args: &ReplayArgs) -> anyhow::Result<u8> {
                 }
             })
         };
-        let report = run_pipeline(&config, prepared, rx, checkpoint).await;
+        let report = run_pipeline(&config, prepared, rx, checkpoint, shutdown_signal()).await;
         ticker.abort();
         let report = match report {
             Ok(r) => r,

@@ -175,6 +175,7 @@ pub(crate) async fn run_pipeline<K: CheckpointStore>(
     prepared: Assembled,
     input: mpsc::Receiver<Vec<SourceItem>>,
     checkpoints: K,
+    shutdown: impl std::future::Future<Output = ()> + Send,
 ) -> anyhow::Result<Report<K>> {
     if let Some(addr) = config.output.metrics_addr {
         let health = prepared.pipeline.health();
@@ -193,7 +194,7 @@ pub(crate) async fn run_pipeline<K: CheckpointStore>(
             consumers,
             prepared.dead_letters,
             checkpoints,
-            shutdown_signal(),
+            shutdown,
         )
         .await)
 }

@@ -132,6 +132,12 @@ impl Timestamp {
         )
     }
 
+    /// The instant `ticks` .NET ticks (100 ns) after the Unix epoch; transports report times
+    /// this way.
+    pub fn from_unix_ticks(ticks: i64) -> Self {
+        Self(chrono::DateTime::UNIX_EPOCH).add_ticks(ticks)
+    }
+
     /// .NET ticks since the Unix epoch (negative before it).
     pub fn unix_ticks(&self) -> i64 {
         self.0.timestamp() * 10_000_000 + i64::from(self.0.nanosecond() / NANOS_PER_TICK)

@@ -98,15 +98,17 @@ impl TokenSource for EntraTokens {
     }
 }
 
-impl Auth {
-    /// Entra ID authentication for the FHIR service at `fhir_url`.
-    pub fn entra(credential: EntraCredential, fhir_url: &str) -> Result<Self, FhirError> {
+impl EntraCredential {
+    /// The azure_identity credential; Event Hubs and Blob Storage clients take the same one.
+    pub fn token_credential(
+        self,
+    ) -> Result<Arc<dyn azure_core::credentials::TokenCredential>, FhirError> {
         use azure_identity::{
             ClientSecretCredential, ManagedIdentityCredential, ManagedIdentityCredentialOptions,
             UserAssignedId, WorkloadIdentityCredential,
         };
         let failed = |e: azure_core::Error| FhirError::Credential(e.to_string());
-        let credential: Arc<dyn azure_core::credentials::TokenCredential> = match credential {
+        Ok(match self {
             EntraCredential::WorkloadIdentity => {
                 WorkloadIdentityCredential::new(None).map_err(failed)?
             }
@@ -123,7 +125,14 @@ impl Auth {
                 secret,
             } => ClientSecretCredential::new(&tenant_id, client_id, secret.into(), None)
                 .map_err(failed)?,
-        };
+        })
+    }
+}
+
+impl Auth {
+    /// Entra ID authentication for the FHIR service at `fhir_url`.
+    pub fn entra(credential: EntraCredential, fhir_url: &str) -> Result<Self, FhirError> {
+        let credential = credential.token_credential()?;
         let scope = format!("{}/.default", fhir_url.trim_end_matches('/'));
         Ok(Auth::Token(Arc::new(EntraTokens { credential, scope })))
     }

@@ -1,9 +1,12 @@
 //! Where device events come from.
 //!
-//! Today: captured traffic for `iomt replay` ([`capture`]: JSON Lines and Event Hubs Capture
-//! Avro) and the dead-letter sink ([`deadletter`]). The Event Hubs transport, the internal hub and checkpoint stores join this crate with
-//! the pipeline runtime.
+//! Captured traffic for `iomt replay` ([`capture`]: JSON Lines and Event Hubs Capture Avro),
+//! the dead-letter sink ([`deadletter`]), and the internal hub's contract with its in-process
+//! implementation ([`internal`]).
 #![deny(missing_docs)]
 
+pub mod blob;
 pub mod capture;
 pub mod deadletter;
+pub mod eventhubs;
+pub mod internal;

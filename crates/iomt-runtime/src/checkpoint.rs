@@ -12,6 +12,8 @@ use std::path::{Path, PathBuf};
 
 use serde_json::{Value, json};
 
+use crate::pipeline::Committed;
+
 /// Why a checkpoint could not be read or written.
 #[derive(Debug, thiserror::Error)]
 pub enum CheckpointError {
@@ -23,6 +25,9 @@ pub enum CheckpointError {
         /// The cause.
         error: std::io::Error,
     },
+    /// A remote store (Blob storage) refused or failed the write.
+    #[error("checkpoint store: {0}")]
+    Remote(String),
     /// The file is not a checkpoint written by iomt.
     #[error("checkpoint file {path} is not a checkpoint: {message}")]
     Invalid {
@@ -35,11 +40,10 @@ pub enum CheckpointError {
 
 /// Durable storage of checkpoints.
 pub trait CheckpointStore: Send + 'static {
-    /// Records the positions (partition index → last done position). Returns once they are
-    /// durable.
+    /// Records the last position done of each partition. Returns once they are durable.
     fn commit(
         &mut self,
-        positions: &BTreeMap<u32, i64>,
+        positions: &[Committed],
     ) -> impl Future<Output = Result<(), CheckpointError>> + Send;
 }
 
@@ -134,13 +138,13 @@ impl FileCheckpoint {
 }
 
 impl CheckpointStore for FileCheckpoint {
-    async fn commit(&mut self, positions: &BTreeMap<u32, i64>) -> Result<(), CheckpointError> {
+    async fn commit(&mut self, positions: &[Committed]) -> Result<(), CheckpointError> {
         let mut changed = false;
-        for (p, pos) in positions {
-            let entry = self.positions.entry(*p).or_insert(i64::MIN);
+        for c in positions {
+            let entry = self.positions.entry(c.index).or_insert(i64::MIN);
             // A checkpoint never moves back.
-            if *pos > *entry {
-                *entry = *pos;
+            if c.position > *entry {
+                *entry = c.position;
                 changed = true;
             }
         }
@@ -176,9 +180,14 @@ mod tests {
         let path = dir.path().join("cp/replay.json");
         let (mut cp, resume) = FileCheckpoint::open(&path, "abc").unwrap();
         assert!(resume.is_empty());
-        cp.commit(&[(0, 41)].into()).await.unwrap();
+        let at = |position| Committed {
+            index: 0,
+            partition: "replay".into(),
+            position,
+        };
+        cp.commit(&[at(41)]).await.unwrap();
         // Never backwards.
-        cp.commit(&[(0, 7)].into()).await.unwrap();
+        cp.commit(&[at(7)]).await.unwrap();
         let (_, resume) = FileCheckpoint::open(&path, "abc").unwrap();
         assert_eq!(resume, [(0, 41)].into());
         let (_, other) = FileCheckpoint::open(&path, "other input").unwrap();

@@ -32,6 +32,99 @@ pub struct Config {
     pub pipeline: PipelineSection,
     /// Local files and endpoints.
     pub output: Output,
+    /// The device Event Hub (`iomt run`).
+    pub source: Source,
+    /// Where `iomt run` keeps checkpoints and partition ownership.
+    pub checkpoints: Checkpoints,
+}
+
+/// Where reading starts on a partition without a checkpoint.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum StartAtKind {
+    /// The oldest retained event.
+    #[default]
+    Earliest,
+    /// Events enqueued from now on.
+    Latest,
+}
+
+/// `[source]`: the Event Hub devices send to (MedTech's `InputEventHub`).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct Source {
+    /// Fully qualified namespace, e.g. `contoso.servicebus.windows.net` (Entra ID auth).
+    pub namespace: Option<String>,
+    /// The Event Hub.
+    pub hub: Option<String>,
+    /// Consumer group; keep it lower-case, because KEDA lowercases it when it reads
+    /// checkpoints.
+    pub consumer_group: String,
+    /// A connection string with `Listen` rights; otherwise `auth` names an Entra identity.
+    pub connection_string: Option<String>,
+    /// Entra ID identity when there is no connection string: `workload-identity`,
+    /// `managed-identity` (`client_id` for a user-assigned one) or `client-secret`. Also used
+    /// for the checkpoint container when it has no key or SAS.
+    pub auth: AuthKind,
+    /// Entra tenant, for `client-secret`.
+    pub tenant_id: Option<String>,
+    /// Entra client id.
+    pub client_id: Option<String>,
+    /// Entra client secret.
+    pub client_secret: Option<String>,
+    /// `amqp://host:port` to connect to instead of the namespace (a proxy, a test broker).
+    pub custom_endpoint: Option<String>,
+    /// Start of partitions without a checkpoint.
+    pub start_at: StartAtKind,
+    /// How often partition ownership is renewed and rebalanced.
+    #[serde(with = "humantime_serde")]
+    pub update_interval: Duration,
+    /// How long partitions of a process that stopped renewing stay owned by it.
+    #[serde(with = "humantime_serde")]
+    pub ownership_expiry: Duration,
+}
+
+impl Default for Source {
+    fn default() -> Self {
+        Self {
+            namespace: None,
+            hub: None,
+            consumer_group: "iomt".to_owned(),
+            connection_string: None,
+            auth: AuthKind::None,
+            tenant_id: None,
+            client_id: None,
+            client_secret: None,
+            custom_endpoint: None,
+            start_at: StartAtKind::Earliest,
+            update_interval: Duration::from_secs(10),
+            ownership_expiry: Duration::from_secs(30),
+        }
+    }
+}
+
+/// `[checkpoints]`: the Blob container of checkpoints and ownership (MedTech's
+/// `CheckpointStorage`).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct Checkpoints {
+    /// A storage connection string (account key); `container` names the container.
+    pub connection_string: Option<String>,
+    /// The container's URL, with a SAS in its query, or without one to use the `[source]`
+    /// Entra identity (role: Storage Blob Data Contributor).
+    pub container_url: Option<String>,
+    /// The container, with a connection string.
+    pub container: String,
+}
+
+impl Default for Checkpoints {
+    fn default() -> Self {
+        Self {
+            connection_string: None,
+            container_url: None,
+            container: "iomt-checkpoints".to_owned(),
+        }
+    }
 }
 
 /// `[templates]`.
@@ -348,12 +441,14 @@ impl Config {
             group: section(&mut table, "group", &origin, &mut errors),
             pipeline: section(&mut table, "pipeline", &origin, &mut errors),
             output: section(&mut table, "output", &origin, &mut errors),
+            source: section(&mut table, "source", &origin, &mut errors),
+            checkpoints: section(&mut table, "checkpoints", &origin, &mut errors),
         };
         for unknown in table.keys() {
             errors.push(error(
                 &origin,
                 format!(
-                    "unknown section [{unknown}]; expected templates, fhir, identity, group, pipeline or output"
+                    "unknown section [{unknown}]; expected templates, fhir, identity, group, pipeline, output, source or checkpoints"
                 ),
             ));
         }
@@ -450,13 +545,71 @@ impl Config {
         errors
     }
 
+    /// What `iomt run` needs beyond [`Config::validate`]: a source and a checkpoint store.
+    pub fn validate_for_run(&self) -> Vec<ConfigError> {
+        let mut errors = Vec::new();
+        let s = &self.source;
+        if s.hub.is_none() {
+            errors.push(error("source.hub", "is required"));
+        }
+        match (&s.connection_string, s.auth) {
+            (Some(_), _) => {}
+            (None, AuthKind::None | AuthKind::Bearer) => errors.push(error(
+                "source.connection_string",
+                "is required unless source.auth names an Entra identity",
+            )),
+            (None, _) if s.namespace.is_none() => errors.push(error(
+                "source.namespace",
+                "is required with an Entra identity",
+            )),
+            (None, _) => {}
+        }
+        if s.auth == AuthKind::ClientSecret {
+            for (value, key) in [
+                (&s.tenant_id, "source.tenant_id"),
+                (&s.client_id, "source.client_id"),
+                (&s.client_secret, "source.client_secret"),
+            ] {
+                if value.is_none() {
+                    errors.push(error(key, "is required with auth = \"client-secret\""));
+                }
+            }
+        }
+        if s.ownership_expiry <= s.update_interval {
+            errors.push(error(
+                "source.ownership_expiry",
+                "must be longer than source.update_interval (twice as long is advised)",
+            ));
+        }
+        let c = &self.checkpoints;
+        if c.connection_string.is_none() && c.container_url.is_none() {
+            errors.push(error(
+                "checkpoints",
+                "needs connection_string (with container) or container_url",
+            ));
+        }
+        errors
+    }
+
     /// The effective configuration as TOML, with secrets masked.
     pub fn to_toml(&self) -> String {
         let mut shown = self.clone();
-        for secret in [&mut shown.fhir.token, &mut shown.fhir.client_secret] {
+        for secret in [
+            &mut shown.fhir.token,
+            &mut shown.fhir.client_secret,
+            &mut shown.source.connection_string,
+            &mut shown.source.client_secret,
+            &mut shown.checkpoints.connection_string,
+        ] {
             if secret.is_some() {
                 *secret = Some("***".to_owned());
             }
+        }
+        if let Some(url) = &mut shown.checkpoints.container_url
+            && let Some(at) = url.find('?')
+        {
+            // The query of a container URL is its SAS.
+            url.replace_range(at.., "?***");
         }
         toml::to_string(&shown).unwrap_or_else(|e| format!("# cannot print: {e}\n"))
     }

@@ -1,20 +1,25 @@
 //! Assembling a pipeline from a [`Config`]: the sink it names (a FHIR server with its client,
-//! identity resolver and writer, or an NDJSON directory), the dead-letter file and the metrics.
+//! identity resolver and writer, or an NDJSON directory), the dead-letter file and the metrics;
+//! and, for `iomt run`, the Event Hub source with its checkpoint store.
 
 use std::path::PathBuf;
 use std::sync::Arc;
 
+use azure_core::credentials::TokenCredential;
 use iomt_core::MeasurementGroup;
 use iomt_fhir::{
     Auth, EntraCredential, FhirClient, FhirClientConfig, IdentityConfig, IdentityMode,
     IdentityResolver, NdjsonStore, ObservationWriter,
 };
+use iomt_hub::blob::{BlobAuth, BlobCheckpointStore};
 use iomt_hub::deadletter::DeadLetterWriter;
+use iomt_hub::eventhubs::{EventHubSettings, EventHubsAuth};
 use iomt_normalize::Normalizer;
 use iomt_templates::device::DeviceMapping;
 use iomt_templates::fhir::FhirMapping;
 
-use crate::config::{AuthKind, Config, ConfigError, IdentityModeKind};
+use crate::config::{AuthKind, Config, ConfigError, IdentityModeKind, StartAtKind};
+use crate::eventhubs::{ProcessorSettings, StartAt};
 use crate::sink::{FhirSink, NdjsonSink, Sink, SinkError, Written};
 use crate::{Metrics, Pipeline, PipelineConfig};
 
@@ -196,5 +201,102 @@ pub fn assemble(
         dead_letter_file,
         config: pipeline_config,
         target,
+    })
+}
+
+/// What `iomt run` reads from and checkpoints to.
+#[derive(Debug)]
+pub struct LiveSource {
+    /// The device hub.
+    pub settings: EventHubSettings,
+    /// Partition balancing.
+    pub processor: ProcessorSettings,
+    /// Checkpoints and ownership, fenced with `owner_id`.
+    pub store: Arc<BlobCheckpointStore>,
+    /// This process's name in ownership records.
+    pub owner_id: String,
+}
+
+fn entra(config: &Config, key: &str) -> Result<Arc<dyn TokenCredential>, ConfigError> {
+    let s = &config.source;
+    let credential = match s.auth {
+        AuthKind::WorkloadIdentity => EntraCredential::WorkloadIdentity,
+        AuthKind::ManagedIdentity => EntraCredential::ManagedIdentity {
+            client_id: s.client_id.clone(),
+        },
+        AuthKind::ClientSecret => EntraCredential::ClientSecret {
+            tenant_id: s.tenant_id.clone().unwrap_or_default(),
+            client_id: s.client_id.clone().unwrap_or_default(),
+            secret: s.client_secret.clone().unwrap_or_default(),
+        },
+        AuthKind::None | AuthKind::Bearer => {
+            return Err(ConfigError {
+                origin: key.to_owned(),
+                message:
+                    "needs a connection string, a SAS, or source.auth naming an Entra identity"
+                        .into(),
+            });
+        }
+    };
+    credential.token_credential().map_err(|e| ConfigError {
+        origin: key.to_owned(),
+        message: e.to_string(),
+    })
+}
+
+/// Builds the source of `iomt run` from a configuration that passed
+/// [`Config::validate_for_run`]. `owner_id` names this process in ownership records; it must
+/// be unique per process.
+pub async fn live_source(config: &Config, owner_id: String) -> Result<LiveSource, ConfigError> {
+    let s = &config.source;
+    let auth = match &s.connection_string {
+        Some(cs) => EventHubsAuth::ConnectionString(cs.clone()),
+        None => EventHubsAuth::Credential(entra(config, "source.auth")?),
+    };
+    let settings = EventHubSettings {
+        namespace: s.namespace.clone().unwrap_or_default(),
+        hub: s.hub.clone().unwrap_or_default(),
+        consumer_group: s.consumer_group.clone(),
+        auth,
+        custom_endpoint: s.custom_endpoint.clone(),
+        // The processor claims partitions under the connection's name; checkpoints are fenced
+        // with the same name.
+        application_id: Some(owner_id.clone()),
+    };
+    let c = &config.checkpoints;
+    let store_error = |e: iomt_hub::blob::BlobError| ConfigError {
+        origin: "checkpoints".into(),
+        message: e.to_string(),
+    };
+    let store = match (&c.connection_string, &c.container_url) {
+        (Some(cs), _) => BlobCheckpointStore::from_connection_string(cs, &c.container),
+        (None, Some(url)) if url.contains('?') => BlobCheckpointStore::from_sas_url(url),
+        (None, Some(url)) => BlobCheckpointStore::new(
+            url,
+            BlobAuth::token(entra(config, "checkpoints.container_url")?),
+        ),
+        (None, None) => {
+            return Err(ConfigError {
+                origin: "checkpoints".into(),
+                message: "needs connection_string or container_url".into(),
+            });
+        }
+    }
+    .map_err(store_error)?
+    .with_owner(owner_id.clone());
+    store.ensure_container().await.map_err(store_error)?;
+    Ok(LiveSource {
+        settings,
+        processor: ProcessorSettings {
+            start_at: match s.start_at {
+                StartAtKind::Earliest => StartAt::Earliest,
+                StartAtKind::Latest => StartAt::Latest,
+            },
+            update_interval: s.update_interval,
+            ownership_expiry: s.ownership_expiry,
+            ..ProcessorSettings::default()
+        },
+        store: Arc::new(store),
+        owner_id,
     })
 }

@@ -9,7 +9,7 @@
 pub mod checkpoint;
 pub mod config;
 pub mod embedded;
-pub mod hub;
+pub mod eventhubs;
 pub mod metrics;
 pub mod pipeline;
 pub mod server;
@@ -17,9 +17,10 @@ pub mod sink;
 
 pub use checkpoint::{CheckpointError, CheckpointStore, FileCheckpoint};
 pub use config::{Config, ConfigError};
-pub use embedded::{Assembled, ConfiguredSink, assemble};
-pub use hub::{HubConsumer, HubMessage, HubProducer, Origin, in_process};
+pub use embedded::{Assembled, ConfiguredSink, LiveSource, assemble, live_source};
+pub use iomt_hub::internal as hub;
+pub use iomt_hub::internal::{HubConsumer, HubMessage, HubProducer, Origin, in_process};
 pub use metrics::{Metrics, Summary};
-pub use pipeline::{Input, Pipeline, PipelineConfig, Report, SourceItem};
+pub use pipeline::{Committed, Input, Partitions, Pipeline, PipelineConfig, Report, SourceItem};
 pub use server::{Health, serve};
 pub use sink::{FhirSink, NdjsonSink, Sink, SinkError};

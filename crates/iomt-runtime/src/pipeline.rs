@@ -19,7 +19,8 @@
 
 use std::collections::{BTreeMap, HashMap};
 use std::future::Future;
-use std::sync::{Arc, Mutex};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex, PoisonError, RwLock};
 use std::time::{Duration, Instant};
 
 use iomt_core::ack::AckTracker;
@@ -34,10 +35,10 @@ use tokio::task::JoinSet;
 use tracing::Instrument as _;
 
 use crate::checkpoint::CheckpointStore;
-use crate::hub::{HubConsumer, HubMessage, HubProducer, Origin, device_partition};
 use crate::metrics::Metrics;
 use crate::server::Health;
 use crate::sink::{Sink, SinkError};
+use iomt_hub::internal::{HubConsumer, HubMessage, HubProducer, Origin, device_partition};
 
 /// Tuning of the runtime.
 #[derive(Debug, Clone)]
@@ -111,13 +112,73 @@ pub struct Report<K> {
     pub in_flight: usize,
 }
 
-/// Per-partition ordered acknowledgement.
+/// One source partition as the pipeline tracks it. A partition that is lost and taken again
+/// gets a new slot, so acknowledgements still arriving for the old ownership never count
+/// toward the new one.
 #[derive(Debug)]
+struct Slot {
+    name: String,
+    active: AtomicBool,
+    tracker: Mutex<AckTracker>,
+}
+
+/// The source partitions a pipeline tracks, shared with the source that claims them.
+#[derive(Debug, Clone)]
+pub struct Partitions(Arc<Acks>);
+
+impl Partitions {
+    /// Starts tracking a partition just claimed; its events carry the returned index in
+    /// [`Origin::partition`]. The partitions given to [`Pipeline::new`] are 0, 1, ….
+    pub fn open(&self, name: &str) -> u32 {
+        self.0.open(name)
+    }
+
+    /// Stops committing checkpoints for a partition whose ownership was lost. Work in flight
+    /// for it still completes; its new owner resumes from the last committed checkpoint.
+    pub fn close(&self, index: u32) {
+        self.0.close(index);
+    }
+}
+
+/// Ordered acknowledgement per source partition.
+#[derive(Debug, Default)]
 struct Acks {
-    trackers: Vec<Mutex<AckTracker>>,
+    slots: RwLock<Vec<Arc<Slot>>>,
+}
+
+/// A position that is safe to commit: every event of the partition up to it is done.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Committed {
+    /// The partition's slot (what [`Origin::partition`] holds).
+    pub index: u32,
+    /// The partition's name (an Event Hubs partition id, `replay`, …).
+    pub partition: String,
+    /// The last position done.
+    pub position: i64,
 }
 
 impl Acks {
+    fn open(&self, name: &str) -> u32 {
+        let mut slots = self.slots.write().unwrap_or_else(PoisonError::into_inner);
+        slots.push(Arc::new(Slot {
+            name: name.to_owned(),
+            active: AtomicBool::new(true),
+            tracker: Mutex::default(),
+        }));
+        (slots.len() - 1) as u32
+    }
+
+    fn slot(&self, index: u32) -> Option<Arc<Slot>> {
+        let slots = self.slots.read().unwrap_or_else(PoisonError::into_inner);
+        slots.get(index as usize).cloned()
+    }
+
+    fn close(&self, index: u32) {
+        if let Some(slot) = self.slot(index) {
+            slot.active.store(false, Ordering::Relaxed);
+        }
+    }
+
     fn register(&self, items: &[(Origin, u32)]) {
         for (origin, parts) in items {
             self.with(origin.partition, |t| t.register(origin.position, *parts));
@@ -135,34 +196,46 @@ impl Acks {
         partition: u32,
         f: impl FnOnce(&mut AckTracker) -> Result<(), iomt_core::ack::AckError>,
     ) {
-        let Some(tracker) = self.trackers.get(partition as usize) else {
+        let Some(slot) = self.slot(partition) else {
             tracing::error!(partition, "an origin names an unknown partition");
             return;
         };
-        let result = match tracker.lock() {
-            Ok(mut t) => f(&mut t),
-            Err(mut poisoned) => f(poisoned.get_mut()),
-        };
+        let result = f(&mut slot.tracker.lock().unwrap_or_else(PoisonError::into_inner));
         if let Err(e) = result {
             tracing::error!(partition, error = %e, "acknowledgement out of protocol");
         }
     }
 
-    fn positions(&self) -> BTreeMap<u32, i64> {
-        self.trackers
+    /// Safe positions of the partitions still owned.
+    fn committable(&self) -> Vec<Committed> {
+        let slots = self.slots.read().unwrap_or_else(PoisonError::into_inner);
+        slots
             .iter()
             .enumerate()
-            .filter_map(|(i, t)| {
-                let t = t.lock().ok()?;
-                Some((i as u32, t.checkpoint()?))
+            .filter(|(_, s)| s.active.load(Ordering::Relaxed))
+            .filter_map(|(i, s)| {
+                let position = s.tracker.lock().ok()?.checkpoint()?;
+                Some(Committed {
+                    index: i as u32,
+                    partition: s.name.clone(),
+                    position,
+                })
             })
             .collect()
     }
 
+    fn positions(&self) -> BTreeMap<u32, i64> {
+        self.committable()
+            .into_iter()
+            .map(|c| (c.index, c.position))
+            .collect()
+    }
+
     fn in_flight(&self) -> usize {
-        self.trackers
+        let slots = self.slots.read().unwrap_or_else(PoisonError::into_inner);
+        slots
             .iter()
-            .filter_map(|t| t.lock().ok().map(|t| t.in_flight()))
+            .filter_map(|s| s.tracker.lock().ok().map(|t| t.in_flight()))
             .sum()
     }
 }
@@ -188,8 +261,7 @@ struct Shared<S> {
     mapping: Arc<FhirMapping>,
     sink: Arc<S>,
     metrics: Arc<Metrics>,
-    acks: Acks,
-    partition_names: Vec<String>,
+    acks: Arc<Acks>,
     slots: Arc<Semaphore>,
     health: Arc<Health>,
 }
@@ -212,9 +284,10 @@ impl<S: Sink> Pipeline<S> {
         partitions: Vec<String>,
     ) -> Self {
         let slots = Arc::new(Semaphore::new(config.max_in_flight.max(1)));
-        let acks = Acks {
-            trackers: partitions.iter().map(|_| Mutex::default()).collect(),
-        };
+        let acks = Arc::new(Acks::default());
+        for name in &partitions {
+            acks.open(name);
+        }
         Self {
             shared: Arc::new(Shared {
                 config,
@@ -223,11 +296,16 @@ impl<S: Sink> Pipeline<S> {
                 sink,
                 metrics,
                 acks,
-                partition_names: partitions,
                 slots,
                 health: Arc::default(),
             }),
         }
+    }
+
+    /// The table of source partitions, for a source whose partitions come and go (Event Hubs
+    /// ownership).
+    pub fn partitions(&self) -> Partitions {
+        Partitions(self.shared.acks.clone())
     }
 
     /// The readiness the `/readyz` endpoint reports: true while the pipeline takes input.
@@ -674,10 +752,9 @@ async fn write_flush<S: Sink>(
         .map(|(m, tag)| DeadLetter {
             stage: Stage::Convert,
             partition: shared
-                .partition_names
-                .get(tag.origin.partition as usize)
-                .cloned()
-                .unwrap_or_else(|| tag.origin.partition.to_string()),
+                .acks
+                .slot(tag.origin.partition)
+                .map_or_else(|| tag.origin.partition.to_string(), |s| s.name.clone()),
             sequence_number: tag.origin.position,
             source: None,
             kind: kind.to_owned(),
@@ -773,7 +850,7 @@ async fn checkpoint_task<S: Sink, K: CheckpointStore>(
 /// Commits what is safe: positions are read before the sink persists, so every write they
 /// cover is durable when they are stored.
 async fn commit<S: Sink, K: CheckpointStore>(shared: &Shared<S>, store: &mut K) {
-    let positions = shared.acks.positions();
+    let positions = shared.acks.committable();
     if let Err(e) = shared.sink.persist().await {
         tracing::error!(error = %e, "cannot persist the output; the checkpoint waits");
         return;

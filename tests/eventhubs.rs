@@ -1,0 +1,274 @@
+//! `iomt run` on a live Event Hub: the real SDK client against the test broker
+//! (`tests/eventhubs-broker`), with checkpoints and ownership in Azurite (started by
+//! `tests/run.sh`, which exports `IOMT_TEST_AZURITE_URL`).
+//!
+//! The output of a live run must equal the output of `iomt replay` over the same events (which
+//! `tests/replay.rs` checks against the capture's oracle), and the checkpoints it leaves must
+//! read, the way KEDA's `blobMetadata` strategy reads them, as zero lag.
+
+use std::collections::BTreeSet;
+use std::path::Path;
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use azure_messaging_eventhubs::models::EventData;
+use azure_messaging_eventhubs::{EventDataBatchOptions, ProducerClient};
+use iomt_eventhubs_broker::{BrokerConfig, BrokerHandle, CONNECTION_STRING, HubConfig};
+use iomt_hub::blob::BlobCheckpointStore;
+use iomt_tests::{Scratch, iomt, repo_root};
+use serde_json::Value;
+
+const HUB: &str = "devicedata";
+const PARTITIONS: u32 = 4;
+const CONSUMER_GROUP: &str = "iomt";
+/// Events of the shipped capture sent to the hub.
+const EVENTS: usize = 3000;
+
+fn azurite() -> String {
+    std::env::var("IOMT_TEST_AZURITE_URL").unwrap_or_else(|_| {
+        panic!(
+            "IOMT_TEST_AZURITE_URL is not set: run tests/run.sh, which installs and starts \
+             Azurite, or start Azurite and set it to http://127.0.0.1:PORT/devstoreaccount1"
+        )
+    })
+}
+
+fn storage_connection_string() -> String {
+    format!(
+        "DefaultEndpointsProtocol=http;AccountName=devstoreaccount1;AccountKey=Eby8vdM02xNOcqFlqUwJPLlmEtlCDXJ1OUzFT50uSRZ6IFsuFq2UVErCz4I6tq/K1SZFPTOtr/KBHBeksoGMGw==;BlobEndpoint={};",
+        azurite()
+    )
+}
+
+/// The first lines of the shipped capture.
+fn capture_lines() -> Vec<String> {
+    std::fs::read_to_string(repo_root().join("examples/capture/wearables.jsonl"))
+        .unwrap()
+        .lines()
+        .take(EVENTS)
+        .map(str::to_owned)
+        .collect()
+}
+
+/// Sends the captured events with their device as partition key, as IoT Hub routes them: in
+/// batches per device, so each device's events keep their order.
+async fn send(broker: &BrokerHandle, lines: &[String]) {
+    let producer = ProducerClient::builder()
+        .with_custom_endpoint(broker.endpoint())
+        .open_with_connection_string(CONNECTION_STRING, Some(HUB))
+        .await
+        .unwrap();
+    let mut by_device: Vec<(String, Vec<EventData>)> = Vec::new();
+    for line in lines {
+        let record: Value = serde_json::from_str(line).unwrap();
+        let body = match &record["BodyText"] {
+            Value::String(text) => text.clone().into_bytes(),
+            _ => record["Body"].to_string().into_bytes(),
+        };
+        let device = record["SystemProperties"]["iothub-connection-device-id"]
+            .as_str()
+            .unwrap()
+            .to_owned();
+        let event = EventData::builder()
+            .with_body(body)
+            .add_property("iothub-connection-device-id".to_owned(), device.clone())
+            .build();
+        match by_device.iter_mut().find(|(d, _)| *d == device) {
+            Some((_, events)) => events.push(event),
+            None => by_device.push((device, vec![event])),
+        }
+    }
+    for (device, events) in by_device {
+        let mut events = events.into_iter().peekable();
+        while events.peek().is_some() {
+            let batch = producer
+                .create_batch(Some(EventDataBatchOptions {
+                    partition_key: Some(device.clone()),
+                    ..Default::default()
+                }))
+                .await
+                .unwrap();
+            while let Some(event) = events.peek() {
+                if !batch.try_add_event_data(event.clone(), None).unwrap() {
+                    break;
+                }
+                events.next();
+            }
+            producer.send_batch(batch, None).await.unwrap();
+        }
+    }
+}
+
+/// Lag per partition exactly as KEDA's azure-eventhub scaler computes it with
+/// `checkpointStrategy: blobMetadata`: last enqueued sequence number minus the checkpoint's;
+/// without a checkpoint, the whole partition; an empty partition counts 0.
+async fn keda_lag(broker: &BrokerHandle, store: &BlobCheckpointStore) -> i64 {
+    // KEDA builds the blob name from the lower-cased consumer group.
+    let checkpoints = store
+        .checkpoints("localhost", HUB, &CONSUMER_GROUP.to_lowercase())
+        .await
+        .unwrap();
+    let mut total = 0;
+    for partition in broker.partition_ids(HUB).unwrap() {
+        let state = broker.partition_state(HUB, &partition).unwrap();
+        if state.last_enqueued_sequence_number < 0 {
+            continue;
+        }
+        let lag = match checkpoints
+            .iter()
+            .find(|c| c.partition_id == partition)
+            .and_then(|c| c.sequence_number)
+        {
+            Some(done) => state.last_enqueued_sequence_number - done,
+            None => state.last_enqueued_sequence_number - state.begin_sequence_number + 1,
+        };
+        total += lag;
+    }
+    total
+}
+
+fn start_run(dir: &Path, broker: &BrokerHandle, container: &str) -> Child {
+    Command::new(iomt())
+        .args(["run", "--owner-id", "test-process", "--max-wait", "300ms"])
+        .arg("--device-mapping")
+        .arg(repo_root().join("examples/capture/devicecontent.json"))
+        .arg("--fhir-mapping")
+        .arg(repo_root().join("examples/capture/fhirmapping.json"))
+        .arg("--out")
+        .arg(dir.join("live"))
+        .arg("--state-dir")
+        .arg(dir.join("live-state"))
+        .current_dir(dir)
+        .env_remove("IOMT_CONFIG")
+        .env("IOMT__SOURCE__CONNECTION_STRING", CONNECTION_STRING)
+        .env("IOMT__SOURCE__HUB", HUB)
+        .env("IOMT__SOURCE__CONSUMER_GROUP", CONSUMER_GROUP)
+        .env("IOMT__SOURCE__CUSTOM_ENDPOINT", broker.endpoint())
+        .env("IOMT__SOURCE__UPDATE_INTERVAL", "1s")
+        .env("IOMT__SOURCE__OWNERSHIP_EXPIRY", "3s")
+        .env(
+            "IOMT__CHECKPOINTS__CONNECTION_STRING",
+            storage_connection_string(),
+        )
+        .env("IOMT__CHECKPOINTS__CONTAINER", container)
+        .env("IOMT__PIPELINE__CHECKPOINT_INTERVAL", "200ms")
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap()
+}
+
+/// Resources of an NDJSON directory, without what differs between runs: `meta`, `issued`, and
+/// `status` (`amended` once a window was merged, which a live run's frequent flushes do).
+fn resources(dir: &Path) -> BTreeSet<String> {
+    let mut out = BTreeSet::new();
+    for kind in ["Observation", "Patient", "Device"] {
+        let Ok(text) = std::fs::read_to_string(dir.join(format!("{kind}.ndjson"))) else {
+            continue;
+        };
+        for line in text.lines() {
+            let mut v: Value = serde_json::from_str(line).unwrap();
+            if let Some(o) = v.as_object_mut() {
+                o.remove("meta");
+                o.remove("issued");
+                o.remove("status");
+            }
+            out.insert(v.to_string());
+        }
+    }
+    out
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn live_run_equals_replay_and_leaves_no_lag() {
+    let scratch = Scratch::new(env!("CARGO_TARGET_TMPDIR"), "eventhubs-live");
+    let dir = scratch.path();
+    let broker = BrokerHandle::start(BrokerConfig::new(vec![
+        HubConfig::new(HUB, PARTITIONS).unwrap(),
+    ]))
+    .await
+    .unwrap();
+    let container = format!("live-{:08x}", fastrand::u32(..));
+    let store =
+        BlobCheckpointStore::from_connection_string(&storage_connection_string(), &container)
+            .unwrap();
+    let lines = capture_lines();
+    send(&broker, &lines[..EVENTS / 2]).await;
+
+    let mut child = start_run(dir, &broker, &container);
+    // Mid-stream: the rest arrives while the first half is processed; lag is what KEDA sees.
+    send(&broker, &lines[EVENTS / 2..]).await;
+    let mut lags = Vec::new();
+    let deadline = Instant::now() + Duration::from_secs(90);
+    loop {
+        let lag = if store.ensure_container().await.is_ok() {
+            keda_lag(&broker, &store).await
+        } else {
+            i64::MAX
+        };
+        lags.push(lag);
+        if lag == 0 {
+            break;
+        }
+        if let Ok(Some(status)) = child.try_wait() {
+            let out = child.wait_with_output().unwrap();
+            panic!(
+                "iomt run exited early with {status}: {}",
+                String::from_utf8_lossy(&out.stderr)
+            );
+        }
+        assert!(Instant::now() < deadline, "lag never reached 0: {lags:?}");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    // Lag was positive before it reached zero: KEDA saw the backlog.
+    assert!(lags.iter().any(|l| *l > 0 && *l != i64::MAX), "{lags:?}");
+
+    Command::new("kill")
+        .args(["-TERM", &child.id().to_string()])
+        .status()
+        .unwrap();
+    let out = child.wait_with_output().unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "iomt run failed: {stdout}\n{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(
+        stdout
+            .replace(',', "")
+            .starts_with(&format!("{EVENTS} events")),
+        "{stdout}"
+    );
+
+    // The same events replayed from a file give the same resources.
+    let capture = dir.join("capture.jsonl");
+    std::fs::write(&capture, lines.join("\n")).unwrap();
+    let replay = Command::new(iomt())
+        .arg("replay")
+        .arg(&capture)
+        .args(["--no-progress", "--device-mapping"])
+        .arg(repo_root().join("examples/capture/devicecontent.json"))
+        .arg("--fhir-mapping")
+        .arg(repo_root().join("examples/capture/fhirmapping.json"))
+        .arg("--out")
+        .arg(dir.join("replayed"))
+        .arg("--state-dir")
+        .arg(dir.join("replay-state"))
+        .current_dir(dir)
+        .env_remove("IOMT_CONFIG")
+        .output()
+        .unwrap();
+    assert!(replay.status.success());
+    let (live, replayed) = (
+        resources(&dir.join("live")),
+        resources(&dir.join("replayed")),
+    );
+    assert!(!replayed.is_empty());
+    assert_eq!(live.len(), replayed.len());
+    assert!(
+        live == replayed,
+        "the live run's output differs from the replay's"
+    );
+    broker.stop().await;
+}
