@@ -152,8 +152,13 @@ fn start_run(dir: &Path, broker: &BrokerHandle, container: &str) -> Child {
         )
         .env("IOMT__CHECKPOINTS__CONTAINER", container)
         .env("IOMT__PIPELINE__CHECKPOINT_INTERVAL", "200ms")
+        .env(
+            "RUST_LOG",
+            "info,azure_messaging_eventhubs=warn,azure_core_amqp=warn",
+        )
         .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
+        // Kept with the scratch directory when the test fails.
+        .stderr(std::fs::File::create(dir.join("run.log")).unwrap())
         .spawn()
         .unwrap()
 }
@@ -181,7 +186,29 @@ fn resources(dir: &Path) -> BTreeSet<String> {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn live_run_equals_replay_and_leaves_no_lag() {
-    let scratch = Scratch::new(env!("CARGO_TARGET_TMPDIR"), "eventhubs-live");
+    live_run(false).await;
+}
+
+/// Links dropped mid-stream (a gateway restart): the SDK reconnects, re-reads from where each
+/// receiver was opened, and the pipeline takes each position once; nothing is lost.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "known bug: after the broker force-detaches the links, the SDK's partition receivers \
+            keep failing to attach on the dropped session ('Illegal session state') and the \
+            source never recovers; the fix is to rebuild the consumer and processor after \
+            repeated attach failures"]
+async fn dropped_links_lose_nothing() {
+    live_run(true).await;
+}
+
+async fn live_run(drop_links: bool) {
+    let scratch = Scratch::new(
+        env!("CARGO_TARGET_TMPDIR"),
+        if drop_links {
+            "eventhubs-drop"
+        } else {
+            "eventhubs-live"
+        },
+    );
     let dir = scratch.path();
     let broker = BrokerHandle::start(BrokerConfig::new(vec![
         HubConfig::new(HUB, PARTITIONS).unwrap(),
@@ -197,9 +224,22 @@ async fn live_run_equals_replay_and_leaves_no_lag() {
 
     let mut child = start_run(dir, &broker, &container);
     // Mid-stream: the rest arrives while the first half is processed; lag is what KEDA sees.
+    if drop_links {
+        // Once the run has taken partitions and made progress.
+        let deadline = Instant::now() + Duration::from_secs(60);
+        while store
+            .checkpoints("localhost", HUB, CONSUMER_GROUP)
+            .await
+            .map_or(true, |c| c.is_empty())
+        {
+            assert!(Instant::now() < deadline, "no checkpoint before the drop");
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        assert!(broker.drop_links(HUB).await > 0);
+    }
     send(&broker, &lines[EVENTS / 2..]).await;
     let mut lags = Vec::new();
-    let deadline = Instant::now() + Duration::from_secs(90);
+    let deadline = Instant::now() + Duration::from_secs(40);
     loop {
         let lag = if store.ensure_container().await.is_ok() {
             keda_lag(&broker, &store).await

@@ -249,6 +249,9 @@ async fn read_partition(
     mut stop: watch::Receiver<bool>,
 ) {
     let mut backoff = Duration::from_millis(500);
+    // A receiver that recovers from a dropped link re-reads from where it was opened, so
+    // events already handed over come again; the pipeline needs each position once.
+    let mut last: Option<i64> = None;
     loop {
         let mut events = client.stream_events();
         let mut pending: Vec<SourceItem> = Vec::with_capacity(batch);
@@ -274,6 +277,10 @@ async fn read_partition(
                 Some(Ok(event)) => {
                     backoff = Duration::from_millis(500);
                     let captured = to_captured(partition_id, &event);
+                    if last.is_some_and(|l| captured.sequence_number <= l) {
+                        continue;
+                    }
+                    last = Some(captured.sequence_number);
                     pending.push(SourceItem {
                         origin: Origin {
                             partition: index,
