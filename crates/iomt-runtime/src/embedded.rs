@@ -89,28 +89,13 @@ fn fhir_client(config: &Config, url: &str) -> Result<FhirClient, ConfigError> {
         origin: "fhir".into(),
         message: e.to_string(),
     };
-    let auth = match f.auth {
-        AuthKind::None => Auth::None,
-        AuthKind::Bearer => Auth::Bearer(f.token.clone().unwrap_or_default()),
-        AuthKind::WorkloadIdentity => {
-            Auth::entra(EntraCredential::WorkloadIdentity, url).map_err(fail)?
-        }
-        AuthKind::ManagedIdentity => Auth::entra(
-            EntraCredential::ManagedIdentity {
-                client_id: f.client_id.clone(),
-            },
-            url,
-        )
-        .map_err(fail)?,
-        AuthKind::ClientSecret => Auth::entra(
-            EntraCredential::ClientSecret {
-                tenant_id: f.tenant_id.clone().unwrap_or_default(),
-                client_id: f.client_id.clone().unwrap_or_default(),
-                secret: f.client_secret.clone().unwrap_or_default(),
-            },
-            url,
-        )
-        .map_err(fail)?,
+    let auth = match (
+        f.auth,
+        entra_credential(f.auth, &f.tenant_id, &f.client_id, &f.client_secret),
+    ) {
+        (_, Some(credential)) => Auth::entra(credential, url).map_err(fail)?,
+        (AuthKind::Bearer, None) => Auth::Bearer(f.token.clone().unwrap_or_default()),
+        (_, None) => Auth::None,
     };
     FhirClient::new(FhirClientConfig {
         base_url: url.to_owned(),
@@ -217,27 +202,36 @@ pub struct LiveSource {
     pub owner_id: String,
 }
 
+/// The Entra ID identity an `auth` setting names, if it names one.
+fn entra_credential(
+    auth: AuthKind,
+    tenant_id: &Option<String>,
+    client_id: &Option<String>,
+    client_secret: &Option<String>,
+) -> Option<EntraCredential> {
+    match auth {
+        AuthKind::WorkloadIdentity => Some(EntraCredential::WorkloadIdentity),
+        AuthKind::ManagedIdentity => Some(EntraCredential::ManagedIdentity {
+            client_id: client_id.clone(),
+        }),
+        AuthKind::ClientSecret => Some(EntraCredential::ClientSecret {
+            tenant_id: tenant_id.clone().unwrap_or_default(),
+            client_id: client_id.clone().unwrap_or_default(),
+            secret: client_secret.clone().unwrap_or_default(),
+        }),
+        AuthKind::None | AuthKind::Bearer => None,
+    }
+}
+
+/// The `[source]` Entra identity, for Event Hubs and the checkpoint container.
 fn entra(config: &Config, key: &str) -> Result<Arc<dyn TokenCredential>, ConfigError> {
     let s = &config.source;
-    let credential = match s.auth {
-        AuthKind::WorkloadIdentity => EntraCredential::WorkloadIdentity,
-        AuthKind::ManagedIdentity => EntraCredential::ManagedIdentity {
-            client_id: s.client_id.clone(),
-        },
-        AuthKind::ClientSecret => EntraCredential::ClientSecret {
-            tenant_id: s.tenant_id.clone().unwrap_or_default(),
-            client_id: s.client_id.clone().unwrap_or_default(),
-            secret: s.client_secret.clone().unwrap_or_default(),
-        },
-        AuthKind::None | AuthKind::Bearer => {
-            return Err(ConfigError {
-                origin: key.to_owned(),
-                message:
-                    "needs a connection string, a SAS, or source.auth naming an Entra identity"
-                        .into(),
-            });
-        }
-    };
+    let credential = entra_credential(s.auth, &s.tenant_id, &s.client_id, &s.client_secret)
+        .ok_or_else(|| ConfigError {
+            origin: key.to_owned(),
+            message: "needs a connection string, a SAS, or source.auth naming an Entra identity"
+                .into(),
+        })?;
     credential.token_credential().map_err(|e| ConfigError {
         origin: key.to_owned(),
         message: e.to_string(),
