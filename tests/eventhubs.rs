@@ -192,10 +192,6 @@ async fn live_run_equals_replay_and_leaves_no_lag() {
 /// Links dropped mid-stream (a gateway restart): the SDK reconnects, re-reads from where each
 /// receiver was opened, and the pipeline takes each position once; nothing is lost.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-#[ignore = "known bug: after the broker force-detaches the links, the SDK's partition receivers \
-            keep failing to attach on the dropped session ('Illegal session state') and the \
-            source never recovers; the fix is to rebuild the consumer and processor after \
-            repeated attach failures"]
 async fn dropped_links_lose_nothing() {
     live_run(true).await;
 }
@@ -239,7 +235,7 @@ async fn live_run(drop_links: bool) {
     }
     send(&broker, &lines[EVENTS / 2..]).await;
     let mut lags = Vec::new();
-    let deadline = Instant::now() + Duration::from_secs(40);
+    let deadline = Instant::now() + Duration::from_secs(90);
     loop {
         let lag = if store.ensure_container().await.is_ok() {
             keda_lag(&broker, &store).await

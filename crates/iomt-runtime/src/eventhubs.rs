@@ -163,9 +163,52 @@ pub async fn run_source(
     store: Arc<dyn azure_messaging_eventhubs::CheckpointStore + Send + Sync>,
     partitions: Partitions,
     input: mpsc::Sender<Vec<SourceItem>>,
-    mut stop: watch::Receiver<bool>,
+    stop: watch::Receiver<bool>,
 ) -> Result<(), SourceError> {
     iomt_hub::blob::warn_if_keda_cannot_read(&settings.consumer_group);
+    let mut backoff = Duration::from_secs(1);
+    loop {
+        let outcome = run_processor(
+            &settings,
+            &processor_settings,
+            store.clone(),
+            &partitions,
+            &input,
+            stop.clone(),
+        )
+        .await?;
+        if outcome == Outcome::Stopped || *stop.borrow() {
+            return Ok(());
+        }
+        // A client whose receivers cannot attach again does not heal: start over with a new
+        // connection. The same owner id keeps the partitions' ownership records.
+        tracing::warn!(retry_in = ?backoff, "partition receivers cannot reconnect; rebuilding the Event Hubs client");
+        tokio::time::sleep(backoff).await;
+        backoff = (backoff * 2).min(Duration::from_secs(30));
+    }
+}
+
+/// How one processor's run ended.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Outcome {
+    /// The source was asked to stop.
+    Stopped,
+    /// A partition's receiver failed to attach again and again.
+    Broken,
+}
+
+/// Consecutive stream failures, without an event in between, after which a partition's
+/// receiver is taken for broken.
+const MAX_STREAM_FAILURES: u32 = 3;
+
+async fn run_processor(
+    settings: &EventHubSettings,
+    processor_settings: &ProcessorSettings,
+    store: Arc<dyn azure_messaging_eventhubs::CheckpointStore + Send + Sync>,
+    partitions: &Partitions,
+    input: &mpsc::Sender<Vec<SourceItem>>,
+    mut stop: watch::Receiver<bool>,
+) -> Result<Outcome, SourceError> {
     let consumer = settings.consumer().await?;
     let location = match processor_settings.start_at {
         StartAt::Earliest => StartLocation::Earliest,
@@ -205,10 +248,13 @@ pub async fn run_source(
         })
     };
     let mut readers = tokio::task::JoinSet::new();
-    loop {
+    let (broken_tx, mut broken_rx) = mpsc::unbounded_channel::<()>();
+    let mut opened = Vec::new();
+    let outcome = loop {
         let client = tokio::select! {
             client = processor.next_partition_client() => client,
-            _ = stop.wait_for(|s| *s) => break,
+            _ = stop.wait_for(|s| *s) => break Outcome::Stopped,
+            _ = broken_rx.recv() => break Outcome::Broken,
         };
         let client = match client {
             Ok(c) => c,
@@ -220,26 +266,33 @@ pub async fn run_source(
         };
         let partition_id = client.get_partition_id().to_owned();
         let index = partitions.open(&partition_id);
+        opened.push(index);
         tracing::info!(partition = %partition_id, "partition claimed");
         let (input, partitions, stop) = (input.clone(), partitions.clone(), stop.clone());
+        let broken = broken_tx.clone();
         let batch = processor_settings.batch.max(1);
         readers.spawn_local(async move {
-            read_partition(&client, &partition_id, index, batch, &input, stop).await;
+            if read_partition(&client, &partition_id, index, batch, &input, stop).await {
+                broken.send(()).ok();
+            }
             partitions.close(index);
             tracing::info!(partition = %partition_id, "partition released");
         });
-    }
+    };
     readers.abort_all();
     runner.abort();
+    for index in opened {
+        partitions.close(index);
+    }
     if let Err(e) = processor.shutdown().await {
         tracing::warn!(error = %e, "event processor shutdown failed");
     }
-    Ok(())
+    Ok(outcome)
 }
 
 /// Reads one owned partition until it is lost or the source stops. Other stream failures (a
-/// dropped link the SDK did not recover) restart the stream after a backoff: giving the
-/// partition up here would leave it owned and unread until this process stops.
+/// dropped link) restart the stream after a backoff; when that keeps failing, returns `true`
+/// so the client is rebuilt: giving the partition up alone would leave it owned and unread.
 async fn read_partition(
     client: &azure_messaging_eventhubs::processor::PartitionClient,
     partition_id: &str,
@@ -247,8 +300,9 @@ async fn read_partition(
     batch: usize,
     input: &mpsc::Sender<Vec<SourceItem>>,
     mut stop: watch::Receiver<bool>,
-) {
+) -> bool {
     let mut backoff = Duration::from_millis(500);
+    let mut failures = 0;
     // A receiver that recovers from a dropped link re-reads from where it was opened, so
     // events already handed over come again; the pipeline needs each position once.
     let mut last: Option<i64> = None;
@@ -260,14 +314,14 @@ async fn read_partition(
             let next = if pending.is_empty() {
                 tokio::select! {
                     next = events.next() => next,
-                    _ = stop.wait_for(|s| *s) => return,
+                    _ = stop.wait_for(|s| *s) => return false,
                 }
             } else {
                 match tokio::time::timeout(Duration::from_millis(20), events.next()).await {
                     Ok(next) => next,
                     Err(_) => {
                         if input.send(std::mem::take(&mut pending)).await.is_err() {
-                            return;
+                            return false;
                         }
                         continue;
                     }
@@ -276,6 +330,7 @@ async fn read_partition(
             match next {
                 Some(Ok(event)) => {
                     backoff = Duration::from_millis(500);
+                    failures = 0;
                     let captured = to_captured(partition_id, &event);
                     if last.is_some_and(|l| captured.sequence_number <= l) {
                         continue;
@@ -291,7 +346,7 @@ async fn read_partition(
                     if pending.len() >= batch
                         && input.send(std::mem::take(&mut pending)).await.is_err()
                     {
-                        return;
+                        return false;
                     }
                 }
                 Some(Err(e)) => break Some(e),
@@ -299,7 +354,7 @@ async fn read_partition(
             }
         };
         if !pending.is_empty() && input.send(pending).await.is_err() {
-            return;
+            return false;
         }
         match failure {
             Some(e)
@@ -309,9 +364,14 @@ async fn read_partition(
                 ) =>
             {
                 tracing::info!(partition = %partition_id, "partition taken by another owner");
-                return;
+                return false;
             }
             Some(e) => {
+                failures += 1;
+                if failures >= MAX_STREAM_FAILURES {
+                    tracing::warn!(partition = %partition_id, error = %e, "partition stream keeps failing");
+                    return true;
+                }
                 tracing::warn!(partition = %partition_id, error = %e, retry_in = ?backoff, "partition stream failed; reading again");
             }
             None => {
@@ -320,7 +380,7 @@ async fn read_partition(
         }
         tokio::select! {
             () = tokio::time::sleep(backoff) => {}
-            _ = stop.wait_for(|s| *s) => return,
+            _ = stop.wait_for(|s| *s) => return false,
         }
         backoff = (backoff * 2).min(Duration::from_secs(30));
     }
