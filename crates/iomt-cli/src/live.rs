@@ -67,22 +67,45 @@ pub(crate) fn run(args: &LiveArgs) -> anyhow::Result<u8> {
             tx,
             stop_rx,
         );
+        // The pipeline stops on a signal, or when the source gives up (a hub that cannot be
+        // opened): a pod without input must not look healthy.
+        let (ended_tx, ended_rx) = tokio::sync::oneshot::channel();
+        let joined = tokio::task::spawn_blocking(move || {
+            let result = reader.join();
+            ended_tx.send(()).ok();
+            result
+        });
         let report = run_pipeline(&config, assembled, rx, checkpoints, async move {
-            crate::run::shutdown_signal().await;
+            tokio::select! {
+                () = crate::run::shutdown_signal() => {}
+                _ = ended_rx => {}
+            }
             stop_tx.send_replace(true);
         })
         .await?;
-        match tokio::task::spawn_blocking(move || reader.join()).await {
-            Ok(Ok(Err(e))) => tracing::error!(error = %e, "the Event Hub source failed"),
-            Ok(Err(_)) | Err(_) => tracing::error!("the Event Hub source panicked"),
-            Ok(Ok(Ok(()))) => {}
-        }
-        anyhow::Ok(Ok(report))
+        let source_failed = match joined.await {
+            Ok(Ok(Err(e))) => {
+                eprintln!("error: the Event Hub source failed: {e}");
+                true
+            }
+            Ok(Err(_)) | Err(_) => {
+                eprintln!("error: the Event Hub source panicked");
+                true
+            }
+            Ok(Ok(Ok(()))) => false,
+        };
+        anyhow::Ok(Ok((report, source_failed)))
     })?;
-    let report = match report {
+    let (report, source_failed) = match report {
         Ok(r) => r,
         Err(code) => return Ok(code),
     };
     print_summary(&metrics.summary(), started, &sink, &dead_letter_file);
-    Ok(if report.abandoned { 130 } else { 0 })
+    Ok(if source_failed {
+        1
+    } else if report.abandoned {
+        130
+    } else {
+        0
+    })
 }

@@ -45,6 +45,10 @@ enum Command {
     Replay(Box<replay::ReplayArgs>),
     /// Run the pipeline on the device Event Hub (`[source]`), with checkpoints and partition
     /// ownership in Blob storage (`[checkpoints]`), until Ctrl-C or SIGTERM.
+    ///
+    /// Exit code 0 after a clean stop, 1 when the Event Hub could not be read, 130 when the
+    /// drain deadline passed (unfinished work is read again on the next start), 2 on invalid
+    /// templates or configuration.
     Run(Box<live::LiveArgs>),
     /// Check or print the configuration.
     #[command(subcommand)]

@@ -167,6 +167,7 @@ pub async fn run_source(
 ) -> Result<(), SourceError> {
     iomt_hub::blob::warn_if_keda_cannot_read(&settings.consumer_group);
     let mut backoff = Duration::from_secs(1);
+    let mut first = true;
     loop {
         let outcome = run_processor(
             &settings,
@@ -176,13 +177,25 @@ pub async fn run_source(
             &input,
             stop.clone(),
         )
-        .await?;
-        if outcome == Outcome::Stopped || *stop.borrow() {
+        .await;
+        match outcome {
+            Ok(Outcome::Stopped) => return Ok(()),
+            // At startup a hub that cannot be opened is a configuration error: say so.
+            Err(e) if first => return Err(e),
+            Err(e) => {
+                tracing::warn!(error = %e, retry_in = ?backoff, "cannot reopen the Event Hub");
+            }
+            // A client whose receivers cannot attach again does not heal: start over with a
+            // new connection. The same owner id keeps the partitions' ownership records.
+            Ok(Outcome::Broken) => tracing::warn!(
+                retry_in = ?backoff,
+                "partition receivers cannot reconnect; rebuilding the Event Hubs client"
+            ),
+        }
+        first = false;
+        if *stop.borrow() {
             return Ok(());
         }
-        // A client whose receivers cannot attach again does not heal: start over with a new
-        // connection. The same owner id keeps the partitions' ownership records.
-        tracing::warn!(retry_in = ?backoff, "partition receivers cannot reconnect; rebuilding the Event Hubs client");
         tokio::time::sleep(backoff).await;
         backoff = (backoff * 2).min(Duration::from_secs(30));
     }
