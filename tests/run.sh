@@ -18,6 +18,26 @@ step() { printf '\n==> %s\n' "$*"; }
 pids=()
 trap 'kill "${pids[@]}" 2>/dev/null || true' EXIT
 
+# A free loopback port.
+free_port() {
+  python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])'
+}
+
+# Waits up to 30 s until `curl ARGS…` succeeds while PID lives; otherwise prints the log and
+# exits. Usage: await_ready NAME PID LOG CURL_ARGS…
+await_ready() {
+  local name=$1 pid=$2 log=$3
+  shift 3
+  for _ in $(seq 1 300); do
+    if curl "$@" > /dev/null; then return; fi
+    if ! kill -0 "$pid" 2>/dev/null; then break; fi
+    sleep 0.1
+  done
+  echo "the $name did not start; its log:" >&2
+  cat "$log" >&2
+  exit 1
+}
+
 # The FHIR R4 test server (Medplum's router and in-memory repository behind
 # tests/fhir-server/server.mjs), on a free loopback port, stopped when this script exits.
 start_fhir_server() {
@@ -27,22 +47,12 @@ start_fhir_server() {
   fi
   (cd tests/fhir-server && npm ci --no-audit --no-fund --loglevel=error)
   local port
-  port=${IOMT_TEST_FHIR_PORT:-$(python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])')}
+  port=${IOMT_TEST_FHIR_PORT:-$(free_port)}
   node --experimental-websocket tests/fhir-server/server.mjs "$port" > "$repo/target/fhir-server.log" 2>&1 &
-  fhir_pid=$!
-  pids+=("$fhir_pid")
+  pids+=("$!")
   export IOMT_TEST_FHIR_URL="http://127.0.0.1:$port/fhir/R4"
-  for _ in $(seq 1 300); do
-    if curl -sf "$IOMT_TEST_FHIR_URL/metadata" > /dev/null; then
-      echo "FHIR test server ready at $IOMT_TEST_FHIR_URL"
-      return
-    fi
-    if ! kill -0 "$fhir_pid" 2>/dev/null; then break; fi
-    sleep 0.1
-  done
-  echo "the FHIR test server did not start; its log:" >&2
-  cat "$repo/target/fhir-server.log" >&2
-  exit 1
+  await_ready "FHIR test server" "$!" "$repo/target/fhir-server.log" -sf "$IOMT_TEST_FHIR_URL/metadata"
+  echo "FHIR test server ready at $IOMT_TEST_FHIR_URL"
 }
 
 # Azurite (the Azure Storage emulator, Blob service only, from tests/azurite) on a free loopback
@@ -54,24 +64,14 @@ start_azurite() {
   fi
   (cd tests/azurite && npm ci --no-audit --no-fund --loglevel=error)
   local port
-  port=${IOMT_TEST_AZURITE_PORT:-$(python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])')}
+  port=${IOMT_TEST_AZURITE_PORT:-$(free_port)}
   tests/azurite/node_modules/.bin/azurite-blob --blobHost 127.0.0.1 --blobPort "$port" \
     --inMemoryPersistence --skipApiVersionCheck --loose --silent > "$repo/target/azurite.log" 2>&1 &
-  azurite_pid=$!
-  pids+=("$azurite_pid")
+  pids+=("$!")
   export IOMT_TEST_AZURITE_URL="http://127.0.0.1:$port/devstoreaccount1"
-  for _ in $(seq 1 300); do
-    # Any HTTP answer means ready (an anonymous request gets a 400 or 403).
-    if curl -s -o /dev/null "http://127.0.0.1:$port/"; then
-      echo "Azurite ready at $IOMT_TEST_AZURITE_URL"
-      return
-    fi
-    if ! kill -0 "$azurite_pid" 2>/dev/null; then break; fi
-    sleep 0.1
-  done
-  echo "Azurite did not start; its log:" >&2
-  cat "$repo/target/azurite.log" >&2
-  exit 1
+  # Any HTTP answer means ready (an anonymous request gets a 400 or 403).
+  await_ready "Azurite" "$!" "$repo/target/azurite.log" -s -o /dev/null "http://127.0.0.1:$port/"
+  echo "Azurite ready at $IOMT_TEST_AZURITE_URL"
 }
 
 step "cargo fmt --check"

@@ -1,4 +1,4 @@
-//! Azure Event Hubs: opening clients the way a deployment is configured, and turning received
+//! Azure Event Hubs: opening consumers the way a deployment is configured, and turning received
 //! events into the envelope templates see.
 //!
 //! Authentication is a connection string (SAS), or a Microsoft Entra ID credential (workload
@@ -10,8 +10,8 @@ use std::sync::Arc;
 use std::time::UNIX_EPOCH;
 
 use azure_core::credentials::TokenCredential;
+use azure_messaging_eventhubs::ConsumerClient;
 use azure_messaging_eventhubs::models::{AmqpSimpleValue, AmqpValue, ReceivedEventData};
-use azure_messaging_eventhubs::{ConsumerClient, ProducerClient};
 use iomt_core::{DeviceEvent, Timestamp};
 use serde_json::{Map, Value, json};
 
@@ -104,30 +104,6 @@ impl EventHubSettings {
             EventHubsAuth::Credential(credential) => {
                 builder
                     .open(&self.namespace, self.hub.clone(), credential.clone())
-                    .await
-            }
-        };
-        opened.map_err(|e| self.error(e))
-    }
-
-    /// Opens a producer.
-    pub async fn producer(&self) -> Result<ProducerClient, OpenError> {
-        let mut builder = ProducerClient::builder();
-        if let Some(endpoint) = &self.custom_endpoint {
-            builder = builder.with_custom_endpoint(endpoint.clone());
-        }
-        if let Some(id) = &self.application_id {
-            builder = builder.with_application_id(id.clone());
-        }
-        let opened = match &self.auth {
-            EventHubsAuth::ConnectionString(cs) => {
-                builder
-                    .open_with_connection_string(cs, Some(&self.hub))
-                    .await
-            }
-            EventHubsAuth::Credential(credential) => {
-                builder
-                    .open(&self.namespace, &self.hub, credential.clone())
                     .await
             }
         };
