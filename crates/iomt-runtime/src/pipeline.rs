@@ -180,29 +180,43 @@ impl Acks {
     }
 
     fn register(&self, items: &[(Origin, u32)]) {
-        for (origin, parts) in items {
-            self.with(origin.partition, |t| t.register(origin.position, *parts));
-        }
+        self.each_run(
+            items.iter().map(|(o, parts)| (*o, *parts)),
+            |t, position, parts| t.register(position, parts),
+        );
     }
 
     fn ack(&self, origins: impl IntoIterator<Item = Origin>) {
-        for origin in origins {
-            self.with(origin.partition, |t| t.ack(origin.position));
-        }
+        self.each_run(origins.into_iter().map(|o| (o, 0)), |t, position, _| {
+            t.ack(position)
+        });
     }
 
-    fn with(
+    /// Applies `f` to each origin's tracker. Origins come in runs of one partition (a batch,
+    /// a group), so the slot is looked up and its tracker locked once per run, not once per
+    /// measurement.
+    fn each_run(
         &self,
-        partition: u32,
-        f: impl FnOnce(&mut AckTracker) -> Result<(), iomt_core::ack::AckError>,
+        items: impl IntoIterator<Item = (Origin, u32)>,
+        mut f: impl FnMut(&mut AckTracker, i64, u32) -> Result<(), iomt_core::ack::AckError>,
     ) {
-        let Some(slot) = self.slot(partition) else {
-            tracing::error!(partition, "an origin names an unknown partition");
-            return;
-        };
-        let result = f(&mut slot.tracker.lock().unwrap_or_else(PoisonError::into_inner));
-        if let Err(e) = result {
-            tracing::error!(partition, error = %e, "acknowledgement out of protocol");
+        let mut items = items.into_iter().peekable();
+        while let Some((first, parts)) = items.next() {
+            let partition = first.partition;
+            let Some(slot) = self.slot(partition) else {
+                tracing::error!(partition, "an origin names an unknown partition");
+                continue;
+            };
+            let mut tracker = slot.tracker.lock().unwrap_or_else(PoisonError::into_inner);
+            let mut apply = |position, parts| {
+                if let Err(e) = f(&mut tracker, position, parts) {
+                    tracing::error!(partition, error = %e, "acknowledgement out of protocol");
+                }
+            };
+            apply(first.position, parts);
+            while let Some((next, parts)) = items.next_if(|(o, _)| o.partition == partition) {
+                apply(next.position, parts);
+            }
         }
     }
 
