@@ -1,6 +1,7 @@
 //! `iomt config check` and `iomt config print`.
 
 use clap::Subcommand;
+use iomt_runtime::config::Role;
 
 use crate::OutputFormat;
 use crate::mapping::load_or_report;
@@ -45,6 +46,10 @@ fn check(args: &RunArgs) -> anyhow::Result<u8> {
         return Ok(code);
     }
     let output = match &config.fhir.url {
+        _ if config.pipeline.role == Role::Normalize => format!(
+            "internal hub {}",
+            config.internal_hub.hub.as_deref().unwrap_or("(not set)")
+        ),
         Some(url) => format!("FHIR server {url} ({:?} identity)", config.identity.mode),
         None => format!("NDJSON directory {}", config.output.dir.display()),
     };

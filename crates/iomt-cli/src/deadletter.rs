@@ -12,6 +12,7 @@ use anyhow::Context as _;
 use clap::{Args, Subcommand};
 use iomt_core::Measurement;
 use iomt_hub::deadletter::{Stage, read_dead_letters};
+use iomt_runtime::Sink as _;
 use iomt_runtime::checkpoint::CheckpointError;
 use iomt_runtime::{CheckpointStore, Committed, Input, Origin, SourceItem};
 use tokio::sync::mpsc;
@@ -110,7 +111,8 @@ pub(crate) fn run(cmd: DeadLetterCommand) -> anyhow::Result<u8> {
                 }
             }
         });
-        let report = run_pipeline(&config, prepared, rx, NoCheckpoint, shutdown_signal()).await;
+        let report =
+            run_pipeline(&config, prepared, rx, NoCheckpoint, None, shutdown_signal()).await;
         feeder.abort();
         report
     })?;
@@ -121,7 +123,7 @@ pub(crate) fn run(cmd: DeadLetterCommand) -> anyhow::Result<u8> {
         args.file.display()
     );
     std::io::Write::write_all(&mut std::io::stdout(), heading.as_bytes()).ok();
-    print_summary(&summary, started, &sink, &out);
+    print_summary(&summary, started, &sink.describe(), &out);
     if report.interrupted {
         return Ok(130);
     }

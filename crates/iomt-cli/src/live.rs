@@ -1,18 +1,26 @@
 //! `iomt run`: the pipeline on a live Event Hub, until Ctrl-C or SIGTERM.
 //!
-//! Partitions of the device hub are claimed through the checkpoint container, so several
-//! processes (pods) share them; each process normalizes, groups and converts what it owns, and
-//! commits checkpoints only for what its sink has durably written.
+//! Partitions of the hub a process reads are claimed through the checkpoint container, so
+//! several processes (pods) share them. With `--role all` a process normalizes, groups and
+//! converts what it owns, and commits checkpoints only for what its sink has durably written.
+//! Scaled out, the stages run as two roles joined by the internal hub, as in MedTech:
+//! `normalize` reads the device hub and checkpoints once the internal hub stored the
+//! measurements; `convert` reads the internal hub, where all of a device's measurements are on
+//! one partition, and checkpoints once they are written to FHIR.
 
 use std::sync::Arc;
 use std::time::Instant;
 
-use clap::Args;
+use clap::{Args, ValueEnum};
+use iomt_runtime::Sink as _;
+use iomt_runtime::config::Role;
 use iomt_runtime::eventhubs::{EventHubsCheckpoints, spawn_source};
-use iomt_runtime::live_source;
+use iomt_runtime::{internal_hub_producer, live_source};
 use tokio::sync::{mpsc, watch};
 
-use crate::run::{RunArgs, prepare, print_summary, report_config_errors, run_pipeline, runtime};
+use crate::run::{
+    RunArgs, prepare_config, print_summary, report_config_errors, run_pipeline, runtime,
+};
 
 #[derive(Debug, Args)]
 pub(crate) struct LiveArgs {
@@ -22,6 +30,20 @@ pub(crate) struct LiveArgs {
     /// suffix]; must be unique among the processes sharing the hub.
     #[arg(long, value_name = "ID")]
     owner_id: Option<String>,
+    /// Which stages to run [default: pipeline.role, else all].
+    #[arg(long, value_enum)]
+    role: Option<RoleArg>,
+}
+
+/// `--role`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+enum RoleArg {
+    /// Read [source], write FHIR, over the in-process hub.
+    All,
+    /// Read [source], write [internal_hub].
+    Normalize,
+    /// Read [internal_hub], write FHIR.
+    Convert,
 }
 
 fn default_owner_id() -> String {
@@ -38,14 +60,25 @@ fn default_owner_id() -> String {
 }
 
 pub(crate) fn run(args: &LiveArgs) -> anyhow::Result<u8> {
-    let (config, assembled) = match prepare(&args.run, Vec::new(), None)? {
-        Ok(p) => p,
-        Err(code) => return Ok(code),
+    let mut config = match args.run.load() {
+        Ok(c) => c,
+        Err(errors) => return Ok(report_config_errors(&errors)),
     };
+    if let Some(role) = args.role {
+        config.pipeline.role = match role {
+            RoleArg::All => Role::All,
+            RoleArg::Normalize => Role::Normalize,
+            RoleArg::Convert => Role::Convert,
+        };
+    }
     let errors = config.validate_for_run();
     if !errors.is_empty() {
         return Ok(report_config_errors(&errors));
     }
+    let (config, assembled) = match prepare_config(config, Vec::new(), None)? {
+        Ok(p) => p,
+        Err(code) => return Ok(code),
+    };
     let owner_id = args.owner_id.clone().unwrap_or_else(default_owner_id);
     let (metrics, sink) = (assembled.metrics.clone(), assembled.sink.clone());
     let dead_letter_file = assembled.dead_letter_file.clone();
@@ -55,7 +88,19 @@ pub(crate) fn run(args: &LiveArgs) -> anyhow::Result<u8> {
             Ok(s) => s,
             Err(e) => return Ok(Err(report_config_errors(&[e]))),
         };
-        tracing::info!(owner = %source.owner_id, hub = %source.settings.hub, "starting");
+        let internal_hub = match config.pipeline.role {
+            Role::Normalize => match internal_hub_producer(&config, &source.owner_id).await {
+                Ok(p) => Some(p),
+                Err(e) => return Ok(Err(report_config_errors(&[e]))),
+            },
+            Role::All | Role::Convert => None,
+        };
+        tracing::info!(
+            owner = %source.owner_id,
+            role = ?config.pipeline.role,
+            hub = %source.settings.hub,
+            "starting"
+        );
         let (tx, rx) = mpsc::channel(16);
         let (stop_tx, stop_rx) = watch::channel(false);
         let checkpoints = EventHubsCheckpoints::new(source.store.clone(), &source.settings);
@@ -75,13 +120,20 @@ pub(crate) fn run(args: &LiveArgs) -> anyhow::Result<u8> {
             ended_tx.send(()).ok();
             result
         });
-        let report = run_pipeline(&config, assembled, rx, checkpoints, async move {
-            tokio::select! {
-                () = crate::run::shutdown_signal() => {}
-                _ = ended_rx => {}
-            }
-            stop_tx.send_replace(true);
-        })
+        let report = run_pipeline(
+            &config,
+            assembled,
+            rx,
+            checkpoints,
+            internal_hub,
+            async move {
+                tokio::select! {
+                    () = crate::run::shutdown_signal() => {}
+                    _ = ended_rx => {}
+                }
+                stop_tx.send_replace(true);
+            },
+        )
         .await?;
         let source_failed = match joined.await {
             Ok(Ok(Err(e))) => {
@@ -100,7 +152,14 @@ pub(crate) fn run(args: &LiveArgs) -> anyhow::Result<u8> {
         Ok(r) => r,
         Err(code) => return Ok(code),
     };
-    print_summary(&metrics.summary(), started, &sink, &dead_letter_file);
+    let output = match config.pipeline.role {
+        Role::Normalize => format!(
+            "internal hub {}",
+            config.internal_hub.hub.as_deref().unwrap_or_default()
+        ),
+        Role::All | Role::Convert => sink.describe(),
+    };
+    print_summary(&metrics.summary(), started, &output, &dead_letter_file);
     Ok(if source_failed {
         1
     } else if report.abandoned {

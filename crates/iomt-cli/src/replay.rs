@@ -18,6 +18,7 @@ use anyhow::Context as _;
 use clap::Args;
 use iomt_core::Timestamp;
 use iomt_hub::capture::{CaptureError, Record, read_capture_avro, read_jsonl};
+use iomt_runtime::Sink as _;
 use iomt_runtime::{FileCheckpoint, Input, Origin, SourceItem};
 use sha2::{Digest, Sha256};
 use tokio::sync::mpsc;
@@ -328,7 +329,7 @@ pub(crate) fn run(args: &ReplayArgs) -> anyhow::Result<u8> {
                 }
             })
         };
-        let report = run_pipeline(&config, prepared, rx, checkpoint, shutdown_signal()).await;
+        let report = run_pipeline(&config, prepared, rx, checkpoint, None, shutdown_signal()).await;
         ticker.abort();
         let report = match report {
             Ok(r) => r,
@@ -351,7 +352,12 @@ pub(crate) fn run(args: &ReplayArgs) -> anyhow::Result<u8> {
     if complete && resumable {
         checkpoint.mark_complete()?;
     }
-    print_summary(&metrics.summary(), started, &sink, &dead_letter_file);
+    print_summary(
+        &metrics.summary(),
+        started,
+        &sink.describe(),
+        &dead_letter_file,
+    );
     if !complete {
         let after = report.positions.get(&0).copied().unwrap_or(resume_after);
         eprintln!(

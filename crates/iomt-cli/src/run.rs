@@ -7,9 +7,11 @@ use std::time::{Duration, Instant};
 use anyhow::Context as _;
 use clap::{Args, ValueEnum};
 use iomt_runtime::config::IdentityModeKind;
+use iomt_runtime::hub::InProcessConsumer;
+use iomt_runtime::hub::eventhubs::EventHubsProducer;
 use iomt_runtime::{
-    Assembled, CheckpointStore, Config, ConfigError, ConfiguredSink, Report, Sink, SourceItem,
-    Summary, assemble, in_process,
+    Assembled, CheckpointStore, Config, ConfigError, Report, SourceItem, Summary, assemble,
+    in_process,
 };
 use tokio::sync::mpsc;
 
@@ -122,10 +124,18 @@ pub(crate) fn prepare(
     partitions: Vec<String>,
     dead_letter_file: Option<PathBuf>,
 ) -> anyhow::Result<Result<(Config, Assembled), u8>> {
-    let config = match args.load() {
-        Ok(c) => c,
-        Err(errors) => return Ok(Err(report_config_errors(&errors))),
-    };
+    match args.load() {
+        Ok(config) => prepare_config(config, partitions, dead_letter_file),
+        Err(errors) => Ok(Err(report_config_errors(&errors))),
+    }
+}
+
+/// [`prepare`] for a configuration already loaded (and adjusted by the command).
+pub(crate) fn prepare_config(
+    config: Config,
+    partitions: Vec<String>,
+    dead_letter_file: Option<PathBuf>,
+) -> anyhow::Result<Result<(Config, Assembled), u8>> {
     let (Some(device), Some(fhir)) = (
         &config.templates.device_mapping,
         &config.templates.fhir_mapping,
@@ -169,12 +179,14 @@ pub(crate) async fn shutdown_signal() {
     }
 }
 
-/// Runs a prepared pipeline over a source channel on the in-process hub.
+/// Runs a prepared pipeline over a source channel: on the in-process hub, or, with an
+/// internal-hub producer (the normalize role), only up to that hub.
 pub(crate) async fn run_pipeline<K: CheckpointStore>(
     config: &Config,
     prepared: Assembled,
     input: mpsc::Receiver<Vec<SourceItem>>,
     checkpoints: K,
+    internal_hub: Option<EventHubsProducer>,
     shutdown: impl std::future::Future<Output = ()> + Send,
 ) -> anyhow::Result<Report<K>> {
     if let Some(addr) = config.output.metrics_addr {
@@ -184,19 +196,36 @@ pub(crate) async fn run_pipeline<K: CheckpointStore>(
             .with_context(|| format!("cannot serve metrics on {addr}"))?;
         tracing::info!(%bound, "serving /metrics, /healthz and /readyz");
     }
-    let (producer, consumers) =
-        in_process(prepared.config.hub_partitions, prepared.config.hub_capacity);
-    Ok(prepared
-        .pipeline
-        .run(
-            input,
-            producer,
-            consumers,
-            prepared.dead_letters,
-            checkpoints,
-            shutdown,
-        )
-        .await)
+    let pipeline = prepared.pipeline;
+    Ok(match internal_hub {
+        Some(producer) => {
+            let consumers: Vec<InProcessConsumer> = Vec::new();
+            pipeline
+                .run(
+                    input,
+                    producer,
+                    consumers,
+                    prepared.dead_letters,
+                    checkpoints,
+                    shutdown,
+                )
+                .await
+        }
+        None => {
+            let (producer, consumers) =
+                in_process(prepared.config.hub_partitions, prepared.config.hub_capacity);
+            pipeline
+                .run(
+                    input,
+                    producer,
+                    consumers,
+                    prepared.dead_letters,
+                    checkpoints,
+                    shutdown,
+                )
+                .await
+        }
+    })
 }
 
 /// A tokio runtime with one worker per core.
@@ -226,44 +255,63 @@ fn peak_rss_mb() -> Option<u64> {
     Some(kb / 1024)
 }
 
-/// Prints what a run did.
+/// Prints what a run did; `output` names where it wrote.
 pub(crate) fn print_summary(
     summary: &Summary,
     started: Instant,
-    sink: &ConfiguredSink,
+    output: &str,
     dead_letter_file: &Path,
 ) {
     use std::fmt::Write as _;
     let mut out = String::new();
     let secs = started.elapsed().as_secs_f64();
-    let rate = if secs > 0.0 {
-        summary.events as f64 / secs
+    // A run that reads measurements (the convert role, a dead-letter replay of convert
+    // failures) reads no device events.
+    let (count, unit) = if summary.events == 0 && summary.written_measurements > 0 {
+        let failed: u64 = summary
+            .dead_letters
+            .iter()
+            .filter(|((stage, _), _)| stage == "convert")
+            .map(|(_, n)| n)
+            .sum();
+        (summary.written_measurements + failed, "measurements")
     } else {
-        0.0
+        (summary.events, "events")
     };
+    let rate = if secs > 0.0 { count as f64 / secs } else { 0.0 };
     writeln!(
         out,
-        "{} events in {secs:.1} s ({} events/s)",
-        thousands(summary.events),
+        "{} {unit} in {secs:.1} s ({} {unit}/s)",
+        thousands(count),
         thousands(rate as u64)
     )
     .ok();
-    writeln!(
+    let converted = summary.groups > 0;
+    write!(
         out,
-        "  measurements   {} normalized, {} written in {} groups",
-        thousands(summary.measurements),
-        thousands(summary.written_measurements),
-        thousands(summary.groups)
+        "  measurements   {} normalized",
+        thousands(summary.measurements)
     )
     .ok();
-    writeln!(
-        out,
-        "  resources      {} created, {} updated, {} unchanged",
-        thousands(summary.created),
-        thousands(summary.updated),
-        thousands(summary.unchanged)
-    )
-    .ok();
+    if converted {
+        write!(
+            out,
+            ", {} written in {} groups",
+            thousands(summary.written_measurements),
+            thousands(summary.groups)
+        )
+        .ok();
+        writeln!(
+            out,
+            "\n  resources      {} created, {} updated, {} unchanged",
+            thousands(summary.created),
+            thousands(summary.updated),
+            thousands(summary.unchanged)
+        )
+        .ok();
+    } else {
+        writeln!(out).ok();
+    }
     if summary.dropped > 0 {
         writeln!(
             out,
@@ -295,16 +343,18 @@ pub(crate) fn print_summary(
         )
         .ok();
     }
-    let (p50, p99, max) = summary.latency_ms;
-    writeln!(
-        out,
-        "  latency        read to write: p50 {p50} ms, p99 {p99} ms, max {max} ms"
-    )
-    .ok();
+    if converted {
+        let (p50, p99, max) = summary.latency_ms;
+        writeln!(
+            out,
+            "  latency        read to write: p50 {p50} ms, p99 {p99} ms, max {max} ms"
+        )
+        .ok();
+    }
     if let Some(mb) = peak_rss_mb() {
         writeln!(out, "  memory         peak RSS {mb} MB").ok();
     }
-    writeln!(out, "  output         {}", sink.describe()).ok();
+    writeln!(out, "  output         {output}").ok();
     // A closed stdout (`iomt replay … | head`) is not an error of the run.
     std::io::Write::write_all(&mut std::io::stdout(), out.as_bytes()).ok();
 }

@@ -10,8 +10,9 @@ use std::sync::Arc;
 use std::time::UNIX_EPOCH;
 
 use azure_core::credentials::TokenCredential;
-use azure_messaging_eventhubs::ConsumerClient;
+use azure_messaging_eventhubs::builders::BufferedProducerClientBuilder;
 use azure_messaging_eventhubs::models::{AmqpSimpleValue, AmqpValue, ReceivedEventData};
+use azure_messaging_eventhubs::{BufferedProducerClient, ConsumerClient};
 use iomt_core::{DeviceEvent, Timestamp};
 use serde_json::{Map, Value, json};
 
@@ -104,6 +105,33 @@ impl EventHubSettings {
             EventHubsAuth::Credential(credential) => {
                 builder
                     .open(&self.namespace, self.hub.clone(), credential.clone())
+                    .await
+            }
+        };
+        opened.map_err(|e| self.error(e))
+    }
+
+    /// Opens a buffered producer built by `builder` (its delivery handlers set), with this
+    /// hub's endpoint, name and credentials.
+    pub async fn buffered_producer(
+        &self,
+        mut builder: BufferedProducerClientBuilder,
+    ) -> Result<BufferedProducerClient, OpenError> {
+        if let Some(endpoint) = &self.custom_endpoint {
+            builder = builder.with_custom_endpoint(endpoint.clone());
+        }
+        if let Some(id) = &self.application_id {
+            builder = builder.with_application_id(id.clone());
+        }
+        let opened = match &self.auth {
+            EventHubsAuth::ConnectionString(cs) => {
+                builder
+                    .open_with_connection_string(cs, Some(&self.hub))
+                    .await
+            }
+            EventHubsAuth::Credential(credential) => {
+                builder
+                    .open(&self.namespace, &self.hub, credential.clone())
                     .await
             }
         };

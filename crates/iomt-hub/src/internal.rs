@@ -3,7 +3,8 @@
 //! MedTech puts normalized measurements on an Event Hub partitioned by device, so that every
 //! measurement of a device reaches the same group buffer. [`HubProducer`] and [`HubConsumer`]
 //! are that contract; [`in_process`] implements it with bounded channels for embedded mode,
-//! and the Event Hubs transport implements it for scale-out. Bounded channels are also the
+//! and [`eventhubs`] sends to an Event Hub in MedTech's [`wire`] format for scale-out (the
+//! convert side reads that hub with the partition processor). Bounded channels are also the
 //! pipeline's backpressure: a full partition stops the normalize task, which stops reading.
 
 use std::future::Future;
@@ -11,6 +12,9 @@ use std::time::Instant;
 
 use iomt_core::Measurement;
 use tokio::sync::mpsc;
+
+pub mod eventhubs;
+pub mod wire;
 
 /// Where the event behind a measurement was read: the source partition (an index into the
 /// runtime's ack trackers) and its position there. Acknowledging an origin lets that
@@ -42,9 +46,30 @@ pub enum HubError {
     Closed,
 }
 
+/// What a hub between processes reports about the messages it was given.
+#[derive(Debug)]
+pub enum Delivery {
+    /// Stored durably: the measurements of these origins are done on this side.
+    Stored(Vec<Origin>),
+    /// Refused for good (too large for an event); they are dead-lettered.
+    Refused {
+        /// The messages.
+        messages: Vec<HubMessage>,
+        /// Why.
+        reason: String,
+    },
+    /// A send failed; the producer sends the messages again.
+    Failed {
+        /// How many messages the failed send carried.
+        messages: usize,
+        /// Why it failed.
+        error: String,
+    },
+}
+
 /// The sending side of the internal hub.
 pub trait HubProducer: Send + 'static {
-    /// Number of partitions.
+    /// Number of partitions the sender routes to (1 for a hub that routes by device itself).
     fn partitions(&self) -> usize;
 
     /// Sends measurements to one partition; returns once the hub has accepted them (waiting
@@ -54,6 +79,22 @@ pub trait HubProducer: Send + 'static {
         partition: usize,
         batch: Vec<HubMessage>,
     ) -> impl Future<Output = Result<(), HubError>> + Send;
+
+    /// For a hub that stores messages durably in another service (Event Hubs), the reports of
+    /// what it stored, taken once. Their source events are then done when their measurements
+    /// are stored, not when they are written to FHIR: the convert side checkpoints the hub
+    /// itself. `None` for the in-process hub, whose messages are done once written.
+    fn deliveries(&mut self) -> Option<mpsc::UnboundedReceiver<Delivery>> {
+        None
+    }
+
+    /// Sends what is still buffered and waits until every message is stored or refused.
+    fn close(self) -> impl Future<Output = ()> + Send
+    where
+        Self: Sized,
+    {
+        async {}
+    }
 }
 
 /// The receiving side of one internal-hub partition.

@@ -34,6 +34,8 @@ pub struct Config {
     pub output: Output,
     /// The device Event Hub (`iomt run`).
     pub source: Source,
+    /// `[internal_hub]`: the Event Hub between the normalize and convert roles.
+    pub internal_hub: Source,
     /// Where `iomt run` keeps checkpoints and partition ownership.
     pub checkpoints: Checkpoints,
 }
@@ -82,6 +84,10 @@ pub struct Source {
     /// How long partitions of a process that stopped renewing stay owned by it.
     #[serde(with = "humantime_serde")]
     pub ownership_expiry: Duration,
+    /// How long a partition may deliver nothing before the receive watchdog asks the hub
+    /// whether events are waiting; a receiver still behind at the next check is rebuilt.
+    #[serde(with = "humantime_serde")]
+    pub stall_after: Duration,
 }
 
 impl Default for Source {
@@ -99,6 +105,7 @@ impl Default for Source {
             start_at: StartAtKind::Earliest,
             update_interval: Duration::from_secs(10),
             ownership_expiry: Duration::from_secs(30),
+            stall_after: Duration::from_secs(30),
         }
     }
 }
@@ -272,10 +279,35 @@ impl Default for Group {
     }
 }
 
+/// Which stages `iomt run` runs (MedTech runs them as separate jobs).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum Role {
+    /// Everything in one process, over the in-process hub: `[source]` to FHIR.
+    #[default]
+    All,
+    /// `[source]` to `[internal_hub]`: normalize only.
+    Normalize,
+    /// `[internal_hub]` to FHIR: group and convert only.
+    Convert,
+}
+
+impl Role {
+    /// The hub this role reads.
+    pub fn reads(self) -> &'static str {
+        match self {
+            Role::All | Role::Normalize => "source",
+            Role::Convert => "internal_hub",
+        }
+    }
+}
+
 /// `[pipeline]`.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct PipelineSection {
+    /// Which stages `iomt run` runs.
+    pub role: Role,
     /// Internal hub partitions (group tasks) in embedded mode.
     pub hub_partitions: usize,
     /// Batches each internal hub partition holds.
@@ -299,6 +331,7 @@ impl Default for PipelineSection {
     fn default() -> Self {
         let d = crate::PipelineConfig::default();
         Self {
+            role: Role::All,
             hub_partitions: d.hub_partitions,
             hub_capacity: d.hub_capacity,
             max_in_flight: d.max_in_flight,
@@ -442,13 +475,14 @@ impl Config {
             pipeline: section(&mut table, "pipeline", &origin, &mut errors),
             output: section(&mut table, "output", &origin, &mut errors),
             source: section(&mut table, "source", &origin, &mut errors),
+            internal_hub: section(&mut table, "internal_hub", &origin, &mut errors),
             checkpoints: section(&mut table, "checkpoints", &origin, &mut errors),
         };
         for unknown in table.keys() {
             errors.push(error(
                 &origin,
                 format!(
-                    "unknown section [{unknown}]; expected templates, fhir, identity, group, pipeline, output, source or checkpoints"
+                    "unknown section [{unknown}]; expected templates, fhir, identity, group, pipeline, output, source, internal_hub or checkpoints"
                 ),
             ));
         }
@@ -503,8 +537,10 @@ impl Config {
             }
             AuthKind::None | AuthKind::WorkloadIdentity | AuthKind::ManagedIdentity => {}
         }
+        // The normalize role writes no resources, so a shared configuration may name the FHIR
+        // identity without the URL there.
         check(
-            f.auth == AuthKind::None || f.url.is_some(),
+            f.auth == AuthKind::None || f.url.is_some() || self.pipeline.role == Role::Normalize,
             "fhir.auth",
             "needs fhir.url",
         );
@@ -545,41 +581,21 @@ impl Config {
         errors
     }
 
-    /// What `iomt run` needs beyond [`Config::validate`]: a source and a checkpoint store.
+    /// What `iomt run` needs beyond [`Config::validate`]: the hubs its role reads and writes,
+    /// and a checkpoint store.
     pub fn validate_for_run(&self) -> Vec<ConfigError> {
         let mut errors = Vec::new();
-        let s = &self.source;
-        if s.hub.is_none() {
-            errors.push(error("source.hub", "is required"));
+        let role = self.pipeline.role;
+        if matches!(role, Role::All | Role::Normalize) {
+            hub_errors(&self.source, "source", true, &mut errors);
         }
-        match (&s.connection_string, s.auth) {
-            (Some(_), _) => {}
-            (None, AuthKind::None | AuthKind::Bearer) => errors.push(error(
-                "source.connection_string",
-                "is required unless source.auth names an Entra identity",
-            )),
-            (None, _) if s.namespace.is_none() => errors.push(error(
-                "source.namespace",
-                "is required with an Entra identity",
-            )),
-            (None, _) => {}
-        }
-        if s.auth == AuthKind::ClientSecret {
-            for (value, key) in [
-                (&s.tenant_id, "source.tenant_id"),
-                (&s.client_id, "source.client_id"),
-                (&s.client_secret, "source.client_secret"),
-            ] {
-                if value.is_none() {
-                    errors.push(error(key, "is required with auth = \"client-secret\""));
-                }
-            }
-        }
-        if s.ownership_expiry <= s.update_interval {
-            errors.push(error(
-                "source.ownership_expiry",
-                "must be longer than source.update_interval (twice as long is advised)",
-            ));
+        if matches!(role, Role::Normalize | Role::Convert) {
+            hub_errors(
+                &self.internal_hub,
+                "internal_hub",
+                role == Role::Convert,
+                &mut errors,
+            );
         }
         let c = &self.checkpoints;
         if c.connection_string.is_none() && c.container_url.is_none() {
@@ -599,6 +615,8 @@ impl Config {
             &mut shown.fhir.client_secret,
             &mut shown.source.connection_string,
             &mut shown.source.client_secret,
+            &mut shown.internal_hub.connection_string,
+            &mut shown.internal_hub.client_secret,
             &mut shown.checkpoints.connection_string,
         ] {
             if secret.is_some() {
@@ -637,6 +655,50 @@ impl Config {
     }
 }
 
+/// Problems of a hub section `key`; `read` when the role reads it with the partition
+/// processor.
+fn hub_errors(s: &Source, key: &str, read: bool, errors: &mut Vec<ConfigError>) {
+    let at = |field: &str| format!("{key}.{field}");
+    if s.hub.is_none() {
+        errors.push(error(at("hub"), "is required"));
+    }
+    match (&s.connection_string, s.auth) {
+        (Some(_), _) => {}
+        (None, AuthKind::None | AuthKind::Bearer) => errors.push(error(
+            at("connection_string"),
+            format!("is required unless {key}.auth names an Entra identity"),
+        )),
+        (None, _) if s.namespace.is_none() => {
+            errors.push(error(at("namespace"), "is required with an Entra identity"));
+        }
+        (None, _) => {}
+    }
+    if s.auth == AuthKind::ClientSecret {
+        for (value, field) in [
+            (&s.tenant_id, "tenant_id"),
+            (&s.client_id, "client_id"),
+            (&s.client_secret, "client_secret"),
+        ] {
+            if value.is_none() {
+                errors.push(error(
+                    at(field),
+                    "is required with auth = \"client-secret\"",
+                ));
+            }
+        }
+    }
+    if read && s.ownership_expiry <= s.update_interval {
+        errors.push(error(
+            at("ownership_expiry"),
+            format!("must be longer than {key}.update_interval (twice as long is advised)"),
+        ));
+    }
+    // Every check of a quiet partition is a management call.
+    if read && s.stall_after < Duration::from_secs(1) {
+        errors.push(error(at("stall_after"), "must be at least 1s"));
+    }
+}
+
 fn reqwest_like_url(url: &str) -> bool {
     let rest = url
         .strip_prefix("https://")
@@ -653,6 +715,77 @@ mod tests {
             .iter()
             .map(|(k, v)| ((*k).to_owned(), (*v).to_owned()))
             .collect()
+    }
+
+    fn keys(errors: &[ConfigError]) -> Vec<&str> {
+        errors.iter().map(|e| e.origin.as_str()).collect()
+    }
+
+    #[test]
+    fn each_role_needs_the_hubs_it_reads_and_writes() {
+        let base = [
+            (
+                "IOMT__CHECKPOINTS__CONNECTION_STRING",
+                "UseDevelopmentStorage=true",
+            ),
+            ("IOMT__SOURCE__HUB", "devices"),
+            (
+                "IOMT__SOURCE__CONNECTION_STRING",
+                "Endpoint=sb://x/;SharedAccessKeyName=k;SharedAccessKey=v",
+            ),
+        ];
+        let all = Config::load(None, env(&base)).unwrap();
+        assert_eq!(all.pipeline.role, Role::All);
+        assert!(all.validate_for_run().is_empty());
+
+        let normalize = Config::load(
+            None,
+            env(&[base.as_slice(), &[("IOMT__PIPELINE__ROLE", "normalize")]].concat()),
+        )
+        .unwrap();
+        assert_eq!(
+            keys(&normalize.validate_for_run()),
+            ["internal_hub.hub", "internal_hub.connection_string"]
+        );
+
+        // The convert role reads only the internal hub, with its own Entra identity.
+        let convert = Config::load(
+            None,
+            env(&[
+                ("IOMT__PIPELINE__ROLE", "convert"),
+                (
+                    "IOMT__CHECKPOINTS__CONNECTION_STRING",
+                    "UseDevelopmentStorage=true",
+                ),
+                ("IOMT__INTERNAL_HUB__HUB", "normalized"),
+                ("IOMT__INTERNAL_HUB__AUTH", "client-secret"),
+                ("IOMT__INTERNAL_HUB__UPDATE_INTERVAL", "30s"),
+            ]),
+        )
+        .unwrap();
+        assert_eq!(
+            keys(&convert.validate_for_run()),
+            [
+                "internal_hub.namespace",
+                "internal_hub.tenant_id",
+                "internal_hub.client_id",
+                "internal_hub.client_secret",
+                "internal_hub.ownership_expiry",
+            ]
+        );
+        let shown = Config::load(
+            None,
+            env(&[(
+                "IOMT__INTERNAL_HUB__CONNECTION_STRING",
+                "Endpoint=sb://x/;SharedAccessKey=secret",
+            )]),
+        )
+        .unwrap()
+        .to_toml();
+        assert!(
+            shown.contains("[internal_hub]") && !shown.contains("secret"),
+            "{shown}"
+        );
     }
 
     #[test]
@@ -752,5 +885,37 @@ mod tests {
             ..Config::default()
         };
         assert!(!config.to_toml().contains("secret-token"));
+    }
+
+    #[test]
+    fn the_receive_watchdog_period_is_read_and_must_be_a_second_or_more() {
+        let load = |stall_after: &str| {
+            Config::load(
+                None,
+                env(&[
+                    (
+                        "IOMT__CHECKPOINTS__CONNECTION_STRING",
+                        "UseDevelopmentStorage=true",
+                    ),
+                    ("IOMT__SOURCE__HUB", "devices"),
+                    (
+                        "IOMT__SOURCE__CONNECTION_STRING",
+                        "Endpoint=sb://x/;SharedAccessKeyName=k;SharedAccessKey=v",
+                    ),
+                    ("IOMT__SOURCE__STALL_AFTER", stall_after),
+                ]),
+            )
+            .unwrap()
+        };
+        assert_eq!(
+            Config::default().source.stall_after,
+            Duration::from_secs(30)
+        );
+        let config = load("2s");
+        assert_eq!(config.source.stall_after, Duration::from_secs(2));
+        assert!(config.validate_for_run().is_empty());
+        let errors = load("500ms").validate_for_run();
+        let origins: Vec<&str> = errors.iter().map(|e| e.origin.as_str()).collect();
+        assert_eq!(origins, ["source.stall_after"]);
     }
 }

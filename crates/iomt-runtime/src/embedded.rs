@@ -14,12 +14,13 @@ use iomt_fhir::{
 use iomt_hub::blob::{BlobAuth, BlobCheckpointStore};
 use iomt_hub::deadletter::DeadLetterWriter;
 use iomt_hub::eventhubs::{EventHubSettings, EventHubsAuth};
+use iomt_hub::internal::eventhubs::{EventHubsProducer, ProducerOptions};
 use iomt_normalize::Normalizer;
 use iomt_templates::device::DeviceMapping;
 use iomt_templates::fhir::FhirMapping;
 
-use crate::config::{AuthKind, Config, ConfigError, IdentityModeKind, StartAtKind};
-use crate::eventhubs::{ProcessorSettings, StartAt};
+use crate::config::{AuthKind, Config, ConfigError, IdentityModeKind, Role, Source, StartAtKind};
+use crate::eventhubs::{Carries, ProcessorSettings, StartAt};
 use crate::sink::{FhirSink, NdjsonSink, Sink, SinkError, Written};
 use crate::{Metrics, Pipeline, PipelineConfig};
 
@@ -30,6 +31,8 @@ pub enum ConfiguredSink {
     Fhir(Box<FhirSink>),
     /// An NDJSON directory.
     Ndjson(NdjsonSink),
+    /// None: the normalize role, whose pipeline has no group stage and so never writes.
+    Nothing,
 }
 
 impl Sink for ConfiguredSink {
@@ -37,6 +40,11 @@ impl Sink for ConfiguredSink {
         match self {
             ConfiguredSink::Fhir(s) => s.write(group).await,
             ConfiguredSink::Ndjson(s) => s.write(group).await,
+            ConfiguredSink::Nothing => Err(SinkError::Data {
+                kind: "GeneralError",
+                message: "the normalize role writes no resources".into(),
+                template: None,
+            }),
         }
     }
 
@@ -44,11 +52,13 @@ impl Sink for ConfiguredSink {
         match self {
             ConfiguredSink::Fhir(s) => s.persist().await,
             ConfiguredSink::Ndjson(s) => s.persist().await,
+            ConfiguredSink::Nothing => Ok(()),
         }
     }
 
     fn describe(&self) -> String {
         match self {
+            ConfiguredSink::Nothing => "none".to_owned(),
             ConfiguredSink::Fhir(s) => s.describe(),
             ConfiguredSink::Ndjson(s) => {
                 let counts = s
@@ -122,6 +132,10 @@ pub fn assemble(
     let pipeline_config = config.pipeline_config()?;
     let mapping = Arc::new(fhir);
     let (sink, target) = match &config.fhir.url {
+        // The normalize role's output is the internal hub; it writes no resources.
+        _ if config.pipeline.role == Role::Normalize => {
+            (ConfiguredSink::Nothing, "internal hub".to_owned())
+        }
         Some(url) => {
             let client = fhir_client(config, url)?;
             let identity = IdentityResolver::new(
@@ -223,14 +237,14 @@ fn entra_credential(
     }
 }
 
-/// The `[source]` Entra identity, for Event Hubs and the checkpoint container.
-fn entra(config: &Config, key: &str) -> Result<Arc<dyn TokenCredential>, ConfigError> {
-    let s = &config.source;
+/// The Entra identity of a hub section, for Event Hubs and the checkpoint container.
+fn entra(s: &Source, key: &str) -> Result<Arc<dyn TokenCredential>, ConfigError> {
     let credential = entra_credential(s.auth, &s.tenant_id, &s.client_id, &s.client_secret)
         .ok_or_else(|| ConfigError {
             origin: key.to_owned(),
-            message: "needs a connection string, a SAS, or source.auth naming an Entra identity"
-                .into(),
+            message:
+                "needs a connection string, a SAS, or an auth setting naming an Entra identity"
+                    .into(),
         })?;
     credential.token_credential().map_err(|e| ConfigError {
         origin: key.to_owned(),
@@ -238,25 +252,52 @@ fn entra(config: &Config, key: &str) -> Result<Arc<dyn TokenCredential>, ConfigE
     })
 }
 
-/// Builds the source of `iomt run` from a configuration that passed
-/// [`Config::validate_for_run`]. `owner_id` names this process in ownership records; it must
-/// be unique per process.
-pub async fn live_source(config: &Config, owner_id: String) -> Result<LiveSource, ConfigError> {
-    let s = &config.source;
-    let auth = match &s.connection_string {
+/// The hub of section `key` (`source` or `internal_hub`) as client settings. The owner id
+/// names the connection: the processor claims partitions under it, and checkpoints are fenced
+/// with it.
+fn hub_settings(
+    section: &Source,
+    key: &str,
+    owner_id: &str,
+) -> Result<EventHubSettings, ConfigError> {
+    let auth = match &section.connection_string {
         Some(cs) => EventHubsAuth::ConnectionString(cs.clone()),
-        None => EventHubsAuth::Credential(entra(config, "source.auth")?),
+        None => EventHubsAuth::Credential(entra(section, &format!("{key}.auth"))?),
     };
-    let settings = EventHubSettings {
-        namespace: s.namespace.clone().unwrap_or_default(),
-        hub: s.hub.clone().unwrap_or_default(),
-        consumer_group: s.consumer_group.clone(),
+    Ok(EventHubSettings {
+        namespace: section.namespace.clone().unwrap_or_default(),
+        hub: section.hub.clone().unwrap_or_default(),
+        consumer_group: section.consumer_group.clone(),
         auth,
-        custom_endpoint: s.custom_endpoint.clone(),
-        // The processor claims partitions under the connection's name; checkpoints are fenced
-        // with the same name.
-        application_id: Some(owner_id.clone()),
+        custom_endpoint: section.custom_endpoint.clone(),
+        application_id: Some(owner_id.to_owned()),
+    })
+}
+
+/// Opens the internal hub for sending (the normalize role), from a configuration that passed
+/// [`Config::validate_for_run`].
+pub async fn internal_hub_producer(
+    config: &Config,
+    owner_id: &str,
+) -> Result<EventHubsProducer, ConfigError> {
+    let settings = hub_settings(&config.internal_hub, "internal_hub", owner_id)?;
+    EventHubsProducer::open(settings, ProducerOptions::default())
+        .await
+        .map_err(|e| ConfigError {
+            origin: "internal_hub".into(),
+            message: e.to_string(),
+        })
+}
+
+/// Builds the source of `iomt run` from a configuration that passed
+/// [`Config::validate_for_run`]: the device hub, or the internal hub for the convert role.
+/// `owner_id` names this process in ownership records; it must be unique per process.
+pub async fn live_source(config: &Config, owner_id: String) -> Result<LiveSource, ConfigError> {
+    let (key, s, carries) = match config.pipeline.role {
+        Role::All | Role::Normalize => ("source", &config.source, Carries::DeviceEvents),
+        Role::Convert => ("internal_hub", &config.internal_hub, Carries::Measurements),
     };
+    let settings = hub_settings(s, key, &owner_id)?;
     let c = &config.checkpoints;
     let store_error = |e: iomt_hub::blob::BlobError| ConfigError {
         origin: "checkpoints".into(),
@@ -265,10 +306,9 @@ pub async fn live_source(config: &Config, owner_id: String) -> Result<LiveSource
     let store = match (&c.connection_string, &c.container_url) {
         (Some(cs), _) => BlobCheckpointStore::from_connection_string(cs, &c.container),
         (None, Some(url)) if url.contains('?') => BlobCheckpointStore::from_sas_url(url),
-        (None, Some(url)) => BlobCheckpointStore::new(
-            url,
-            BlobAuth::token(entra(config, "checkpoints.container_url")?),
-        ),
+        (None, Some(url)) => {
+            BlobCheckpointStore::new(url, BlobAuth::token(entra(s, "checkpoints.container_url")?))
+        }
         (None, None) => {
             return Err(ConfigError {
                 origin: "checkpoints".into(),
@@ -282,12 +322,14 @@ pub async fn live_source(config: &Config, owner_id: String) -> Result<LiveSource
     Ok(LiveSource {
         settings,
         processor: ProcessorSettings {
+            carries,
             start_at: match s.start_at {
                 StartAtKind::Earliest => StartAt::Earliest,
                 StartAtKind::Latest => StartAt::Latest,
             },
             update_interval: s.update_interval,
             ownership_expiry: s.ownership_expiry,
+            stall_after: s.stall_after,
             ..ProcessorSettings::default()
         },
         store: Arc::new(store),

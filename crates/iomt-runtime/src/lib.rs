@@ -17,7 +17,9 @@ pub mod sink;
 
 pub use checkpoint::{CheckpointError, CheckpointStore, FileCheckpoint};
 pub use config::{Config, ConfigError};
-pub use embedded::{Assembled, ConfiguredSink, LiveSource, assemble, live_source};
+pub use embedded::{
+    Assembled, ConfiguredSink, LiveSource, assemble, internal_hub_producer, live_source,
+};
 pub use iomt_hub::internal as hub;
 pub use iomt_hub::internal::{HubConsumer, HubMessage, HubProducer, Origin, in_process};
 pub use metrics::{Metrics, Summary};

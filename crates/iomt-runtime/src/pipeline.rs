@@ -38,7 +38,9 @@ use crate::checkpoint::CheckpointStore;
 use crate::metrics::Metrics;
 use crate::server::Health;
 use crate::sink::{Sink, SinkError};
-use iomt_hub::internal::{HubConsumer, HubMessage, HubProducer, Origin, device_partition};
+use iomt_hub::internal::{
+    Delivery, HubConsumer, HubMessage, HubProducer, Origin, device_partition,
+};
 
 /// Tuning of the runtime.
 #[derive(Debug, Clone)]
@@ -332,7 +334,7 @@ impl<S: Sink> Pipeline<S> {
     pub async fn run<P, C, K>(
         self,
         input: mpsc::Receiver<Vec<SourceItem>>,
-        producer: P,
+        mut producer: P,
         consumers: Vec<C>,
         dead_letters: DeadLetterWriter,
         checkpoints: K,
@@ -351,6 +353,9 @@ impl<S: Sink> Pipeline<S> {
         let dl_task = tokio::spawn(dead_letter_task(dl_rx, dead_letters, shared.clone()));
         let checkpoint_task = tokio::spawn(checkpoint_task(shared.clone(), checkpoints, finish_rx));
         let mut stages = JoinSet::new();
+        if let Some(deliveries) = producer.deliveries() {
+            stages.spawn(delivery_task(deliveries, dl_tx.clone(), shared.clone()));
+        }
         stages.spawn(normalize_task(
             input,
             producer,
@@ -563,6 +568,83 @@ async fn normalize_task<S: Sink, P: HubProducer>(
             }
         }
     }
+    producer.close().await;
+}
+
+/// The error MedTech reports when normalized events cannot be written to its internal hub.
+const HUB_SEND_ERROR: &str = "EventHubProducerClientException";
+
+/// Acknowledges measurements a hub between processes stored, and dead-letters those it
+/// refused.
+async fn delivery_task<S: Sink>(
+    mut deliveries: mpsc::UnboundedReceiver<Delivery>,
+    dead_letters: mpsc::Sender<DeadLetters>,
+    shared: Arc<Shared<S>>,
+) {
+    while let Some(delivery) = deliveries.recv().await {
+        match delivery {
+            Delivery::Stored(origins) => shared.acks.ack(origins),
+            Delivery::Failed { messages, error } => {
+                shared.metrics.error(HUB_SEND_ERROR, "Normalization");
+                tracing::debug!(messages, %error, "internal hub send failed; retrying");
+            }
+            Delivery::Refused { messages, reason } => {
+                shared.metrics.error(HUB_SEND_ERROR, "Normalization");
+                let now = Timestamp::now();
+                let records = messages
+                    .iter()
+                    .map(|m| {
+                        measurement_dead_letter(
+                            &shared,
+                            Stage::Normalize,
+                            &m.measurement,
+                            m.origin,
+                            (HUB_SEND_ERROR, &reason, None),
+                            now,
+                        )
+                    })
+                    .collect();
+                let origins = messages.iter().map(|m| m.origin).collect();
+                if dead_letters
+                    .send(DeadLetters { records, origins })
+                    .await
+                    .is_err()
+                {
+                    tracing::warn!(
+                        "dead-letter sink closed; refused measurements will be replayed"
+                    );
+                }
+            }
+        }
+    }
+}
+
+/// The dead-letter record of one measurement: what failed (`kind`, `message`, `template`)
+/// and the source event it came from.
+fn measurement_dead_letter<S>(
+    shared: &Shared<S>,
+    stage: Stage,
+    measurement: &Measurement,
+    origin: Origin,
+    (kind, message, template): (&str, &str, Option<&str>),
+    time: Timestamp,
+) -> DeadLetter {
+    DeadLetter {
+        stage,
+        partition: shared
+            .acks
+            .slot(origin.partition)
+            .map_or_else(|| origin.partition.to_string(), |s| s.name.clone()),
+        sequence_number: origin.position,
+        source: None,
+        kind: kind.to_owned(),
+        message: message.to_owned(),
+        template: template.map(str::to_owned),
+        payload: serde_json::to_vec(measurement).unwrap_or_default(),
+        properties: Default::default(),
+        system_properties: Default::default(),
+        time,
+    }
 }
 
 fn reason_name(reason: FlushReason) -> &'static str {
@@ -763,21 +845,15 @@ async fn write_flush<S: Sink>(
         .measurements
         .iter()
         .zip(&flush.positions)
-        .map(|(m, tag)| DeadLetter {
-            stage: Stage::Convert,
-            partition: shared
-                .acks
-                .slot(tag.origin.partition)
-                .map_or_else(|| tag.origin.partition.to_string(), |s| s.name.clone()),
-            sequence_number: tag.origin.position,
-            source: None,
-            kind: kind.to_owned(),
-            message: message.clone(),
-            template: template.clone(),
-            payload: serde_json::to_vec(m).unwrap_or_default(),
-            properties: Default::default(),
-            system_properties: Default::default(),
-            time: now,
+        .map(|(m, tag)| {
+            measurement_dead_letter(
+                shared,
+                Stage::Convert,
+                m,
+                tag.origin,
+                (kind, &message, template.as_deref()),
+                now,
+            )
         })
         .collect();
     let origins = flush.positions.iter().map(|t| t.origin).collect();

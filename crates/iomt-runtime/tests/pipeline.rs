@@ -13,11 +13,12 @@ use iomt_group::GroupConfig;
 use iomt_hub::capture::{BadRecord, CapturedEvent};
 use iomt_hub::deadletter::{DeadLetterWriter, Stage, read_dead_letters};
 use iomt_normalize::Normalizer;
+use iomt_runtime::hub::{Delivery, HubError, InProcessConsumer};
 use iomt_runtime::metrics::Saved;
 use iomt_runtime::sink::Written;
 use iomt_runtime::{
-    FileCheckpoint, Input, Metrics, Origin, Pipeline, PipelineConfig, Report, Sink, SinkError,
-    SourceItem, in_process,
+    FileCheckpoint, HubConsumer, HubMessage, HubProducer, Input, Metrics, Origin, Pipeline,
+    PipelineConfig, Report, Sink, SinkError, SourceItem, in_process,
 };
 use iomt_templates::device::DeviceMapping;
 use iomt_templates::fhir::FhirMapping;
@@ -147,10 +148,22 @@ async fn run(
     config: PipelineConfig,
     shutdown_after: Option<Duration>,
 ) -> Run {
+    let (producer, consumers) = in_process(config.hub_partitions, config.hub_capacity);
+    run_over(sink, items, config, shutdown_after, producer, consumers).await
+}
+
+/// [`run`] over a given internal hub.
+async fn run_over<P: HubProducer, C: HubConsumer>(
+    sink: Arc<TestSink>,
+    items: Vec<SourceItem>,
+    config: PipelineConfig,
+    shutdown_after: Option<Duration>,
+    producer: P,
+    consumers: Vec<C>,
+) -> Run {
     let dir = tempfile::tempdir().unwrap();
     let (normalizer, mapping) = mappings();
     let metrics = Arc::new(Metrics::new());
-    let (producer, consumers) = in_process(config.hub_partitions, config.hub_capacity);
     let pipeline = Pipeline::new(
         config,
         normalizer,
@@ -328,4 +341,110 @@ async fn writes_of_one_device_never_overlap_and_keep_their_order() {
         assert!(times.is_sorted(), "watch-{device} written out of order");
     }
     assert_eq!(committed(run.dir.path()), [(0, 240)].into());
+}
+
+/// A hub between processes (the normalize role's internal hub), faked: every send first
+/// reports a failure (which the hub retried), then stores the measurements, except that it
+/// refuses those of one device for good and never stores those of another.
+struct DurableHub {
+    stored: Arc<Mutex<Vec<HubMessage>>>,
+    refuse: &'static str,
+    hold: Option<&'static str>,
+    reports: mpsc::UnboundedSender<Delivery>,
+    deliveries: Option<mpsc::UnboundedReceiver<Delivery>>,
+}
+
+impl DurableHub {
+    fn new(refuse: &'static str, hold: Option<&'static str>) -> Self {
+        let (reports, deliveries) = mpsc::unbounded_channel();
+        Self {
+            stored: Arc::default(),
+            refuse,
+            hold,
+            reports,
+            deliveries: Some(deliveries),
+        }
+    }
+}
+
+impl HubProducer for DurableHub {
+    fn partitions(&self) -> usize {
+        1
+    }
+
+    async fn send(&mut self, _partition: usize, batch: Vec<HubMessage>) -> Result<(), HubError> {
+        let report = |d| self.reports.send(d).map_err(|_| HubError::Closed);
+        report(Delivery::Failed {
+            messages: batch.len(),
+            error: "server busy".into(),
+        })?;
+        let (refused, rest): (Vec<_>, Vec<_>) = batch
+            .into_iter()
+            .partition(|m| m.measurement.device_id == self.refuse);
+        let stored: Vec<_> = rest
+            .into_iter()
+            .filter(|m| Some(m.measurement.device_id.as_str()) != self.hold)
+            .collect();
+        if !refused.is_empty() {
+            report(Delivery::Refused {
+                messages: refused,
+                reason: "too large for an event".into(),
+            })?;
+        }
+        report(Delivery::Stored(stored.iter().map(|m| m.origin).collect()))?;
+        self.stored.lock().unwrap().extend(stored);
+        Ok(())
+    }
+
+    fn deliveries(&mut self) -> Option<mpsc::UnboundedReceiver<Delivery>> {
+        self.deliveries.take()
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_durable_hub_acknowledges_what_it_stored_and_refusals_are_dead_lettered() {
+    let sink = Arc::new(TestSink::default());
+    let hub = DurableHub::new("watch-1", None);
+    let stored = hub.stored.clone();
+    let no_consumers: Vec<InProcessConsumer> = Vec::new();
+    let run = run_over(
+        sink.clone(),
+        events(40, 4),
+        PipelineConfig::default(),
+        None,
+        hub,
+        no_consumers,
+    )
+    .await;
+    // The normalize role writes nothing itself; its events are done once stored.
+    assert_eq!(sink.measurements(), 0);
+    assert_eq!(stored.lock().unwrap().len(), 30);
+    assert_eq!(committed(run.dir.path()), [(0, 40)].into());
+    let (dead, _) = read_dead_letters(&run.dir.path().join("dl.jsonl")).unwrap();
+    assert_eq!(dead.len(), 10);
+    assert!(dead.iter().all(|d| d.stage == Stage::Normalize
+        && d.kind == "EventHubProducerClientException"
+        && d.message == "too large for an event"
+        && String::from_utf8_lossy(&d.payload).contains("\"deviceId\":\"watch-1\"")));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_checkpoint_stops_below_measurements_the_hub_has_not_stored() {
+    let hub = DurableHub::new("none", Some("watch-3"));
+    let no_consumers: Vec<InProcessConsumer> = Vec::new();
+    let run = run_over(
+        Arc::new(TestSink::default()),
+        events(40, 4),
+        PipelineConfig {
+            drain_deadline: Duration::from_millis(200),
+            ..PipelineConfig::default()
+        },
+        Some(Duration::from_secs(1)),
+        hub,
+        no_consumers,
+    )
+    .await;
+    // watch-3's first event is position 3.
+    assert_eq!(committed(run.dir.path()), [(0, 2)].into());
+    assert_eq!(run.report.in_flight, 10);
 }
