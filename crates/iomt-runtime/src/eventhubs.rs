@@ -228,6 +228,7 @@ pub async fn run_source(
     let mut first = true;
     let mut kept = HashMap::new();
     loop {
+        let started = tokio::time::Instant::now();
         let outcome = run_processor(
             &settings,
             &processor_settings,
@@ -256,6 +257,10 @@ pub async fn run_source(
         first = false;
         if *stop.borrow() {
             return Ok(());
+        }
+        // A client that served a while before breaking is a new incident, not a repeat.
+        if started.elapsed() > Duration::from_secs(300) {
+            backoff = Duration::from_secs(1);
         }
         tokio::time::sleep(backoff).await;
         backoff = (backoff * 2).min(Duration::from_secs(30));
@@ -422,16 +427,21 @@ async fn run_processor(
     while readers.join_next().await.is_some() {}
     runner.abort();
     match outcome {
-        Outcome::Broken => kept.extend(live.take()),
+        Outcome::Broken => {
+            kept.extend(live.take());
+            for index in opened {
+                if !kept.values().any(|r| r.index == index) {
+                    partitions.close(index);
+                }
+            }
+        }
+        // The partitions read until now stay open: shutting the processor down does not give
+        // up their ownership, so the pipeline's final checkpoint covers what it drains. Kept
+        // partitions not claimed again may belong to another process by now.
         Outcome::Stopped => {
             for (_, reading) in kept.drain() {
                 partitions.close(reading.index);
             }
-        }
-    }
-    for index in opened {
-        if !kept.values().any(|r| r.index == index) {
-            partitions.close(index);
         }
     }
     if let Err(e) = processor.shutdown().await {
