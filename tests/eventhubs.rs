@@ -11,10 +11,9 @@ use std::path::Path;
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
-use azure_messaging_eventhubs::models::EventData;
-use azure_messaging_eventhubs::{EventDataBatchOptions, ProducerClient};
 use iomt_eventhubs_broker::{BrokerConfig, BrokerHandle, CONNECTION_STRING, HubConfig};
 use iomt_hub::blob::BlobCheckpointStore;
+use iomt_tests::eventhubs::{keda_lag, send, storage_connection_string};
 use iomt_tests::{Scratch, iomt, repo_root};
 use serde_json::Value;
 
@@ -24,22 +23,6 @@ const CONSUMER_GROUP: &str = "iomt";
 /// Events of the shipped capture sent to the hub.
 const EVENTS: usize = 3000;
 
-fn azurite() -> String {
-    std::env::var("IOMT_TEST_AZURITE_URL").unwrap_or_else(|_| {
-        panic!(
-            "IOMT_TEST_AZURITE_URL is not set: run tests/run.sh, which installs and starts \
-             Azurite, or start Azurite and set it to http://127.0.0.1:PORT/devstoreaccount1"
-        )
-    })
-}
-
-fn storage_connection_string() -> String {
-    format!(
-        "DefaultEndpointsProtocol=http;AccountName=devstoreaccount1;AccountKey=Eby8vdM02xNOcqFlqUwJPLlmEtlCDXJ1OUzFT50uSRZ6IFsuFq2UVErCz4I6tq/K1SZFPTOtr/KBHBeksoGMGw==;BlobEndpoint={};",
-        azurite()
-    )
-}
-
 /// The first lines of the shipped capture.
 fn capture_lines() -> Vec<String> {
     std::fs::read_to_string(repo_root().join("examples/capture/wearables.jsonl"))
@@ -48,83 +31,6 @@ fn capture_lines() -> Vec<String> {
         .take(EVENTS)
         .map(str::to_owned)
         .collect()
-}
-
-/// Sends the captured events with their device as partition key, as IoT Hub routes them: in
-/// batches per device, so each device's events keep their order.
-async fn send(broker: &BrokerHandle, lines: &[String]) {
-    let producer = ProducerClient::builder()
-        .with_custom_endpoint(broker.endpoint())
-        .open_with_connection_string(CONNECTION_STRING, Some(HUB))
-        .await
-        .unwrap();
-    let mut by_device: Vec<(String, Vec<EventData>)> = Vec::new();
-    for line in lines {
-        let record: Value = serde_json::from_str(line).unwrap();
-        let body = match &record["BodyText"] {
-            Value::String(text) => text.clone().into_bytes(),
-            _ => record["Body"].to_string().into_bytes(),
-        };
-        let device = record["SystemProperties"]["iothub-connection-device-id"]
-            .as_str()
-            .unwrap()
-            .to_owned();
-        let event = EventData::builder()
-            .with_body(body)
-            .add_property("iothub-connection-device-id".to_owned(), device.clone())
-            .build();
-        match by_device.iter_mut().find(|(d, _)| *d == device) {
-            Some((_, events)) => events.push(event),
-            None => by_device.push((device, vec![event])),
-        }
-    }
-    for (device, events) in by_device {
-        let mut events = events.into_iter().peekable();
-        while events.peek().is_some() {
-            let batch = producer
-                .create_batch(Some(EventDataBatchOptions {
-                    partition_key: Some(device.clone()),
-                    ..Default::default()
-                }))
-                .await
-                .unwrap();
-            while let Some(event) = events.peek() {
-                if !batch.try_add_event_data(event.clone(), None).unwrap() {
-                    break;
-                }
-                events.next();
-            }
-            producer.send_batch(batch, None).await.unwrap();
-        }
-    }
-}
-
-/// Lag per partition exactly as KEDA's azure-eventhub scaler computes it with
-/// `checkpointStrategy: blobMetadata`: last enqueued sequence number minus the checkpoint's;
-/// without a checkpoint, the whole partition; an empty partition counts 0.
-async fn keda_lag(broker: &BrokerHandle, store: &BlobCheckpointStore) -> i64 {
-    // KEDA builds the blob name from the lower-cased consumer group.
-    let checkpoints = store
-        .checkpoints("localhost", HUB, &CONSUMER_GROUP.to_lowercase())
-        .await
-        .unwrap();
-    let mut total = 0;
-    for partition in broker.partition_ids(HUB).unwrap() {
-        let state = broker.partition_state(HUB, &partition).unwrap();
-        if state.last_enqueued_sequence_number < 0 {
-            continue;
-        }
-        let lag = match checkpoints
-            .iter()
-            .find(|c| c.partition_id == partition)
-            .and_then(|c| c.sequence_number)
-        {
-            Some(done) => state.last_enqueued_sequence_number - done,
-            None => state.last_enqueued_sequence_number - state.begin_sequence_number + 1,
-        };
-        total += lag;
-    }
-    total
 }
 
 fn start_run(dir: &Path, broker: &BrokerHandle, container: &str) -> Child {
@@ -220,7 +126,7 @@ async fn live_run(drop_links: bool) {
         BlobCheckpointStore::from_connection_string(&storage_connection_string(), &container)
             .unwrap();
     let lines = capture_lines();
-    send(&broker, &lines[..EVENTS / 2]).await;
+    send(&broker, HUB, &lines[..EVENTS / 2]).await;
 
     let mut child = start_run(dir, &broker, &container);
     // Mid-stream: the rest arrives while the first half is processed; lag is what KEDA sees.
@@ -237,12 +143,12 @@ async fn live_run(drop_links: bool) {
         }
         assert!(broker.drop_links(HUB).await > 0);
     }
-    send(&broker, &lines[EVENTS / 2..]).await;
+    send(&broker, HUB, &lines[EVENTS / 2..]).await;
     let mut lags = Vec::new();
     let deadline = Instant::now() + Duration::from_secs(90);
     loop {
         let lag = if store.ensure_container().await.is_ok() {
-            keda_lag(&broker, &store).await
+            keda_lag(&broker, &store, HUB, CONSUMER_GROUP).await
         } else {
             i64::MAX
         };

@@ -1,5 +1,9 @@
 //! Helpers the integration tests of this crate (its `[[test]]` targets) share: the `iomt`
-//! binary, the repository root, and scratch directories.
+//! binary, the repository root, and scratch directories; the capture's oracle and the checks
+//! against it ([`golden`]); live Event Hubs runs ([`eventhubs`]).
+
+pub mod eventhubs;
+pub mod golden;
 
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};

@@ -1,0 +1,122 @@
+//! Live Event Hubs runs: sending captured events to the test broker (`tests/eventhubs-broker`),
+//! and reading the checkpoints a run leaves in Azurite (started by `tests/run.sh`, which exports
+//! `IOMT_TEST_AZURITE_URL`) the way KEDA reads them.
+
+use azure_messaging_eventhubs::models::EventData;
+use azure_messaging_eventhubs::{EventDataBatchOptions, ProducerClient};
+use iomt_eventhubs_broker::{BrokerHandle, CONNECTION_STRING};
+use iomt_hub::blob::BlobCheckpointStore;
+use serde_json::Value;
+
+/// The namespace the broker's connection string names, under which checkpoints are kept.
+pub const NAMESPACE: &str = "localhost";
+
+/// Azurite's Blob endpoint, `http://127.0.0.1:PORT/devstoreaccount1`.
+pub fn azurite() -> String {
+    std::env::var("IOMT_TEST_AZURITE_URL").unwrap_or_else(|_| {
+        panic!(
+            "IOMT_TEST_AZURITE_URL is not set: run tests/run.sh, which installs and starts \
+             Azurite, or start Azurite and set it to http://127.0.0.1:PORT/devstoreaccount1"
+        )
+    })
+}
+
+/// A storage connection string for Azurite's development account.
+pub fn storage_connection_string() -> String {
+    format!(
+        "DefaultEndpointsProtocol=http;AccountName=devstoreaccount1;AccountKey=Eby8vdM02xNOcqFlqUwJPLlmEtlCDXJ1OUzFT50uSRZ6IFsuFq2UVErCz4I6tq/K1SZFPTOtr/KBHBeksoGMGw==;BlobEndpoint={};",
+        azurite()
+    )
+}
+
+/// Sends captured events (lines of a capture file) to `hub` with their device as partition
+/// key, as IoT Hub routes them: in batches per device, so each device's events keep their
+/// order.
+pub async fn send(broker: &BrokerHandle, hub: &str, lines: &[String]) {
+    let producer = ProducerClient::builder()
+        .with_custom_endpoint(broker.endpoint())
+        .open_with_connection_string(CONNECTION_STRING, Some(hub))
+        .await
+        .unwrap();
+    let mut by_device: Vec<(String, Vec<EventData>)> = Vec::new();
+    for line in lines {
+        let record: Value = serde_json::from_str(line).unwrap();
+        let body = match &record["BodyText"] {
+            Value::String(text) => text.clone().into_bytes(),
+            _ => record["Body"].to_string().into_bytes(),
+        };
+        let device = record["SystemProperties"]["iothub-connection-device-id"]
+            .as_str()
+            .unwrap()
+            .to_owned();
+        let event = EventData::builder()
+            .with_body(body)
+            .add_property("iothub-connection-device-id".to_owned(), device.clone())
+            .build();
+        match by_device.iter_mut().find(|(d, _)| *d == device) {
+            Some((_, events)) => events.push(event),
+            None => by_device.push((device, vec![event])),
+        }
+    }
+    for (device, events) in by_device {
+        let mut events = events.into_iter().peekable();
+        while events.peek().is_some() {
+            let batch = producer
+                .create_batch(Some(EventDataBatchOptions {
+                    partition_key: Some(device.clone()),
+                    ..Default::default()
+                }))
+                .await
+                .unwrap();
+            while let Some(event) = events.peek() {
+                if !batch.try_add_event_data(event.clone(), None).unwrap() {
+                    break;
+                }
+                events.next();
+            }
+            producer.send_batch(batch, None).await.unwrap();
+        }
+    }
+}
+
+/// Lag of one partition exactly as KEDA's azure-eventhub scaler computes it with
+/// `checkpointStrategy: blobMetadata`: last enqueued sequence number minus the checkpoint's;
+/// without a checkpoint, the whole partition; an empty partition counts 0.
+pub fn partition_lag(
+    broker: &BrokerHandle,
+    hub: &str,
+    partition: &str,
+    checkpoint: Option<i64>,
+) -> i64 {
+    let state = broker.partition_state(hub, partition).unwrap();
+    if state.last_enqueued_sequence_number < 0 {
+        return 0;
+    }
+    match checkpoint {
+        Some(done) => state.last_enqueued_sequence_number - done,
+        None => state.last_enqueued_sequence_number - state.begin_sequence_number + 1,
+    }
+}
+
+/// The lag of every partition of `hub`, as KEDA sees it (see [`partition_lag`]), added up.
+pub async fn keda_lag(
+    broker: &BrokerHandle,
+    store: &BlobCheckpointStore,
+    hub: &str,
+    consumer_group: &str,
+) -> i64 {
+    // KEDA builds the blob name from the lower-cased consumer group.
+    let checkpoints = store
+        .checkpoints(NAMESPACE, hub, &consumer_group.to_lowercase())
+        .await
+        .unwrap();
+    let mut total = 0;
+    for partition in broker.partition_ids(hub).unwrap() {
+        let checkpoint = checkpoints
+            .iter()
+            .find(|c| c.partition_id == partition)
+            .and_then(|c| c.sequence_number);
+        total += partition_lag(broker, hub, &partition, checkpoint);
+    }
+    total
+}
