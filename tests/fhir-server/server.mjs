@@ -102,11 +102,19 @@ async function fhir(req, res, url) {
     query[key] = key in query ? [].concat(query[key], value) : value;
   }
   const path = url.pathname.slice(BASE.length) || '/';
+  // Medplum answers 200 to a PUT that creates; FHIR says 201, and iomt relies on it to tell
+  // a create from a replacement of a resource another writer created meanwhile.
+  let creates = false;
+  const [, type, id, rest] = path.split('/');
+  if (req.method === 'PUT' && type && id && rest === undefined) {
+    creates = await repo.readResource(type, id).then(() => false, () => true);
+  }
   const [outcome, resource] = await router.handleRequest(
     { method: req.method, url: path + url.search, query, params: {}, body, headers: req.headers },
     repo,
   );
-  const status = getStatus(outcome);
+  let status = getStatus(outcome);
+  if (creates && status === 200) status = 201;
   const headers = {};
   const meta = resource?.meta;
   if (meta?.versionId) headers.ETag = `W/"${meta.versionId}"`;

@@ -497,6 +497,18 @@ impl FhirClient {
         resource: &Value,
         if_match: Option<&str>,
     ) -> Result<Versioned, FhirError> {
+        self.put(resource, if_match)
+            .await
+            .map(|(written, _)| written)
+    }
+
+    /// [`FhirClient::update`], also telling whether the PUT created the resource (201) or
+    /// replaced one (200).
+    pub async fn put(
+        &self,
+        resource: &Value,
+        if_match: Option<&str>,
+    ) -> Result<(Versioned, bool), FhirError> {
         let (Some(resource_type), Some(id)) =
             (resource["resourceType"].as_str(), resource["id"].as_str())
         else {
@@ -512,7 +524,26 @@ impl FhirClient {
                 if_match,
             )
             .await?;
-        versioned(status, &headers, &body)
+        let created = status == StatusCode::CREATED;
+        versioned(status, &headers, &body).map(|written| (written, created))
+    }
+
+    /// `GET {type}/{id}/_history`: the latest `count` versions, newest first.
+    pub async fn history(
+        &self,
+        resource_type: &str,
+        id: &str,
+        count: usize,
+    ) -> Result<Vec<Value>, FhirError> {
+        let path = format!("{resource_type}/{id}/_history?_count={count}");
+        let (status, headers, body) = self.send(Method::GET, &path, None, None).await?;
+        let bundle = versioned(status, &headers, &body)?.resource;
+        Ok(bundle["entry"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .filter_map(|e| e.get("resource").cloned())
+            .collect())
     }
 }
 

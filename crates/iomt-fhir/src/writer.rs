@@ -93,8 +93,20 @@ impl ObservationWriter {
                     Merge::Updated(o) => (o, v.etag.clone(), WriteOutcome::Updated),
                 },
             };
-            match self.client.update(&body, if_match.as_deref()).await {
-                Ok(written) => {
+            match self.client.put(&body, if_match.as_deref()).await {
+                Ok((written, created)) => {
+                    let outcome = match (existing, created) {
+                        // Another writer created it between our search and our PUT, which
+                        // replaced its version: merge that version back in.
+                        (None, false) => match self.restore(template, window, &written).await? {
+                            Some(restored) => {
+                                self.versions.insert(id, restored).await;
+                                return Ok(WriteOutcome::Updated);
+                            }
+                            None => outcome,
+                        },
+                        _ => outcome,
+                    };
                     self.versions.insert(id, written).await;
                     return Ok(outcome);
                 }
@@ -161,6 +173,46 @@ impl ObservationWriter {
             }
         }
         Err(FhirError::Conflict { status: 412 }.into())
+    }
+
+    /// After a create that replaced another writer's version (two processes creating one
+    /// window at once, as when a partition changes hands), writes that version merged with
+    /// this window on top of ours. `None` when no older version is found (a server that
+    /// answers 200 to every PUT, or one without history): nothing was replaced.
+    async fn restore(
+        &self,
+        template: &CodeValueTemplate,
+        window: &ObservationGroup<'_>,
+        ours: &Versioned,
+    ) -> Result<Option<Versioned>, WriteError> {
+        let (Some(id), Some(version)) = (
+            ours.resource["id"].as_str(),
+            ours.resource["meta"]["versionId"].as_str(),
+        ) else {
+            return Ok(None);
+        };
+        let history = match self.client.history("Observation", id, 5).await {
+            Ok(h) => h,
+            Err(e) => {
+                tracing::warn!(error = %e, "cannot read an Observation's history to check for a concurrent create");
+                return Ok(None);
+            }
+        };
+        let replaced = history
+            .iter()
+            .skip_while(|v| v["meta"]["versionId"].as_str() != Some(version))
+            .nth(1);
+        let Some(replaced) = replaced.filter(|r| r["resourceType"] == "Observation") else {
+            return Ok(None);
+        };
+        tracing::info!(
+            "an Observation was created concurrently; merging the replaced version back"
+        );
+        let body = match merge_observation(replaced, template, window)? {
+            Merge::Unchanged => replaced.clone(),
+            Merge::Updated(o) => o,
+        };
+        Ok(Some(self.client.update(&body, ours.etag.as_deref()).await?))
     }
 
     /// The Observation with exactly this identifier, if any. Search by identifier rather than

@@ -373,6 +373,48 @@ async fn a_stale_version_is_reread_and_merged_again() {
 }
 
 #[tokio::test]
+async fn a_create_that_replaced_a_concurrent_create_merges_it_back() {
+    let _serial = SERIAL.lock().await;
+    let client = client();
+    let (device, patient) = (unique("monitor"), unique("mrn"));
+    seed_device(&client, &device, &patient).await;
+    let fhir = FhirMapping::parse(FHIR).unwrap();
+    let template = fhir.template("heartrate").unwrap();
+    let resolver = IdentityResolver::new(client.clone(), IdentityConfig::default());
+    let a = ObservationWriter::new(client.clone(), 100, Duration::from_secs(60));
+    let b = ObservationWriter::new(client.clone(), 100, Duration::from_secs(60));
+
+    let first = group(&device, &patient, &[("2026-11-20T09:00:10Z", "60")]);
+    let ids = resolver.resolve(&first).await.unwrap();
+    let window = &observation_groups(template.period_interval, &first).unwrap()[0];
+    assert_eq!(
+        b.write(template, window, &ids).await.unwrap(),
+        WriteOutcome::Created
+    );
+    // `a` searched before `b` created the Observation (two owners of one partition during a
+    // handover): its search finds nothing, and its create replaces `b`'s version.
+    inject(json!([{
+        "status": 200,
+        "body": "{\"resourceType\":\"Bundle\",\"type\":\"searchset\",\"total\":0}",
+    }]))
+    .await;
+    let other = group(&device, &patient, &[("2026-11-20T09:00:20Z", "61")]);
+    let window = &observation_groups(template.period_interval, &other).unwrap()[0];
+    assert_eq!(
+        a.write(template, window, &ids).await.unwrap(),
+        WriteOutcome::Updated
+    );
+    let found = observations(&client, &ids, "20261120090000Z.20261120095959Z").await;
+    assert_eq!(found.len(), 1);
+    let data: Vec<&str> = found[0]["valueSampledData"]["data"]
+        .as_str()
+        .unwrap()
+        .split(' ')
+        .collect();
+    assert_eq!((data[10], data[20]), ("60", "61"));
+}
+
+#[tokio::test]
 async fn handlebars_resources_are_written_idempotently() {
     let _serial = SERIAL.lock().await;
     let client = client();
