@@ -1,0 +1,290 @@
+//! The two roles of `iomt run` joined by the internal hub, end to end (issue 5): device events
+//! sent to the device hub of the test broker (`tests/eventhubs-broker`) are normalized by an
+//! `iomt run --role normalize` process onto the internal hub, and an `iomt run --role convert`
+//! process groups and converts them into the FHIR test server. Checkpoints and ownership of
+//! both hubs live in Azurite (both services started by `tests/run.sh`).
+//!
+//! The FHIR server must then hold exactly what the capture's oracle expects; the internal hub
+//! must carry MedTech's wire format and partition keys, every device on one partition; and
+//! both hubs' checkpoints must read as zero lag the way KEDA reads them.
+//!
+//! Like the other FHIR tests, this one resets the FHIR test server and needs it to itself
+//! (`cargo test` runs test binaries one after another).
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::fs::File;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use iomt_eventhubs_broker::{BrokerConfig, BrokerHandle, CONNECTION_STRING, HubConfig};
+use iomt_hub::blob::BlobCheckpointStore;
+use iomt_tests::eventhubs::{keda_lag, send, storage_connection_string};
+use iomt_tests::golden::{Capture, Server, capture_dir, check_server, read_json_lines, rng};
+use iomt_tests::{Scratch, iomt};
+use serde_json::{Value, json};
+
+const DEVICE_HUB: &str = "devicedata";
+const INTERNAL_HUB: &str = "normalizeddata";
+const CONSUMER_GROUP: &str = "iomt";
+
+/// A JSON string is a TOML basic string for what is written here.
+fn toml_string(s: &str) -> String {
+    json!(s).to_string()
+}
+
+fn write_config(dir: &Path, broker: &BrokerHandle, fhir_url: &str, container: &str) -> PathBuf {
+    let capture = capture_dir();
+    let path = |p: PathBuf| toml_string(p.to_str().unwrap());
+    let hub = |name: &str| {
+        format!(
+            "hub = {}\nconsumer_group = {}\nconnection_string = {}\ncustom_endpoint = {}\n\
+             update_interval = \"1s\"\nownership_expiry = \"3s\"\n",
+            toml_string(name),
+            toml_string(CONSUMER_GROUP),
+            toml_string(CONNECTION_STRING),
+            toml_string(&broker.endpoint()),
+        )
+    };
+    let config = format!(
+        "[templates]\ndevice_mapping = {}\nfhir_mapping = {}\n\n\
+         [fhir]\nurl = {}\n\n[identity]\nmode = \"create\"\n\n[group]\nmax_wait = \"500ms\"\n\n\
+         [pipeline]\ncheckpoint_interval = \"200ms\"\n\n\
+         [source]\n{}\n[internal_hub]\n{}\n\
+         [checkpoints]\nconnection_string = {}\ncontainer = {}\n",
+        path(capture.join("devicecontent.json")),
+        path(capture.join("fhirmapping.json")),
+        toml_string(fhir_url),
+        hub(DEVICE_HUB),
+        hub(INTERNAL_HUB),
+        toml_string(&storage_connection_string()),
+        toml_string(container),
+    );
+    let file = dir.join("iomt.toml");
+    std::fs::write(&file, config).unwrap();
+    file
+}
+
+/// One `iomt run --role …` process, killed if the test ends without stopping it.
+struct Role {
+    name: &'static str,
+    child: Child,
+    state_dir: PathBuf,
+}
+
+impl Role {
+    fn start(dir: &Path, config: &Path, name: &'static str) -> Self {
+        let state_dir = dir.join(name);
+        std::fs::create_dir_all(&state_dir).unwrap();
+        let mut cmd = Command::new(iomt());
+        cmd.args(["run", "--role", name, "--owner-id", name])
+            .arg("--config")
+            .arg(config)
+            .arg("--state-dir")
+            .arg(&state_dir)
+            .current_dir(dir)
+            .stdin(Stdio::null())
+            .stdout(File::create(state_dir.join("stdout")).unwrap())
+            // Kept with the scratch directory when the test fails.
+            .stderr(File::create(state_dir.join("stderr")).unwrap());
+        for (key, _) in std::env::vars_os() {
+            if key.to_string_lossy().starts_with("IOMT") {
+                cmd.env_remove(key);
+            }
+        }
+        cmd.env(
+            "RUST_LOG",
+            "info,azure_messaging_eventhubs=warn,azure_core_amqp=warn",
+        );
+        Role {
+            name,
+            child: cmd.spawn().expect("iomt starts"),
+            state_dir,
+        }
+    }
+
+    fn log(&self, file: &str) -> String {
+        std::fs::read_to_string(self.state_dir.join(file)).unwrap_or_default()
+    }
+
+    fn assert_running(&mut self) {
+        if let Some(status) = self.child.try_wait().unwrap() {
+            panic!(
+                "{} exited early with {status}:\n{}",
+                self.name,
+                self.log("stderr")
+            );
+        }
+    }
+
+    /// SIGTERM; the process must drain and exit 0.
+    fn terminate(mut self) -> String {
+        Command::new("kill")
+            .args(["-TERM", &self.child.id().to_string()])
+            .status()
+            .unwrap();
+        let status = self.child.wait().unwrap();
+        assert!(
+            status.success(),
+            "{} failed ({status}):\n{}",
+            self.name,
+            self.log("stderr")
+        );
+        self.log("stdout")
+    }
+}
+
+impl Drop for Role {
+    fn drop(&mut self) {
+        if let Ok(None) = self.child.try_wait() {
+            self.child.kill().ok();
+            self.child.wait().ok();
+        }
+    }
+}
+
+/// Checks the internal hub carries MedTech's normalized events: one PascalCase `Measurement`
+/// per event, with MedTech's partition key, every device on one partition. Returns the number
+/// of events.
+fn check_internal_hub(broker: &BrokerHandle) -> usize {
+    // Newtonsoft's order: the .NET class's.
+    const FIELDS: [&str; 8] = [
+        "Type",
+        "OccurrenceTimeUtc",
+        "IngestionTimeUtc",
+        "DeviceId",
+        "PatientId",
+        "EncounterId",
+        "CorrelationId",
+        "Properties",
+    ];
+    let mut partitions_of: BTreeMap<String, BTreeSet<String>> = BTreeMap::new();
+    let mut events = 0;
+    for partition in broker.partition_ids(INTERNAL_HUB).unwrap() {
+        for event in broker.events(INTERNAL_HUB, &partition).unwrap() {
+            events += 1;
+            let m: Value = serde_json::from_slice(&event.body).unwrap();
+            let fields: Vec<&str> = m.as_object().unwrap().keys().map(String::as_str).collect();
+            assert_eq!(fields, FIELDS, "{m}");
+            let device = m["DeviceId"].as_str().unwrap();
+            assert_eq!(
+                event.partition_key.as_deref(),
+                Some(iomt_core::measurement::partition_key(device).as_str()),
+                "{m}"
+            );
+            assert!(m["IngestionTimeUtc"].is_string(), "{m}");
+            partitions_of
+                .entry(device.to_owned())
+                .or_default()
+                .insert(partition.clone());
+        }
+    }
+    for (device, partitions) in &partitions_of {
+        assert_eq!(partitions.len(), 1, "{device} is on {partitions:?}");
+    }
+    events
+}
+
+/// The measurements a run's summary says it normalized (`  measurements   1,234 normalized, …`).
+fn normalized_count(summary: &str) -> u64 {
+    let line = summary
+        .lines()
+        .find_map(|l| l.trim().strip_prefix("measurements"))
+        .unwrap_or_else(|| panic!("no measurements line in {summary}"));
+    let number = line.split_whitespace().next().unwrap().replace(',', "");
+    number.parse().unwrap()
+}
+
+#[test]
+fn normalize_and_convert_roles_over_the_internal_hub_fill_fhir() {
+    let started = Instant::now();
+    let server = Server::from_env();
+    let mut rng = rng();
+    let scratch = Scratch::new(env!("CARGO_TARGET_TMPDIR"), "roles");
+    let dir = scratch.path();
+    let capture = Capture::cut(dir);
+    let lines: Vec<String> = std::fs::read_to_string(&capture.path)
+        .unwrap()
+        .lines()
+        .map(str::to_owned)
+        .collect();
+    server.reset();
+
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .unwrap();
+    let broker = rt
+        .block_on(BrokerHandle::start(BrokerConfig::new(vec![
+            HubConfig::new(DEVICE_HUB, 4).unwrap(),
+            HubConfig::new(INTERNAL_HUB, 4).unwrap(),
+        ])))
+        .unwrap();
+    let container = format!("roles-{:08x}", fastrand::u32(..));
+    let store =
+        BlobCheckpointStore::from_connection_string(&storage_connection_string(), &container)
+            .unwrap();
+    rt.block_on(store.ensure_container()).unwrap();
+    let config = write_config(dir, &broker, &server.base, &container);
+
+    // Half before the roles start, half while they run.
+    let (first, second) = lines.split_at(lines.len() / 2);
+    rt.block_on(send(&broker, DEVICE_HUB, first));
+    let mut normalize = Role::start(dir, &config, "normalize");
+    let mut convert = Role::start(dir, &config, "convert");
+    rt.block_on(send(&broker, DEVICE_HUB, second));
+
+    // The device hub is done once every measurement is stored on the internal hub (normalize
+    // checkpoints only then), and the internal hub once every group is written.
+    let deadline = Instant::now() + Duration::from_secs(240);
+    for hub in [DEVICE_HUB, INTERNAL_HUB] {
+        loop {
+            normalize.assert_running();
+            convert.assert_running();
+            let lag = rt.block_on(keda_lag(&broker, &store, hub, CONSUMER_GROUP));
+            if lag == 0 {
+                break;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "{hub}: lag never reached 0: {lag}"
+            );
+            std::thread::sleep(Duration::from_millis(200));
+        }
+        eprintln!(
+            "{hub}: no lag {:.1} s after the start",
+            started.elapsed().as_secs_f64()
+        );
+    }
+    let normalized = check_internal_hub(&broker);
+    let convert_summary = convert.terminate();
+    let normalize_summary = normalize.terminate();
+    eprintln!("normalize: {normalize_summary}\nconvert: {convert_summary}");
+    rt.block_on(broker.stop());
+
+    check_server(&server, &capture, &mut rng);
+    // Each measurement the normalize role made is on the internal hub, once: no send failed,
+    // so none was sent again.
+    assert_eq!(
+        normalized as u64,
+        normalized_count(&normalize_summary),
+        "events on the internal hub"
+    );
+
+    // Each dead letter once, from the role whose stage failed: unreadable events and events
+    // a template fails on from normalize, measurements of a type without a FHIR template from
+    // convert.
+    let mut kinds: BTreeMap<String, usize> = BTreeMap::new();
+    for role in ["normalize", "convert"] {
+        let path = dir.join(role).join("deadletter.jsonl");
+        for r in read_json_lines(&path) {
+            assert_eq!(r["stage"], role, "{r}");
+            *kinds
+                .entry(r["kind"].as_str().unwrap().to_owned())
+                .or_default() += 1;
+        }
+    }
+    assert_eq!(kinds, capture.dead_letters, "dead letters per kind");
+    eprintln!("passed in {:.1} s", started.elapsed().as_secs_f64());
+}
