@@ -176,23 +176,8 @@ async fn live_run(drop_links: bool) {
         assert!(!log.contains("rebuilding the Event Hubs client"), "{log}");
     }
 
-    Command::new("kill")
-        .args(["-TERM", &child.id().to_string()])
-        .status()
-        .unwrap();
-    let out = child.wait_with_output().unwrap();
-    let stdout = String::from_utf8_lossy(&out.stdout);
-    assert!(
-        out.status.success(),
-        "iomt run failed: {stdout}\n{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    assert!(
-        stdout
-            .replace(',', "")
-            .starts_with(&format!("{EVENTS} events")),
-        "{stdout}"
-    );
+    let stdout = stop(child);
+    assert_eq!(events_read(&stdout), EVENTS as i64, "{stdout}");
 
     // The same events replayed from a file give the same resources.
     let capture = dir.join("capture.jsonl");
@@ -223,5 +208,81 @@ async fn live_run(drop_links: bool) {
         live == replayed,
         "the live run's output differs from the replay's"
     );
+    broker.stop().await;
+}
+
+/// The events a run's summary says it read (`3,000 events in …`).
+fn events_read(stdout: &str) -> i64 {
+    let first = stdout.split_whitespace().next().unwrap_or_default();
+    first
+        .replace(',', "")
+        .parse()
+        .unwrap_or_else(|_| panic!("no event count in {stdout}"))
+}
+
+/// SIGTERM, then the run's summary; the run must have drained and exited 0.
+fn stop(child: Child) -> String {
+    Command::new("kill")
+        .args(["-TERM", &child.id().to_string()])
+        .status()
+        .unwrap();
+    let out = child.wait_with_output().unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
+    assert!(
+        out.status.success(),
+        "iomt run failed: {stdout}\n{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    stdout
+}
+
+/// A run stopped mid-stream commits everything it drained, so the next run starts where it
+/// stopped: together they read each event once, and their output is a replay's.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stopped_run_commits_what_it_drained_and_the_next_resumes_there() {
+    let scratch = Scratch::new(env!("CARGO_TARGET_TMPDIR"), "eventhubs-resume");
+    let dir = scratch.path();
+    let broker = BrokerHandle::start(BrokerConfig::new(vec![
+        HubConfig::new(HUB, PARTITIONS).unwrap(),
+    ]))
+    .await
+    .unwrap();
+    let container = format!("resume-{:08x}", fastrand::u32(..));
+    let store =
+        BlobCheckpointStore::from_connection_string(&storage_connection_string(), &container)
+            .unwrap();
+    let lines = capture_lines();
+    send(&broker, HUB, &lines).await;
+
+    // Stopped as soon as it has made progress, with most of the backlog still unread.
+    let child = start_run(dir, &broker, &container);
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while store
+        .checkpoints("localhost", HUB, CONSUMER_GROUP)
+        .await
+        .map_or(true, |c| c.is_empty())
+    {
+        assert!(Instant::now() < deadline, "no checkpoint");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let first = events_read(&stop(child));
+    assert!(
+        first < EVENTS as i64,
+        "the backlog was read before the stop"
+    );
+    // Everything the stopped run read is behind its checkpoints.
+    assert_eq!(
+        keda_lag(&broker, &store, HUB, CONSUMER_GROUP).await,
+        EVENTS as i64 - first
+    );
+
+    let child = start_run(dir, &broker, &container);
+    let deadline = Instant::now() + Duration::from_secs(90);
+    while keda_lag(&broker, &store, HUB, CONSUMER_GROUP).await > 0 {
+        assert!(Instant::now() < deadline, "lag never reached 0");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    let second = events_read(&stop(child));
+    assert_eq!(first + second, EVENTS as i64, "events read twice or never");
     broker.stop().await;
 }
