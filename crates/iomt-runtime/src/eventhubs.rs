@@ -401,9 +401,15 @@ async fn run_processor(
             stall_after: processor_settings.stall_after,
             start: None,
         };
+        let stopping = stop.clone();
         readers.spawn_local(async move {
             let failed =
                 read_partition(&client, &reading, batch, carries, watchdog, &input, stop).await;
+            // Stopping is not losing the partition: its slot stays open, so the pipeline's
+            // final checkpoint covers what it drains.
+            if *stopping.borrow() {
+                return;
+            }
             // A failed reader's slot goes on with the rebuilt client.
             if !failed {
                 partitions.close(reading.index);
