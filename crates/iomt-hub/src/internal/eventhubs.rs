@@ -97,6 +97,8 @@ impl EventHubsProducer {
             retry_at: None,
             backoff: MIN_BACKOFF,
             last_progress: Instant::now(),
+            token_prefix: fastrand::u64(..),
+            tokens_issued: 0,
             deliveries: deliveries_tx,
         };
         Ok(Self {
@@ -174,6 +176,10 @@ struct Pump {
     backoff: Duration,
     /// When a send last completed (or the pump last had nothing outstanding).
     last_progress: Instant,
+    /// Tokens are this producer's random prefix and a counter: unique without a random draw
+    /// (a system call) per measurement.
+    token_prefix: u64,
+    tokens_issued: u64,
     deliveries: mpsc::UnboundedSender<Delivery>,
 }
 
@@ -199,7 +205,7 @@ impl Pump {
                         let tokens = batch
                             .into_iter()
                             .map(|m| {
-                                let token = Uuid::new_v4();
+                                let token = self.next_token();
                                 self.outstanding.insert(token, m);
                                 token
                             })
@@ -225,6 +231,11 @@ impl Pump {
         if let Some(Some(done)) = closing {
             done.send(()).ok();
         }
+    }
+
+    fn next_token(&mut self) -> Uuid {
+        self.tokens_issued += 1;
+        Uuid::from_u64_pair(self.token_prefix, self.tokens_issued)
     }
 
     /// Enqueues outstanding messages; what cannot be enqueued is retried.
