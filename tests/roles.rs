@@ -12,40 +12,26 @@
 //! (`cargo test` runs test binaries one after another).
 
 use std::collections::{BTreeMap, BTreeSet};
-use std::fs::File;
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
-use iomt_eventhubs_broker::{BrokerConfig, BrokerHandle, CONNECTION_STRING, HubConfig};
+use iomt_eventhubs_broker::{BrokerConfig, BrokerHandle, HubConfig};
 use iomt_hub::blob::BlobCheckpointStore;
-use iomt_tests::eventhubs::{keda_lag, send, storage_connection_string};
+use iomt_tests::eventhubs::{hub_section, keda_lag, send, storage_connection_string, toml_string};
 use iomt_tests::golden::{Capture, Server, capture_dir, check_server, read_json_lines, rng};
-use iomt_tests::{Scratch, iomt};
-use serde_json::{Value, json};
+use iomt_tests::{IomtProcess, Scratch};
+use serde_json::Value;
 
 const DEVICE_HUB: &str = "devicedata";
 const INTERNAL_HUB: &str = "normalizeddata";
 const CONSUMER_GROUP: &str = "iomt";
-
-/// A JSON string is a TOML basic string for what is written here.
-fn toml_string(s: &str) -> String {
-    json!(s).to_string()
-}
+/// How long a role may take to drain on SIGTERM (its drain deadline is 30 s).
+const STOP_DEADLINE: Duration = Duration::from_secs(120);
 
 fn write_config(dir: &Path, broker: &BrokerHandle, fhir_url: &str, container: &str) -> PathBuf {
     let capture = capture_dir();
     let path = |p: PathBuf| toml_string(p.to_str().unwrap());
-    let hub = |name: &str| {
-        format!(
-            "hub = {}\nconsumer_group = {}\nconnection_string = {}\ncustom_endpoint = {}\n\
-             update_interval = \"1s\"\nownership_expiry = \"3s\"\n",
-            toml_string(name),
-            toml_string(CONSUMER_GROUP),
-            toml_string(CONNECTION_STRING),
-            toml_string(&broker.endpoint()),
-        )
-    };
+    let hub = |name: &str| hub_section(broker, name, CONSUMER_GROUP, "1s", "3s");
     let config = format!(
         "[templates]\ndevice_mapping = {}\nfhir_mapping = {}\n\n\
          [fhir]\nurl = {}\n\n[identity]\nmode = \"create\"\n\n[group]\nmax_wait = \"500ms\"\n\n\
@@ -65,82 +51,26 @@ fn write_config(dir: &Path, broker: &BrokerHandle, fhir_url: &str, container: &s
     file
 }
 
-/// One `iomt run --role …` process, killed if the test ends without stopping it.
-struct Role {
-    name: &'static str,
-    child: Child,
-    state_dir: PathBuf,
-}
-
-impl Role {
-    fn start(dir: &Path, config: &Path, name: &'static str) -> Self {
-        let state_dir = dir.join(name);
-        std::fs::create_dir_all(&state_dir).unwrap();
-        let mut cmd = Command::new(iomt());
-        cmd.args(["run", "--role", name, "--owner-id", name])
-            .arg("--config")
-            .arg(config)
-            .arg("--state-dir")
-            .arg(&state_dir)
-            .current_dir(dir)
-            .stdin(Stdio::null())
-            .stdout(File::create(state_dir.join("stdout")).unwrap())
-            // Kept with the scratch directory when the test fails.
-            .stderr(File::create(state_dir.join("stderr")).unwrap());
-        for (key, _) in std::env::vars_os() {
-            if key.to_string_lossy().starts_with("IOMT") {
-                cmd.env_remove(key);
-            }
-        }
-        cmd.env(
-            "RUST_LOG",
-            "info,azure_messaging_eventhubs=warn,azure_core_amqp=warn",
-        );
-        Role {
-            name,
-            child: cmd.spawn().expect("iomt starts"),
-            state_dir,
-        }
-    }
-
-    fn log(&self, file: &str) -> String {
-        std::fs::read_to_string(self.state_dir.join(file)).unwrap_or_default()
-    }
-
-    fn assert_running(&mut self) {
-        if let Some(status) = self.child.try_wait().unwrap() {
-            panic!(
-                "{} exited early with {status}:\n{}",
-                self.name,
-                self.log("stderr")
-            );
-        }
-    }
-
-    /// SIGTERM; the process must drain and exit 0.
-    fn terminate(mut self) -> String {
-        Command::new("kill")
-            .args(["-TERM", &self.child.id().to_string()])
-            .status()
-            .unwrap();
-        let status = self.child.wait().unwrap();
-        assert!(
-            status.success(),
-            "{} failed ({status}):\n{}",
-            self.name,
-            self.log("stderr")
-        );
-        self.log("stdout")
-    }
-}
-
-impl Drop for Role {
-    fn drop(&mut self) {
-        if let Ok(None) = self.child.try_wait() {
-            self.child.kill().ok();
-            self.child.wait().ok();
-        }
-    }
+/// Starts `iomt run --role ROLE`; its state (dead letters) is in `dir/ROLE`.
+fn start_role(dir: &Path, config: &Path, role: &str) -> IomtProcess {
+    let state_dir = dir.join(role);
+    let args = [
+        "run",
+        "--role",
+        role,
+        "--owner-id",
+        role,
+        "--config",
+        config.to_str().unwrap(),
+        "--state-dir",
+        state_dir.to_str().unwrap(),
+    ];
+    IomtProcess::start(
+        dir,
+        role,
+        args,
+        "info,azure_messaging_eventhubs=warn,azure_core_amqp=warn",
+    )
 }
 
 /// Checks the internal hub carries MedTech's normalized events: one PascalCase `Measurement`
@@ -231,8 +161,8 @@ fn normalize_and_convert_roles_over_the_internal_hub_fill_fhir() {
     // Half before the roles start, half while they run.
     let (first, second) = lines.split_at(lines.len() / 2);
     rt.block_on(send(&broker, DEVICE_HUB, first));
-    let mut normalize = Role::start(dir, &config, "normalize");
-    let mut convert = Role::start(dir, &config, "convert");
+    let mut normalize = start_role(dir, &config, "normalize");
+    let mut convert = start_role(dir, &config, "convert");
     rt.block_on(send(&broker, DEVICE_HUB, second));
 
     // The device hub is done once every measurement is stored on the internal hub (normalize
@@ -258,8 +188,8 @@ fn normalize_and_convert_roles_over_the_internal_hub_fill_fhir() {
         );
     }
     let normalized = check_internal_hub(&broker);
-    let convert_summary = convert.terminate();
-    let normalize_summary = normalize.terminate();
+    let convert_summary = convert.terminate(STOP_DEADLINE);
+    let normalize_summary = normalize.terminate(STOP_DEADLINE);
     eprintln!("normalize: {normalize_summary}\nconvert: {convert_summary}");
     rt.block_on(broker.stop());
 

@@ -10,17 +10,17 @@
 //! to itself (`cargo test` runs test binaries one after another).
 
 use std::collections::{BTreeMap, BTreeSet};
-use std::fs::File;
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, ExitStatus, Stdio};
 use std::time::{Duration, Instant};
 
-use iomt_eventhubs_broker::{BrokerConfig, BrokerHandle, CONNECTION_STRING, HubConfig};
+use iomt_eventhubs_broker::{BrokerConfig, BrokerHandle, HubConfig};
 use iomt_hub::blob::BlobCheckpointStore;
-use iomt_tests::eventhubs::{NAMESPACE, keda_lag, partition_lag, send, storage_connection_string};
+use iomt_tests::eventhubs::{
+    NAMESPACE, hub_section, keda_lag, partition_lag, send, storage_connection_string, toml_string,
+};
 use iomt_tests::golden::{Capture, Server, capture_dir, check_server, read_json_lines, rng};
-use iomt_tests::{Scratch, iomt};
-use serde_json::{Value, json};
+use iomt_tests::{IomtProcess, Scratch};
+use serde_json::Value;
 
 const HUB: &str = "devicedata";
 const PARTITIONS: u32 = 8;
@@ -38,89 +38,36 @@ const OWNERSHIP_EXPIRY: Duration = Duration::from_secs(6);
 /// lag deadline.
 const TAKEOVER_BOUND: Duration = Duration::from_secs(6 + 2 * 2 + 10);
 
-/// One `iomt run` process.
-struct Process {
-    owner: String,
-    child: Child,
-    stdout: PathBuf,
-    stderr: PathBuf,
-}
-
-impl Process {
-    fn start(dir: &Path, config: &Path, owner: &str) -> Self {
-        let state_dir = dir.join(owner);
-        std::fs::create_dir_all(&state_dir).unwrap();
-        let (stdout, stderr) = (state_dir.join("stdout"), state_dir.join("stderr"));
-        let mut cmd = Command::new(iomt());
-        cmd.arg("run")
-            .arg("--config")
-            .arg(config)
-            .args(["--owner-id", owner])
-            .arg("--state-dir")
-            .arg(&state_dir)
-            .current_dir(dir)
-            .stdin(Stdio::null())
-            .stdout(File::create(&stdout).unwrap())
-            .stderr(File::create(&stderr).unwrap());
-        // Only the configuration file configures the run.
-        for (key, _) in std::env::vars_os() {
-            if key.to_string_lossy().starts_with("IOMT") {
-                cmd.env_remove(key);
-            }
-        }
-        cmd.env(
-            "RUST_LOG",
-            "info,azure_messaging_eventhubs=warn,azure_core_amqp=warn",
-        );
-        Process {
-            owner: owner.to_owned(),
-            child: cmd.spawn().expect("iomt starts"),
-            stdout,
-            stderr,
-        }
-    }
-
-    /// Fails the test if the process has exited.
-    fn assert_running(&mut self) {
-        if let Some(status) = self.child.try_wait().unwrap() {
-            panic!(
-                "{} exited early with {status}:\n{}",
-                self.owner,
-                std::fs::read_to_string(&self.stderr).unwrap_or_default()
-            );
-        }
-    }
-
-    /// SIGTERM, then waits for the process to drain and exit.
-    fn terminate(mut self) -> (ExitStatus, String, String) {
-        Command::new("kill")
-            .args(["-TERM", &self.child.id().to_string()])
-            .status()
-            .unwrap();
-        let status = self.child.wait().unwrap();
-        let read = |path: &Path| std::fs::read_to_string(path).unwrap_or_default();
-        (status, read(&self.stdout), read(&self.stderr))
-    }
-}
-
-impl Drop for Process {
-    fn drop(&mut self) {
-        if let Ok(None) = self.child.try_wait() {
-            self.child.kill().ok();
-            self.child.wait().ok();
-        }
-    }
-}
-
-/// A TOML string.
-fn toml_string(s: &str) -> String {
-    // A JSON string is a TOML basic string for what is written here.
-    json!(s).to_string()
+/// Starts one `iomt run` process; its state (dead letters) is in `dir/OWNER`.
+fn start_process(dir: &Path, config: &Path, owner: &str) -> IomtProcess {
+    let state_dir = dir.join(owner);
+    let args = [
+        "run",
+        "--config",
+        config.to_str().unwrap(),
+        "--owner-id",
+        owner,
+        "--state-dir",
+        state_dir.to_str().unwrap(),
+    ];
+    IomtProcess::start(
+        dir,
+        owner,
+        args,
+        "info,azure_messaging_eventhubs=warn,azure_core_amqp=warn",
+    )
 }
 
 fn write_config(dir: &Path, broker: &BrokerHandle, fhir_url: &str, container: &str) -> PathBuf {
     let capture = capture_dir();
     let path = |p: PathBuf| toml_string(p.to_str().unwrap());
+    let source = hub_section(
+        broker,
+        HUB,
+        CONSUMER_GROUP,
+        &format!("{}s", UPDATE_INTERVAL.as_secs()),
+        &format!("{}s", OWNERSHIP_EXPIRY.as_secs()),
+    );
     let config = format!(
         r#"[templates]
 device_mapping = {device_mapping}
@@ -139,13 +86,7 @@ max_wait = "500ms"
 checkpoint_interval = "200ms"
 
 [source]
-hub = {hub}
-consumer_group = {consumer_group}
-connection_string = {connection_string}
-custom_endpoint = {endpoint}
-start_at = "earliest"
-update_interval = "{update_interval}s"
-ownership_expiry = "{ownership_expiry}s"
+{source}start_at = "earliest"
 
 [checkpoints]
 connection_string = {storage}
@@ -154,12 +95,6 @@ container = {container}
         device_mapping = path(capture.join("devicecontent.json")),
         fhir_mapping = path(capture.join("fhirmapping.json")),
         fhir_url = toml_string(fhir_url),
-        hub = toml_string(HUB),
-        consumer_group = toml_string(CONSUMER_GROUP),
-        connection_string = toml_string(CONNECTION_STRING),
-        endpoint = toml_string(&broker.endpoint()),
-        update_interval = UPDATE_INTERVAL.as_secs(),
-        ownership_expiry = OWNERSHIP_EXPIRY.as_secs(),
         storage = toml_string(&storage_connection_string()),
         container = toml_string(container),
     );
@@ -295,8 +230,8 @@ fn scale_out(start: Start) {
     if start == Start::Backlog {
         send_bounded(&rt, &broker, first);
     }
-    let mut processes: Vec<Process> = (0..PROCESSES)
-        .map(|i| Process::start(dir, &config, &format!("scaleout-{i}")))
+    let mut processes: Vec<IomtProcess> = (0..PROCESSES)
+        .map(|i| start_process(dir, &config, &format!("scaleout-{i}")))
         .collect();
     let deadline = Instant::now() + Duration::from_secs(120);
     if start == Start::Settled {
@@ -319,13 +254,12 @@ fn scale_out(start: Start) {
         let checkpoints = rt.block_on(checkpoints(&store));
         let shared = owners.len() == PARTITIONS as usize
             && processes.iter().all(|p| {
-                owners.values().filter(|o| **o == p.owner).count()
-                    >= PARTITIONS as usize / PROCESSES
+                owners.values().filter(|o| **o == p.name).count() >= PARTITIONS as usize / PROCESSES
             });
         let progressed = processes.iter().position(|p| {
             owners
                 .iter()
-                .any(|(partition, o)| *o == p.owner && checkpoints.contains_key(partition))
+                .any(|(partition, o)| *o == p.name && checkpoints.contains_key(partition))
         });
         if shared && let Some(victim) = progressed {
             break (victim, owners);
@@ -347,7 +281,7 @@ fn scale_out(start: Start) {
     // read, past its checkpoints.
     send_bounded(&rt, &broker, rest);
     let victim = processes.remove(victim);
-    let victim_owner = victim.owner.clone();
+    let victim_owner = victim.name.clone();
     drop(victim); // SIGKILL
     let killed_at = Instant::now();
     let owners_at_kill = rt.block_on(owners(&store));
@@ -372,7 +306,7 @@ fn scale_out(start: Start) {
     );
 
     // The survivors take every partition over.
-    let survivors: BTreeSet<String> = processes.iter().map(|p| p.owner.clone()).collect();
+    let survivors: BTreeSet<String> = processes.iter().map(|p| p.name.clone()).collect();
     let takeover = loop {
         for p in &mut processes {
             p.assert_running();
@@ -415,12 +349,9 @@ fn scale_out(start: Start) {
     );
 
     for p in processes {
-        let owner = p.owner.clone();
-        let (status, stdout, stderr) = p.terminate();
-        assert!(
-            status.success(),
-            "{owner} failed ({status}): {stdout}\n{stderr}"
-        );
+        let owner = p.name.clone();
+        // The drain deadline is 30 s.
+        let stdout = p.terminate(Duration::from_secs(120));
         eprintln!("{owner}: {}", stdout.lines().next().unwrap_or_default());
     }
     rt.block_on(broker.stop());
@@ -454,7 +385,7 @@ fn settle(
     rt: &tokio::runtime::Runtime,
     broker: &BrokerHandle,
     store: &BlobCheckpointStore,
-    processes: &mut [Process],
+    processes: &mut [IomtProcess],
     deadline: Instant,
 ) {
     let mut settled_since: Option<Instant> = None;
@@ -465,7 +396,7 @@ fn settle(
         let owners = rt.block_on(owners(store));
         let counts: Vec<usize> = processes
             .iter()
-            .map(|p| owners.values().filter(|o| **o == p.owner).count())
+            .map(|p| owners.values().filter(|o| **o == p.name).count())
             .collect();
         let single_readers = broker
             .partition_ids(HUB)

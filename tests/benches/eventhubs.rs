@@ -46,27 +46,20 @@ use std::fmt::Write as _;
 use std::fs::File;
 use std::io::{BufWriter, Write as _};
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::process::Command;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
-use axum::Router;
-use axum::body::Bytes;
-use axum::extract::{Query, State};
-use axum::http::{HeaderMap, StatusCode, header};
-use axum::response::IntoResponse;
-use axum::routing::{get, put};
 use azure_messaging_eventhubs::models::EventData;
 use azure_messaging_eventhubs::{EventDataBatchOptions, ProducerClient};
+use iomt_bench_fixtures::{Counts, Event, blackhole, device_id, generate};
 use iomt_eventhubs_broker::hash::partition_index_for_key;
 use iomt_eventhubs_broker::{
     BrokerConfig, BrokerHandle, CONNECTION_STRING, DEFAULT_LATENCY, HubConfig,
 };
 use iomt_hub::blob::BlobCheckpointStore;
-use iomt_tests::eventhubs::{keda_lag, storage_connection_string};
-use iomt_tests::{Scratch, iomt, repo_root};
-use serde_json::json;
+use iomt_tests::eventhubs::{hub_section, keda_lag, storage_connection_string, toml_string};
+use iomt_tests::{IomtProcess, Scratch, iomt, repo_root};
 
 #[global_allocator]
 static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
@@ -100,60 +93,6 @@ struct Settings {
 
 // ---------------------------------------------------------------------------------------------
 // Data
-
-/// One generated device event.
-#[derive(Debug)]
-struct Event {
-    device: usize,
-    time: String,
-    body: String,
-}
-
-fn device_id(device: usize) -> String {
-    format!("watch-{device:05}")
-}
-
-/// `events` heart rate events from `devices` watches, one reading per watch per second,
-/// interleaved as a hub delivers them (the workload of the `iomt-cli` pipeline bench).
-fn generate(events: usize, devices: usize) -> Vec<Event> {
-    let start = 1_795_154_400i64; // 2026-11-20T06:00:00Z
-    (0..events)
-        .map(|i| {
-            let (second, device) = ((i / devices) as i64, i % devices);
-            let time = chrono_like(start + second, (device % 1000) as u32);
-            let body = json!({
-                "deviceId": device_id(device),
-                "patientId": format!("patient-{device:05}"),
-                "heartRate": 55 + (i * 7919) % 70,
-                "measuredAt": time,
-            })
-            .to_string();
-            Event { device, time, body }
-        })
-        .collect()
-}
-
-/// `yyyy-MM-ddTHH:mm:ss.fffZ` for a Unix time and milliseconds.
-fn chrono_like(unix: i64, millis: u32) -> String {
-    let days = unix.div_euclid(86_400);
-    let secs = unix.rem_euclid(86_400);
-    // Civil date from days since 1970-01-01 (Howard Hinnant's algorithm).
-    let z = days + 719_468;
-    let era = z.div_euclid(146_097);
-    let doe = z - era * 146_097;
-    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
-    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
-    let mp = (5 * doy + 2) / 153;
-    let d = doy - (153 * mp + 2) / 5 + 1;
-    let m = if mp < 10 { mp + 3 } else { mp - 9 };
-    let y = yoe + era * 400 + i64::from(m <= 2);
-    format!(
-        "{y:04}-{m:02}-{d:02}T{:02}:{:02}:{:02}.{millis:03}Z",
-        secs / 3600,
-        secs / 60 % 60,
-        secs % 60
-    )
-}
 
 /// The same events as JSON Lines for `iomt replay`: the body as sent, the application property
 /// the hub events carry, and the enqueued time.
@@ -221,87 +160,6 @@ async fn preload(broker: &BrokerHandle, events: &[Event]) {
 
 // ---------------------------------------------------------------------------------------------
 // Blackhole FHIR endpoint (as in crates/iomt-cli/benches/pipeline.rs)
-
-#[derive(Debug, Default)]
-struct Counts {
-    device_searches: AtomicU64,
-    observation_searches: AtomicU64,
-    puts: AtomicU64,
-}
-
-impl Counts {
-    fn snapshot(&self) -> [u64; 3] {
-        [
-            self.puts.load(Ordering::Relaxed),
-            self.observation_searches.load(Ordering::Relaxed),
-            self.device_searches.load(Ordering::Relaxed),
-        ]
-    }
-}
-
-async fn search(
-    State(counts): State<Arc<Counts>>,
-    axum::extract::Path(resource_type): axum::extract::Path<String>,
-    Query(params): Query<Vec<(String, String)>>,
-) -> impl IntoResponse {
-    let identifier = params
-        .iter()
-        .find(|(k, _)| k == "identifier")
-        .map(|(_, v)| v.clone())
-        .unwrap_or_default();
-    let entries = if resource_type == "Device" {
-        counts.device_searches.fetch_add(1, Ordering::Relaxed);
-        let id: String = identifier
-            .chars()
-            .filter(char::is_ascii_alphanumeric)
-            .collect();
-        json!([{"resource": {"resourceType": "Device", "id": format!("d{id}"),
-            "identifier": [{"value": identifier}],
-            "patient": {"reference": format!("Patient/p{id}")}}}])
-    } else {
-        counts.observation_searches.fetch_add(1, Ordering::Relaxed);
-        json!([])
-    };
-    (
-        [(header::CONTENT_TYPE, "application/fhir+json")],
-        json!({"resourceType": "Bundle", "type": "searchset", "entry": entries}).to_string(),
-    )
-}
-
-async fn update(State(counts): State<Arc<Counts>>, body: Bytes) -> impl IntoResponse {
-    counts.puts.fetch_add(1, Ordering::Relaxed);
-    let mut headers = HeaderMap::new();
-    headers.insert(header::ETAG, "W/\"1\"".parse().unwrap());
-    headers.insert(
-        header::CONTENT_TYPE,
-        "application/fhir+json".parse().unwrap(),
-    );
-    (StatusCode::OK, headers, body)
-}
-
-/// Starts the blackhole on a thread named `blackhole`; returns its base URL.
-fn blackhole(counts: Arc<Counts>) -> String {
-    let (tx, rx) = std::sync::mpsc::channel();
-    std::thread::Builder::new()
-        .name("blackhole".to_owned())
-        .spawn(move || {
-            let rt = tokio::runtime::Builder::new_current_thread()
-                .enable_all()
-                .build()
-                .unwrap();
-            rt.block_on(async move {
-                let app = Router::new()
-                    .route("/fhir/{resource_type}", get(search))
-                    .route("/fhir/{resource_type}/{id}", put(update))
-                    .with_state(counts);
-                let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-                tx.send(listener.local_addr().unwrap()).unwrap();
-                axum::serve(listener, app).await.unwrap();
-            });
-        })
-        .unwrap();
-    format!("http://{}/fhir", rx.recv().unwrap())
-}
 
 // ---------------------------------------------------------------------------------------------
 // CPU accounting
@@ -461,100 +319,50 @@ impl OwnCpu {
 // ---------------------------------------------------------------------------------------------
 // iomt processes
 
-/// One `iomt` process, killed if the bench ends without stopping it.
+/// One `iomt` process (see [`IomtProcess`]), with what the bench reads of it.
 struct Proc {
     name: &'static str,
-    child: Child,
-    dir: PathBuf,
+    process: IomtProcess,
 }
 
 impl Proc {
     fn spawn(name: &'static str, dir: &Path, args: &[&std::ffi::OsStr]) -> Self {
-        let dir = dir.join(name);
-        std::fs::create_dir_all(&dir).unwrap();
-        let mut cmd = Command::new(iomt());
-        cmd.args(args)
-            .current_dir(&dir)
-            .stdin(Stdio::null())
-            .stdout(File::create(dir.join("stdout")).unwrap())
-            .stderr(File::create(dir.join("stderr")).unwrap());
-        for (key, _) in std::env::vars_os() {
-            if key.to_string_lossy().starts_with("IOMT") {
-                cmd.env_remove(key);
-            }
-        }
-        cmd.env("RUST_LOG", "warn");
         Proc {
             name,
-            child: cmd.spawn().expect("iomt starts"),
-            dir,
+            process: IomtProcess::start(dir, name, args, "warn"),
         }
     }
 
-    fn log(&self, file: &str) -> String {
-        std::fs::read_to_string(self.dir.join(file)).unwrap_or_default()
-    }
-
-    fn assert_running(&mut self) {
-        if let Some(status) = self.child.try_wait().unwrap() {
-            panic!(
-                "{} exited early with {status}:\n{}",
-                self.name,
-                self.log("stderr")
-            );
-        }
+    fn pid(&self) -> u32 {
+        self.process.child.id()
     }
 
     /// CPU ticks so far.
     fn cpu(&self) -> u64 {
-        process_stat(self.child.id()).map_or(0, |(_, t)| t)
+        process_stat(self.pid()).map_or(0, |(_, t)| t)
     }
 
     /// CPU ticks so far of each thread: thread id, name, ticks; busiest first.
     fn threads(&self) -> Vec<ThreadCpu> {
-        let mut threads: Vec<ThreadCpu> =
-            std::fs::read_dir(format!("/proc/{}/task", self.child.id()))
-                .into_iter()
-                .flatten()
-                .flatten()
-                .filter_map(|task| {
-                    let tid = task.file_name().to_str()?.parse().ok()?;
-                    let comm = std::fs::read_to_string(task.path().join("comm")).ok()?;
-                    let (_, ticks) =
-                        parse_stat(&std::fs::read_to_string(task.path().join("stat")).ok()?)?;
-                    Some((tid, comm.trim().to_owned(), ticks))
-                })
-                .collect();
+        let mut threads: Vec<ThreadCpu> = std::fs::read_dir(format!("/proc/{}/task", self.pid()))
+            .into_iter()
+            .flatten()
+            .flatten()
+            .filter_map(|task| {
+                let tid = task.file_name().to_str()?.parse().ok()?;
+                let comm = std::fs::read_to_string(task.path().join("comm")).ok()?;
+                let (_, ticks) =
+                    parse_stat(&std::fs::read_to_string(task.path().join("stat")).ok()?)?;
+                Some((tid, comm.trim().to_owned(), ticks))
+            })
+            .collect();
         threads.sort_by_key(|t| std::cmp::Reverse(t.2));
         threads
     }
 
-    /// SIGTERM, then waits (killing it after `deadline`); the process must exit 0. Returns its
-    /// summary.
-    fn terminate(mut self, deadline: Duration) -> String {
-        Command::new("kill")
-            .args(["-TERM", &self.child.id().to_string()])
-            .status()
-            .unwrap();
-        let until = Instant::now() + deadline;
-        let status = loop {
-            if let Some(status) = self.child.try_wait().unwrap() {
-                break status;
-            }
-            assert!(
-                Instant::now() < until,
-                "{} did not stop within {deadline:?}",
-                self.name
-            );
-            std::thread::sleep(Duration::from_millis(20));
-        };
-        assert!(
-            status.success(),
-            "{} failed ({status}):\n{}",
-            self.name,
-            self.log("stderr")
-        );
-        self.log("stdout")
+    /// SIGTERM, then waits up to `deadline`; the process must exit 0. Returns its summary.
+    fn terminate(self, deadline: Duration) -> String {
+        self.process.terminate(deadline)
     }
 
     /// Waits for a process that ends by itself; returns its CPU ticks, read from the zombie
@@ -562,7 +370,7 @@ impl Proc {
     fn finish(mut self, deadline: Duration) -> (u64, String) {
         let until = Instant::now() + deadline;
         let ticks = loop {
-            match process_stat(self.child.id()) {
+            match process_stat(self.pid()) {
                 Some(('Z', ticks)) => break ticks,
                 Some(_) => {}
                 None => panic!("{} vanished before its CPU time was read", self.name),
@@ -574,23 +382,14 @@ impl Proc {
             );
             std::thread::sleep(Duration::from_millis(10));
         };
-        let status = self.child.wait().unwrap();
+        let status = self.process.child.wait().unwrap();
         assert!(
             status.success(),
             "{} failed ({status}):\n{}",
             self.name,
-            self.log("stderr")
+            self.process.log("stderr")
         );
-        (ticks, self.log("stdout"))
-    }
-}
-
-impl Drop for Proc {
-    fn drop(&mut self) {
-        if let Ok(None) = self.child.try_wait() {
-            self.child.kill().ok();
-            self.child.wait().ok();
-        }
+        (ticks, self.process.log("stdout"))
     }
 }
 
@@ -614,11 +413,6 @@ fn leading_number(text: &str) -> Option<f64> {
 // ---------------------------------------------------------------------------------------------
 // Runs
 
-/// A JSON string is a TOML basic string for what is written here.
-fn toml_string(s: &str) -> String {
-    json!(s).to_string()
-}
-
 fn write_config(
     dir: &Path,
     settings: &Settings,
@@ -630,14 +424,12 @@ fn write_config(
     let mappings = repo_root().join("mappings/heartrate");
     let path = |p: PathBuf| toml_string(p.to_str().unwrap());
     let hub = |name: &str| {
-        format!(
-            "hub = {}\nconsumer_group = {}\nconnection_string = {}\ncustom_endpoint = {}\n\
-             update_interval = {}\nownership_expiry = \"30s\"\n",
-            toml_string(name),
-            toml_string(consumer_group),
-            toml_string(CONNECTION_STRING),
-            toml_string(&broker.endpoint()),
-            toml_string(&settings.update_interval),
+        hub_section(
+            broker,
+            name,
+            consumer_group,
+            &settings.update_interval,
+            "30s",
         )
     };
     let config = format!(
@@ -826,7 +618,7 @@ impl Bench {
         let mut last_report = Instant::now();
         loop {
             for p in &mut procs {
-                p.assert_running();
+                p.process.assert_running();
             }
             let now_claimed = claimed.is_none() && self.claimed(hubs, &consumer_group);
             // In pipeline order: the device hub's lag is 0 only once everything is stored on
@@ -909,7 +701,7 @@ impl Bench {
             .into_iter()
             .take(3)
             .map(|(tid, comm, ticks)| {
-                let main = if tid == p.child.id() { " (main)" } else { "" };
+                let main = if tid == p.pid() { " (main)" } else { "" };
                 (format!("{comm}{main}"), ticks as f64 / self.ticks)
             })
             .collect()

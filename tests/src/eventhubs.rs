@@ -120,3 +120,29 @@ pub async fn keda_lag(
     }
     total
 }
+
+/// A string as TOML: a JSON string is a TOML basic string for the paths, names and URLs the
+/// tests write.
+pub fn toml_string(s: &str) -> String {
+    Value::from(s).to_string()
+}
+
+/// The keys of a `[source]` or `[internal_hub]` section for `hub` on the test broker.
+pub fn hub_section(
+    broker: &BrokerHandle,
+    hub: &str,
+    consumer_group: &str,
+    update_interval: &str,
+    ownership_expiry: &str,
+) -> String {
+    format!(
+        "hub = {}\nconsumer_group = {}\nconnection_string = {}\ncustom_endpoint = {}\n\
+         update_interval = {}\nownership_expiry = {}\n",
+        toml_string(hub),
+        toml_string(consumer_group),
+        toml_string(CONNECTION_STRING),
+        toml_string(&broker.endpoint()),
+        toml_string(update_interval),
+        toml_string(ownership_expiry),
+    )
+}

@@ -1,13 +1,16 @@
 //! Helpers the integration tests of this crate (its `[[test]]` targets) share: the `iomt`
-//! binary, the repository root, and scratch directories; the capture's oracle and the checks
+//! binary and its processes, the repository root, and scratch directories; the capture's oracle and the checks
 //! against it ([`golden`]); live Event Hubs runs ([`eventhubs`]).
 
 pub mod eventhubs;
 pub mod golden;
 
+use std::ffi::OsStr;
+use std::fs::File;
 use std::path::{Path, PathBuf};
-use std::process::{Command, Stdio};
+use std::process::{Child, Command, Stdio};
 use std::sync::OnceLock;
+use std::time::{Duration, Instant};
 
 use serde_json::Value;
 
@@ -93,6 +96,103 @@ impl Drop for Scratch {
             eprintln!("kept {} for inspection", self.0.display());
         } else {
             std::fs::remove_dir_all(&self.0).ok();
+        }
+    }
+}
+
+/// A running `iomt` process of a test or benchmark. It works in `{dir}/{name}` (created),
+/// which also holds its `stdout` and `stderr`, and is configured only by its arguments: the
+/// caller's `IOMT…` environment is removed. Dropped while running, it is killed, so a failing
+/// test leaves no process behind.
+#[derive(Debug)]
+pub struct IomtProcess {
+    /// Names it in messages.
+    pub name: String,
+    /// The process.
+    pub child: Child,
+    /// Its directory.
+    pub dir: PathBuf,
+}
+
+impl IomtProcess {
+    /// Starts `iomt ARGS…` with `RUST_LOG=rust_log`.
+    pub fn start(
+        dir: &Path,
+        name: &str,
+        args: impl IntoIterator<Item = impl AsRef<OsStr>>,
+        rust_log: &str,
+    ) -> Self {
+        let dir = dir.join(name);
+        std::fs::create_dir_all(&dir).unwrap();
+        let mut cmd = Command::new(iomt());
+        cmd.args(args)
+            .current_dir(&dir)
+            .stdin(Stdio::null())
+            .stdout(File::create(dir.join("stdout")).unwrap())
+            .stderr(File::create(dir.join("stderr")).unwrap());
+        for (key, _) in std::env::vars_os() {
+            if key.to_string_lossy().starts_with("IOMT") {
+                cmd.env_remove(key);
+            }
+        }
+        cmd.env("RUST_LOG", rust_log);
+        IomtProcess {
+            name: name.to_owned(),
+            child: cmd.spawn().expect("iomt starts"),
+            dir,
+        }
+    }
+
+    /// What it wrote so far to `stdout` or `stderr`.
+    pub fn log(&self, file: &str) -> String {
+        std::fs::read_to_string(self.dir.join(file)).unwrap_or_default()
+    }
+
+    /// Fails if the process has exited.
+    pub fn assert_running(&mut self) {
+        if let Some(status) = self.child.try_wait().unwrap() {
+            panic!(
+                "{} exited early with {status}:\n{}",
+                self.name,
+                self.log("stderr")
+            );
+        }
+    }
+
+    /// SIGTERM, then waits up to `deadline` for it to drain; it must exit 0. Returns its
+    /// summary (stdout).
+    pub fn terminate(mut self, deadline: Duration) -> String {
+        Command::new("kill")
+            .args(["-TERM", &self.child.id().to_string()])
+            .status()
+            .unwrap();
+        let until = Instant::now() + deadline;
+        let status = loop {
+            if let Some(status) = self.child.try_wait().unwrap() {
+                break status;
+            }
+            assert!(
+                Instant::now() < until,
+                "{} did not stop within {deadline:?}",
+                self.name
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        };
+        assert!(
+            status.success(),
+            "{} failed ({status}):\n{}",
+            self.name,
+            self.log("stderr")
+        );
+        self.log("stdout")
+    }
+}
+
+impl Drop for IomtProcess {
+    fn drop(&mut self) {
+        if let Ok(None) = self.child.try_wait() {
+            self.child.kill().ok();
+            self.child.wait().ok();
         }
     }
 }

@@ -6,9 +6,10 @@
 //! IOMT_BENCH_EVENTS=200000 cargo bench -p iomt-cli --bench pipeline
 //! ```
 //!
-//! The blackhole is a test-only FHIR endpoint in this process: it answers Device searches with
-//! a Device linked to a Patient (Lookup mode), Observation searches with an empty Bundle, and
-//! PUTs with the body and an ETag, and counts every request. The pipeline runs in its own
+//! The blackhole (`iomt_bench_fixtures::blackhole`) is a test-only FHIR endpoint in this
+//! process: it answers Device searches with a Device linked to a Patient (Lookup mode),
+//! Observation searches with an empty Bundle, and PUTs with the body and an ETag, and counts
+//! every request. The pipeline runs in its own
 //! process (the release `iomt` binary), so its peak RSS is its own. Templates are the heart
 //! rate sample (hourly SampledData, periodInterval 60); `--max-wait 1s`.
 
@@ -16,19 +17,13 @@ use std::io::{BufReader, BufWriter, Write};
 use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::Ordering;
 use std::time::Instant;
 
-use axum::Router;
-use axum::body::Bytes;
-use axum::extract::{Query, State};
-use axum::http::{HeaderMap, StatusCode, header};
-use axum::response::IntoResponse;
-use axum::routing::{get, put};
+use iomt_bench_fixtures::{Counts, blackhole};
 use iomt_hub::capture::{Record, read_jsonl};
 use iomt_normalize::Normalizer;
 use iomt_templates::device::DeviceMapping;
-use serde_json::json;
 
 fn repo() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("../..")
@@ -41,8 +36,7 @@ fn env_usize(name: &str, default: usize) -> usize {
         .unwrap_or(default)
 }
 
-/// Writes `events` heart rate events from `devices` watches, one reading per device per
-/// second, interleaved as a hub delivers them.
+/// Writes the shared workload (`iomt_bench_fixtures::generate`) as a JSON Lines capture, once.
 fn generate(path: &Path, events: usize, devices: usize) {
     if path.exists() {
         return;
@@ -50,119 +44,22 @@ fn generate(path: &Path, events: usize, devices: usize) {
     std::fs::create_dir_all(path.parent().unwrap()).unwrap();
     let tmp = path.with_extension("tmp");
     let mut out = BufWriter::new(std::fs::File::create(&tmp).unwrap());
-    let start = 1_795_154_400i64; // 2026-11-20T06:00:00Z
-    for i in 0..events {
-        let (second, device) = ((i / devices) as i64, i % devices);
-        let t = start + second;
-        let time = chrono_like(t, (device % 1000) as u32);
-        let line = json!({
-            "Body": {
-                "deviceId": format!("watch-{device:05}"),
-                "patientId": format!("patient-{device:05}"),
-                "heartRate": 55 + (i * 7919) % 70,
-                "measuredAt": time,
-            },
-            "SystemProperties": {"x-opt-enqueued-time": time, "x-opt-sequence-number": i + 1},
-        });
-        writeln!(out, "{line}").unwrap();
+    for (i, e) in iomt_bench_fixtures::generate(events, devices)
+        .iter()
+        .enumerate()
+    {
+        writeln!(
+            out,
+            r#"{{"Body":{},"SystemProperties":{{"x-opt-enqueued-time":"{}","x-opt-sequence-number":{}}}}}"#,
+            e.body,
+            e.time,
+            i + 1
+        )
+        .unwrap();
     }
     out.flush().unwrap();
     drop(out);
     std::fs::rename(tmp, path).unwrap();
-}
-
-/// `yyyy-MM-ddTHH:mm:ss.fffZ` for a Unix time and milliseconds.
-fn chrono_like(unix: i64, millis: u32) -> String {
-    let days = unix.div_euclid(86_400);
-    let secs = unix.rem_euclid(86_400);
-    // Civil date from days since 1970-01-01 (Howard Hinnant's algorithm).
-    let z = days + 719_468;
-    let era = z.div_euclid(146_097);
-    let doe = z - era * 146_097;
-    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
-    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
-    let mp = (5 * doy + 2) / 153;
-    let d = doy - (153 * mp + 2) / 5 + 1;
-    let m = if mp < 10 { mp + 3 } else { mp - 9 };
-    let y = yoe + era * 400 + i64::from(m <= 2);
-    format!(
-        "{y:04}-{m:02}-{d:02}T{:02}:{:02}:{:02}.{millis:03}Z",
-        secs / 3600,
-        secs / 60 % 60,
-        secs % 60
-    )
-}
-
-#[derive(Debug, Default)]
-struct Counts {
-    device_searches: AtomicU64,
-    observation_searches: AtomicU64,
-    puts: AtomicU64,
-    put_bytes: AtomicU64,
-}
-
-async fn search(
-    State(counts): State<Arc<Counts>>,
-    axum::extract::Path(resource_type): axum::extract::Path<String>,
-    Query(params): Query<Vec<(String, String)>>,
-) -> impl IntoResponse {
-    let identifier = params
-        .iter()
-        .find(|(k, _)| k == "identifier")
-        .map(|(_, v)| v.clone())
-        .unwrap_or_default();
-    let entries = if resource_type == "Device" {
-        counts.device_searches.fetch_add(1, Ordering::Relaxed);
-        let id: String = identifier
-            .chars()
-            .filter(char::is_ascii_alphanumeric)
-            .collect();
-        json!([{"resource": {"resourceType": "Device", "id": format!("d{id}"),
-            "identifier": [{"value": identifier}],
-            "patient": {"reference": format!("Patient/p{id}")}}}])
-    } else {
-        counts.observation_searches.fetch_add(1, Ordering::Relaxed);
-        json!([])
-    };
-    (
-        [(header::CONTENT_TYPE, "application/fhir+json")],
-        json!({"resourceType": "Bundle", "type": "searchset", "entry": entries}).to_string(),
-    )
-}
-
-async fn update(State(counts): State<Arc<Counts>>, body: Bytes) -> impl IntoResponse {
-    counts.puts.fetch_add(1, Ordering::Relaxed);
-    counts
-        .put_bytes
-        .fetch_add(body.len() as u64, Ordering::Relaxed);
-    let mut headers = HeaderMap::new();
-    headers.insert(header::ETAG, "W/\"1\"".parse().unwrap());
-    headers.insert(
-        header::CONTENT_TYPE,
-        "application/fhir+json".parse().unwrap(),
-    );
-    (StatusCode::OK, headers, body)
-}
-
-/// Starts the blackhole on its own thread; returns its base URL.
-fn blackhole(counts: Arc<Counts>) -> String {
-    let (tx, rx) = std::sync::mpsc::channel();
-    std::thread::spawn(move || {
-        let rt = tokio::runtime::Builder::new_current_thread()
-            .enable_all()
-            .build()
-            .unwrap();
-        rt.block_on(async move {
-            let app = Router::new()
-                .route("/fhir/{resource_type}", get(search))
-                .route("/fhir/{resource_type}/{id}", put(update))
-                .with_state(counts);
-            let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-            tx.send(listener.local_addr().unwrap()).unwrap();
-            axum::serve(listener, app).await.unwrap();
-        });
-    });
-    format!("http://{}/fhir", rx.recv().unwrap())
 }
 
 /// Events/s of normalization alone, single-threaded, over the same file (reading and JSON

@@ -196,8 +196,10 @@ pub(crate) async fn run_pipeline<K: CheckpointStore>(
             .with_context(|| format!("cannot serve metrics on {addr}"))?;
         tracing::info!(%bound, "serving /metrics, /healthz and /readyz");
     }
-    let pipeline = prepared.pipeline;
+    let (pipeline, dead_letters) = (prepared.pipeline, prepared.dead_letters);
+    // Two calls for the two producer types: the pipeline is generic over its hub.
     Ok(match internal_hub {
+        // The normalize role: its output is the internal hub; there is no group stage.
         Some(producer) => {
             let consumers: Vec<InProcessConsumer> = Vec::new();
             pipeline
@@ -205,7 +207,7 @@ pub(crate) async fn run_pipeline<K: CheckpointStore>(
                     input,
                     producer,
                     consumers,
-                    prepared.dead_letters,
+                    dead_letters,
                     checkpoints,
                     shutdown,
                 )
@@ -219,7 +221,7 @@ pub(crate) async fn run_pipeline<K: CheckpointStore>(
                     input,
                     producer,
                     consumers,
-                    prepared.dead_letters,
+                    dead_letters,
                     checkpoints,
                     shutdown,
                 )

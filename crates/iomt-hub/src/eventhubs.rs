@@ -66,6 +66,34 @@ pub struct OpenError {
     pub source: azure_messaging_eventhubs::EventHubsError,
 }
 
+/// Opens a client from one of the SDK's builders with `settings`' endpoint, name and
+/// credentials. The builders share these methods but no trait, hence a macro; `hub` is the hub
+/// as the builder's `open` takes it (owned or borrowed).
+macro_rules! open_with {
+    ($settings:expr, $builder:expr, $hub:expr) => {{
+        let (settings, mut builder) = ($settings, $builder);
+        if let Some(endpoint) = &settings.custom_endpoint {
+            builder = builder.with_custom_endpoint(endpoint.clone());
+        }
+        if let Some(id) = &settings.application_id {
+            builder = builder.with_application_id(id.clone());
+        }
+        let opened = match &settings.auth {
+            EventHubsAuth::ConnectionString(cs) => {
+                builder
+                    .open_with_connection_string(cs, Some(&settings.hub))
+                    .await
+            }
+            EventHubsAuth::Credential(credential) => {
+                builder
+                    .open(&settings.namespace, $hub, credential.clone())
+                    .await
+            }
+        };
+        opened.map_err(|e| settings.error(e))
+    }};
+}
+
 impl EventHubSettings {
     /// The namespace as the processor and checkpoints name it: the connection string's
     /// `Endpoint` host when there is one, else the configured namespace.
@@ -88,54 +116,17 @@ impl EventHubSettings {
 
     /// Opens a consumer (for the partition processor).
     pub async fn consumer(&self) -> Result<ConsumerClient, OpenError> {
-        let mut builder =
-            ConsumerClient::builder().with_consumer_group(self.consumer_group.clone());
-        if let Some(endpoint) = &self.custom_endpoint {
-            builder = builder.with_custom_endpoint(endpoint.clone());
-        }
-        if let Some(id) = &self.application_id {
-            builder = builder.with_application_id(id.clone());
-        }
-        let opened = match &self.auth {
-            EventHubsAuth::ConnectionString(cs) => {
-                builder
-                    .open_with_connection_string(cs, Some(&self.hub))
-                    .await
-            }
-            EventHubsAuth::Credential(credential) => {
-                builder
-                    .open(&self.namespace, self.hub.clone(), credential.clone())
-                    .await
-            }
-        };
-        opened.map_err(|e| self.error(e))
+        let builder = ConsumerClient::builder().with_consumer_group(self.consumer_group.clone());
+        open_with!(self, builder, self.hub.clone())
     }
 
     /// Opens a buffered producer built by `builder` (its delivery handlers set), with this
     /// hub's endpoint, name and credentials.
     pub async fn buffered_producer(
         &self,
-        mut builder: BufferedProducerClientBuilder,
+        builder: BufferedProducerClientBuilder,
     ) -> Result<BufferedProducerClient, OpenError> {
-        if let Some(endpoint) = &self.custom_endpoint {
-            builder = builder.with_custom_endpoint(endpoint.clone());
-        }
-        if let Some(id) = &self.application_id {
-            builder = builder.with_application_id(id.clone());
-        }
-        let opened = match &self.auth {
-            EventHubsAuth::ConnectionString(cs) => {
-                builder
-                    .open_with_connection_string(cs, Some(&self.hub))
-                    .await
-            }
-            EventHubsAuth::Credential(credential) => {
-                builder
-                    .open(&self.namespace, &self.hub, credential.clone())
-                    .await
-            }
-        };
-        opened.map_err(|e| self.error(e))
+        open_with!(self, builder, &self.hub)
     }
 }
 
