@@ -6,9 +6,11 @@
 
 pub mod ack;
 pub mod event;
+pub mod json_date;
 pub mod measurement;
 pub mod time;
 
 pub use event::DeviceEvent;
+pub use json_date::{DateKind, JsonDate};
 pub use measurement::{Measurement, MeasurementGroup, MeasurementProperty};
 pub use time::Timestamp;

@@ -87,7 +87,6 @@ impl Timestamp {
     pub fn parse(text: &str) -> Result<Self, TimestampError> {
         let trimmed = text.trim();
         parse_iso(trimmed)
-            .map(|(dt, _)| dt)
             .or_else(|| parse_us(trimmed))
             .or_else(|| {
                 DateTime::parse_from_rfc2822(trimmed)
@@ -95,16 +94,6 @@ impl Timestamp {
                     .map(|dt| Self::from_datetime(dt.with_timezone(&Utc)))
             })
             .ok_or_else(|| TimestampError::new(text))
-    }
-
-    /// Reads `text` only if it is in the strict ISO 8601 shape that Newtonsoft.Json turns into a
-    /// date token while parsing a message (`yyyy-MM-ddTHH:mm:ss`, optional fraction, optional
-    /// `Z` or offset).
-    ///
-    /// Templates see such strings as dates, which changes how they print as measurement values.
-    pub fn parse_json_date(text: &str) -> Option<Self> {
-        let (ts, shape) = parse_iso(text)?;
-        shape.newtonsoft_date.then_some(ts)
     }
 
     /// The start of the UTC hour this instant falls in.
@@ -218,13 +207,6 @@ impl<'de> Deserialize<'de> for Timestamp {
     }
 }
 
-/// What an ISO text looked like, beyond its value.
-#[derive(Debug, Clone, Copy)]
-struct IsoShape {
-    /// Whether Newtonsoft would have turned the JSON string into a date token.
-    newtonsoft_date: bool,
-}
-
 /// A small cursor over ASCII bytes, for the hand-written fast path (timestamp parsing runs once
 /// per measurement, so it must not go through a general format engine).
 struct Cursor<'a> {
@@ -274,8 +256,8 @@ impl<'a> Cursor<'a> {
     }
 }
 
-/// Reads `HH:mm[:ss[.f…]]`, returning the time and whether seconds were present.
-fn parse_time(c: &mut Cursor<'_>) -> Option<(NaiveTime, bool)> {
+/// Reads `HH:mm[:ss[.f…]]`.
+fn parse_time(c: &mut Cursor<'_>) -> Option<NaiveTime> {
     let (hour, _) = c.digits(1, 2)?;
     if !c.eat(b':') {
         return None;
@@ -283,10 +265,8 @@ fn parse_time(c: &mut Cursor<'_>) -> Option<(NaiveTime, bool)> {
     let (minute, _) = c.digits(2, 2)?;
     let mut second = 0;
     let mut nanos = 0;
-    let mut has_seconds = false;
     if c.eat(b':') {
         second = c.digits(2, 2)?.0;
-        has_seconds = true;
         if c.eat(b'.') || c.eat(b',') {
             let start = c.pos;
             let mut scale = 100_000_000u32;
@@ -301,7 +281,7 @@ fn parse_time(c: &mut Cursor<'_>) -> Option<(NaiveTime, bool)> {
         }
     }
     let nanos = nanos - nanos % NANOS_PER_TICK;
-    NaiveTime::from_hms_nano_opt(hour, minute, second, nanos).map(|t| (t, has_seconds))
+    NaiveTime::from_hms_nano_opt(hour, minute, second, nanos)
 }
 
 /// Reads `Z`, `±HH`, `±HHmm` or `±HH:mm`; `None` inside means no offset was written.
@@ -336,7 +316,7 @@ fn to_utc(naive: NaiveDateTime, offset_seconds: Option<i32>) -> Option<Timestamp
     Some(Timestamp::from_datetime(dt.with_timezone(&Utc)))
 }
 
-fn parse_iso(text: &str) -> Option<(Timestamp, IsoShape)> {
+fn parse_iso(text: &str) -> Option<Timestamp> {
     let mut c = Cursor::new(text);
     let (year, _) = c.digits(4, 4)?;
     if !c.eat(b'-') {
@@ -350,28 +330,18 @@ fn parse_iso(text: &str) -> Option<(Timestamp, IsoShape)> {
     let date = NaiveDate::from_ymd_opt(year as i32, month, day)?;
     if c.done() {
         let naive = date.and_hms_opt(0, 0, 0)?;
-        return to_utc(naive, None).map(|t| {
-            (
-                t,
-                IsoShape {
-                    newtonsoft_date: false,
-                },
-            )
-        });
+        return to_utc(naive, None);
     }
     let t_separator = c.eat(b'T') || c.eat(b't');
     if !t_separator && !c.eat(b' ') {
         return None;
     }
-    let (time, has_seconds) = parse_time(&mut c)?;
+    let time = parse_time(&mut c)?;
     let offset = parse_offset(&mut c)?;
     if !c.done() {
         return None;
     }
-    let shape = IsoShape {
-        newtonsoft_date: t_separator && has_seconds,
-    };
-    to_utc(date.and_time(time), offset).map(|t| (t, shape))
+    to_utc(date.and_time(time), offset)
 }
 
 /// Reads `M/d/yyyy[ H:mm[:ss[.f]]][ AM|PM][ offset]` (the invariant culture's order) and
@@ -397,7 +367,7 @@ fn parse_us(text: &str) -> Option<Timestamp> {
     let mut time = NaiveTime::MIN;
     let mut offset = None;
     if c.eat(b' ') || c.eat(b'T') {
-        time = parse_time(&mut c)?.0;
+        time = parse_time(&mut c)?;
         let rest = std::str::from_utf8(&c.bytes[c.pos..]).ok()?.trim_start();
         let upper = rest.get(..2).map(str::to_ascii_uppercase);
         let meridiem = match upper.as_deref() {
@@ -486,14 +456,6 @@ mod tests {
         ] {
             assert!(Timestamp::parse(bad).is_err(), "{bad}");
         }
-    }
-
-    #[test]
-    fn newtonsoft_date_detection() {
-        assert!(Timestamp::parse_json_date("2019-02-01T22:46:01Z").is_some());
-        assert!(Timestamp::parse_json_date("2019-02-01T22:46:01.1234567+02:00").is_some());
-        assert!(Timestamp::parse_json_date("2019-02-01").is_none());
-        assert!(Timestamp::parse_json_date("2019-02-01 22:46:01").is_none());
     }
 
     #[test]

@@ -12,11 +12,11 @@
 //! * device id and timestamp are required, patient and encounter ids optional, the correlation
 //!   id is required when the template defines it;
 //! * a required value that is missing, null, blank or not convertible is an error naming the
-//!   field and the expression; an optional one is left out;
+//!   field and the expression; an optional one is left out when it is missing, null or not
+//!   convertible, and kept as written when it is an empty or blank string;
 //! * a value expression that selects more than one token is an error.
 #![deny(missing_docs)]
 
-mod dotnet;
 pub mod explain;
 
 use std::borrow::Cow;
@@ -24,10 +24,9 @@ use std::cell::OnceCell;
 
 use iomt_core::{DeviceEvent, Measurement, MeasurementProperty, Timestamp};
 use iomt_templates::device::{ContentTemplate, DeviceMapping, Field};
-use iomt_templates::expr::jmespath::{to_var, with_matched_token};
-use iomt_templates::expr::jsonpath::KeyFilter;
-use iomt_templates::expr::{Expression, ExpressionKind, Scope};
-use jmespath::Rcvar;
+use iomt_templates::expr::jsonpath::{KeyFilter, SelectError};
+use iomt_templates::expr::token::ConversionError;
+use iomt_templates::expr::{Expression, ExpressionKind, Scope, Token};
 use serde::Serialize;
 use serde_json::{Map, Value};
 
@@ -162,7 +161,6 @@ impl Normalizer {
         let mut out = Output::default();
         let mut eval = Evaluation {
             root,
-            jmes_root: OnceCell::new(),
             keys: OnceCell::new(),
         };
         for template in &self.mapping.templates {
@@ -230,19 +228,14 @@ pub fn parse_body(body: &[u8]) -> Result<Value, NormalizeError> {
     })
 }
 
-/// Per-event state shared by the templates: the JMESPath form of the document is built at
-/// most once, and only if a JMESPath expression runs.
+/// Per-event state shared by the templates: the member names of the document, collected at
+/// most once.
 struct Evaluation<'a> {
     root: &'a Value,
-    jmes_root: OnceCell<Rcvar>,
     keys: OnceCell<KeyFilter>,
 }
 
 impl Evaluation<'_> {
-    fn jmes_root(&self) -> &Rcvar {
-        self.jmes_root.get_or_init(|| to_var(self.root))
-    }
-
     fn template<T: Trace>(
         &mut self,
         t: &ContentTemplate,
@@ -253,25 +246,31 @@ impl Evaluation<'_> {
         let tokens: Vec<Cow<'_, Value>> = match &t.type_match.kind {
             ExpressionKind::JsonPath(p) => {
                 let mut found = Vec::new();
-                if p.may_select(self.keys.get_or_init(|| KeyFilter::of(self.root))) {
-                    p.select(self.root, &mut found);
+                if p.may_select(self.keys.get_or_init(|| KeyFilter::of(self.root)))
+                    && let Err(e) = p.select(self.root, &mut found)
+                {
+                    out.errors.push(error_at(
+                        t,
+                        &t.type_match,
+                        ErrorKind::TemplateExpression,
+                        format!("the expression {} failed: {e}", p.as_str()),
+                    ));
+                    return;
                 }
                 found.into_iter().map(Cow::Borrowed).collect()
             }
-            ExpressionKind::JmesPath(p) => {
-                match p.select_in(Scope::Value(self.root), || self.jmes_root().clone()) {
-                    Ok(values) => values,
-                    Err(e) => {
-                        out.errors.push(error_at(
-                            t,
-                            &t.type_match,
-                            ErrorKind::TemplateExpression,
-                            e.to_string(),
-                        ));
-                        return;
-                    }
+            ExpressionKind::JmesPath(p) => match p.select_in(Scope::Value(self.root)) {
+                Ok(values) => values,
+                Err(e) => {
+                    out.errors.push(error_at(
+                        t,
+                        &t.type_match,
+                        ErrorKind::TemplateExpression,
+                        e.to_string(),
+                    ));
+                    return;
                 }
-            }
+            },
         };
         if T::ENABLED {
             trace.type_match(t, &tokens);
@@ -284,7 +283,6 @@ impl Evaluation<'_> {
                 eval: self,
                 template: t,
                 token,
-                jmes_scope: OnceCell::new(),
             };
             match matched.measurement(ingestion, trace) {
                 Ok(m) => out.measurements.push(m),
@@ -299,7 +297,6 @@ struct Matched<'e, 'a> {
     eval: &'e Evaluation<'a>,
     template: &'e ContentTemplate,
     token: &'e Value,
-    jmes_scope: OnceCell<Rcvar>,
 }
 
 impl Matched<'_, '_> {
@@ -314,59 +311,51 @@ impl Matched<'_, '_> {
         }
     }
 
-    fn jmes_scope(&self) -> &Rcvar {
-        self.jmes_scope.get_or_init(|| {
-            if self.template.kind.uses_matched_token() {
-                with_matched_token(self.eval.jmes_root(), to_var(self.token))
-            } else {
-                to_var(self.token)
-            }
-        })
-    }
-
     /// Runs `f` on the single token `expression` selects.
     fn select_one<R>(
         &self,
         expression: &Expression,
-        f: impl FnOnce(Option<&Value>) -> R,
+        f: impl FnOnce(Option<&Token<'_>>) -> R,
     ) -> Result<R, (ErrorKind, String)> {
         match &expression.kind {
-            ExpressionKind::JsonPath(p) => {
-                p.with_one_in(self.scope(), |r| r.map(f)).map_err(|_| {
-                    (
-                        ErrorKind::TemplateExpression,
-                        format!(
+            ExpressionKind::JsonPath(p) => p
+                .with_one_in(self.scope(), |r| r.map(|v| f(v.map(Token::Json).as_ref())))
+                .map_err(|e| {
+                    let message = match e {
+                        SelectError::MultipleTokens => format!(
                             "the expression {} returned multiple tokens where one value is needed",
                             p.as_str()
                         ),
-                    )
-                })
-            }
-            ExpressionKind::JmesPath(p) => {
-                match p.select_one_in(self.scope(), || self.jmes_scope().clone()) {
-                    Ok(v) => Ok(f(v.as_ref())),
-                    Err(e) => Err((ErrorKind::TemplateExpression, e.to_string())),
-                }
-            }
+                        SelectError::Compare(e) => {
+                            format!("the expression {} failed: {e}", p.as_str())
+                        }
+                    };
+                    (ErrorKind::TemplateExpression, message)
+                }),
+            ExpressionKind::JmesPath(p) => match p.select_one_in(self.scope()) {
+                Ok(v) => Ok(f(v.as_ref())),
+                Err(e) => Err((ErrorKind::TemplateExpression, e.to_string())),
+            },
         }
     }
 
     /// MedTech's `EvalExpression`: tries each expression in turn; a required field fails with
     /// every reason collected, an optional one is simply absent.
-    fn extract<V, T: Trace>(
+    fn extract<V: Blank, T: Trace>(
         &self,
         field: &str,
         name: &str,
         expressions: &[Expression],
         required: bool,
-        convert: fn(&Value) -> Result<Option<V>, dotnet::ConversionError>,
+        convert: fn(&Token<'_>) -> Result<Option<V>, ConversionError>,
         trace: &mut T,
     ) -> Result<Option<V>, NormalizeError> {
         let mut reasons = Vec::new();
         for expression in expressions {
             let selected = self.select_one(expression, |token| {
                 if T::ENABLED {
-                    trace.expression(self.template, field, expression, token);
+                    let json = token.map(Token::to_json);
+                    trace.expression(self.template, field, expression, json.as_deref());
                 }
                 token.map(convert)
             });
@@ -378,6 +367,9 @@ impl Matched<'_, '_> {
                 Ok(Some(c)) => c,
             };
             match converted {
+                Ok(Some(value)) if required && value.is_blank() => {
+                    reasons.push(format!("a null or empty value was supplied for the required field [{name}] by {}", expression.as_str()));
+                }
                 Ok(Some(value)) => return Ok(Some(value)),
                 Ok(None) if required => {
                     reasons.push(format!("a null or empty value was supplied for the required field [{name}] by {}", expression.as_str()));
@@ -412,11 +404,11 @@ impl Matched<'_, '_> {
         })
     }
 
-    fn field<V, T: Trace>(
+    fn field<V: Blank, T: Trace>(
         &self,
         field: &Field,
         required: bool,
-        convert: fn(&Value) -> Result<Option<V>, dotnet::ConversionError>,
+        convert: fn(&Token<'_>) -> Result<Option<V>, ConversionError>,
         trace: &mut T,
         errors: &mut Vec<NormalizeError>,
     ) -> Option<V> {
@@ -442,31 +434,24 @@ impl Matched<'_, '_> {
     ) -> Result<Measurement, Vec<NormalizeError>> {
         let t = self.template;
         let mut errors = Vec::new();
-        let device_id = self.field(&t.device_id, true, dotnet::to_string, trace, &mut errors);
-        let timestamp = self.field(&t.timestamp, true, dotnet::to_timestamp, trace, &mut errors);
+        let device_id = self.field(&t.device_id, true, to_string, trace, &mut errors);
+        let timestamp = self.field(&t.timestamp, true, to_timestamp, trace, &mut errors);
         let correlation_id = t
             .correlation_id
             .as_ref()
-            .and_then(|f| self.field(f, true, dotnet::to_string, trace, &mut errors));
+            .and_then(|f| self.field(f, true, to_string, trace, &mut errors));
         let patient_id = t
             .patient_id
             .as_ref()
-            .and_then(|f| self.field(f, false, dotnet::to_string, trace, &mut errors));
+            .and_then(|f| self.field(f, false, to_string, trace, &mut errors));
         let encounter_id = t
             .encounter_id
             .as_ref()
-            .and_then(|f| self.field(f, false, dotnet::to_string, trace, &mut errors));
+            .and_then(|f| self.field(f, false, to_string, trace, &mut errors));
         let mut properties = Vec::with_capacity(t.values.len());
         for v in &t.values {
             let expressions = std::slice::from_ref(&v.expression);
-            match self.extract(
-                &v.name,
-                &v.name,
-                expressions,
-                v.required,
-                dotnet::to_string,
-                trace,
-            ) {
+            match self.extract(&v.name, &v.name, expressions, v.required, to_string, trace) {
                 Ok(Some(value)) => properties.push(MeasurementProperty {
                     name: v.name.clone(),
                     value,
@@ -488,6 +473,33 @@ impl Matched<'_, '_> {
             }),
             _ => Err(errors),
         }
+    }
+}
+
+/// `Value<string>()`; an empty or blank string is a value.
+fn to_string(token: &Token<'_>) -> Result<Option<String>, ConversionError> {
+    Ok(token.value_string()?.map(Cow::into_owned))
+}
+
+/// `Value<DateTime?>()`.
+fn to_timestamp(token: &Token<'_>) -> Result<Option<Timestamp>, ConversionError> {
+    token.value_timestamp()
+}
+
+/// What MedTech's `string.IsNullOrWhiteSpace` rejects for a required field.
+trait Blank {
+    fn is_blank(&self) -> bool;
+}
+
+impl Blank for String {
+    fn is_blank(&self) -> bool {
+        self.trim().is_empty()
+    }
+}
+
+impl Blank for Timestamp {
+    fn is_blank(&self) -> bool {
+        false
     }
 }
 

@@ -28,6 +28,7 @@ use regex::Regex;
 use serde_json::{Map, Value};
 
 use super::newtonsoft;
+use super::token::{CompareError, Kind, Token, compare_kinds, values_equal};
 
 /// A compiled JSONPath expression.
 #[derive(Debug, Clone)]
@@ -99,10 +100,19 @@ pub struct JsonPathError {
     pub reason: String,
 }
 
-/// `SelectToken` found more than one token where the template needs exactly one value.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
-#[error("path returned multiple tokens")]
-pub struct MultipleTokens;
+/// Why evaluating a JSONPath selected nothing usable.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum SelectError {
+    /// `SelectToken` found more than one token where the template needs exactly one value.
+    #[error("path returned multiple tokens")]
+    MultipleTokens,
+    /// A filter compared tokens .NET cannot compare (a date with a number, say); Newtonsoft
+    /// throws, so the template fails for this event.
+    #[error("a filter comparison failed: {0}")]
+    Compare(#[from] CompareError),
+}
+
+type Eval<T> = Result<T, CompareError>;
 
 /// What a JSONPath is evaluated against.
 ///
@@ -134,6 +144,8 @@ impl<'a> Scope<'a> {
                     Value::Object(m) => m.clone(),
                     _ => Map::new(),
                 };
+                // MedTech removes `matchedToken` and adds it again: it is always last.
+                map.shift_remove("matchedToken");
                 map.insert("matchedToken".to_owned(), token.clone());
                 Cow::Owned(Value::Object(map))
             }
@@ -225,12 +237,16 @@ impl JsonPath {
     }
 
     /// Every token the expression selects, in Newtonsoft's order (`SelectTokens`).
-    pub fn select<'a>(&self, root: &'a Value, out: &mut Vec<&'a Value>) {
-        eval_steps(&self.steps, root, root, out);
+    pub fn select<'a>(
+        &self,
+        root: &'a Value,
+        out: &mut Vec<&'a Value>,
+    ) -> Result<(), CompareError> {
+        eval_steps(&self.steps, root, root, out)
     }
 
     /// The single token the expression selects, if any (`SelectToken`).
-    pub fn select_one<'a>(&self, root: &'a Value) -> Result<Option<&'a Value>, MultipleTokens> {
+    pub fn select_one<'a>(&self, root: &'a Value) -> Result<Option<&'a Value>, SelectError> {
         select_one_from(&self.steps, root)
     }
 
@@ -239,7 +255,7 @@ impl JsonPath {
     pub fn with_one_in<R>(
         &self,
         scope: Scope<'_>,
-        f: impl FnOnce(Result<Option<&Value>, MultipleTokens>) -> R,
+        f: impl FnOnce(Result<Option<&Value>, SelectError>) -> R,
     ) -> R {
         match scope {
             Scope::Value(root) => f(self.select_one(root)),
@@ -273,19 +289,16 @@ impl JsonPath {
 }
 
 /// `SelectToken` of `steps` from `start`, without allocating for name/index chains.
-fn select_one_from<'a>(
-    steps: &[Step],
-    start: &'a Value,
-) -> Result<Option<&'a Value>, MultipleTokens> {
+fn select_one_from<'a>(steps: &[Step], start: &'a Value) -> Result<Option<&'a Value>, SelectError> {
     if let Some(v) = simple_walk(steps, start) {
         return Ok(v);
     }
     let mut out = Vec::new();
-    eval_steps(steps, start, start, &mut out);
+    eval_steps(steps, start, start, &mut out)?;
     match out.len() {
         0 => Ok(None),
         1 => Ok(Some(out[0])),
-        _ => Err(MultipleTokens),
+        _ => Err(SelectError::MultipleTokens),
     }
 }
 
@@ -635,29 +648,39 @@ fn literal(l: &Literal) -> Value {
     }
 }
 
-fn eval_steps<'a>(steps: &[Step], root: &'a Value, start: &'a Value, out: &mut Vec<&'a Value>) {
+fn eval_steps<'a>(
+    steps: &[Step],
+    root: &'a Value,
+    start: &'a Value,
+    out: &mut Vec<&'a Value>,
+) -> Eval<()> {
     let Some((step, rest)) = steps.split_first() else {
         out.push(start);
-        return;
+        return Ok(());
     };
     if rest.is_empty() {
-        match step {
+        return match step {
             Step::Child(sel) => apply_child(sel, root, start, out),
             Step::Descendant(sel) => apply_descendant(sel, root, start, out),
-        }
-        return;
+        };
     }
     let mut next = Vec::new();
     match step {
-        Step::Child(sel) => apply_child(sel, root, start, &mut next),
-        Step::Descendant(sel) => apply_descendant(sel, root, start, &mut next),
+        Step::Child(sel) => apply_child(sel, root, start, &mut next)?,
+        Step::Descendant(sel) => apply_descendant(sel, root, start, &mut next)?,
     }
     for node in next {
-        eval_steps(rest, root, node, out);
+        eval_steps(rest, root, node, out)?;
     }
+    Ok(())
 }
 
-fn apply_child<'a>(sel: &Sel, root: &'a Value, node: &'a Value, out: &mut Vec<&'a Value>) {
+fn apply_child<'a>(
+    sel: &Sel,
+    root: &'a Value,
+    node: &'a Value,
+    out: &mut Vec<&'a Value>,
+) -> Eval<()> {
     match sel {
         Sel::Name(n) => {
             if let Value::Object(m) = node
@@ -687,11 +710,20 @@ fn apply_child<'a>(sel: &Sel, root: &'a Value, node: &'a Value, out: &mut Vec<&'
             // Newtonsoft's QueryFilter tests the children of each node: array elements, and
             // for objects their property entries, which no member test can match.
             if let Value::Array(a) = node {
-                out.extend(a.iter().filter(|v| filter(f, root, v)));
+                for v in a {
+                    if filter(f, root, v)? {
+                        out.push(v);
+                    }
+                }
             }
         }
-        Sel::Union(sels) => sels.iter().for_each(|s| apply_child(s, root, node, out)),
+        Sel::Union(sels) => {
+            for s in sels {
+                apply_child(s, root, node, out)?;
+            }
+        }
     }
+    Ok(())
 }
 
 fn slice<'a>(
@@ -723,6 +755,16 @@ fn slice<'a>(
     }
 }
 
+/// Pre-order walk of `node` and everything under it; stops at the first error.
+fn try_walk<'a>(node: &'a Value, visit: &mut impl FnMut(&'a Value) -> Eval<()>) -> Eval<()> {
+    visit(node)?;
+    match node {
+        Value::Object(m) => m.values().try_for_each(|v| try_walk(v, visit)),
+        Value::Array(a) => a.iter().try_for_each(|v| try_walk(v, visit)),
+        _ => Ok(()),
+    }
+}
+
 /// Pre-order walk of `node` and everything under it.
 fn walk_self_and_descendants<'a>(node: &'a Value, visit: &mut impl FnMut(&'a Value)) {
     visit(node);
@@ -733,13 +775,19 @@ fn walk_self_and_descendants<'a>(node: &'a Value, visit: &mut impl FnMut(&'a Val
     }
 }
 
-fn apply_descendant<'a>(sel: &Sel, root: &'a Value, node: &'a Value, out: &mut Vec<&'a Value>) {
+fn apply_descendant<'a>(
+    sel: &Sel,
+    root: &'a Value,
+    node: &'a Value,
+    out: &mut Vec<&'a Value>,
+) -> Eval<()> {
     match sel {
         // QueryScanFilter: the filter runs on the node itself and on every descendant.
-        Sel::Filter(f) => walk_self_and_descendants(node, &mut |n| {
-            if filter(f, root, n) {
+        Sel::Filter(f) => try_walk(node, &mut |n| {
+            if filter(f, root, n)? {
                 out.push(n);
             }
+            Ok(())
         }),
         // ScanFilter: values of members with this name, anywhere below the node.
         Sel::Name(name) => {
@@ -758,36 +806,62 @@ fn apply_descendant<'a>(sel: &Sel, root: &'a Value, node: &'a Value, out: &mut V
                 }
             }
             scan(node, name, out);
+            Ok(())
         }
         // `..*` yields the node itself, then every value below it.
-        Sel::Wildcard => walk_self_and_descendants(node, &mut |n| out.push(n)),
-        other => walk_self_and_descendants(node, &mut |n| apply_child(other, root, n, out)),
+        Sel::Wildcard => {
+            walk_self_and_descendants(node, &mut |n| out.push(n));
+            Ok(())
+        }
+        other => try_walk(node, &mut |n| apply_child(other, root, n, out)),
     }
 }
 
-fn filter(f: &Filter, root: &Value, current: &Value) -> bool {
-    match f {
-        Filter::Or(fs) => fs.iter().any(|f| filter(f, root, current)),
-        Filter::And(fs) => fs.iter().all(|f| filter(f, root, current)),
-        Filter::Not(f) => !filter(f, root, current),
-        Filter::Exists(q) => query_exists(q, root, current),
+fn filter(f: &Filter, root: &Value, current: &Value) -> Eval<bool> {
+    Ok(match f {
+        Filter::Or(fs) => {
+            for f in fs {
+                if filter(f, root, current)? {
+                    return Ok(true);
+                }
+            }
+            false
+        }
+        Filter::And(fs) => {
+            for f in fs {
+                if !filter(f, root, current)? {
+                    return Ok(false);
+                }
+            }
+            true
+        }
+        Filter::Not(f) => !filter(f, root, current)?,
+        Filter::Exists(q) => query_exists(q, root, current)?,
         Filter::Compare(l, op, r) => {
             let (mut lv, mut rv) = (Vec::new(), Vec::new());
-            operand(l, root, current, &mut lv);
-            operand(r, root, current, &mut rv);
-            lv.iter().any(|a| rv.iter().any(|b| compare(a, *op, b)))
+            operand(l, root, current, &mut lv)?;
+            operand(r, root, current, &mut rv)?;
+            for a in &lv {
+                for b in &rv {
+                    if compare(a, *op, b)? {
+                        return Ok(true);
+                    }
+                }
+            }
+            false
         }
         Filter::Regex(subject, re) => {
             let mut values = Vec::new();
-            operand(subject, root, current, &mut values);
+            operand(subject, root, current, &mut values)?;
+            // Newtonsoft matches string tokens only: a date token never matches.
             values
                 .iter()
-                .any(|v| matches!(v, Value::String(s) if re.is_match(s)))
+                .any(|v| matches!(v.kind(), Kind::Str(s) if re.is_match(s)))
         }
-    }
+    })
 }
 
-fn query_exists(q: &Query, root: &Value, current: &Value) -> bool {
+fn query_exists(q: &Query, root: &Value, current: &Value) -> Eval<bool> {
     let start = if q.absolute { root } else { current };
     // `@.a.b` is by far the most common test; answer it without collecting.
     let mut cur = start;
@@ -796,9 +870,9 @@ fn query_exists(q: &Query, root: &Value, current: &Value) -> bool {
         match (step, cur) {
             (Step::Child(Sel::Name(n)), Value::Object(m)) => match member(m, n) {
                 Some(v) => cur = v,
-                None => return false,
+                None => return Ok(false),
             },
-            (Step::Child(Sel::Name(_)), _) => return false,
+            (Step::Child(Sel::Name(_)), _) => return Ok(false),
             _ => {
                 simple = false;
                 break;
@@ -806,73 +880,70 @@ fn query_exists(q: &Query, root: &Value, current: &Value) -> bool {
         }
     }
     if simple {
-        return true;
+        return Ok(true);
     }
     let mut out = Vec::new();
-    eval_steps(&q.steps, root, start, &mut out);
-    !out.is_empty()
+    eval_steps(&q.steps, root, start, &mut out)?;
+    Ok(!out.is_empty())
 }
 
-fn operand<'a>(op: &'a Operand, root: &'a Value, current: &'a Value, out: &mut Vec<&'a Value>) {
+/// The tokens an operand stands for: a literal string is a string token (never a date), the
+/// document's values are themselves.
+fn operand<'a>(
+    op: &'a Operand,
+    root: &'a Value,
+    current: &'a Value,
+    out: &mut Vec<Token<'a>>,
+) -> Eval<()> {
     match op {
-        Operand::Literal(v) => out.push(v),
+        Operand::Literal(Value::String(s)) => out.push(Token::Str(s)),
+        Operand::Literal(v) => out.push(Token::Json(v)),
         Operand::Query(q) => {
-            eval_steps(&q.steps, root, if q.absolute { root } else { current }, out)
+            let mut found = Vec::new();
+            eval_steps(
+                &q.steps,
+                root,
+                if q.absolute { root } else { current },
+                &mut found,
+            )?;
+            out.extend(found.into_iter().map(Token::Json));
         }
     }
+    Ok(())
 }
 
 /// Newtonsoft's `BooleanQueryExpression` comparison of two tokens.
-fn compare(a: &Value, op: CmpOp, b: &Value) -> bool {
-    let scalar = |v: &Value| !matches!(v, Value::Object(_) | Value::Array(_));
-    if !scalar(a) || !scalar(b) {
+fn compare(a: &Token<'_>, op: CmpOp, b: &Token<'_>) -> Eval<bool> {
+    let (ka, kb) = (a.kind(), b.kind());
+    if matches!(ka, Kind::Array | Kind::Object) || matches!(kb, Kind::Array | Kind::Object) {
         // Containers never compare equal to anything; `!=` is true for them.
-        return op == CmpOp::Ne;
+        return Ok(op == CmpOp::Ne);
     }
-    let ord = || order(a, b);
-    match op {
-        CmpOp::Eq => equals(a, b),
-        CmpOp::Ne => !equals(a, b),
-        CmpOp::Lt => ord() == Some(Ordering::Less),
-        CmpOp::Le => matches!(ord(), Some(Ordering::Less | Ordering::Equal)),
-        CmpOp::Gt => ord() == Some(Ordering::Greater),
-        CmpOp::Ge => matches!(ord(), Some(Ordering::Greater | Ordering::Equal)),
-    }
+    let ord = || compare_kinds(ka, kb);
+    Ok(match op {
+        CmpOp::Eq => equals_with_string_coercion(ka, kb),
+        CmpOp::Ne => !equals_with_string_coercion(ka, kb),
+        CmpOp::Lt => ord()? == Ordering::Less,
+        CmpOp::Le => ord()? != Ordering::Greater,
+        CmpOp::Gt => ord()? == Ordering::Greater,
+        CmpOp::Ge => ord()? != Ordering::Less,
+    })
 }
 
-fn equals(a: &Value, b: &Value) -> bool {
-    match (a, b) {
-        (Value::Number(x), Value::Number(y)) => {
-            if let (Some(x), Some(y)) = (x.as_i64(), y.as_i64()) {
-                x == y
-            } else {
-                x.as_f64() == y.as_f64()
-            }
-        }
-        _ => a == b,
+/// `QueryExpression.EqualsWithStringCoercion(value, queryValue)`: equal tokens, an integer
+/// and a double of the same value, or a date on the left whose ISO text (trailing fraction
+/// zeros dropped, `Z` for UTC) is the string on the right. A string on the left never equals a
+/// date on the right.
+fn equals_with_string_coercion(value: Kind<'_>, query: Kind<'_>) -> bool {
+    if values_equal(value, query) {
+        return true;
     }
-}
-
-/// Newtonsoft's `JValue.CompareTo` for `<`, `<=`, `>`, `>=`: `null` sorts first, and a string
-/// compared with a number is read as a number (`"26" > 3`).
-fn order(a: &Value, b: &Value) -> Option<Ordering> {
-    match (a, b) {
-        (Value::Null, Value::Null) => Some(Ordering::Equal),
-        (Value::Null, _) => Some(Ordering::Less),
-        (_, Value::Null) => Some(Ordering::Greater),
-        (Value::String(s), Value::Number(n)) => {
-            s.trim().parse::<f64>().ok()?.partial_cmp(&n.as_f64()?)
+    match (value, query) {
+        (Kind::Int(_), Kind::Float(_)) | (Kind::Float(_), Kind::Int(_)) => {
+            compare_kinds(value, query) == Ok(Ordering::Equal)
         }
-        (Value::Number(n), Value::String(s)) => {
-            n.as_f64()?.partial_cmp(&s.trim().parse::<f64>().ok()?)
-        }
-        (Value::Number(x), Value::Number(y)) => match (x.as_i64(), y.as_i64()) {
-            (Some(x), Some(y)) => Some(x.cmp(&y)),
-            _ => x.as_f64()?.partial_cmp(&y.as_f64()?),
-        },
-        (Value::String(x), Value::String(y)) => Some(x.as_str().cmp(y.as_str())),
-        (Value::Bool(x), Value::Bool(y)) => Some(x.cmp(y)),
-        _ => None,
+        (Kind::Date(d), Kind::Str(text)) => d.to_iso_string() == text,
+        _ => false,
     }
 }
 
@@ -884,7 +955,7 @@ mod tests {
     fn sel(path: &str, doc: &Value) -> Vec<Value> {
         let p = JsonPath::compile(path).unwrap();
         let mut out = Vec::new();
-        p.select(doc, &mut out);
+        p.select(doc, &mut out).unwrap();
         out.into_iter().cloned().collect()
     }
 
@@ -917,10 +988,62 @@ mod tests {
     }
 
     #[test]
+    fn body_dates_compare_as_dates() {
+        let doc = json!({"r": [
+            {"at": "2024-03-05T09:00:00Z"},
+            {"at": "2024-03-05T09:00:00.000Z"},
+            {"at": "2024-03-05T09:30:00Z"},
+            {"at": "2024-03-05T10:00:00+01:00"},
+            {"at": "2024-03-05T09:00:00"},
+            {"at": "not a date"}
+        ]});
+        let count = |path: &str| sel(path, &doc).len();
+        // `==` compares the literal with the date's canonical ISO text, kind included.
+        assert_eq!(count("$.r[?(@.at == '2024-03-05T09:00:00Z')]"), 2);
+        assert_eq!(count("$.r[?(@.at == '2024-03-05T09:00:00.000Z')]"), 0);
+        assert_eq!(count("$.r[?(@.at == '2024-03-05T09:00:00+00:00')]"), 1);
+        assert_eq!(count("$.r[?(@.at == '2024-03-05T09:00:00')]"), 1);
+        assert_eq!(count("$.r[?(@.at != '2024-03-05T09:00:00Z')]"), 4);
+        // A string on the left never equals a date.
+        assert_eq!(count("$.r[?('2024-03-05T09:00:00Z' == @.at)]"), 0);
+        // Regular expressions see string tokens only.
+        assert_eq!(count("$.r[?(@.at =~ /2024/)]"), 0);
+        assert_eq!(count("$.r[?(@.at =~ /date/)]"), 1);
+        let p = JsonPath::compile("$.r[?(@.at < '2024-03-05 09:20')]").unwrap();
+        let mut out = Vec::new();
+        let ok = json!({"r": [{"at": "2024-03-05T09:00:00Z"}, {"at": "2024-03-05T09:30:00Z"}, {"at": null}]});
+        p.select(&ok, &mut out).unwrap();
+        assert_eq!(out.len(), 2, "{out:?}");
+        // Two strings compare ordinally; .NET throws when it cannot convert one side to the
+        // other's type, and the whole selection fails.
+        assert!(p.select(&doc, &mut Vec::new()).is_ok());
+        for bad in [
+            "$.r[?(@.at > 5)]",
+            "$.r[?(@.at < 'soon')]",
+            "$.r[?('x' < @.at)]",
+        ] {
+            let p = JsonPath::compile(bad).unwrap();
+            assert!(p.select(&ok, &mut Vec::new()).is_err(), "{bad}");
+        }
+    }
+
+    #[test]
+    fn mixed_type_comparisons_follow_newtonsoft() {
+        let doc = json!([{"v": 26}, {"v": "26"}, {"v": 2.5}, {"v": true}]);
+        assert_eq!(
+            sel("$[?(@.v > 3)]", &json!([{"v": "26"}, {"v": 2}])).len(),
+            1
+        );
+        assert_eq!(sel("$[?(@.v == 26.0)]", &doc).len(), 1);
+        let p = JsonPath::compile("$[?(@.v > 'x')]").unwrap();
+        assert!(p.select(&json!([{"v": 1}]), &mut Vec::new()).is_err());
+    }
+
+    #[test]
     fn select_one_rejects_multiple() {
         let doc = json!({"a": [1, 2]});
         let p = JsonPath::compile("$.a[*]").unwrap();
-        assert_eq!(p.select_one(&doc), Err(MultipleTokens));
+        assert_eq!(p.select_one(&doc), Err(SelectError::MultipleTokens));
         let p = JsonPath::compile("$.a[1]").unwrap();
         assert_eq!(p.select_one(&doc), Ok(Some(&json!(2))));
         let p = JsonPath::compile("$.b.c").unwrap();
@@ -981,7 +1104,7 @@ mod tests {
             let p = JsonPath::compile(path).unwrap();
             assert!(p.may_select(&keys), "{path}");
             let mut out = Vec::new();
-            p.select(&doc, &mut out);
+            p.select(&doc, &mut out).unwrap();
             assert!(!out.is_empty(), "{path}");
         }
         let p = JsonPath::compile("$..[?(@heartRate && @hr)]").unwrap();

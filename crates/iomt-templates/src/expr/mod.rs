@@ -1,11 +1,14 @@
 //! Template expressions: JSONPath (Newtonsoft dialect) and JMESPath, compiled once.
 
+pub mod dotnet;
 pub mod jmespath;
 pub mod jsonpath;
 mod newtonsoft;
+pub mod token;
 
 pub use self::jmespath::JmesPath;
 pub use self::jsonpath::{JsonPath, Scope};
+pub use self::token::Token;
 
 /// The language of one template expression.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
