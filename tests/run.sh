@@ -97,3 +97,6 @@ if [[ ! -f "$conformance/run.py" ]]; then
 fi
 cargo build --locked --bin iomt
 python3 "$conformance/run.py" --iomt "$repo/target/debug/iomt"
+
+step "iomt's own MedTech cases (tests/medtech-cases, same runner)"
+python3 "$conformance/run.py" --iomt "$repo/target/debug/iomt" --cases "$repo/tests/medtech-cases"

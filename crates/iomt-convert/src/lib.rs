@@ -119,9 +119,10 @@ impl ResourceIds {
             patient: group
                 .patient_id
                 .clone()
+                .filter(|p| !p.trim().is_empty())
                 .unwrap_or_else(|| "unknown-patient".to_owned()),
             device: group.device_id.clone(),
-            encounter: group.encounter_id.clone(),
+            encounter: group.encounter_id.clone().filter(|e| !e.trim().is_empty()),
         }
     }
 }

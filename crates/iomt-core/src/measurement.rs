@@ -66,6 +66,20 @@ impl Measurement {
     pub fn partition_key(&self) -> String {
         partition_key(&self.device_id)
     }
+
+    /// What MedTech groups measurements by: the text
+    /// `{device}-{type}-{patient}-{encounter}-{correlation id}`, in which a missing id prints as
+    /// nothing. A missing id and an empty one therefore share a group (whose ids are those of
+    /// its first measurement); blank ids that differ do not.
+    pub fn group_ids(&self) -> [&str; 5] {
+        [
+            &self.device_id,
+            &self.type_name,
+            self.patient_id.as_deref().unwrap_or_default(),
+            self.encounter_id.as_deref().unwrap_or_default(),
+            self.correlation_id.as_deref().unwrap_or_default(),
+        ]
+    }
 }
 
 /// The measurements of one device, patient, encounter, correlation id and type: the unit the
@@ -87,18 +101,14 @@ pub struct MeasurementGroup {
 }
 
 impl MeasurementGroup {
-    /// Groups measurements by device, patient, encounter, correlation id and type, keeping the
-    /// order in which each group first appears (MedTech's grouping key).
+    /// Groups measurements by [`Measurement::group_ids`], keeping the order in which each group
+    /// first appears.
     pub fn group(measurements: impl IntoIterator<Item = Measurement>) -> Vec<MeasurementGroup> {
         let mut groups: Vec<MeasurementGroup> = Vec::new();
         for m in measurements {
-            let found = groups.iter_mut().find(|g| {
-                g.type_name == m.type_name
-                    && g.device_id == m.device_id
-                    && g.patient_id == m.patient_id
-                    && g.encounter_id == m.encounter_id
-                    && g.correlation_id == m.correlation_id
-            });
+            let found = groups
+                .iter_mut()
+                .find(|g| g.measurements[0].group_ids() == m.group_ids());
             match found {
                 Some(g) => g.measurements.push(m),
                 None => groups.push(MeasurementGroup {

@@ -146,9 +146,6 @@ impl IdentityResolver {
 
     /// The FHIR ids for a group, from the cache when possible.
     pub async fn resolve(&self, group: &MeasurementGroup) -> Result<ResourceIds, IdentityError> {
-        if self.config.mode == IdentityMode::LookupWithEncounter && group.encounter_id.is_none() {
-            return Err(IdentityError::EncounterIdentityNotDefined);
-        }
         let key = (group.device_id.clone(), group.encounter_id.clone());
         // Concurrent resolutions of one device share a single lookup (and, in Create mode, a
         // single create), instead of each group of a burst doing its own.
@@ -193,19 +190,28 @@ impl IdentityResolver {
         group: &MeasurementGroup,
     ) -> Result<ResourceIds, IdentityError> {
         let device = self.find_device(&group.device_id).await?;
-        let (device_id, patient_id) = match (device, self.config.mode) {
+        // Every mode first looks the device and its patient up, then the encounter; only when
+        // that lookup fails for the device or patient does Create mode create them, and then it
+        // resolves no encounter.
+        let (device_id, patient_id, looked_up) = match (device, self.config.mode) {
             (Some(d), _) if patient_of(&d).is_some() => {
-                (id_of(&d)?, patient_of(&d).unwrap_or_default())
+                (id_of(&d)?, patient_of(&d).unwrap_or_default(), true)
             }
-            (Some(d), IdentityMode::Create) => self.create_identities(group, Some(d)).await?,
+            (Some(d), IdentityMode::Create) => {
+                let (device, patient) = self.create_identities(group, Some(d)).await?;
+                (device, patient, false)
+            }
             (Some(_), _) => return Err(IdentityError::PatientNotFound),
-            (None, IdentityMode::Create) => self.create_identities(group, None).await?,
+            (None, IdentityMode::Create) => {
+                let (device, patient) = self.create_identities(group, None).await?;
+                (device, patient, false)
+            }
             (None, _) => return Err(IdentityError::DeviceNotFound),
         };
-        let encounter = match (&group.encounter_id, self.config.mode) {
-            // MedTech's create path does not resolve encounters.
-            (Some(_), IdentityMode::Create) | (None, _) => None,
-            (Some(encounter), _) => {
+        // MedTech tests ids with `string.IsNullOrWhiteSpace`: a blank encounter id is none.
+        let encounter_id = group.encounter_id.as_deref().filter(|e| !e.trim().is_empty());
+        let encounter = match encounter_id {
+            Some(encounter) if looked_up => {
                 let found = self
                     .client
                     .search("Encounter", &[("identifier", encounter)], 2)
@@ -213,7 +219,11 @@ impl IdentityResolver {
                 let first = found.first().ok_or(IdentityError::EncounterNotFound)?;
                 Some(id_of(first)?)
             }
+            _ => None,
         };
+        if self.config.mode == IdentityMode::LookupWithEncounter && encounter_id.is_none() {
+            return Err(IdentityError::EncounterIdentityNotDefined);
+        }
         Ok(ResourceIds {
             patient: patient_id,
             device: device_id,

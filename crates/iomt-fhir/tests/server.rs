@@ -611,7 +611,7 @@ async fn encounters_are_resolved_and_required_in_lookup_with_encounter() {
         ResourceIds {
             patient: patient_id,
             device: device_id,
-            encounter: Some(encounter_id)
+            encounter: Some(encounter_id.clone())
         }
     );
     g.encounter_id = Some(unique("no-such-visit"));
@@ -619,4 +619,48 @@ async fn encounters_are_resolved_and_required_in_lookup_with_encounter() {
         resolver.resolve(&g).await,
         Err(IdentityError::EncounterNotFound)
     );
+    // MedTech tests ids with IsNullOrWhiteSpace: a blank encounter id is no encounter.
+    g.encounter_id = Some("  ".into());
+    assert_eq!(
+        resolver.resolve(&g).await,
+        Err(IdentityError::EncounterIdentityNotDefined)
+    );
+    for mode in [IdentityMode::Lookup, IdentityMode::Create] {
+        let resolver = IdentityResolver::new(
+            client.clone(),
+            IdentityConfig {
+                mode,
+                ..IdentityConfig::default()
+            },
+        );
+        g.encounter_id = Some(String::new());
+        assert_eq!(resolver.resolve(&g).await.unwrap().encounter, None, "{mode:?}");
+        // Create mode looks an existing device up like Lookup mode, encounter included.
+        g.encounter_id = Some(encounter.clone());
+        assert_eq!(
+            resolver.resolve(&g).await.unwrap().encounter.as_deref(),
+            Some(encounter_id.as_str()),
+            "{mode:?}"
+        );
+    }
+}
+
+#[tokio::test]
+async fn create_mode_refuses_a_blank_patient_id() {
+    let _serial = SERIAL.lock().await;
+    let client = client();
+    let resolver = IdentityResolver::new(
+        client,
+        IdentityConfig {
+            mode: IdentityMode::Create,
+            ..IdentityConfig::default()
+        },
+    );
+    for blank in ["", "   "] {
+        let g = group(&unique("new-watch"), blank, &[("2026-11-20T11:00:00Z", "70")]);
+        assert_eq!(
+            resolver.resolve(&g).await,
+            Err(IdentityError::PatientIdentityNotDefined)
+        );
+    }
 }

@@ -97,11 +97,8 @@ pub struct Flush<T = i64> {
 
 #[derive(Debug, Clone, PartialEq, Eq, Hash)]
 struct Key {
-    type_name: String,
-    device_id: String,
-    patient_id: Option<String>,
-    encounter_id: Option<String>,
-    correlation_id: Option<String>,
+    /// [`Measurement::group_ids`].
+    ids: [String; 5],
     /// Start of the FHIR observation window in ticks; `None` for correlation-id templates and
     /// types without a FHIR template (the convert stage reports those).
     window: Option<i64>,
@@ -144,11 +141,7 @@ impl<P: Fn(&str) -> Option<PeriodInterval>, T> Grouper<P, T> {
             Some(PeriodInterval::CorrelationId) | None => None,
         };
         Key {
-            type_name: m.type_name.to_string(),
-            device_id: m.device_id.clone(),
-            patient_id: m.patient_id.clone(),
-            encounter_id: m.encounter_id.clone(),
-            correlation_id: m.correlation_id.clone(),
+            ids: m.group_ids().map(str::to_owned),
             window,
         }
     }

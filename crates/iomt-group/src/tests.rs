@@ -113,3 +113,25 @@ fn buffers_split_by_window_type_and_ids() {
     assert!(drained.iter().all(|f| f.reason == FlushReason::Shutdown));
     assert_eq!(g.buffered(), 0);
 }
+
+#[test]
+fn a_missing_id_and_an_empty_one_share_a_group() {
+    let mut g = Grouper::new(
+        GroupConfig::new(2, Duration::from_secs(60)).unwrap(),
+        hourly,
+    );
+    let mut empty = m("d1", "hr", "2026-11-20T08:00:01Z");
+    empty.patient_id = Some(String::new());
+    empty.encounter_id = Some(String::new());
+    assert!(g.push(empty, 1, 0).is_none());
+    let full = g
+        .push(m("d1", "hr", "2026-11-20T08:00:02Z"), 2, 0)
+        .expect("the second measurement fills the same group");
+    assert_eq!(full.positions, vec![1, 2]);
+    // The group carries the ids of its first measurement.
+    assert_eq!(full.group.patient_id.as_deref(), Some(""));
+    let mut other = m("d1", "hr", "2026-11-20T08:00:03Z");
+    other.patient_id = Some(" ".into());
+    assert!(g.push(other, 3, 0).is_none());
+    assert!(g.push(m("d1", "hr", "2026-11-20T08:00:04Z"), 4, 0).is_none());
+}
