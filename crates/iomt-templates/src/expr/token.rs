@@ -175,6 +175,15 @@ impl<'a> Token<'a> {
         }
     }
 
+    /// The `i`-th element of an array.
+    pub fn element(&self, i: usize) -> Option<Token<'a>> {
+        match self {
+            Token::Json(Value::Array(a)) => a.get(i).map(Token::Json),
+            Token::Array(a) => a.get(i).cloned(),
+            _ => None,
+        }
+    }
+
     /// The value of an object's member, if the token is an object that has it.
     pub fn member(&self, name: &str) -> Option<Token<'a>> {
         match self {

@@ -34,6 +34,14 @@ impl<'a> Arg<'a> {
         }
     }
 
+    /// Falsiness of the result as one token: a projection is false when it is empty.
+    fn is_false(&self) -> bool {
+        match self {
+            Arg::Token(t) => t.is_false(),
+            Arg::Projection(items) => items.is_empty(),
+        }
+    }
+
     /// Whether a projection keeps this element: everything but the null evaluation makes.
     fn kept(&self) -> bool {
         !matches!(self, Arg::Token(Token::Null))
@@ -104,11 +112,11 @@ impl Evaluator {
                 Arg::Token(Token::Object(members.into()))
             }
             Node::Not(inner) => Arg::Token(Token::Bool(
-                self.eval(inner, input)?.into_token().is_false(),
+                self.eval(inner, input)?.is_false(),
             )),
             Node::And(lhs, rhs) => {
                 let left = self.eval(lhs, input)?;
-                if left.clone().into_token().is_false() {
+                if left.is_false() {
                     left
                 } else {
                     self.eval(rhs, input)?
@@ -116,7 +124,7 @@ impl Evaluator {
             }
             Node::Or(lhs, rhs) => {
                 let left = self.eval(lhs, input)?;
-                if left.clone().into_token().is_false() {
+                if left.is_false() {
                     self.eval(rhs, input)?
                 } else {
                     left
@@ -227,7 +235,7 @@ impl Evaluator {
                 };
                 let mut items = Vec::new();
                 for e in elements {
-                    if !self.eval(predicate, &e)?.into_token().is_false() {
+                    if !self.eval(predicate, &e)?.is_false() {
                         items.push(Arg::Token(e));
                     }
                 }
@@ -238,16 +246,12 @@ impl Evaluator {
 }
 
 fn index<'a>(input: &Token<'a>, i: i32) -> Option<Token<'a>> {
-    let elements = input.elements()?;
-    let len = elements.len() as i64;
-    let i = if i < 0 {
-        len + i64::from(i)
-    } else {
-        i64::from(i)
-    };
-    usize::try_from(i)
-        .ok()
-        .and_then(|i| elements.into_iter().nth(i))
+    if input.kind() != Kind::Array {
+        return None;
+    }
+    let len = input.size()? as i64;
+    let i = if i < 0 { len + i64::from(i) } else { i64::from(i) };
+    input.element(usize::try_from(i).ok()?)
 }
 
 /// JmesPath.Net's slice: negative bounds count from the end, out-of-range indices are skipped.
