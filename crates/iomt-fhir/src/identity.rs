@@ -209,7 +209,10 @@ impl IdentityResolver {
             (None, _) => return Err(IdentityError::DeviceNotFound),
         };
         // MedTech tests ids with `string.IsNullOrWhiteSpace`: a blank encounter id is none.
-        let encounter_id = group.encounter_id.as_deref().filter(|e| !e.trim().is_empty());
+        let encounter_id = group
+            .encounter_id
+            .as_deref()
+            .filter(|e| !e.trim().is_empty());
         let encounter = match encounter_id {
             Some(encounter) if looked_up => {
                 let found = self

@@ -634,7 +634,11 @@ async fn encounters_are_resolved_and_required_in_lookup_with_encounter() {
             },
         );
         g.encounter_id = Some(String::new());
-        assert_eq!(resolver.resolve(&g).await.unwrap().encounter, None, "{mode:?}");
+        assert_eq!(
+            resolver.resolve(&g).await.unwrap().encounter,
+            None,
+            "{mode:?}"
+        );
         // Create mode looks an existing device up like Lookup mode, encounter included.
         g.encounter_id = Some(encounter.clone());
         assert_eq!(
@@ -657,7 +661,11 @@ async fn create_mode_refuses_a_blank_patient_id() {
         },
     );
     for blank in ["", "   "] {
-        let g = group(&unique("new-watch"), blank, &[("2026-11-20T11:00:00Z", "70")]);
+        let g = group(
+            &unique("new-watch"),
+            blank,
+            &[("2026-11-20T11:00:00Z", "70")],
+        );
         assert_eq!(
             resolver.resolve(&g).await,
             Err(IdentityError::PatientIdentityNotDefined)

@@ -133,5 +133,8 @@ fn a_missing_id_and_an_empty_one_share_a_group() {
     let mut other = m("d1", "hr", "2026-11-20T08:00:03Z");
     other.patient_id = Some(" ".into());
     assert!(g.push(other, 3, 0).is_none());
-    assert!(g.push(m("d1", "hr", "2026-11-20T08:00:04Z"), 4, 0).is_none());
+    assert!(
+        g.push(m("d1", "hr", "2026-11-20T08:00:04Z"), 4, 0)
+            .is_none()
+    );
 }

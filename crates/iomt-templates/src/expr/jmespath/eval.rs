@@ -111,9 +111,7 @@ impl Evaluator {
                 }
                 Arg::Token(Token::Object(members.into()))
             }
-            Node::Not(inner) => Arg::Token(Token::Bool(
-                self.eval(inner, input)?.is_false(),
-            )),
+            Node::Not(inner) => Arg::Token(Token::Bool(self.eval(inner, input)?.is_false())),
             Node::And(lhs, rhs) => {
                 let left = self.eval(lhs, input)?;
                 if left.is_false() {
@@ -250,7 +248,11 @@ fn index<'a>(input: &Token<'a>, i: i32) -> Option<Token<'a>> {
         return None;
     }
     let len = input.size()? as i64;
-    let i = if i < 0 { len + i64::from(i) } else { i64::from(i) };
+    let i = if i < 0 {
+        len + i64::from(i)
+    } else {
+        i64::from(i)
+    };
     input.element(usize::try_from(i).ok()?)
 }
 
