@@ -71,7 +71,7 @@ fn normalize_only(path: &Path, mapping: &Path) -> (usize, f64) {
     let reader = BufReader::with_capacity(1 << 20, std::fs::File::open(path).unwrap());
     let mut n = 0;
     let mut measurements = 0;
-    for record in read_jsonl(reader, "bench") {
+    for record in read_jsonl(reader, "bench", iomt_hub::capture::MAX_LINE_BYTES) {
         if let Ok(Record::Event(e)) = record {
             measurements += normalizer.normalize_event(&e.event).measurements.len();
             n += 1;

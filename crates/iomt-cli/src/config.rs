@@ -22,7 +22,7 @@ pub(crate) fn run(cmd: ConfigCommand) -> anyhow::Result<u8> {
         ConfigCommand::Check(args) => check(&args),
         ConfigCommand::Print(args) => match args.load() {
             Ok(c) => {
-                print!("{}", c.to_toml());
+                crate::print_out(&c.to_toml());
                 Ok(0)
             }
             Err(errors) => Ok(report_config_errors(&errors)),
@@ -51,9 +51,9 @@ fn check(args: &RunArgs) -> anyhow::Result<u8> {
             config.internal_hub.hub.as_deref().unwrap_or("(not set)")
         ),
         Some(url) => format!("FHIR server {url} ({:?} identity)", config.identity.mode),
-        None => format!("NDJSON directory {}", config.output.dir.display()),
+        None => format!("the embedded store in {}", config.output.dir.display()),
     };
-    println!(
+    crate::outln!(
         "configuration is valid: templates {} and {}; output to {output}",
         device.display(),
         fhir.display()

@@ -1,9 +1,11 @@
 //! `iomt deadletter replay`: re-submits dead-lettered items once the templates (or the FHIR
 //! server's data) are fixed.
 //!
-//! Normalize-stage records re-enter as device events; convert-stage records re-enter as the
-//! normalized measurements they were, skipping the device mapping. Items that fail again are
-//! written to a new file, so the input file stays as it was and can be replayed again.
+//! Each record re-enters the way it first entered: an input record that could not be read is
+//! read again, a device event is normalized again, a measurement is converted again (skipping
+//! the device mapping). Items that fail again are written to a new file, so the input file
+//! stays as it was and can be replayed again; a record that cannot be re-submitted at all is
+//! reported, and the exit code says so.
 
 use std::path::PathBuf;
 use std::time::Instant;
@@ -11,13 +13,15 @@ use std::time::Instant;
 use anyhow::Context as _;
 use clap::{Args, Subcommand};
 use iomt_core::Measurement;
-use iomt_hub::deadletter::{Stage, read_dead_letters};
-use iomt_runtime::Sink as _;
+use iomt_hub::capture::{Record, jsonl_record};
+use iomt_hub::deadletter::{Entry, read_dead_letters};
 use iomt_runtime::checkpoint::CheckpointError;
 use iomt_runtime::{CheckpointStore, Committed, Input, Origin, SourceItem};
 use tokio::sync::mpsc;
 
-use crate::run::{RunArgs, prepare, print_summary, run_pipeline, runtime, shutdown_signal};
+use crate::run::{
+    RunArgs, finish_output, prepare, print_summary, run_pipeline, runtime, shutdown_signal,
+};
 
 /// Exit code: some items failed again.
 const EXIT_STILL_FAILING: u8 = 1;
@@ -73,19 +77,30 @@ pub(crate) fn run(cmd: DeadLetterCommand) -> anyhow::Result<u8> {
         "the output file must differ from the file being replayed"
     );
     let mut items = Vec::with_capacity(records.len());
+    let mut cannot = Vec::new();
     for (i, record) in records.iter().enumerate() {
-        let input = match record.stage {
-            Stage::Normalize => Input::Event(record.to_event()),
-            Stage::Convert => {
-                let m: Measurement =
-                    serde_json::from_slice(&record.payload).with_context(|| {
-                        format!(
-                            "record {} is a convert-stage record without a measurement",
-                            i + 1
-                        )
-                    })?;
-                Input::Measurement(Box::new(m))
+        let input = match record.entry {
+            // Read again the way it was read the first time: it may still be unreadable, and
+            // is then dead-lettered again.
+            Entry::Record => {
+                let (file, line) = record.record_position();
+                match jsonl_record(&record.payload, &file, line) {
+                    Record::Event(e) => Input::Event(e),
+                    Record::Bad(b) => Input::Bad(b),
+                }
             }
+            Entry::Event => Input::Event(record.to_event()),
+            Entry::Measurement => match serde_json::from_slice::<Measurement>(&record.payload) {
+                Ok(m) => Input::Measurement(Box::new(m)),
+                Err(e) => {
+                    cannot.push(format!(
+                        "record {} ({}): its payload is not a measurement ({e})",
+                        i + 1,
+                        record.kind
+                    ));
+                    continue;
+                }
+            },
         };
         items.push(SourceItem {
             origin: Origin {
@@ -94,6 +109,9 @@ pub(crate) fn run(cmd: DeadLetterCommand) -> anyhow::Result<u8> {
             },
             input,
         });
+    }
+    for reason in &cannot {
+        eprintln!("cannot re-submit {reason}");
     }
     let (config, prepared) =
         match prepare(&args.run, vec!["deadletter".to_owned()], Some(out.clone()))? {
@@ -118,16 +136,21 @@ pub(crate) fn run(cmd: DeadLetterCommand) -> anyhow::Result<u8> {
     })?;
     let summary = metrics.summary();
     let heading = format!(
-        "{} dead-letter records from {}\n",
+        "{} dead-letter records from {}{}\n",
         records.len(),
-        args.file.display()
+        args.file.display(),
+        if cannot.is_empty() {
+            String::new()
+        } else {
+            format!(", {} not re-submitted (see above)", cannot.len())
+        }
     );
     std::io::Write::write_all(&mut std::io::stdout(), heading.as_bytes()).ok();
-    print_summary(&summary, started, &sink.describe(), &out);
+    print_summary(&summary, started, &finish_output(&sink)?, &out);
     if report.interrupted {
         return Ok(130);
     }
-    Ok(if summary.dead_letters.is_empty() {
+    Ok(if summary.dead_letters.is_empty() && cannot.is_empty() {
         0
     } else {
         EXIT_STILL_FAILING

@@ -12,14 +12,14 @@ use std::sync::Arc;
 use std::time::Instant;
 
 use clap::{Args, ValueEnum};
-use iomt_runtime::Sink as _;
 use iomt_runtime::config::Role;
 use iomt_runtime::eventhubs::{EventHubsCheckpoints, spawn_source};
 use iomt_runtime::{internal_hub_producer, live_source};
 use tokio::sync::{mpsc, watch};
 
 use crate::run::{
-    RunArgs, prepare_config, print_summary, report_config_errors, run_pipeline, runtime,
+    RunArgs, finish_output, keep_unmatched, prepare_config, print_summary, report_config_errors,
+    run_pipeline, runtime,
 };
 
 #[derive(Debug, Args)]
@@ -76,7 +76,7 @@ pub(crate) fn run(args: &LiveArgs) -> anyhow::Result<u8> {
         return Ok(report_config_errors(&errors));
     }
     let (config, assembled) = match prepare_config(config, Vec::new(), None)? {
-        Ok(p) => p,
+        Ok((config, assembled)) => (config, keep_unmatched(&args.run, assembled)?),
         Err(code) => return Ok(code),
     };
     let owner_id = args.owner_id.clone().unwrap_or_else(default_owner_id);
@@ -157,7 +157,7 @@ pub(crate) fn run(args: &LiveArgs) -> anyhow::Result<u8> {
             "internal hub {}",
             config.internal_hub.hub.as_deref().unwrap_or_default()
         ),
-        Role::All | Role::Convert => sink.describe(),
+        Role::All | Role::Convert => finish_output(&sink)?,
     };
     print_summary(&metrics.summary(), started, &output, &dead_letter_file);
     Ok(if source_failed {

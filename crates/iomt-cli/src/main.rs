@@ -5,12 +5,14 @@
 
 mod config;
 mod deadletter;
+mod export;
 mod live;
 mod mapping;
 mod replay;
 mod run;
 mod style;
 
+use std::io::Write as _;
 use std::process::ExitCode;
 
 use clap::{Parser, Subcommand, ValueEnum};
@@ -37,7 +39,7 @@ enum Command {
     #[command(subcommand)]
     Mapping(mapping::MappingCommand),
     /// Run the whole pipeline over captured device traffic (JSON Lines or Event Hubs Capture
-    /// Avro), into a FHIR server or an NDJSON directory.
+    /// Avro), into a FHIR server or the embedded store (exported as NDJSON at the end).
     ///
     /// Exit code 0 when the input was processed to the end (dead-lettered events included; see
     /// the summary), 130 when it was interrupted (run it again to resume), 2 on invalid
@@ -56,7 +58,29 @@ enum Command {
     /// Work with dead-lettered items.
     #[command(subcommand, name = "deadletter")]
     DeadLetter(deadletter::DeadLetterCommand),
+    /// Export the embedded store's resources as NDJSON files (FHIR Bulk Data layout).
+    Export(export::ExportArgs),
 }
+
+/// Writes to stdout. A closed stdout (`iomt mapping test … | head`) ends the program quietly,
+/// with success: nobody reads what would follow, and a panic or an error there would only
+/// obscure what the reader did see.
+pub(crate) fn print_out(text: &str) {
+    let mut out = std::io::stdout().lock();
+    if let Err(e) = out.write_all(text.as_bytes()).and_then(|()| out.flush())
+        && e.kind() == std::io::ErrorKind::BrokenPipe
+    {
+        std::process::exit(0);
+    }
+}
+
+/// `println!` to stdout through [`print_out`].
+macro_rules! outln {
+    ($($arg:tt)*) => {
+        $crate::print_out(&format!("{}\n", format_args!($($arg)*)))
+    };
+}
+pub(crate) use outln;
 
 /// How results are printed.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
@@ -105,6 +129,7 @@ fn main() -> ExitCode {
             init_tracing();
             deadletter::run(cmd)
         }
+        Command::Export(args) => export::run(&args),
     };
     match code {
         Ok(code) => ExitCode::from(code),

@@ -135,7 +135,7 @@ fn print_report(
         observations,
         errors,
     };
-    println!("{}", serde_json::to_string_pretty(&report)?);
+    crate::outln!("{}", serde_json::to_string_pretty(&report)?);
     Ok(())
 }
 
@@ -224,31 +224,33 @@ fn validate(args: &ValidateArgs) -> anyhow::Result<u8> {
     match args.output {
         OutputFormat::Json => print_json(&[], Vec::new())?,
         OutputFormat::Text => {
-            println!(
+            crate::outln!(
                 "{} {}: {} template(s)",
                 paint(palette.ok, "valid"),
                 args.device_mapping.display(),
                 mappings.device.templates.len()
             );
             for t in &mappings.device.templates {
-                println!("  {} (line {})", t.label(), t.line);
+                crate::outln!("  {} (line {})", t.label(), t.line);
             }
             if let (Some(path), Some(fhir)) = (&args.fhir_mapping, &mappings.fhir) {
-                println!(
+                crate::outln!(
                     "{} {}: {} template(s)",
                     paint(palette.ok, "valid"),
                     path.display(),
                     fhir.templates.len()
                 );
                 for t in &fhir.templates {
-                    println!(
+                    crate::outln!(
                         "  template[{}] CodeValueFhir '{}' (line {})",
-                        t.index, t.type_name, t.line
+                        t.index,
+                        t.type_name,
+                        t.line
                     );
                 }
                 for t in &mappings.device.templates {
                     if fhir.template(&t.type_name).is_none() {
-                        println!(
+                        crate::outln!(
                             "  {} no FHIR template for device type '{}': its measurements would be dead-lettered",
                             paint(palette.hint, "warning:"),
                             t.type_name
@@ -270,14 +272,14 @@ fn invalid_mapping(
     match format {
         OutputFormat::Json => print_json(&[], errors)?,
         OutputFormat::Text => {
-            println!(
+            crate::outln!(
                 "{} {} error(s)",
                 paint(palette.bad, "invalid mapping:"),
                 errors.len()
             );
             for e in &errors {
                 if let ReportedError::Template { file, error } = e {
-                    println!("  {file}: {error}");
+                    crate::outln!("  {file}: {error}");
                 }
             }
         }
@@ -353,7 +355,7 @@ fn test(args: &TestArgs) -> anyhow::Result<u8> {
             match args.output {
                 OutputFormat::Json => print_json(&[], vec![ReportedError::Data(error)])?,
                 OutputFormat::Text => {
-                    println!("{} {}", paint(palette.bad, "error:"), error.message)
+                    crate::outln!("{} {}", paint(palette.bad, "error:"), error.message)
                 }
             }
             return Ok(EXIT_DATA_ERRORS);
@@ -398,7 +400,7 @@ fn test(args: &TestArgs) -> anyhow::Result<u8> {
             if mappings.fhir.is_some() {
                 render_observations(&mut text, &palette, &observations, &errors)?;
             }
-            print!("{text}");
+            crate::print_out(&text);
         }
     }
     Ok(code)

@@ -17,13 +17,14 @@ use std::time::{Duration, Instant};
 use anyhow::Context as _;
 use clap::Args;
 use iomt_core::Timestamp;
-use iomt_hub::capture::{CaptureError, Record, read_capture_avro, read_jsonl};
-use iomt_runtime::Sink as _;
+use iomt_hub::capture::{CaptureError, JsonLines, Record, read_capture_avro, read_jsonl};
 use iomt_runtime::{FileCheckpoint, Input, Origin, SourceItem};
 use sha2::{Digest, Sha256};
 use tokio::sync::mpsc;
 
-use crate::run::{RunArgs, prepare, print_summary, run_pipeline, runtime, shutdown_signal};
+use crate::run::{
+    RunArgs, finish_output, prepare, print_summary, run_pipeline, runtime, shutdown_signal,
+};
 
 /// Records per batch handed to the pipeline.
 const BATCH: usize = 256;
@@ -70,6 +71,10 @@ pub(crate) struct ReplayArgs {
     /// Do not show the progress bar.
     #[arg(long)]
     no_progress: bool,
+    /// JSON Lines records longer than this many bytes are dead-lettered (keeping their first
+    /// 64 KiB) instead of read.
+    #[arg(long, value_name = "BYTES", default_value_t = iomt_hub::capture::MAX_LINE_BYTES)]
+    max_line_bytes: usize,
 }
 
 #[derive(Debug, Clone, PartialEq)]
@@ -189,7 +194,7 @@ impl Pacer {
 fn read_all(
     sources: &[Source],
     resume_after: i64,
-    speed: Speed,
+    (speed, max_line_bytes): (Speed, usize),
     tx: &mpsc::Sender<Vec<SourceItem>>,
     progress: &ReadProgress,
 ) -> anyhow::Result<bool> {
@@ -218,13 +223,12 @@ fn read_all(
             }
         };
         let mut reader = BufReader::with_capacity(1 << 20, raw);
-        let records: Box<dyn Iterator<Item = Result<Record, CaptureError>>> =
-            if is_avro(&mut reader)? {
-                Box::new(read_capture_avro(reader, &name, "0")?)
-            } else {
-                Box::new(read_jsonl(reader, &name))
-            };
-        for record in records {
+        let mut records = if is_avro(&mut reader)? {
+            Records::Avro(Box::new(read_capture_avro(reader, &name, "0")?))
+        } else {
+            Records::Lines(read_jsonl(reader, &name, max_line_bytes))
+        };
+        while let Some(record) = records.next() {
             let record = record?;
             ordinal += 1;
             progress.records.fetch_add(1, Ordering::Relaxed);
@@ -251,12 +255,38 @@ fn read_all(
                 },
                 input,
             });
-            if batch.len() >= BATCH && !send(&mut batch) {
+            // A full batch goes at once; a partial one when the reader would have to wait for
+            // more input (a slow producer on standard input), so records are not held back.
+            if (batch.len() >= BATCH || !records.has_buffered()) && !send(&mut batch) {
                 return Ok(false);
             }
         }
     }
     Ok(send(&mut batch))
+}
+
+/// The records of one input.
+enum Records<'a> {
+    Lines(JsonLines<BufReader<Box<dyn Read + Send>>>),
+    Avro(Box<dyn Iterator<Item = Result<Record, CaptureError>> + 'a>),
+}
+
+impl Records<'_> {
+    fn next(&mut self) -> Option<Result<Record, CaptureError>> {
+        match self {
+            Records::Lines(l) => l.next(),
+            Records::Avro(a) => a.next(),
+        }
+    }
+
+    /// Whether the next record is already read from the source (a file's records are read
+    /// ahead in large blocks; Avro blocks decode whole).
+    fn has_buffered(&self) -> bool {
+        match self {
+            Records::Lines(l) => l.has_buffered(),
+            Records::Avro(_) => true,
+        }
+    }
 }
 
 fn progress_bar(hidden: bool) -> indicatif::ProgressBar {
@@ -307,9 +337,10 @@ pub(crate) fn run(args: &ReplayArgs) -> anyhow::Result<u8> {
     let (reached_end, report) = rt.block_on(async {
         let (tx, rx) = mpsc::channel(8);
         let reader = {
-            let (sources, progress, speed) = (sources.clone(), progress.clone(), args.speed);
+            let (sources, progress) = (sources.clone(), progress.clone());
+            let pace = (args.speed, args.max_line_bytes);
             tokio::task::spawn_blocking(move || {
-                read_all(&sources, resume_after, speed, &tx, &progress)
+                read_all(&sources, resume_after, pace, &tx, &progress)
             })
         };
         let ticker = {
@@ -352,12 +383,8 @@ pub(crate) fn run(args: &ReplayArgs) -> anyhow::Result<u8> {
     if complete && resumable {
         checkpoint.mark_complete()?;
     }
-    print_summary(
-        &metrics.summary(),
-        started,
-        &sink.describe(),
-        &dead_letter_file,
-    );
+    let output = finish_output(&sink)?;
+    print_summary(&metrics.summary(), started, &output, &dead_letter_file);
     if !complete {
         let after = report.positions.get(&0).copied().unwrap_or(resume_after);
         eprintln!(

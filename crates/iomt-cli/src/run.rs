@@ -10,8 +10,8 @@ use iomt_runtime::config::IdentityModeKind;
 use iomt_runtime::hub::InProcessConsumer;
 use iomt_runtime::hub::eventhubs::EventHubsProducer;
 use iomt_runtime::{
-    Assembled, CheckpointStore, Config, ConfigError, Report, SourceItem, Summary, assemble,
-    in_process,
+    Assembled, CheckpointStore, Config, ConfigError, ConfiguredSink, Report, Sink as _, SourceItem,
+    Summary, assemble, in_process,
 };
 use tokio::sync::mpsc;
 
@@ -52,8 +52,8 @@ pub(crate) struct RunArgs {
     /// How devices and patients are resolved on the FHIR server.
     #[arg(long, value_enum)]
     pub(crate) identity_mode: Option<IdentityModeArg>,
-    /// Output directory for FHIR NDJSON (Bulk Data layout) when no FHIR URL is set
-    /// [default: iomt-out].
+    /// Without a FHIR URL: the embedded store's directory, where its NDJSON export (Bulk Data
+    /// layout) is also written [default: iomt-out].
     #[arg(long, value_name = "DIR")]
     pub(crate) out: Option<PathBuf>,
     /// Where the dead-letter file and checkpoints are kept [default: .iomt].
@@ -71,6 +71,10 @@ pub(crate) struct RunArgs {
     /// Serve /metrics (Prometheus), /healthz and /readyz on this address, e.g. 127.0.0.1:9090.
     #[arg(long, value_name = "ADDR")]
     pub(crate) metrics_addr: Option<std::net::SocketAddr>,
+    /// Append events that match no template to this file (JSON Lines, replayable); otherwise
+    /// they are only counted.
+    #[arg(long, value_name = "FILE")]
+    pub(crate) keep_unmatched: Option<PathBuf>,
 }
 
 impl RunArgs {
@@ -124,10 +128,30 @@ pub(crate) fn prepare(
     partitions: Vec<String>,
     dead_letter_file: Option<PathBuf>,
 ) -> anyhow::Result<Result<(Config, Assembled), u8>> {
-    match args.load() {
-        Ok(config) => prepare_config(config, partitions, dead_letter_file),
-        Err(errors) => Ok(Err(report_config_errors(&errors))),
+    let config = match args.load() {
+        Ok(config) => config,
+        Err(errors) => return Ok(Err(report_config_errors(&errors))),
+    };
+    Ok(
+        match prepare_config(config, partitions, dead_letter_file)? {
+            Ok((config, assembled)) => Ok((config, keep_unmatched(args, assembled)?)),
+            Err(code) => Err(code),
+        },
+    )
+}
+
+/// `--keep-unmatched`.
+pub(crate) fn keep_unmatched(
+    args: &RunArgs,
+    mut assembled: Assembled,
+) -> anyhow::Result<Assembled> {
+    if let Some(file) = &args.keep_unmatched {
+        assembled.pipeline = assembled
+            .pipeline
+            .keep_unmatched(file)
+            .with_context(|| format!("cannot open {}", file.display()))?;
     }
+    Ok(assembled)
 }
 
 /// [`prepare`] for a configuration already loaded (and adjusted by the command).
@@ -228,6 +252,20 @@ pub(crate) async fn run_pipeline<K: CheckpointStore>(
                 .await
         }
     })
+}
+
+/// Where a run's output went, for the summary. After a run into the embedded store, the store
+/// is also exported as NDJSON files (Bulk Data layout) into its directory, so the files hold
+/// everything the store holds.
+pub(crate) fn finish_output(sink: &ConfiguredSink) -> anyhow::Result<String> {
+    let described = sink.describe();
+    let Some(store) = sink.embedded() else {
+        return Ok(described);
+    };
+    let dir = store.dir();
+    iomt_store::export_ndjson(dir, dir)
+        .with_context(|| format!("cannot export NDJSON into {}", dir.display()))?;
+    Ok(format!("{described}; NDJSON files in {}", dir.display()))
 }
 
 /// A tokio runtime with one worker per core.

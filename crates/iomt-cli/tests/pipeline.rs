@@ -110,7 +110,7 @@ fn replay_reads_folders_globs_avro_and_stdin() {
     assert_eq!(out.status.code(), Some(0), "{}", text(&out.stderr));
     let stdout = text(&out.stdout);
     assert!(stdout.starts_with("320 events"), "{stdout}");
-    assert!(stdout.contains("NDJSON directory out"), "{stdout}");
+    assert!(stdout.contains("NDJSON files in out"), "{stdout}");
     let folder_observations = observations(dir.path());
     assert!(folder_observations > 0);
 

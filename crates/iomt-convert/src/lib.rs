@@ -239,6 +239,33 @@ pub fn resource_id(system: &str, value: &str) -> String {
     iomt_templates::fhir::sha256_hex(&format!("{system}_{value}"))
 }
 
+/// The Patient that MedTech's Create mode makes for a patient identifier value, with its
+/// deterministic id (SHA-256 of `"_{value}"`). The embedded store writes the same resources, so
+/// it holds what a server in Create mode would hold.
+pub fn created_patient(patient_value: &str) -> Value {
+    serde_json::json!({
+        "resourceType": "Patient",
+        "id": resource_id("", patient_value),
+        "identifier": [{"value": patient_value}],
+    })
+}
+
+/// The Device that Create mode makes for a device identifier, linked to a Patient id; its id
+/// is the SHA-256 of `"{system}_{value}"`.
+pub fn created_device(system: Option<&str>, device_value: &str, patient_id: &str) -> Value {
+    let system = system.unwrap_or("");
+    let mut identifier = serde_json::json!({"value": device_value});
+    if !system.is_empty() {
+        identifier["system"] = serde_json::json!(system);
+    }
+    serde_json::json!({
+        "resourceType": "Device",
+        "id": resource_id(system, device_value),
+        "identifier": [identifier],
+        "patient": {"reference": format!("Patient/{patient_id}")},
+    })
+}
+
 fn coding_json(c: &Coding) -> Value {
     let mut m = Map::new();
     for (key, value) in [

@@ -9,8 +9,10 @@ pub mod event;
 pub mod json_date;
 pub mod measurement;
 pub mod time;
+pub mod written;
 
 pub use event::DeviceEvent;
 pub use json_date::{DateKind, JsonDate};
 pub use measurement::{Measurement, MeasurementGroup, MeasurementProperty};
 pub use time::Timestamp;
+pub use written::{Action, Written};

@@ -11,6 +11,7 @@ use std::pin::Pin;
 use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
+use iomt_core::{Action, Written};
 use reqwest::{Method, StatusCode, header};
 use serde_json::Value;
 use tokio::sync::Semaphore;
@@ -236,6 +237,27 @@ pub struct Versioned {
     pub resource: Value,
     /// The ETag (`W/"3"`), for `If-Match`.
     pub etag: Option<String>,
+}
+
+impl Versioned {
+    /// What a write that left the resource at this version did.
+    pub fn written(&self, action: Action, identity: bool) -> Written {
+        let text = |v: &Value| v.as_str().map(str::to_owned);
+        let meta = &self.resource["meta"];
+        Written {
+            resource_type: text(&self.resource["resourceType"]).unwrap_or_default(),
+            id: text(&self.resource["id"]).unwrap_or_default(),
+            version_id: text(&meta["versionId"]).or_else(|| {
+                // `W/"3"` carries the version when the body does not.
+                self.etag
+                    .as_deref()
+                    .map(|e| e.trim_start_matches("W/").trim_matches('"').to_owned())
+            }),
+            last_updated: text(&meta["lastUpdated"]),
+            action,
+            identity,
+        }
+    }
 }
 
 /// A FHIR R4 REST client.

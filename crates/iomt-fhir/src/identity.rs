@@ -7,10 +7,12 @@
 
 use std::time::Duration;
 
-use iomt_convert::{ResourceIds, resource_id};
-use iomt_core::MeasurementGroup;
+use iomt_convert::{ResourceIds, created_device, created_patient};
+use iomt_core::{Action, MeasurementGroup, Written};
 use moka::future::Cache;
 use serde_json::{Value, json};
+
+use crate::client::Versioned;
 
 use crate::client::{FhirClient, FhirError};
 
@@ -96,38 +98,22 @@ impl IdentityError {
     }
 }
 
-/// The Patient that Create mode makes for a patient identifier value, with its deterministic
-/// id. The NDJSON output uses the same resources, so its files match what a server in Create
-/// mode would hold.
-pub fn created_patient(patient_value: &str) -> Value {
-    json!({
-        "resourceType": "Patient",
-        "id": resource_id("", patient_value),
-        "identifier": [{"value": patient_value}],
-    })
-}
-
-/// The Device that Create mode makes for a device identifier, linked to a Patient id.
-pub fn created_device(system: Option<&str>, device_value: &str, patient_id: &str) -> Value {
-    let system = system.unwrap_or("");
-    let mut identifier = json!({"value": device_value});
-    if !system.is_empty() {
-        identifier["system"] = json!(system);
-    }
-    json!({
-        "resourceType": "Device",
-        "id": resource_id(system, device_value),
-        "identifier": [identifier],
-        "patient": {"reference": format!("Patient/{patient_id}")},
-    })
-}
-
 /// Resolves and caches identities.
 #[derive(Debug, Clone)]
 pub struct IdentityResolver {
     client: FhirClient,
     config: IdentityConfig,
     cache: Cache<(String, Option<String>), ResourceIds>,
+}
+
+/// A group's identities, and the Patient and Device writes that resolving them took (Create
+/// mode, on the first resolution of a device only).
+#[derive(Debug, Clone, PartialEq)]
+pub struct Resolved {
+    /// The FHIR ids.
+    pub ids: ResourceIds,
+    /// What was written to resolve them.
+    pub written: Vec<Written>,
 }
 
 impl IdentityResolver {
@@ -145,14 +131,29 @@ impl IdentityResolver {
     }
 
     /// The FHIR ids for a group, from the cache when possible.
-    pub async fn resolve(&self, group: &MeasurementGroup) -> Result<ResourceIds, IdentityError> {
+    pub async fn resolve(&self, group: &MeasurementGroup) -> Result<Resolved, IdentityError> {
         let key = (group.device_id.clone(), group.encounter_id.clone());
         // Concurrent resolutions of one device share a single lookup (and, in Create mode, a
-        // single create), instead of each group of a burst doing its own.
-        self.cache
-            .try_get_with(key, self.resolve_uncached(group))
+        // single create), instead of each group of a burst doing its own. Only the call that
+        // resolved reports the writes; the others find the ids cached.
+        let mut written = Vec::new();
+        let entry = self
+            .cache
+            .entry(key)
+            .or_try_insert_with(async {
+                let (ids, w) = self.resolve_uncached(group).await?;
+                written = w;
+                Ok::<_, IdentityError>(ids)
+            })
             .await
-            .map_err(|e| (*e).clone())
+            .map_err(|e| (*e).clone())?;
+        if !entry.is_fresh() {
+            written.clear();
+        }
+        Ok(Resolved {
+            ids: entry.into_value(),
+            written,
+        })
     }
 
     /// Forgets a device's resolution (after a 404 on a referenced resource, for example).
@@ -188,22 +189,24 @@ impl IdentityResolver {
     async fn resolve_uncached(
         &self,
         group: &MeasurementGroup,
-    ) -> Result<ResourceIds, IdentityError> {
+    ) -> Result<(ResourceIds, Vec<Written>), IdentityError> {
         let device = self.find_device(&group.device_id).await?;
         // Every mode first looks the device and its patient up, then the encounter; only when
         // that lookup fails for the device or patient does Create mode create them, and then it
         // resolves no encounter.
+        let mut written = Vec::new();
         let (device_id, patient_id, looked_up) = match (device, self.config.mode) {
             (Some(d), _) if patient_of(&d).is_some() => {
                 (id_of(&d)?, patient_of(&d).unwrap_or_default(), true)
             }
             (Some(d), IdentityMode::Create) => {
-                let (device, patient) = self.create_identities(group, Some(d)).await?;
+                let (device, patient) =
+                    self.create_identities(group, Some(d), &mut written).await?;
                 (device, patient, false)
             }
             (Some(_), _) => return Err(IdentityError::PatientNotFound),
             (None, IdentityMode::Create) => {
-                let (device, patient) = self.create_identities(group, None).await?;
+                let (device, patient) = self.create_identities(group, None, &mut written).await?;
                 (device, patient, false)
             }
             (None, _) => return Err(IdentityError::DeviceNotFound),
@@ -227,11 +230,12 @@ impl IdentityResolver {
         if self.config.mode == IdentityMode::LookupWithEncounter && encounter_id.is_none() {
             return Err(IdentityError::EncounterIdentityNotDefined);
         }
-        Ok(ResourceIds {
+        let ids = ResourceIds {
             patient: patient_id,
             device: device_id,
             encounter,
-        })
+        };
+        Ok((ids, written))
     }
 
     /// Create mode: find or create the Patient by identifier, then find, link or create the
@@ -240,6 +244,7 @@ impl IdentityResolver {
         &self,
         group: &MeasurementGroup,
         device: Option<Value>,
+        written: &mut Vec<Written>,
     ) -> Result<(String, String), IdentityError> {
         let patient_value = group
             .patient_id
@@ -252,13 +257,13 @@ impl IdentityResolver {
             .await?;
         let patient_id = match patients.first() {
             Some(p) => id_of(p)?,
-            None => id_of(
-                &self
+            None => {
+                let put = self
                     .client
-                    .update(&created_patient(patient_value), None)
-                    .await?
-                    .resource,
-            )?,
+                    .put(&created_patient(patient_value), None)
+                    .await?;
+                id_of(&record(put, written).resource)?
+            }
         };
         let reference = format!("Patient/{patient_id}");
         let device_id = match device {
@@ -267,7 +272,7 @@ impl IdentityResolver {
             }
             Some(mut d) => {
                 d["patient"] = json!({"reference": reference});
-                id_of(&self.client.update(&d, None).await?.resource)?
+                id_of(&record(self.client.put(&d, None).await?, written).resource)?
             }
             None => {
                 let device = created_device(
@@ -275,11 +280,23 @@ impl IdentityResolver {
                     &group.device_id,
                     &patient_id,
                 );
-                id_of(&self.client.update(&device, None).await?.resource)?
+                id_of(&record(self.client.put(&device, None).await?, written).resource)?
             }
         };
         Ok((device_id, patient_id))
     }
+}
+
+/// Notes an identity write.
+fn record(put: (Versioned, bool), written: &mut Vec<Written>) -> Versioned {
+    let (versioned, created) = put;
+    let action = if created {
+        Action::Created
+    } else {
+        Action::Updated
+    };
+    written.push(versioned.written(action, true));
+    versioned
 }
 
 fn id_of(resource: &Value) -> Result<String, IdentityError> {

@@ -1,6 +1,5 @@
 //! Everything iomt does on a FHIR server: the HTTP client with its retry policy, identity
-//! resolution, and Observation writes; and the NDJSON directory that stands in for a server
-//! in embedded mode.
+//! resolution, and Observation writes. Every write reports what it wrote ([`iomt_core::Written`]).
 //!
 //! Requests per observation window, compared with MedTech (search + PUT every time):
 //!
@@ -17,15 +16,11 @@
 
 pub mod client;
 pub mod identity;
-pub mod ndjson;
 pub mod writer;
 
 pub use client::{
     Auth, BearerToken, EntraCredential, FhirClient, FhirClientConfig, FhirError, TokenSource,
     Versioned,
 };
-pub use identity::{
-    IdentityConfig, IdentityError, IdentityMode, IdentityResolver, created_device, created_patient,
-};
-pub use ndjson::NdjsonStore;
-pub use writer::{ObservationWriter, WriteError, WriteOutcome};
+pub use identity::{IdentityConfig, IdentityError, IdentityMode, IdentityResolver, Resolved};
+pub use writer::{ObservationWriter, WriteError};

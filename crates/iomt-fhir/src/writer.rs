@@ -13,7 +13,7 @@ use iomt_convert::{
     ConvertError, Merge, ObservationGroup, ResourceIds, SERVICE_SYSTEM, build_observation,
     identifier_value, merge_observation, resource_id,
 };
-use iomt_core::Timestamp;
+use iomt_core::{Action, Timestamp, Written};
 use iomt_templates::fhir::CodeValueTemplate;
 use moka::future::Cache;
 use serde_json::Value;
@@ -22,17 +22,6 @@ use crate::client::{FhirClient, FhirError, Versioned};
 
 /// How many times a conflicting write is re-read and re-merged (MedTech: 2).
 const CONFLICT_RETRIES: u32 = 2;
-
-/// What a write did, for `FhirResourceSaved` (`ObservationCreated|Updated|NoOperation`).
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum WriteOutcome {
-    /// A new Observation.
-    Created,
-    /// An existing Observation changed.
-    Updated,
-    /// The data was already there: nothing was written.
-    Unchanged,
-}
 
 /// Why a window could not be written.
 #[derive(Debug, Clone, PartialEq, thiserror::Error)]
@@ -73,7 +62,7 @@ impl ObservationWriter {
         template: &CodeValueTemplate,
         window: &ObservationGroup<'_>,
         ids: &ResourceIds,
-    ) -> Result<WriteOutcome, WriteError> {
+    ) -> Result<Written, WriteError> {
         let identifier = identifier_value(ids, window);
         let id = resource_id(SERVICE_SYSTEM, &identifier);
         let mut cached = self.versions.get(&id).await;
@@ -82,33 +71,32 @@ impl ObservationWriter {
                 Some(v) => Some(v),
                 None => self.find(&identifier).await?,
             };
-            let (body, if_match, outcome) = match &existing {
+            let (body, if_match, action) = match &existing {
                 None => (
                     build_observation(template, window, ids, Timestamp::now())?,
                     None,
-                    WriteOutcome::Created,
+                    Action::Created,
                 ),
                 Some(v) => match merge_observation(&v.resource, template, window)? {
-                    Merge::Unchanged => return Ok(WriteOutcome::Unchanged),
-                    Merge::Updated(o) => (o, v.etag.clone(), WriteOutcome::Updated),
+                    Merge::Unchanged => return Ok(v.written(Action::Unchanged, false)),
+                    Merge::Updated(o) => (o, v.etag.clone(), Action::Updated),
                 },
             };
             match self.client.put(&body, if_match.as_deref()).await {
                 Ok((written, created)) => {
-                    let outcome = match (existing, created) {
-                        // Another writer created it between our search and our PUT, which
-                        // replaced its version: merge that version back in.
-                        (None, false) => match self.restore(template, window, &written).await? {
-                            Some(restored) => {
-                                self.versions.insert(id, restored).await;
-                                return Ok(WriteOutcome::Updated);
-                            }
-                            None => outcome,
-                        },
-                        _ => outcome,
-                    };
+                    // Another writer created it between our search and our PUT, which
+                    // replaced its version: merge that version back in.
+                    if existing.is_none()
+                        && !created
+                        && let Some(restored) = self.restore(template, window, &written).await?
+                    {
+                        let result = restored.written(Action::Updated, false);
+                        self.versions.insert(id, restored).await;
+                        return Ok(result);
+                    }
+                    let result = written.written(action, false);
                     self.versions.insert(id, written).await;
-                    return Ok(outcome);
+                    return Ok(result);
                 }
                 Err(FhirError::Conflict { status }) if attempt < CONFLICT_RETRIES => {
                     tracing::info!(
@@ -130,7 +118,7 @@ impl ObservationWriter {
     /// Writes a resource rendered by a handlebars template: PUT by its deterministic id,
     /// skipped when the server already holds the same content. A concurrent change (412) is
     /// re-read and compared again.
-    pub async fn write_resource(&self, resource: &Value) -> Result<WriteOutcome, WriteError> {
+    pub async fn write_resource(&self, resource: &Value) -> Result<Written, WriteError> {
         let (Some(resource_type), Some(id)) =
             (resource["resourceType"].as_str(), resource["id"].as_str())
         else {
@@ -146,22 +134,22 @@ impl ObservationWriter {
                 Some(v) => Some(v),
                 None => self.client.read(resource_type, id).await?,
             };
-            if existing
-                .as_ref()
-                .is_some_and(|v| same_content(&v.resource, resource))
+            if let Some(v) = &existing
+                && same_content(&v.resource, resource)
             {
-                return Ok(WriteOutcome::Unchanged);
+                return Ok(v.written(Action::Unchanged, false));
             }
-            let outcome = if existing.is_some() {
-                WriteOutcome::Updated
+            let action = if existing.is_some() {
+                Action::Updated
             } else {
-                WriteOutcome::Created
+                Action::Created
             };
             let if_match = existing.as_ref().and_then(|v| v.etag.clone());
             match self.client.update(resource, if_match.as_deref()).await {
                 Ok(written) => {
+                    let result = written.written(action, false);
                     self.versions.insert(key, written).await;
-                    return Ok(outcome);
+                    return Ok(result);
                 }
                 Err(FhirError::Conflict { .. }) if attempt < CONFLICT_RETRIES => {
                     self.versions.invalidate(&key).await

@@ -6,10 +6,10 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use iomt_convert::{ResourceIds, SERVICE_SYSTEM, observation_groups, resource_id};
-use iomt_core::{Measurement, MeasurementGroup, MeasurementProperty, Timestamp};
+use iomt_core::{Action, Measurement, MeasurementGroup, MeasurementProperty, Timestamp, Written};
 use iomt_fhir::{
     FhirClient, FhirClientConfig, FhirError, IdentityConfig, IdentityError, IdentityMode,
-    IdentityResolver, ObservationWriter, WriteOutcome,
+    IdentityResolver, ObservationWriter,
 };
 use iomt_templates::fhir::FhirMapping;
 use serde_json::{Value, json};
@@ -79,6 +79,19 @@ fn group(device: &str, patient: &str, readings: &[(&str, &str)]) -> MeasurementG
     MeasurementGroup::group(measurements).remove(0)
 }
 
+/// What a write that left `resource` as the server holds it reports.
+fn written_as(resource: &Value, action: Action, identity: bool) -> Written {
+    let text = |v: &Value| v.as_str().map(str::to_owned);
+    Written {
+        resource_type: text(&resource["resourceType"]).unwrap(),
+        id: text(&resource["id"]).unwrap(),
+        version_id: text(&resource["meta"]["versionId"]),
+        last_updated: text(&resource["meta"]["lastUpdated"]),
+        action,
+        identity,
+    }
+}
+
 async fn seed_device(client: &FhirClient, device: &str, patient: &str) -> (String, String) {
     let patient_id = unique("pat");
     client.update(&json!({"resourceType": "Patient", "id": patient_id, "identifier": [{"value": patient}]}), None).await.unwrap();
@@ -125,7 +138,7 @@ async fn lookup_mode_writes_once_then_merges_in_the_same_hour() {
             ("2026-11-20T08:15:31Z", "73"),
         ],
     );
-    let ids = resolver.resolve(&first).await.unwrap();
+    let ids = resolver.resolve(&first).await.unwrap().ids;
     assert_eq!(
         ids,
         ResourceIds {
@@ -135,14 +148,14 @@ async fn lookup_mode_writes_once_then_merges_in_the_same_hour() {
         }
     );
     let window = &observation_groups(template.period_interval, &first).unwrap()[0];
-    assert_eq!(
-        writer.write(template, window, &ids).await.unwrap(),
-        WriteOutcome::Created
-    );
+    let created = writer.write(template, window, &ids).await.unwrap();
+    assert_eq!(created.action, Action::Created);
 
     let found = observations(&client, &ids, "20261120080000Z.20261120085959Z").await;
     assert_eq!(found.len(), 1);
     let o = &found[0];
+    // The write says what it wrote: the server's id, version and time.
+    assert_eq!(created, written_as(o, Action::Created, false));
     assert_eq!(
         o["id"],
         resource_id(
@@ -161,15 +174,16 @@ async fn lookup_mode_writes_once_then_merges_in_the_same_hour() {
     assert_eq!((data.len(), data[930], data[931]), (3600, "72", "73"));
     let version = o["meta"]["versionId"].clone();
 
-    // The same group again: nothing is written, with or without the version cache.
+    // The same group again: nothing is written, with or without the version cache, and the
+    // result names the version that stays.
     assert_eq!(
         writer.write(template, window, &ids).await.unwrap(),
-        WriteOutcome::Unchanged
+        written_as(o, Action::Unchanged, false)
     );
     let fresh = ObservationWriter::new(client.clone(), 100, Duration::from_secs(60));
     assert_eq!(
-        fresh.write(template, window, &ids).await.unwrap(),
-        WriteOutcome::Unchanged
+        fresh.write(template, window, &ids).await.unwrap().action,
+        Action::Unchanged
     );
     let again = observations(&client, &ids, "20261120080000Z.20261120085959Z").await;
     assert_eq!(again[0]["meta"]["versionId"], version);
@@ -178,15 +192,15 @@ async fn lookup_mode_writes_once_then_merges_in_the_same_hour() {
     let later = group(&device, &patient, &[("2026-11-20T08:45:00Z", "80")]);
     let window = &observation_groups(template.period_interval, &later).unwrap()[0];
     assert_eq!(
-        writer.write(template, window, &ids).await.unwrap(),
-        WriteOutcome::Updated
+        writer.write(template, window, &ids).await.unwrap().action,
+        Action::Updated
     );
     // A writer that never saw the Observation merges through the search path.
     let late = group(&device, &patient, &[("2026-11-20T08:50:00Z", "81")]);
     let window = &observation_groups(template.period_interval, &late).unwrap()[0];
     assert_eq!(
-        fresh.write(template, window, &ids).await.unwrap(),
-        WriteOutcome::Updated
+        fresh.write(template, window, &ids).await.unwrap().action,
+        Action::Updated
     );
     let merged = observations(&client, &ids, "20261120080000Z.20261120085959Z").await;
     assert_eq!(merged.len(), 1);
@@ -217,18 +231,32 @@ async fn create_mode_is_deterministic_and_lookup_reports_unknown_devices() {
         device_identifier_system: Some("urn:iomt:devices".into()),
         ..IdentityConfig::default()
     };
-    let ids = IdentityResolver::new(client.clone(), config.clone())
-        .resolve(&g)
-        .await
-        .unwrap();
+    let resolver = IdentityResolver::new(client.clone(), config.clone());
+    let resolved = resolver.resolve(&g).await.unwrap();
+    let ids = resolved.ids.clone();
     assert_eq!(ids.patient, resource_id("", &patient));
     assert_eq!(ids.device, resource_id("urn:iomt:devices", &device));
+    // The Patient and the Device written are reported as identity writes.
+    let (stored_patient, stored_device) = (
+        client.read("Patient", &ids.patient).await.unwrap().unwrap(),
+        client.read("Device", &ids.device).await.unwrap().unwrap(),
+    );
+    assert_eq!(
+        resolved.written,
+        vec![
+            written_as(&stored_patient.resource, Action::Created, true),
+            written_as(&stored_device.resource, Action::Created, true)
+        ]
+    );
+    // Once resolved, the ids come from the cache and nothing is reported again.
+    assert!(resolver.resolve(&g).await.unwrap().written.is_empty());
     // A second process resolves to the same resources and creates nothing new.
     let again = IdentityResolver::new(client.clone(), config)
         .resolve(&g)
         .await
         .unwrap();
-    assert_eq!(again, ids);
+    assert_eq!(again.ids, ids);
+    assert!(again.written.is_empty());
     assert_eq!(
         client
             .search("Patient", &[("identifier", &patient)], 10)
@@ -263,7 +291,7 @@ async fn create_mode_is_deterministic_and_lookup_reports_unknown_devices() {
             ..IdentityConfig::default()
         },
     );
-    assert_eq!(lookup.resolve(&g).await.unwrap(), ids);
+    assert_eq!(lookup.resolve(&g).await.unwrap().ids, ids);
 }
 
 #[tokio::test]
@@ -343,25 +371,25 @@ async fn a_stale_version_is_reread_and_merged_again() {
     let b = ObservationWriter::new(client.clone(), 100, Duration::from_secs(60));
 
     let first = group(&device, &patient, &[("2026-11-20T09:00:10Z", "60")]);
-    let ids = resolver.resolve(&first).await.unwrap();
+    let ids = resolver.resolve(&first).await.unwrap().ids;
     let window = &observation_groups(template.period_interval, &first).unwrap()[0];
     assert_eq!(
-        a.write(template, window, &ids).await.unwrap(),
-        WriteOutcome::Created
+        a.write(template, window, &ids).await.unwrap().action,
+        Action::Created
     );
     // Another writer (another pod) updates the Observation; `a` still caches the old version.
     let other = group(&device, &patient, &[("2026-11-20T09:00:20Z", "61")]);
     let window = &observation_groups(template.period_interval, &other).unwrap()[0];
     assert_eq!(
-        b.write(template, window, &ids).await.unwrap(),
-        WriteOutcome::Updated
+        b.write(template, window, &ids).await.unwrap().action,
+        Action::Updated
     );
     // `a` writes with a stale If-Match, gets 412, re-reads and merges on top of `b`'s data.
     let third = group(&device, &patient, &[("2026-11-20T09:00:30Z", "62")]);
     let window = &observation_groups(template.period_interval, &third).unwrap()[0];
     assert_eq!(
-        a.write(template, window, &ids).await.unwrap(),
-        WriteOutcome::Updated
+        a.write(template, window, &ids).await.unwrap().action,
+        Action::Updated
     );
     let found = observations(&client, &ids, "20261120090000Z.20261120095959Z").await;
     let data: Vec<&str> = found[0]["valueSampledData"]["data"]
@@ -385,11 +413,11 @@ async fn a_create_that_replaced_a_concurrent_create_merges_it_back() {
     let b = ObservationWriter::new(client.clone(), 100, Duration::from_secs(60));
 
     let first = group(&device, &patient, &[("2026-11-20T09:00:10Z", "60")]);
-    let ids = resolver.resolve(&first).await.unwrap();
+    let ids = resolver.resolve(&first).await.unwrap().ids;
     let window = &observation_groups(template.period_interval, &first).unwrap()[0];
     assert_eq!(
-        b.write(template, window, &ids).await.unwrap(),
-        WriteOutcome::Created
+        b.write(template, window, &ids).await.unwrap().action,
+        Action::Created
     );
     // `a` searched before `b` created the Observation (two owners of one partition during a
     // handover): its search finds nothing, and its create replaces `b`'s version.
@@ -401,8 +429,8 @@ async fn a_create_that_replaced_a_concurrent_create_merges_it_back() {
     let other = group(&device, &patient, &[("2026-11-20T09:00:20Z", "61")]);
     let window = &observation_groups(template.period_interval, &other).unwrap()[0];
     assert_eq!(
-        a.write(template, window, &ids).await.unwrap(),
-        WriteOutcome::Updated
+        a.write(template, window, &ids).await.unwrap().action,
+        Action::Updated
     );
     let found = observations(&client, &ids, "20261120090000Z.20261120095959Z").await;
     assert_eq!(found.len(), 1);
@@ -432,7 +460,7 @@ async fn handlebars_resources_are_written_idempotently() {
     let resolver = IdentityResolver::new(client.clone(), IdentityConfig::default());
     let writer = ObservationWriter::new(client.clone(), 100, Duration::from_secs(60));
     let g = group(&device, &patient, &[("2026-11-20T10:00:00Z", "66")]);
-    let ids = resolver.resolve(&g).await.unwrap();
+    let ids = resolver.resolve(&g).await.unwrap().ids;
     let window = &observation_groups(template.period_interval(), &g).unwrap()[0];
     let resource =
         iomt_convert::convert_window(template, window, &ids, &g, Timestamp::now()).unwrap();
@@ -444,19 +472,21 @@ async fn handlebars_resources_are_written_idempotently() {
             &format!("{}.heartrate.{}", ids.device, window.segment)
         )
     );
+    let created = writer.write_resource(&resource).await.unwrap();
+    let stored = client.read("Observation", &id).await.unwrap().unwrap();
     assert_eq!(
-        writer.write_resource(&resource).await.unwrap(),
-        WriteOutcome::Created
+        created,
+        written_as(&stored.resource, Action::Created, false)
     );
     // A replay writes nothing, also from a process that never saw the resource.
     assert_eq!(
-        writer.write_resource(&resource).await.unwrap(),
-        WriteOutcome::Unchanged
+        writer.write_resource(&resource).await.unwrap().action,
+        Action::Unchanged
     );
     let fresh = ObservationWriter::new(client.clone(), 100, Duration::from_secs(60));
     assert_eq!(
-        fresh.write_resource(&resource).await.unwrap(),
-        WriteOutcome::Unchanged
+        fresh.write_resource(&resource).await.unwrap().action,
+        Action::Unchanged
     );
     let stored = client
         .read("Observation", &id)
@@ -473,8 +503,8 @@ async fn handlebars_resources_are_written_idempotently() {
     let mut changed = resource.clone();
     changed["valueQuantity"]["value"] = json!(67);
     assert_eq!(
-        writer.write_resource(&changed).await.unwrap(),
-        WriteOutcome::Updated
+        writer.write_resource(&changed).await.unwrap().action,
+        Action::Updated
     );
 }
 
@@ -605,7 +635,7 @@ async fn encounters_are_resolved_and_required_in_lookup_with_encounter() {
         Err(IdentityError::EncounterIdentityNotDefined)
     );
     g.encounter_id = Some(encounter.clone());
-    let ids = resolver.resolve(&g).await.unwrap();
+    let ids = resolver.resolve(&g).await.unwrap().ids;
     assert_eq!(
         ids,
         ResourceIds {
@@ -635,14 +665,14 @@ async fn encounters_are_resolved_and_required_in_lookup_with_encounter() {
         );
         g.encounter_id = Some(String::new());
         assert_eq!(
-            resolver.resolve(&g).await.unwrap().encounter,
+            resolver.resolve(&g).await.unwrap().ids.encounter,
             None,
             "{mode:?}"
         );
         // Create mode looks an existing device up like Lookup mode, encounter included.
         g.encounter_id = Some(encounter.clone());
         assert_eq!(
-            resolver.resolve(&g).await.unwrap().encounter.as_deref(),
+            resolver.resolve(&g).await.unwrap().ids.encounter.as_deref(),
             Some(encounter_id.as_str()),
             "{mode:?}"
         );

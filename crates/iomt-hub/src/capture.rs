@@ -19,6 +19,11 @@
 //! * The position is `SystemProperties.x-opt-sequence-number` when present, else the line
 //!   number; the enqueued time is `SystemProperties.x-opt-enqueued-time`.
 //! * Blank lines are skipped.
+//!
+//! Lines are read as bytes, so nothing in a line stops the file: a line that is not valid
+//! UTF-8, not a JSON object, has neither `Body` nor `BodyText`, or is longer than the size cap
+//! becomes a [`BadRecord`] naming its line, and reading goes on. A line over the cap is never
+//! held in memory whole; its record keeps the first bytes.
 
 use std::io::{BufRead, Read};
 
@@ -39,6 +44,35 @@ pub struct CapturedEvent {
     pub source: String,
     /// The event.
     pub event: DeviceEvent,
+}
+
+impl CapturedEvent {
+    /// The event as a JSON Lines record that [`read_jsonl`] reads back as the same event: the
+    /// body as JSON when it is JSON (`Body`), else as text (`BodyText`).
+    pub fn to_jsonl(&self) -> String {
+        let mut line = Map::new();
+        match serde_json::from_slice::<Value>(&self.event.body) {
+            Ok(body) => line.insert("Body".to_owned(), body),
+            Err(_) if self.event.body.is_empty() => line.insert("Body".to_owned(), Value::Null),
+            Err(_) => line.insert(
+                "BodyText".to_owned(),
+                Value::String(String::from_utf8_lossy(&self.event.body).into_owned()),
+            ),
+        };
+        line.insert(
+            "Properties".to_owned(),
+            Value::Object(self.event.properties.clone()),
+        );
+        line.insert(
+            "SystemProperties".to_owned(),
+            Value::Object(self.event.system_properties.clone()),
+        );
+        line.insert(
+            "Partition".to_owned(),
+            Value::String(self.partition.clone()),
+        );
+        Value::Object(line).to_string()
+    }
 }
 
 /// A record that is not a readable event.
@@ -86,34 +120,124 @@ pub enum CaptureError {
     },
 }
 
-/// Reads a JSON Lines capture.
-pub fn read_jsonl<R: BufRead>(
+/// The longest JSON Lines record read by default.
+pub const MAX_LINE_BYTES: usize = 1024 * 1024;
+
+/// How much of an over-long line a dead-letter record keeps.
+const KEPT_OF_LONG_LINE: usize = 64 * 1024;
+
+/// Reads a JSON Lines capture, one [`Record`] per non-blank line; lines longer than
+/// `max_line_bytes` are bad records.
+pub fn read_jsonl<R: BufRead>(reader: R, name: &str, max_line_bytes: usize) -> JsonLines<R> {
+    JsonLines {
+        reader,
+        name: name.to_owned(),
+        line_number: 0,
+        max_line_bytes,
+        line: Vec::new(),
+    }
+}
+
+/// The records of a JSON Lines capture; see [`read_jsonl`].
+#[derive(Debug)]
+pub struct JsonLines<R> {
     reader: R,
-    name: &str,
-) -> impl Iterator<Item = Result<Record, CaptureError>> {
-    let name = name.to_owned();
-    reader.lines().enumerate().filter_map(move |(index, line)| {
-        let line_number = index as i64 + 1;
-        let line = match line {
-            Ok(l) => l,
-            Err(error) => {
-                return Some(Err(CaptureError::Io {
-                    source_name: name.clone(),
-                    error,
-                }));
+    name: String,
+    line_number: i64,
+    max_line_bytes: usize,
+    line: Vec<u8>,
+}
+
+impl<R: Read> JsonLines<std::io::BufReader<R>> {
+    /// Whether more input is already buffered, so the next record will not wait for the
+    /// source. A reader of a pipe or standard input hands over what it has before it blocks.
+    pub fn has_buffered(&self) -> bool {
+        !self.reader.buffer().is_empty()
+    }
+}
+
+impl<R: BufRead> JsonLines<R> {
+    /// Reads the next line into `self.line`, at most `max_line_bytes + 1` bytes of it; returns
+    /// the full length, or `None` at the end of the input.
+    fn next_line(&mut self) -> std::io::Result<Option<usize>> {
+        self.line.clear();
+        let mut length = 0;
+        loop {
+            let available = self.reader.fill_buf()?;
+            if available.is_empty() {
+                return Ok((length > 0).then_some(length));
             }
-        };
-        if line.trim().is_empty() {
-            return None;
+            let (chunk, used, done) = match available.iter().position(|&b| b == b'\n') {
+                Some(i) => (&available[..i], i + 1, true),
+                None => (available, available.len(), false),
+            };
+            let room = (self.max_line_bytes + 1).saturating_sub(self.line.len());
+            self.line.extend_from_slice(&chunk[..chunk.len().min(room)]);
+            length += chunk.len();
+            self.reader.consume(used);
+            if done {
+                if self.line.last() == Some(&b'\r') && length <= self.max_line_bytes + 1 {
+                    self.line.pop();
+                    length -= 1;
+                }
+                return Ok(Some(length));
+            }
         }
-        Some(Ok(jsonl_record(&line, &name, line_number)))
+    }
+}
+
+impl<R: BufRead> Iterator for JsonLines<R> {
+    type Item = Result<Record, CaptureError>;
+
+    fn next(&mut self) -> Option<Self::Item> {
+        loop {
+            let length = match self.next_line() {
+                Ok(Some(n)) => n,
+                Ok(None) => return None,
+                Err(error) => {
+                    return Some(Err(CaptureError::Io {
+                        source_name: self.name.clone(),
+                        error,
+                    }));
+                }
+            };
+            self.line_number += 1;
+            if length > self.max_line_bytes {
+                let mut payload = std::mem::take(&mut self.line);
+                payload.truncate(KEPT_OF_LONG_LINE);
+                return Some(Ok(bad_line(
+                    &self.name,
+                    self.line_number,
+                    payload,
+                    format!(
+                        "the line is {length} bytes, over the limit of {} bytes; the record keeps its first {KEPT_OF_LONG_LINE} bytes",
+                        self.max_line_bytes
+                    ),
+                )));
+            }
+            if self.line.iter().all(u8::is_ascii_whitespace) {
+                continue;
+            }
+            return Some(Ok(jsonl_record(&self.line, &self.name, self.line_number)));
+        }
+    }
+}
+
+fn bad_line(name: &str, line_number: i64, payload: Vec<u8>, reason: String) -> Record {
+    Record::Bad(BadRecord {
+        source: format!("{name}:{line_number}"),
+        partition: "0".into(),
+        sequence_number: line_number,
+        payload,
+        reason,
     })
 }
 
 /// One line of a JSON Lines capture; other members are ignored.
 #[derive(serde::Deserialize)]
 struct Line<'a> {
-    #[serde(rename = "Body", borrow, default)]
+    /// Present (`null` included) or absent.
+    #[serde(rename = "Body", borrow, default, deserialize_with = "present")]
     body: Option<&'a serde_json::value::RawValue>,
     #[serde(rename = "BodyText", default)]
     body_text: Option<Value>,
@@ -125,18 +249,31 @@ struct Line<'a> {
     partition: Option<Value>,
 }
 
-fn jsonl_record(line: &str, name: &str, line_number: i64) -> Record {
-    let source = format!("{name}:{line_number}");
-    let bad = |reason: String| {
-        Record::Bad(BadRecord {
-            source: source.clone(),
-            partition: "0".into(),
-            sequence_number: line_number,
-            payload: line.as_bytes().to_vec(),
-            reason,
-        })
+/// A member that is present, whatever its value (`null` included).
+fn present<'de, D: serde::Deserializer<'de>>(
+    d: D,
+) -> Result<Option<&'de serde_json::value::RawValue>, D::Error> {
+    serde::Deserialize::deserialize(d).map(Some)
+}
+
+/// Reads one JSON Lines record; `iomt deadletter replay` reads a dead-lettered line with it
+/// again.
+pub fn jsonl_record(line: &[u8], name: &str, line_number: i64) -> Record {
+    let bad = |reason: String| bad_line(name, line_number, line.to_vec(), reason);
+    let text = match std::str::from_utf8(line) {
+        Ok(t) => t,
+        Err(e) => {
+            return bad(format!(
+                "the line is not valid UTF-8 (invalid bytes at byte {})",
+                e.valid_up_to() + 1
+            ));
+        }
     };
-    let envelope: Line<'_> = match serde_json::from_str(line) {
+    // serde would read a JSON array into the envelope's fields one by one.
+    if !text.trim_start().starts_with('{') {
+        return bad("the line is not a JSON object (an event envelope)".into());
+    }
+    let envelope: Line<'_> = match serde_json::from_str(text) {
         Ok(l) => l,
         Err(e) if e.classify() == serde_json::error::Category::Data => {
             return bad(format!("the line is not an event envelope: {e}"));
@@ -145,12 +282,13 @@ fn jsonl_record(line: &str, name: &str, line_number: i64) -> Record {
     };
     let body = match (envelope.body, envelope.body_text) {
         (_, Some(Value::String(text))) => text.into_bytes(),
-        (None, None) => Vec::new(),
+        (None, None) => return bad("the line has neither Body nor BodyText".into()),
         (Some(raw), None) if raw.get() == "null" => Vec::new(),
         // The body exactly as captured, without parsing it twice.
         (Some(raw), None) => raw.get().as_bytes().to_vec(),
         (_, Some(_)) => return bad("BodyText must be a string".into()),
     };
+    let source = format!("{name}:{line_number}");
     let object = |v: Option<Value>| match v {
         Some(Value::Object(m)) => Ok(m),
         None | Some(Value::Null) => Ok(Map::new()),
@@ -309,7 +447,7 @@ mod tests {
             r#"{"BodyText": "{\"hr\": 7", "Properties": {"source": "pump"}}"#,
             "\n"
         );
-        let records: Vec<Record> = read_jsonl(text.as_bytes(), "cap.jsonl")
+        let records: Vec<Record> = read_jsonl(text.as_bytes(), "cap.jsonl", MAX_LINE_BYTES)
             .map(Result::unwrap)
             .collect();
         assert_eq!(records.len(), 3);
@@ -342,6 +480,66 @@ mod tests {
         assert_eq!(raw.event.body, br#"{"hr": 7"#.to_vec());
         assert_eq!(raw.sequence_number, 4);
         assert_eq!(raw.event.properties["source"], "pump");
+    }
+
+    fn reasons(input: &[u8], cap: usize) -> Vec<(String, String)> {
+        read_jsonl(input, "in.jsonl", cap)
+            .map(|r| match r.unwrap() {
+                Record::Bad(b) => (b.source, b.reason),
+                Record::Event(e) => (e.source, "event".to_owned()),
+            })
+            .collect()
+    }
+
+    #[test]
+    fn no_line_stops_the_file() {
+        let mut input = Vec::new();
+        input.extend_from_slice(b"{\"Body\": {\"hr\": 1}}\n");
+        input.extend_from_slice(b"{\"Body\": \"caf\xe9\"}\n");
+        input.extend_from_slice(b"[{\"Body\": 1}, 2]\n");
+        input.extend_from_slice(b"{}\n");
+        input.extend_from_slice(b"42\n");
+        input.extend_from_slice(b"{\"Body\": null}\r\n");
+        input.extend_from_slice(format!("{{\"Body\": \"{}\"}}\n", "x".repeat(300)).as_bytes());
+        input.extend_from_slice(b"{\"Body\": {}, \"Body\": {}}\n");
+        input.extend_from_slice(b"{\"BodyText\": \"last\"}");
+        let got = reasons(&input, 200);
+        let reason = |i: usize| got[i].1.as_str();
+        assert_eq!(got.len(), 9, "{got:?}");
+        assert_eq!(reason(0), "event");
+        assert!(reason(1).contains("not valid UTF-8"), "{}", reason(1));
+        assert_eq!(got[1].0, "in.jsonl:2");
+        assert!(reason(2).contains("not a JSON object"), "{}", reason(2));
+        assert!(
+            reason(3).contains("neither Body nor BodyText"),
+            "{}",
+            reason(3)
+        );
+        assert!(reason(4).contains("not a JSON object"), "{}", reason(4));
+        // An explicit null body is an event with an empty body.
+        assert_eq!(reason(5), "event");
+        assert!(
+            reason(6).contains("over the limit of 200 bytes"),
+            "{}",
+            reason(6)
+        );
+        assert!(reason(7).contains("duplicate field"), "{}", reason(7));
+        assert_eq!((got[8].0.as_str(), reason(8)), ("in.jsonl:9", "event"));
+    }
+
+    #[test]
+    fn a_huge_line_is_not_held_whole() {
+        let mut input = b"{\"Body\": \"".to_vec();
+        input.resize(5 * 1024 * 1024, b'x');
+        input.extend_from_slice(b"\"}\n{\"Body\": 1}\n");
+        let records: Vec<Record> = read_jsonl(input.as_slice(), "big.jsonl", 1024)
+            .map(Result::unwrap)
+            .collect();
+        let Record::Bad(bad) = &records[0] else {
+            panic!("expected a bad record")
+        };
+        assert!(bad.payload.len() <= KEPT_OF_LONG_LINE);
+        assert!(matches!(records[1], Record::Event(_)));
     }
 
     #[test]

@@ -347,7 +347,7 @@ impl Default for PipelineSection {
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct Output {
-    /// NDJSON output directory, used when no FHIR URL is set.
+    /// The embedded store (and its NDJSON export), used when no FHIR URL is set.
     pub dir: PathBuf,
     /// Dead letters and checkpoints.
     pub state_dir: PathBuf,

@@ -6,40 +6,53 @@ use std::path::PathBuf;
 use std::sync::Arc;
 
 use azure_core::credentials::TokenCredential;
-use iomt_core::MeasurementGroup;
+use iomt_core::{MeasurementGroup, Written};
 use iomt_fhir::{
     Auth, EntraCredential, FhirClient, FhirClientConfig, IdentityConfig, IdentityMode,
-    IdentityResolver, NdjsonStore, ObservationWriter,
+    IdentityResolver, ObservationWriter,
 };
 use iomt_hub::blob::{BlobAuth, BlobCheckpointStore};
 use iomt_hub::deadletter::DeadLetterWriter;
 use iomt_hub::eventhubs::{EventHubSettings, EventHubsAuth};
 use iomt_hub::internal::eventhubs::{EventHubsProducer, ProducerOptions};
 use iomt_normalize::Normalizer;
+use iomt_store::EmbeddedStore;
 use iomt_templates::device::DeviceMapping;
 use iomt_templates::fhir::FhirMapping;
 
 use crate::config::{AuthKind, Config, ConfigError, IdentityModeKind, Role, Source, StartAtKind};
+use crate::convert::Converter;
 use crate::eventhubs::{Carries, ProcessorSettings, StartAt};
-use crate::sink::{FhirSink, NdjsonSink, Sink, SinkError, Written};
+use crate::sink::{Sink, SinkError};
+use crate::store::{Embedded, FhirStore};
 use crate::{Metrics, Pipeline, PipelineConfig};
 
 /// The sink a configuration names.
 #[derive(Debug)]
 pub enum ConfiguredSink {
     /// A FHIR server.
-    Fhir(Box<FhirSink>),
-    /// An NDJSON directory.
-    Ndjson(NdjsonSink),
+    Fhir(Box<Converter<FhirStore>>),
+    /// The embedded store.
+    Embedded(Converter<Embedded>),
     /// None: the normalize role, whose pipeline has no group stage and so never writes.
     Nothing,
 }
 
+impl ConfiguredSink {
+    /// The embedded store, when that is the output.
+    pub fn embedded(&self) -> Option<&Arc<EmbeddedStore>> {
+        match self {
+            ConfiguredSink::Embedded(c) => Some(c.store().store()),
+            _ => None,
+        }
+    }
+}
+
 impl Sink for ConfiguredSink {
-    async fn write(&self, group: &MeasurementGroup) -> Result<Written, SinkError> {
+    async fn write(&self, group: &MeasurementGroup) -> Result<Vec<Written>, SinkError> {
         match self {
             ConfiguredSink::Fhir(s) => s.write(group).await,
-            ConfiguredSink::Ndjson(s) => s.write(group).await,
+            ConfiguredSink::Embedded(s) => s.write(group).await,
             ConfiguredSink::Nothing => Err(SinkError::Data {
                 kind: "GeneralError",
                 message: "the normalize role writes no resources".into(),
@@ -48,27 +61,11 @@ impl Sink for ConfiguredSink {
         }
     }
 
-    async fn persist(&self) -> Result<(), SinkError> {
-        match self {
-            ConfiguredSink::Fhir(s) => s.persist().await,
-            ConfiguredSink::Ndjson(s) => s.persist().await,
-            ConfiguredSink::Nothing => Ok(()),
-        }
-    }
-
     fn describe(&self) -> String {
         match self {
             ConfiguredSink::Nothing => "none".to_owned(),
             ConfiguredSink::Fhir(s) => s.describe(),
-            ConfiguredSink::Ndjson(s) => {
-                let counts = s
-                    .counts()
-                    .into_iter()
-                    .map(|(t, n)| format!("{t} {n}"))
-                    .collect::<Vec<_>>()
-                    .join(", ");
-                format!("{} ({counts})", s.describe())
-            }
+            ConfiguredSink::Embedded(s) => s.describe(),
         }
     }
 }
@@ -91,6 +88,35 @@ pub struct Assembled {
     /// Identifies the destination (FHIR URL or output directory), so that a checkpoint is
     /// reused only for the same one.
     pub target: String,
+    /// The state directory's lock, held while the pipeline runs.
+    pub state_lock: std::fs::File,
+}
+
+/// Takes the state directory for this process: two processes appending to one dead-letter
+/// file and moving one checkpoint would corrupt both.
+fn lock_state_dir(dir: &std::path::Path) -> Result<std::fs::File, ConfigError> {
+    let fail = |message: String| ConfigError {
+        origin: "output.state_dir".into(),
+        message,
+    };
+    std::fs::create_dir_all(dir)
+        .map_err(|e| fail(format!("cannot create {}: {e}", dir.display())))?;
+    let lock = std::fs::File::options()
+        .create(true)
+        .truncate(false)
+        .write(true)
+        .open(dir.join("iomt.lock"))
+        .map_err(|e| fail(format!("cannot open {}: {e}", dir.display())))?;
+    match lock.try_lock() {
+        Ok(()) => Ok(lock),
+        Err(std::fs::TryLockError::WouldBlock) => Err(fail(format!(
+            "{} is in use by another iomt process; wait for it to end or choose another --state-dir",
+            dir.display()
+        ))),
+        Err(std::fs::TryLockError::Error(e)) => {
+            Err(fail(format!("cannot lock {}: {e}", dir.display())))
+        }
+    }
 }
 
 fn fhir_client(config: &Config, url: &str) -> Result<FhirClient, ConfigError> {
@@ -130,6 +156,7 @@ pub fn assemble(
     dead_letter_file: PathBuf,
 ) -> Result<Assembled, ConfigError> {
     let pipeline_config = config.pipeline_config()?;
+    let state_lock = lock_state_dir(&config.output.state_dir)?;
     let mapping = Arc::new(fhir);
     let (sink, target) = match &config.fhir.url {
         // The normalize role's output is the internal hub; it writes no resources.
@@ -156,26 +183,27 @@ pub fn assemble(
                 config.fhir.observation_cache_capacity,
                 config.fhir.observation_cache_ttl,
             );
-            let sink = FhirSink::new(mapping.clone(), identity, writer, url.clone());
+            let store = FhirStore::new(identity, writer, url.clone());
+            let sink = Converter::new(mapping.clone(), store);
             (ConfiguredSink::Fhir(Box::new(sink)), url.clone())
         }
         None => {
             let dir = &config.output.dir;
-            let store = NdjsonStore::open(dir).map_err(|e| ConfigError {
+            let store = EmbeddedStore::open(dir).map_err(|e| ConfigError {
                 origin: "output.dir".into(),
-                message: format!("cannot open {}: {e}", dir.display()),
+                message: e.to_string(),
             })?;
-            let shown = dir.display().to_string();
             let target = std::fs::canonicalize(dir)
                 .map(|p| p.display().to_string())
-                .unwrap_or_else(|_| shown.clone());
-            let sink = NdjsonSink::new(
-                mapping.clone(),
-                store,
+                .unwrap_or_else(|_| dir.display().to_string());
+            let store = Embedded::new(
+                Arc::new(store),
                 config.identity.device_identifier_system.clone(),
-                shown,
             );
-            (ConfiguredSink::Ndjson(sink), target)
+            (
+                ConfiguredSink::Embedded(Converter::new(mapping.clone(), store)),
+                target,
+            )
         }
     };
     let dead_letters = DeadLetterWriter::open(&dead_letter_file).map_err(|e| ConfigError {
@@ -200,6 +228,7 @@ pub fn assemble(
         dead_letter_file,
         config: pipeline_config,
         target,
+        state_lock,
     })
 }
 

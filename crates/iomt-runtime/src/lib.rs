@@ -8,15 +8,18 @@
 
 pub mod checkpoint;
 pub mod config;
+pub mod convert;
 pub mod embedded;
 pub mod eventhubs;
 pub mod metrics;
 pub mod pipeline;
 pub mod server;
 pub mod sink;
+pub mod store;
 
 pub use checkpoint::{CheckpointError, CheckpointStore, FileCheckpoint};
 pub use config::{Config, ConfigError};
+pub use convert::{Converter, Store};
 pub use embedded::{
     Assembled, ConfiguredSink, LiveSource, assemble, internal_hub_producer, live_source,
 };
@@ -25,4 +28,5 @@ pub use iomt_hub::internal::{HubConsumer, HubMessage, HubProducer, Origin, in_pr
 pub use metrics::{Metrics, Summary};
 pub use pipeline::{Committed, Input, Partitions, Pipeline, PipelineConfig, Report, SourceItem};
 pub use server::{Health, serve};
-pub use sink::{FhirSink, NdjsonSink, Sink, SinkError};
+pub use sink::{Sink, SinkError};
+pub use store::{Embedded, FhirStore};

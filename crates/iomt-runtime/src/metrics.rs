@@ -10,6 +10,7 @@ use std::sync::Mutex;
 use std::time::Duration;
 
 use hdrhistogram::Histogram as Hdr;
+use iomt_core::{Action, Written};
 use prometheus_client::encoding::EncodeLabelSet;
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
@@ -37,25 +38,22 @@ struct SavedLabels {
     resource_type: String,
 }
 
-/// What a write did to one resource, for `FhirResourceSaved`.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Saved {
-    /// A new resource.
-    Created = 0,
-    /// An existing resource changed.
-    Updated = 1,
-    /// The data was already there.
-    Unchanged = 2,
+/// `FhirResourceSaved`'s name for what a write did (`ObservationCreated`, …).
+fn saved_name(action: Action, resource_type: &str) -> String {
+    let what = match action {
+        Action::Unchanged => "NoOperation",
+        other => other.name(),
+    };
+    format!("{resource_type}{what}")
 }
 
-impl Saved {
-    fn name(self, resource_type: &str) -> String {
-        let what = match self {
-            Saved::Created => "Created",
-            Saved::Updated => "Updated",
-            Saved::Unchanged => "NoOperation",
-        };
-        format!("{resource_type}{what}")
+/// Index of an action in the summary's outcome counters.
+fn outcome(action: Action) -> usize {
+    match action {
+        Action::Created => 0,
+        Action::Updated => 1,
+        Action::Unchanged => 2,
+        Action::Deleted => 3,
     }
 }
 
@@ -79,7 +77,7 @@ pub struct Metrics {
     buffered: Gauge,
     /// Totals across labels, for the summary (a label family cannot be summed).
     groups_total: Counter,
-    outcomes: [Counter; 3],
+    outcomes: [Counter; 4],
     /// Dead letters by (stage, kind), for the summary.
     dead_letter_kinds: Mutex<BTreeMap<(String, String), u64>>,
     /// Read-to-write latency with exact percentiles, for the summary and the benchmark.
@@ -238,14 +236,15 @@ impl Metrics {
         self.ingestion_latency.observe(ms);
     }
 
-    pub(crate) fn saved(&self, resource_type: &str, outcome: Saved, n: u64) {
+    /// Counts one resource write.
+    pub(crate) fn written(&self, w: &Written) {
         self.saved
             .get_or_create(&SavedLabels {
-                name: outcome.name(resource_type),
-                resource_type: resource_type.to_owned(),
+                name: saved_name(w.action, &w.resource_type),
+                resource_type: w.resource_type.clone(),
             })
-            .inc_by(n);
-        self.outcomes[outcome as usize].inc_by(n);
+            .inc();
+        self.outcomes[outcome(w.action)].inc();
     }
 
     pub(crate) fn error(&self, name: &str, operation: &str) {
@@ -288,9 +287,9 @@ impl Metrics {
             written_measurements: self.measurement.get(),
             groups: self.groups_total.get(),
             dropped: self.dropped_event.get(),
-            created: self.outcomes[Saved::Created as usize].get(),
-            updated: self.outcomes[Saved::Updated as usize].get(),
-            unchanged: self.outcomes[Saved::Unchanged as usize].get(),
+            created: self.outcomes[outcome(Action::Created)].get(),
+            updated: self.outcomes[outcome(Action::Updated)].get(),
+            unchanged: self.outcomes[outcome(Action::Unchanged)].get(),
             dead_letters: self
                 .dead_letter_kinds
                 .lock()

@@ -19,6 +19,7 @@
 
 use std::collections::{BTreeMap, HashMap};
 use std::future::Future;
+use std::io::Write as _;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, PoisonError, RwLock};
 use std::time::{Duration, Instant};
@@ -272,6 +273,8 @@ struct Tag {
 
 #[derive(Debug)]
 struct Shared<S> {
+    /// Where events that match no template are kept, when asked.
+    unmatched: Option<Mutex<std::io::BufWriter<std::fs::File>>>,
     config: PipelineConfig,
     normalizer: Arc<Normalizer>,
     mapping: Arc<FhirMapping>,
@@ -306,6 +309,7 @@ impl<S: Sink> Pipeline<S> {
         }
         Self {
             shared: Arc::new(Shared {
+                unmatched: None,
                 config,
                 normalizer,
                 mapping,
@@ -316,6 +320,24 @@ impl<S: Sink> Pipeline<S> {
                 health: Arc::default(),
             }),
         }
+    }
+
+    /// Also appends every event that matches no template to `file`, as a JSON Lines capture
+    /// that can be replayed once the templates cover it. Such events are only counted
+    /// otherwise (`DroppedEvent`), as in MedTech.
+    pub fn keep_unmatched(mut self, file: &std::path::Path) -> std::io::Result<Self> {
+        if let Some(dir) = file.parent().filter(|d| !d.as_os_str().is_empty()) {
+            std::fs::create_dir_all(dir)?;
+        }
+        let opened = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(file)?;
+        let shared = Arc::get_mut(&mut self.shared).ok_or_else(|| {
+            std::io::Error::other("keep_unmatched must be set before the pipeline runs")
+        })?;
+        shared.unmatched = Some(Mutex::new(std::io::BufWriter::new(opened)));
+        Ok(self)
     }
 
     /// The table of source partitions, for a source whose partitions come and go (Event Hubs
@@ -428,6 +450,7 @@ fn millis_between(earlier: Timestamp, later: Timestamp) -> f64 {
 fn normalize_dead_letter(
     event: &CapturedEvent,
     errors: &[iomt_normalize::NormalizeError],
+    time: Timestamp,
 ) -> DeadLetter {
     let first = &errors[0];
     let mut messages: Vec<String> = Vec::new();
@@ -442,20 +465,15 @@ fn normalize_dead_letter(
             messages.push(m);
         }
     }
-    let message = messages.join("; ");
-    DeadLetter {
-        stage: Stage::Normalize,
-        partition: event.partition.clone(),
-        sequence_number: event.sequence_number,
-        source: Some(event.source.clone()),
-        kind: first.kind.name().to_owned(),
-        message,
-        template: first.template.clone(),
-        payload: event.event.body.clone(),
-        properties: event.event.properties.clone(),
-        system_properties: event.event.system_properties.clone(),
-        time: Timestamp::now(),
-    }
+    DeadLetter::event(
+        event,
+        (
+            first.kind.name(),
+            messages.join("; "),
+            first.template.clone(),
+        ),
+        time,
+    )
 }
 
 async fn normalize_task<S: Sink, P: HubProducer>(
@@ -486,6 +504,7 @@ async fn normalize_task<S: Sink, P: HubProducer>(
         };
         let mut events = 0;
         let mut normalized = 0;
+        let mut unmatched = Vec::new();
         for item in batch {
             let origin = item.origin;
             let mut route = |measurement: Measurement| {
@@ -504,19 +523,7 @@ async fn normalize_task<S: Sink, P: HubProducer>(
                         .error("InvalidDataFormatException", "Normalization");
                     registrations.push((origin, 1));
                     dead.origins.push(origin);
-                    dead.records.push(DeadLetter {
-                        stage: Stage::Normalize,
-                        partition: bad.partition,
-                        sequence_number: bad.sequence_number,
-                        source: Some(bad.source),
-                        kind: "InvalidDataFormatException".to_owned(),
-                        message: bad.reason,
-                        template: None,
-                        payload: bad.payload,
-                        properties: Default::default(),
-                        system_properties: Default::default(),
-                        time: now,
-                    });
+                    dead.records.push(DeadLetter::unreadable(&bad, now));
                 }
                 Input::Measurement(m) => {
                     registrations.push((origin, 1));
@@ -539,9 +546,10 @@ async fn normalize_task<S: Sink, P: HubProducer>(
                         }
                         dead.origins.push(origin);
                         dead.records
-                            .push(normalize_dead_letter(&event, &output.errors));
+                            .push(normalize_dead_letter(&event, &output.errors, now));
                     } else if n == 0 {
                         shared.metrics.dropped();
+                        unmatched.push(event.to_jsonl());
                     }
                     registrations.push((origin, n as u32 + u32::from(failed)));
                     for mut m in output.measurements {
@@ -554,6 +562,18 @@ async fn normalize_task<S: Sink, P: HubProducer>(
             }
         }
         drop(span);
+        if let Some(file) = &shared.unmatched
+            && !unmatched.is_empty()
+        {
+            let mut file = file.lock().unwrap_or_else(PoisonError::into_inner);
+            let written = unmatched
+                .iter()
+                .try_for_each(|line| writeln!(file, "{line}"))
+                .and_then(|()| file.flush());
+            if let Err(e) = written {
+                tracing::warn!(error = %e, "cannot write unmatched events");
+            }
+        }
         shared.metrics.events_read(events);
         shared.metrics.normalized(normalized);
         // Registered before anything can be acknowledged.
@@ -626,25 +646,20 @@ fn measurement_dead_letter<S>(
     stage: Stage,
     measurement: &Measurement,
     origin: Origin,
-    (kind, message, template): (&str, &str, Option<&str>),
+    failure: (&str, &str, Option<&str>),
     time: Timestamp,
 ) -> DeadLetter {
-    DeadLetter {
+    let partition = shared
+        .acks
+        .slot(origin.partition)
+        .map_or_else(|| origin.partition.to_string(), |s| s.name.clone());
+    DeadLetter::measurement(
         stage,
-        partition: shared
-            .acks
-            .slot(origin.partition)
-            .map_or_else(|| origin.partition.to_string(), |s| s.name.clone()),
-        sequence_number: origin.position,
-        source: None,
-        kind: kind.to_owned(),
-        message: message.to_owned(),
-        template: template.map(str::to_owned),
-        payload: serde_json::to_vec(measurement).unwrap_or_default(),
-        properties: Default::default(),
-        system_properties: Default::default(),
+        measurement,
+        (partition, origin.position),
+        failure,
         time,
-    }
+    )
 }
 
 fn reason_name(reason: FlushReason) -> &'static str {
@@ -807,8 +822,10 @@ async fn write_flush<S: Sink>(
                     flush.group.measurements.len() as u64,
                     &latencies,
                 );
-                for (resource_type, outcome) in &written {
-                    shared.metrics.saved(resource_type, *outcome, 1);
+                // What the FHIR mapping produced; identity writes are not counted, as in
+                // MedTech's `FhirResourceSaved`.
+                for w in written.iter().filter(|w| !w.identity) {
+                    shared.metrics.written(w);
                 }
                 shared.acks.ack(flush.positions.iter().map(|t| t.origin));
                 return;
@@ -903,7 +920,7 @@ async fn dead_letter_task<S: Sink>(
             };
             writer = w;
             match result {
-                Ok(()) => break,
+                Ok(_) => break,
                 Err(e) => {
                     tracing::error!(path = %writer.path().display(), error = %e, "cannot write dead letters; retrying");
                     tokio::time::sleep(wait).await;

@@ -20,7 +20,6 @@ use iomt_hub::deadletter::DeadLetterWriter;
 use iomt_hub::eventhubs::{EventHubSettings, EventHubsAuth};
 use iomt_normalize::Normalizer;
 use iomt_runtime::eventhubs::EventHubsCheckpoints;
-use iomt_runtime::sink::Written;
 use iomt_runtime::{
     CheckpointStore as _, Committed, Input, Metrics, Origin, Pipeline, PipelineConfig, Sink,
     SinkError, SourceItem, in_process,
@@ -173,7 +172,7 @@ impl azure_messaging_eventhubs::CheckpointStore for Recording {
 struct Accept;
 
 impl Sink for Accept {
-    async fn write(&self, _group: &MeasurementGroup) -> Result<Written, SinkError> {
+    async fn write(&self, _group: &MeasurementGroup) -> Result<Vec<iomt_core::Written>, SinkError> {
         Ok(Vec::new())
     }
 

@@ -8,14 +8,12 @@ use std::sync::atomic::{AtomicU32, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use iomt_core::{DeviceEvent, MeasurementGroup};
+use iomt_core::{Action, DeviceEvent, MeasurementGroup, Written};
 use iomt_group::GroupConfig;
 use iomt_hub::capture::{BadRecord, CapturedEvent};
 use iomt_hub::deadletter::{DeadLetterWriter, Stage, read_dead_letters};
 use iomt_normalize::Normalizer;
 use iomt_runtime::hub::{Delivery, HubError, InProcessConsumer};
-use iomt_runtime::metrics::Saved;
-use iomt_runtime::sink::Written;
 use iomt_runtime::{
     FileCheckpoint, HubConsumer, HubMessage, HubProducer, Input, Metrics, Origin, Pipeline,
     PipelineConfig, Report, Sink, SinkError, SourceItem, in_process,
@@ -42,7 +40,7 @@ struct TestSink {
 }
 
 impl Sink for TestSink {
-    async fn write(&self, group: &MeasurementGroup) -> Result<Written, SinkError> {
+    async fn write(&self, group: &MeasurementGroup) -> Result<Vec<Written>, SinkError> {
         if self.stuck_device.as_deref() == Some(&group.device_id) {
             std::future::pending::<()>().await;
         }
@@ -78,7 +76,14 @@ impl Sink for TestSink {
             });
         }
         self.written.lock().unwrap().push(group.clone());
-        Ok(vec![("Observation".to_owned(), Saved::Created)])
+        Ok(vec![Written {
+            resource_type: "Observation".to_owned(),
+            id: group.device_id.clone(),
+            version_id: Some("1".to_owned()),
+            last_updated: None,
+            action: Action::Created,
+            identity: false,
+        }])
     }
 
     fn describe(&self) -> String {
