@@ -145,8 +145,20 @@ pub(crate) fn run(cmd: DeadLetterCommand) -> anyhow::Result<u8> {
             format!(", {} not re-submitted (see above)", cannot.len())
         }
     );
-    std::io::Write::write_all(&mut std::io::stdout(), heading.as_bytes()).ok();
-    print_summary(&summary, started, &finish_output(&sink)?, &out);
+    match args.run.summary {
+        crate::OutputFormat::Text => {
+            std::io::Write::write_all(&mut std::io::stdout(), heading.as_bytes()).ok();
+        }
+        // Standard output holds the JSON summary alone.
+        crate::OutputFormat::Json => eprint!("{heading}"),
+    }
+    print_summary(
+        args.run.summary,
+        &summary,
+        started,
+        &finish_output(&sink)?,
+        &out,
+    );
     if report.interrupted {
         return Ok(130);
     }

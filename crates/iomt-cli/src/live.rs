@@ -159,7 +159,13 @@ pub(crate) fn run(args: &LiveArgs) -> anyhow::Result<u8> {
         ),
         Role::All | Role::Convert => finish_output(&sink)?,
     };
-    print_summary(&metrics.summary(), started, &output, &dead_letter_file);
+    print_summary(
+        args.run.summary,
+        &metrics.summary(),
+        started,
+        &output,
+        &dead_letter_file,
+    );
     Ok(if source_failed {
         1
     } else if report.abandoned {

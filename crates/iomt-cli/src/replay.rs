@@ -384,7 +384,13 @@ pub(crate) fn run(args: &ReplayArgs) -> anyhow::Result<u8> {
         checkpoint.mark_complete()?;
     }
     let output = finish_output(&sink)?;
-    print_summary(&metrics.summary(), started, &output, &dead_letter_file);
+    print_summary(
+        args.run.summary,
+        &metrics.summary(),
+        started,
+        &output,
+        &dead_letter_file,
+    );
     if !complete {
         let after = report.positions.get(&0).copied().unwrap_or(resume_after);
         eprintln!(

@@ -75,6 +75,9 @@ pub(crate) struct RunArgs {
     /// they are only counted.
     #[arg(long, value_name = "FILE")]
     pub(crate) keep_unmatched: Option<PathBuf>,
+    /// How the summary at the end is printed.
+    #[arg(long, value_enum, default_value = "text")]
+    pub(crate) summary: OutputFormat,
 }
 
 impl RunArgs {
@@ -297,11 +300,66 @@ fn peak_rss_mb() -> Option<u64> {
 
 /// Prints what a run did; `output` names where it wrote.
 pub(crate) fn print_summary(
+    format: OutputFormat,
     summary: &Summary,
     started: Instant,
     output: &str,
     dead_letter_file: &Path,
 ) {
+    let text = match format {
+        OutputFormat::Text => summary_text(summary, started, output, dead_letter_file),
+        OutputFormat::Json => format!(
+            "{}\n",
+            summary_json(summary, started, output, dead_letter_file)
+        ),
+    };
+    // A closed stdout (`iomt replay … | head`) is not an error of the run.
+    std::io::Write::write_all(&mut std::io::stdout(), text.as_bytes()).ok();
+}
+
+/// The summary for tools and benchmarks (`--summary json`).
+fn summary_json(
+    summary: &Summary,
+    started: Instant,
+    output: &str,
+    dead_letter_file: &Path,
+) -> serde_json::Value {
+    let seconds = started.elapsed().as_secs_f64();
+    let dead: u64 = summary.dead_letters.values().sum();
+    let (p50, p99, max) = summary.latency_ms;
+    serde_json::json!({
+        "seconds": seconds,
+        "events": summary.events,
+        "eventsPerSecond": if seconds > 0.0 { summary.events as f64 / seconds } else { 0.0 },
+        "measurements": summary.measurements,
+        "writtenMeasurements": summary.written_measurements,
+        "groups": summary.groups,
+        "resources": {
+            "created": summary.created,
+            "updated": summary.updated,
+            "unchanged": summary.unchanged,
+        },
+        "dropped": summary.dropped,
+        "deadLetters": {
+            "total": dead,
+            "file": dead_letter_file.display().to_string(),
+            "byKind": summary.dead_letters.iter().map(|((stage, kind), n)| {
+                serde_json::json!({"stage": stage, "kind": kind, "count": n})
+            }).collect::<Vec<_>>(),
+        },
+        "retries": summary.retries,
+        "latencyMs": {"p50": p50, "p99": p99, "max": max},
+        "peakRssMb": peak_rss_mb(),
+        "output": output,
+    })
+}
+
+fn summary_text(
+    summary: &Summary,
+    started: Instant,
+    output: &str,
+    dead_letter_file: &Path,
+) -> String {
     use std::fmt::Write as _;
     let mut out = String::new();
     let secs = started.elapsed().as_secs_f64();
@@ -395,6 +453,5 @@ pub(crate) fn print_summary(
         writeln!(out, "  memory         peak RSS {mb} MB").ok();
     }
     writeln!(out, "  output         {output}").ok();
-    // A closed stdout (`iomt replay … | head`) is not an error of the run.
-    std::io::Write::write_all(&mut std::io::stdout(), out.as_bytes()).ok();
+    out
 }

@@ -9,7 +9,7 @@
 //! Positions are the hub's sequence numbers: they increase by one per event within a
 //! partition, but a reader may start anywhere and skip nothing after that.
 
-use std::collections::{BTreeMap, BTreeSet};
+use std::collections::VecDeque;
 
 /// Why an ack was refused.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -28,14 +28,20 @@ pub enum AckError {
 }
 
 /// Ordered acknowledgement tracking for one partition.
+///
+/// Positions are registered in increasing order, so the registered events form a queue sorted
+/// by position: an ack finds its event by binary search, and the checkpoint moves as events at
+/// the front finish. Every operation is a search and a few queue pops, without the per-event
+/// tree nodes of a map.
 #[derive(Debug, Clone, Default)]
 pub struct AckTracker {
-    /// Registered positions not acknowledged yet, with how many acks each still needs.
-    pending: BTreeMap<i64, u32>,
+    /// Registered events past the checkpoint, in position order, with how many acks each
+    /// still needs (0: done, waiting for an earlier event).
+    queue: VecDeque<(i64, u32)>,
+    /// Events in the queue that still need acks.
+    in_flight: usize,
     /// The last registered position.
     last_registered: Option<i64>,
-    /// Positions acknowledged, not yet contiguous with the checkpoint.
-    done: BTreeSet<i64>,
     /// The highest position below which everything registered is acknowledged.
     safe: Option<i64>,
 }
@@ -54,49 +60,48 @@ impl AckTracker {
             });
         }
         self.last_registered = Some(position);
+        self.queue.push_back((position, parts));
         if parts == 0 {
-            self.done.insert(position);
             self.advance();
         } else {
-            self.pending.insert(position, parts);
+            self.in_flight += 1;
         }
         Ok(())
+    }
+
+    /// The queue index of an event still in flight.
+    fn find(&self, position: i64) -> Result<usize, AckError> {
+        match self.queue.binary_search_by_key(&position, |&(p, _)| p) {
+            Ok(i) if self.queue[i].1 > 0 => Ok(i),
+            _ => Err(AckError::NotInFlight(position)),
+        }
     }
 
     /// Adds parts to an event still in flight (its measurements split into more groups than
     /// first known).
     pub fn add_parts(&mut self, position: i64, parts: u32) -> Result<(), AckError> {
-        let remaining = self
-            .pending
-            .get_mut(&position)
-            .ok_or(AckError::NotInFlight(position))?;
-        *remaining += parts;
+        let i = self.find(position)?;
+        self.queue[i].1 += parts;
         Ok(())
     }
 
     /// One part of the event at `position` is durably written (or dead-lettered).
     pub fn ack(&mut self, position: i64) -> Result<(), AckError> {
-        let remaining = self
-            .pending
-            .get_mut(&position)
-            .ok_or(AckError::NotInFlight(position))?;
-        *remaining -= 1;
-        if *remaining == 0 {
-            self.pending.remove(&position);
-            self.done.insert(position);
-            self.advance();
+        let i = self.find(position)?;
+        self.queue[i].1 -= 1;
+        if self.queue[i].1 == 0 {
+            self.in_flight -= 1;
+            if i == 0 {
+                self.advance();
+            }
         }
         Ok(())
     }
 
     fn advance(&mut self) {
-        let bound = self.pending.keys().next().copied();
-        while let Some(&first) = self.done.first() {
-            if bound.is_some_and(|p| first > p) {
-                break;
-            }
-            self.done.remove(&first);
-            self.safe = Some(self.safe.map_or(first, |s| s.max(first)));
+        while let Some(&(position, 0)) = self.queue.front() {
+            self.queue.pop_front();
+            self.safe = Some(position);
         }
     }
 
@@ -108,7 +113,7 @@ impl AckTracker {
 
     /// Events registered but not fully acknowledged.
     pub fn in_flight(&self) -> usize {
-        self.pending.len()
+        self.in_flight
     }
 }
 

@@ -72,7 +72,7 @@ impl Default for PipelineConfig {
             hub_partitions: 4,
             hub_capacity: 16,
             max_in_flight: 64,
-            max_buffered: 200_000,
+            max_buffered: 100_000,
             checkpoint_interval: Duration::from_secs(5),
             drain_deadline: Duration::from_secs(30),
             retry_cap: Duration::from_secs(30),

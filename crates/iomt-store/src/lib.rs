@@ -8,16 +8,17 @@
 //! ([`export_ndjson`]); they are no longer the store itself, so memory does not grow with what
 //! was written.
 //!
-//! Writes go through one writer thread that commits in groups: every write waiting when a
-//! transaction starts goes into it, and each caller is answered once the commit is durable.
-//! Reads use their own connection (WAL mode lets them run beside the writer). One process at a
-//! time may write a store: [`EmbeddedStore::open`] takes an exclusive lock on `store.lock` and
-//! refuses a second process with an error naming the directory.
+//! All database work is done by one thread. Writes commit in groups: every write waiting when
+//! a transaction starts goes into it, and each caller is answered once the commit is durable.
+//! A read returns the stored text, which the caller parses on its own thread. (Reads on
+//! blocking threads, one mimalloc heap each, cost more memory than they saved time.) One
+//! process at a time may write a store: [`EmbeddedStore::open`] takes an exclusive lock on
+//! `store.lock` and refuses a second process with an error naming the directory.
 
 use std::fs::File;
 use std::path::{Path, PathBuf};
 use std::sync::mpsc;
-use std::sync::{Arc, Mutex, PoisonError};
+use std::sync::{Mutex, PoisonError};
 use std::thread::JoinHandle;
 
 use iomt_core::{Action, Timestamp, Written};
@@ -99,6 +100,12 @@ enum Job {
         identity: bool,
         reply: oneshot::Sender<Result<Written, StoreError>>,
     },
+    /// The stored text of a resource and its version; parsed by the caller, off this thread.
+    Read {
+        resource_type: String,
+        id: String,
+        reply: oneshot::Sender<Result<Option<(i64, String)>, StoreError>>,
+    },
 }
 
 /// An open store.
@@ -106,7 +113,6 @@ enum Job {
 pub struct EmbeddedStore {
     dir: PathBuf,
     jobs: Mutex<Option<mpsc::Sender<Job>>>,
-    reader: Arc<Mutex<Connection>>,
     writer: Mutex<Option<JoinHandle<()>>>,
     _lock: File,
 }
@@ -189,7 +195,6 @@ impl EmbeddedStore {
         let path = dir.join(DATABASE);
         let conn = connect(&path)?;
         conn.execute_batch(SCHEMA).map_err(database_error(&path))?;
-        let reader = connect(&path)?;
         let (jobs, rx) = mpsc::channel();
         let writer = std::thread::Builder::new()
             .name("iomt-store".into())
@@ -198,7 +203,6 @@ impl EmbeddedStore {
         Ok(Self {
             dir: dir.to_owned(),
             jobs: Mutex::new(Some(jobs)),
-            reader: Arc::new(Mutex::new(reader)),
             writer: Mutex::new(Some(writer)),
             _lock: lock,
         })
@@ -209,17 +213,30 @@ impl EmbeddedStore {
         &self.dir
     }
 
+    fn send(&self, job: Job) -> Result<(), StoreError> {
+        let jobs = self.jobs.lock().unwrap_or_else(PoisonError::into_inner);
+        jobs.as_ref()
+            .ok_or(StoreError::Closed)?
+            .send(job)
+            .map_err(|_| StoreError::Closed)
+    }
+
     /// The current version of a resource.
     pub async fn read(&self, resource_type: &str, id: &str) -> Result<Option<Stored>, StoreError> {
-        let reader = self.reader.clone();
-        let path = self.dir.join(DATABASE);
-        let (t, i) = (resource_type.to_owned(), id.to_owned());
-        tokio::task::spawn_blocking(move || {
-            let conn = reader.lock().unwrap_or_else(PoisonError::into_inner);
-            read(&conn, &path, &t, &i)
-        })
-        .await
-        .map_err(|_| StoreError::Closed)?
+        let (reply, answer) = oneshot::channel();
+        self.send(Job::Read {
+            resource_type: resource_type.to_owned(),
+            id: id.to_owned(),
+            reply,
+        })?;
+        let Some((version, body)) = answer.await.map_err(|_| StoreError::Closed)?? else {
+            return Ok(None);
+        };
+        let resource = serde_json::from_str(&body).map_err(|e| StoreError::Database {
+            path: self.dir.join(DATABASE),
+            message: format!("{resource_type}/{id} is not JSON: {e}"),
+        })?;
+        Ok(Some(Stored { resource, version }))
     }
 
     /// Writes a new version of `resource` and answers once it is durable. With `expect`, the
@@ -234,30 +251,25 @@ impl EmbeddedStore {
         identity: bool,
     ) -> Result<Written, StoreError> {
         let (reply, answer) = oneshot::channel();
-        {
-            let jobs = self.jobs.lock().unwrap_or_else(PoisonError::into_inner);
-            let jobs = jobs.as_ref().ok_or(StoreError::Closed)?;
-            jobs.send(Job::Put {
-                resource,
-                expect,
-                identity,
-                reply,
-            })
-            .map_err(|_| StoreError::Closed)?;
-        }
+        self.send(Job::Put {
+            resource,
+            expect,
+            identity,
+            reply,
+        })?;
         answer.await.map_err(|_| StoreError::Closed)?
     }
 
     /// Resources stored, per type.
     pub fn counts(&self) -> Result<Vec<(String, u64)>, StoreError> {
-        let conn = self.reader.lock().unwrap_or_else(PoisonError::into_inner);
-        counts(&conn, &self.dir.join(DATABASE))
+        let path = self.dir.join(DATABASE);
+        counts(&connect(&path)?, &path)
     }
 
     /// Change-log rows after `after`, at most `limit`, in order.
     pub fn changes(&self, after: i64, limit: usize) -> Result<Vec<Change>, StoreError> {
-        let conn = self.reader.lock().unwrap_or_else(PoisonError::into_inner);
-        changes(&conn, &self.dir.join(DATABASE), after, limit)
+        let path = self.dir.join(DATABASE);
+        changes(&connect(&path)?, &path, after, limit)
     }
 
     /// Finishes the writes queued and stops the writer thread.
@@ -302,6 +314,20 @@ fn read(conn: &Connection, path: &Path, t: &str, id: &str) -> Result<Option<Stor
         Ok(Stored { resource, version })
     })
     .transpose()
+}
+
+fn read_text(
+    conn: &Connection,
+    path: &Path,
+    t: &str,
+    id: &str,
+) -> Result<Option<(i64, String)>, StoreError> {
+    conn.prepare_cached("SELECT version, body FROM resources WHERE type = ?1 AND id = ?2")
+        .and_then(|mut s| {
+            s.query_row(params![t, id], |r| Ok((r.get(0)?, r.get(1)?)))
+                .optional()
+        })
+        .map_err(database_error(path))
 }
 
 fn counts(conn: &Connection, path: &Path) -> Result<Vec<(String, u64)>, StoreError> {
@@ -374,14 +400,24 @@ fn write_loop(mut conn: Connection, path: PathBuf, jobs: mpsc::Receiver<Job>) {
         let mut answers = Vec::with_capacity(batch.len());
         let result = (|| -> Result<(), rusqlite::Error> {
             let tx = conn.transaction()?;
-            for Job::Put {
-                resource,
-                expect,
-                identity,
-                reply,
-            } in batch
-            {
-                answers.push((reply, put(&tx, &path, resource, expect, identity)?));
+            for job in batch {
+                match job {
+                    Job::Put {
+                        resource,
+                        expect,
+                        identity,
+                        reply,
+                    } => answers.push((reply, put(&tx, &path, resource, expect, identity)?)),
+                    // A read in the batch sees the batch's writes before they commit; if the
+                    // commit fails, a write based on it is refused as a conflict.
+                    Job::Read {
+                        resource_type,
+                        id,
+                        reply,
+                    } => {
+                        reply.send(read_text(&tx, &path, &resource_type, &id)).ok();
+                    }
+                }
             }
             tx.commit()
         })();
@@ -418,21 +454,6 @@ fn put(
     ) else {
         return Ok(Err(StoreError::Invalid));
     };
-    let current = match read(tx, path, &t, &id) {
-        Ok(c) => c,
-        Err(e) => return Ok(Err(e)),
-    };
-    let expected = match (expect, &current) {
-        (None, _) => true,
-        (Some(Expect::Absent), c) => c.is_none(),
-        (Some(Expect::Version(v)), Some(c)) => c.version == v,
-        (Some(Expect::Version(_)), None) => false,
-    };
-    if !expected {
-        return Ok(Err(StoreError::Conflict {
-            reference: format!("{t}/{id}"),
-        }));
-    }
     let written = |version: i64, last_updated: String, action| Written {
         resource_type: t.clone(),
         id: id.clone(),
@@ -441,17 +462,40 @@ fn put(
         action,
         identity,
     };
-    if let Some(c) = &current
-        && content(&c.resource) == content(&resource)
-    {
-        let last = c.resource["meta"]["lastUpdated"]
-            .as_str()
-            .unwrap_or_default()
-            .to_owned();
-        return Ok(Ok(written(c.version, last, Action::Unchanged)));
-    }
-    let version = current.as_ref().map_or(1, |c| c.version + 1);
-    let action = if current.is_some() {
+    let current_version = match expect {
+        // The caller read the resource and changed it: only its version needs checking,
+        // which spares parsing and comparing the stored body.
+        Some(expect) => {
+            let version: Option<i64> = tx
+                .prepare_cached("SELECT version FROM resources WHERE type = ?1 AND id = ?2")?
+                .query_row(params![t, id], |r| r.get(0))
+                .optional()?;
+            let expected = match (expect, version) {
+                (Expect::Absent, v) => v.is_none(),
+                (Expect::Version(e), Some(v)) => e == v,
+                (Expect::Version(_), None) => false,
+            };
+            if !expected {
+                return Ok(Err(StoreError::Conflict {
+                    reference: format!("{t}/{id}"),
+                }));
+            }
+            version
+        }
+        None => match read(tx, path, &t, &id) {
+            Ok(Some(c)) if content(&c.resource) == content(&resource) => {
+                let last = c.resource["meta"]["lastUpdated"]
+                    .as_str()
+                    .unwrap_or_default()
+                    .to_owned();
+                return Ok(Ok(written(c.version, last, Action::Unchanged)));
+            }
+            Ok(c) => c.map(|c| c.version),
+            Err(e) => return Ok(Err(e)),
+        },
+    };
+    let version = current_version.map_or(1, |v| v + 1);
+    let action = if current_version.is_some() {
         Action::Updated
     } else {
         Action::Created
