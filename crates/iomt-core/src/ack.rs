@@ -71,8 +71,16 @@ impl AckTracker {
 
     /// The queue index of an event still in flight.
     fn find(&self, position: i64) -> Result<usize, AckError> {
-        match self.queue.binary_search_by_key(&position, |&(p, _)| p) {
-            Ok(i) if self.queue[i].1 > 0 => Ok(i),
+        // Sources number their events consecutively, so the offset from the front is nearly
+        // always the index; a search covers gaps (a reader that skipped ahead).
+        let guess = self
+            .queue
+            .front()
+            .and_then(|&(first, _)| usize::try_from(position.checked_sub(first)?).ok())
+            .filter(|&i| self.queue.get(i).is_some_and(|&(p, _)| p == position));
+        let found = guess.or_else(|| self.queue.binary_search_by_key(&position, |&(p, _)| p).ok());
+        match found {
+            Some(i) if self.queue[i].1 > 0 => Ok(i),
             _ => Err(AckError::NotInFlight(position)),
         }
     }

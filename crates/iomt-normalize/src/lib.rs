@@ -150,6 +150,33 @@ impl Normalizer {
         }
     }
 
+    /// [`Normalizer::normalize_event`] without copying the event's properties: they are moved
+    /// into the envelope and back, which the pipeline's hot path is spared per event.
+    pub fn normalize_owned(&self, event: &mut DeviceEvent) -> Output {
+        let body = match parse_body(&event.body) {
+            Ok(b) => b,
+            Err(error) => {
+                return Output {
+                    measurements: Vec::new(),
+                    errors: vec![error],
+                };
+            }
+        };
+        let mut root = wrap(
+            body,
+            std::mem::take(&mut event.properties),
+            std::mem::take(&mut event.system_properties),
+        );
+        let output = self.normalize_value(&root, event.enqueued_time, &mut NoTrace);
+        let mut take = |key: &str| match root.get_mut(key).map(Value::take) {
+            Some(Value::Object(m)) => m,
+            _ => Map::new(),
+        };
+        event.properties = take("Properties");
+        event.system_properties = take("SystemProperties");
+        output
+    }
+
     /// Evaluates every template against an already built document (an envelope, or a bare
     /// payload when debugging the way upstream unit tests do).
     pub fn normalize_value<T: Trace>(
@@ -172,18 +199,20 @@ impl Normalizer {
 
 /// Parses an event body and wraps it the way MedTech does.
 pub fn envelope(event: &DeviceEvent) -> Result<Value, NormalizeError> {
-    let body = parse_body(&event.body)?;
+    Ok(wrap(
+        parse_body(&event.body)?,
+        event.properties.clone(),
+        event.system_properties.clone(),
+    ))
+}
+
+/// `{Body, Properties, SystemProperties}`.
+fn wrap(body: Value, properties: Map<String, Value>, system: Map<String, Value>) -> Value {
     let mut map = Map::with_capacity(3);
     map.insert("Body".to_owned(), body);
-    map.insert(
-        "Properties".to_owned(),
-        Value::Object(event.properties.clone()),
-    );
-    map.insert(
-        "SystemProperties".to_owned(),
-        Value::Object(event.system_properties.clone()),
-    );
-    Ok(Value::Object(map))
+    map.insert("Properties".to_owned(), Value::Object(properties));
+    map.insert("SystemProperties".to_owned(), Value::Object(system));
+    Value::Object(map)
 }
 
 /// The enqueued time recorded in a captured envelope (`SystemProperties.x-opt-enqueued-time`),

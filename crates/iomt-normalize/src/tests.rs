@@ -278,3 +278,15 @@ proptest! {
         }
     }
 }
+
+#[test]
+fn owned_normalization_matches_and_gives_the_properties_back() {
+    let n = mapping(hr_template());
+    let mut e = event(r#"{"heartRate":"78","endDate":"2019-02-01T22:46:01.875Z","deviceId":"d"}"#);
+    e.properties.insert("p".into(), serde_json::json!(1));
+    e.system_properties.insert("s".into(), serde_json::json!(2));
+    let expected = n.normalize_event(&e);
+    let before = e.clone();
+    assert_eq!(n.normalize_owned(&mut e), expected);
+    assert_eq!(e, before);
+}

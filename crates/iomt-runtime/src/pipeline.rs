@@ -529,14 +529,14 @@ async fn normalize_task<S: Sink, P: HubProducer>(
                     registrations.push((origin, 1));
                     route(*m);
                 }
-                Input::Event(event) => {
+                Input::Event(mut event) => {
                     events += 1;
                     if let Some(enqueued) = event.event.enqueued_time {
                         shared
                             .metrics
                             .device_latency(millis_between(enqueued, now).max(0.0));
                     }
-                    let output = shared.normalizer.normalize_event(&event.event);
+                    let output = shared.normalizer.normalize_owned(&mut event.event);
                     let failed = !output.errors.is_empty();
                     let n = output.measurements.len();
                     normalized += n as u64;
