@@ -11,8 +11,8 @@ use std::path::Path;
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
+use iomt_eventhubs::blob::BlobCheckpointStore;
 use iomt_eventhubs_broker::{BrokerConfig, BrokerHandle, CONNECTION_STRING, HubConfig};
-use iomt_hub::blob::BlobCheckpointStore;
 use iomt_tests::eventhubs::{keda_lag, send, storage_connection_string};
 use iomt_tests::{Scratch, iomt, repo_root};
 use serde_json::Value;

@@ -15,8 +15,8 @@ use std::collections::{BTreeMap, BTreeSet};
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
+use iomt_eventhubs::blob::BlobCheckpointStore;
 use iomt_eventhubs_broker::{BrokerConfig, BrokerHandle, HubConfig};
-use iomt_hub::blob::BlobCheckpointStore;
 use iomt_tests::eventhubs::{hub_section, keda_lag, send, storage_connection_string, toml_string};
 use iomt_tests::golden::{Capture, Server, capture_dir, check_server, read_json_lines, rng};
 use iomt_tests::{IomtProcess, Scratch};

@@ -13,8 +13,8 @@ use std::collections::{BTreeMap, BTreeSet};
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
+use iomt_eventhubs::blob::BlobCheckpointStore;
 use iomt_eventhubs_broker::{BrokerConfig, BrokerHandle, HubConfig};
-use iomt_hub::blob::BlobCheckpointStore;
 use iomt_tests::eventhubs::{
     NAMESPACE, hub_section, keda_lag, partition_lag, send, storage_connection_string, toml_string,
 };

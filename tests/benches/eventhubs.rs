@@ -53,11 +53,11 @@ use std::time::{Duration, Instant};
 use azure_messaging_eventhubs::models::EventData;
 use azure_messaging_eventhubs::{EventDataBatchOptions, ProducerClient};
 use iomt_bench_fixtures::{Counts, Event, blackhole, device_id, generate};
+use iomt_eventhubs::blob::BlobCheckpointStore;
 use iomt_eventhubs_broker::hash::partition_index_for_key;
 use iomt_eventhubs_broker::{
     BrokerConfig, BrokerHandle, CONNECTION_STRING, DEFAULT_LATENCY, HubConfig,
 };
-use iomt_hub::blob::BlobCheckpointStore;
 use iomt_tests::eventhubs::{hub_section, keda_lag, storage_connection_string, toml_string};
 use iomt_tests::{IomtProcess, Scratch, iomt, repo_root};
 

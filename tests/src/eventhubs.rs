@@ -4,8 +4,8 @@
 
 use azure_messaging_eventhubs::models::EventData;
 use azure_messaging_eventhubs::{EventDataBatchOptions, ProducerClient};
+use iomt_eventhubs::blob::BlobCheckpointStore;
 use iomt_eventhubs_broker::{BrokerHandle, CONNECTION_STRING};
-use iomt_hub::blob::BlobCheckpointStore;
 use serde_json::Value;
 
 /// The namespace the broker's connection string names, under which checkpoints are kept.

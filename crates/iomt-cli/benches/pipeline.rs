@@ -21,7 +21,7 @@ use std::sync::atomic::Ordering;
 use std::time::Instant;
 
 use iomt_bench_fixtures::{Counts, blackhole};
-use iomt_hub::capture::{Record, read_jsonl};
+use iomt_files::capture::{Record, read_jsonl};
 use iomt_normalize::Normalizer;
 use iomt_templates::device::DeviceMapping;
 
@@ -71,7 +71,7 @@ fn normalize_only(path: &Path, mapping: &Path) -> (usize, f64) {
     let reader = BufReader::with_capacity(1 << 20, std::fs::File::open(path).unwrap());
     let mut n = 0;
     let mut measurements = 0;
-    for record in read_jsonl(reader, "bench", iomt_hub::capture::MAX_LINE_BYTES) {
+    for record in read_jsonl(reader, "bench", iomt_files::capture::MAX_LINE_BYTES) {
         if let Ok(Record::Event(e)) = record {
             measurements += normalizer.normalize_event(&e.event).measurements.len();
             n += 1;

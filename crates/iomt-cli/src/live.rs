@@ -8,18 +8,15 @@
 //! measurements; `convert` reads the internal hub, where all of a device's measurements are on
 //! one partition, and checkpoints once they are written to FHIR.
 
-use std::sync::Arc;
 use std::time::Instant;
 
 use clap::{Args, ValueEnum};
 use iomt_runtime::config::Role;
-use iomt_runtime::eventhubs::{EventHubsCheckpoints, spawn_source};
-use iomt_runtime::{internal_hub_producer, live_source};
-use tokio::sync::{mpsc, watch};
+use iomt_runtime::run::RunError;
 
 use crate::run::{
     RunArgs, finish_output, keep_unmatched, prepare_config, print_summary, report_config_errors,
-    run_pipeline, runtime,
+    runtime, shutdown_signal,
 };
 
 #[derive(Debug, Args)]
@@ -83,75 +80,20 @@ pub(crate) fn run(args: &LiveArgs) -> anyhow::Result<u8> {
     let (metrics, sink) = (assembled.metrics.clone(), assembled.sink.clone());
     let dead_letter_file = assembled.dead_letter_file.clone();
     let started = Instant::now();
-    let report = runtime()?.block_on(async {
-        let source = match live_source(&config, owner_id).await {
-            Ok(s) => s,
-            Err(e) => return Ok(Err(report_config_errors(&[e]))),
-        };
-        let internal_hub = match config.pipeline.role {
-            Role::Normalize => match internal_hub_producer(&config, &source.owner_id).await {
-                Ok(p) => Some(p),
-                Err(e) => return Ok(Err(report_config_errors(&[e]))),
-            },
-            Role::All | Role::Convert => None,
-        };
-        tracing::info!(
-            owner = %source.owner_id,
-            role = ?config.pipeline.role,
-            hub = %source.settings.hub,
-            "starting"
-        );
-        let (tx, rx) = mpsc::channel(16);
-        let (stop_tx, stop_rx) = watch::channel(false);
-        let checkpoints = EventHubsCheckpoints::new(source.store.clone(), &source.settings);
-        let reader = spawn_source(
-            source.settings,
-            source.processor,
-            source.store as Arc<dyn azure_messaging_eventhubs::CheckpointStore + Send + Sync>,
-            assembled.pipeline.partitions(),
-            tx,
-            stop_rx,
-        );
-        // The pipeline stops on a signal, or when the source gives up (a hub that cannot be
-        // opened): a pod without input must not look healthy.
-        let (ended_tx, ended_rx) = tokio::sync::oneshot::channel();
-        let joined = tokio::task::spawn_blocking(move || {
-            let result = reader.join();
-            ended_tx.send(()).ok();
-            result
-        });
-        let report = run_pipeline(
-            &config,
-            assembled,
-            rx,
-            checkpoints,
-            internal_hub,
-            async move {
-                tokio::select! {
-                    () = crate::run::shutdown_signal() => {}
-                    _ = ended_rx => {}
-                }
-                stop_tx.send_replace(true);
-            },
-        )
-        .await?;
-        let source_failed = match joined.await {
-            Ok(Ok(Err(e))) => {
-                eprintln!("error: the Event Hub source failed: {e}");
-                true
-            }
-            Ok(Err(_)) | Err(_) => {
-                eprintln!("error: the Event Hub source panicked");
-                true
-            }
-            Ok(Ok(Ok(()))) => false,
-        };
-        anyhow::Ok(Ok((report, source_failed)))
-    })?;
-    let (report, source_failed) = match report {
-        Ok(r) => r,
-        Err(code) => return Ok(code),
+    let outcome = runtime()?.block_on(iomt_runtime::run::live(
+        &config,
+        assembled,
+        owner_id,
+        shutdown_signal(),
+    ));
+    let outcome = match outcome {
+        Ok(o) => o,
+        Err(RunError::Config(e)) => return Ok(report_config_errors(&[e])),
+        Err(e) => return Err(e.into()),
     };
+    if let Some(reason) = &outcome.source_failed {
+        eprintln!("error: the Event Hub source failed: {reason}");
+    }
     let output = match config.pipeline.role {
         Role::Normalize => format!(
             "internal hub {}",
@@ -166,9 +108,9 @@ pub(crate) fn run(args: &LiveArgs) -> anyhow::Result<u8> {
         &output,
         &dead_letter_file,
     );
-    Ok(if source_failed {
+    Ok(if outcome.source_failed.is_some() {
         1
-    } else if report.abandoned {
+    } else if outcome.report.abandoned {
         130
     } else {
         0

@@ -1,5 +1,5 @@
-//! What every command that runs the pipeline shares: templates, the sink, the dead-letter
-//! file, tuning, and the summary printed at the end.
+//! What every command that runs the pipeline shares: its arguments, loading the configuration
+//! and templates, and the summary printed at the end.
 
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
@@ -7,13 +7,7 @@ use std::time::{Duration, Instant};
 use anyhow::Context as _;
 use clap::{Args, ValueEnum};
 use iomt_runtime::config::IdentityModeKind;
-use iomt_runtime::hub::InProcessConsumer;
-use iomt_runtime::hub::eventhubs::EventHubsProducer;
-use iomt_runtime::{
-    Assembled, CheckpointStore, Config, ConfigError, ConfiguredSink, Report, Sink as _, SourceItem,
-    Summary, assemble, in_process,
-};
-use tokio::sync::mpsc;
+use iomt_runtime::{Assembled, Config, ConfigError, ConfiguredSink, Sink as _, Summary, assemble};
 
 use crate::OutputFormat;
 use crate::mapping::load_or_report;
@@ -204,57 +198,6 @@ pub(crate) async fn shutdown_signal() {
     {
         ctrl_c.await.ok();
     }
-}
-
-/// Runs a prepared pipeline over a source channel: on the in-process hub, or, with an
-/// internal-hub producer (the normalize role), only up to that hub.
-pub(crate) async fn run_pipeline<K: CheckpointStore>(
-    config: &Config,
-    prepared: Assembled,
-    input: mpsc::Receiver<Vec<SourceItem>>,
-    checkpoints: K,
-    internal_hub: Option<EventHubsProducer>,
-    shutdown: impl std::future::Future<Output = ()> + Send,
-) -> anyhow::Result<Report<K>> {
-    if let Some(addr) = config.output.metrics_addr {
-        let health = prepared.pipeline.health();
-        let bound = iomt_runtime::serve(addr, prepared.metrics.clone(), health)
-            .await
-            .with_context(|| format!("cannot serve metrics on {addr}"))?;
-        tracing::info!(%bound, "serving /metrics, /healthz and /readyz");
-    }
-    let (pipeline, dead_letters) = (prepared.pipeline, prepared.dead_letters);
-    // Two calls for the two producer types: the pipeline is generic over its hub.
-    Ok(match internal_hub {
-        // The normalize role: its output is the internal hub; there is no group stage.
-        Some(producer) => {
-            let consumers: Vec<InProcessConsumer> = Vec::new();
-            pipeline
-                .run(
-                    input,
-                    producer,
-                    consumers,
-                    dead_letters,
-                    checkpoints,
-                    shutdown,
-                )
-                .await
-        }
-        None => {
-            let (producer, consumers) =
-                in_process(prepared.config.hub_partitions, prepared.config.hub_capacity);
-            pipeline
-                .run(
-                    input,
-                    producer,
-                    consumers,
-                    dead_letters,
-                    checkpoints,
-                    shutdown,
-                )
-                .await
-        }
-    })
 }
 
 /// Where a run's output went, for the summary. After a run into the embedded store, the store

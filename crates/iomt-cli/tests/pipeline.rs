@@ -7,7 +7,7 @@ use std::process::{Command, Output, Stdio};
 
 use apache_avro::types::Value as Avro;
 use apache_avro::{Codec, DeflateSettings, Schema, Writer};
-use iomt_hub::capture::CAPTURE_SCHEMA;
+use iomt_files::capture::CAPTURE_SCHEMA;
 
 fn repo(path: &str) -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR"))

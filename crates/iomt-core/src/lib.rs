@@ -8,11 +8,14 @@ pub mod ack;
 pub mod event;
 pub mod json_date;
 pub mod measurement;
+pub mod source;
 pub mod time;
+pub mod wire;
 pub mod written;
 
 pub use event::DeviceEvent;
 pub use json_date::{DateKind, JsonDate};
 pub use measurement::{Measurement, MeasurementGroup, MeasurementProperty};
+pub use source::{BadRecord, SourceEvent};
 pub use time::Timestamp;
 pub use written::{Action, Written};

@@ -1,32 +1,47 @@
 //! The running pipeline: the stages of the other crates joined by tokio tasks and bounded
-//! channels, with the I/O they need (sinks, dead letters, checkpoints) and the metrics an
-//! operator watches.
+//! channels, with the I/O they need and the metrics an operator watches.
+//!
+//! Read in the order data flows:
+//!
+//! * [`source`]: the source contract and the sources (capture files and standard input,
+//!   dead-letter files, Event Hubs partitions), acknowledgement and checkpoints;
+//! * [`pipeline`]: normalize, the internal [`hub`], group and write as tasks, with dead letters;
+//! * [`convert`] and [`store`]: turning groups into resources, on a FHIR server or the
+//!   embedded store, behind the [`sink`] contract;
+//! * [`assemble`], [`config`], [`run`], [`metrics`], [`server`]: building a pipeline from its
+//!   configuration, running it from a source, and what it reports.
 //!
 //! Stages stay pure; everything that waits, retries or touches a disk or a network is here or
-//! in the fhir and hub crates.
+//! in the I/O crates (`iomt-eventhubs`, `iomt-files`, `iomt-fhir`, `iomt-store`).
 #![deny(missing_docs)]
 
-pub mod checkpoint;
-pub mod config;
-pub mod convert;
-pub mod embedded;
-pub mod eventhubs;
-pub mod metrics;
+pub mod source;
+
+pub mod hub;
 pub mod pipeline;
-pub mod server;
+
+pub mod convert;
 pub mod sink;
 pub mod store;
 
-pub use checkpoint::{CheckpointError, CheckpointStore, FileCheckpoint};
-pub use config::{Config, ConfigError};
-pub use convert::{Converter, Store};
-pub use embedded::{
+pub mod assemble;
+pub mod config;
+pub mod metrics;
+pub mod run;
+pub mod server;
+
+pub use assemble::{
     Assembled, ConfiguredSink, LiveSource, assemble, internal_hub_producer, live_source,
 };
-pub use iomt_hub::internal as hub;
-pub use iomt_hub::internal::{HubConsumer, HubMessage, HubProducer, Origin, in_process};
+pub use config::{Config, ConfigError};
+pub use convert::{Converter, Store};
+pub use hub::{HubConsumer, HubMessage, HubProducer, in_process};
 pub use metrics::{Metrics, Summary};
-pub use pipeline::{Committed, Input, Partitions, Pipeline, PipelineConfig, Report, SourceItem};
+pub use pipeline::{Pipeline, PipelineConfig, Report};
 pub use server::{Health, serve};
 pub use sink::{Sink, SinkError};
+pub use source::{
+    CheckpointError, CheckpointStore, Committed, FileCheckpoint, Input, Origin, Partitions,
+    SourceItem,
+};
 pub use store::{Embedded, FhirStore};

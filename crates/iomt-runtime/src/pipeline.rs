@@ -20,28 +20,24 @@
 use std::collections::{BTreeMap, HashMap};
 use std::future::Future;
 use std::io::Write as _;
-use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, Mutex, PoisonError, RwLock};
+use std::sync::{Arc, Mutex, PoisonError};
 use std::time::{Duration, Instant};
 
-use iomt_core::ack::AckTracker;
+use iomt_core::SourceEvent;
 use iomt_core::{Measurement, Timestamp};
+use iomt_files::deadletter::{DeadLetter, DeadLetterWriter, Stage};
 use iomt_group::{Flush, FlushReason, GroupConfig, Grouper};
-use iomt_hub::capture::{BadRecord, CapturedEvent};
-use iomt_hub::deadletter::{DeadLetter, DeadLetterWriter, Stage};
 use iomt_normalize::Normalizer;
 use iomt_templates::fhir::FhirMapping;
 use tokio::sync::{Semaphore, mpsc, oneshot, watch};
 use tokio::task::JoinSet;
 use tracing::Instrument as _;
 
-use crate::checkpoint::CheckpointStore;
+use crate::hub::{Delivery, HubConsumer, HubMessage, HubProducer, device_partition};
 use crate::metrics::Metrics;
 use crate::server::Health;
 use crate::sink::{Sink, SinkError};
-use iomt_hub::internal::{
-    Delivery, HubConsumer, HubMessage, HubProducer, Origin, device_partition,
-};
+use crate::source::{Acks, CheckpointStore, Input, Origin, Partitions, SourceItem};
 
 /// Tuning of the runtime.
 #[derive(Debug, Clone)]
@@ -80,26 +76,6 @@ impl Default for PipelineConfig {
     }
 }
 
-/// What the source hands the pipeline.
-#[derive(Debug, Clone)]
-pub enum Input {
-    /// A device event to normalize.
-    Event(CapturedEvent),
-    /// A record that is not a readable event; it is dead-lettered.
-    Bad(BadRecord),
-    /// An already normalized measurement (a convert-stage dead letter being replayed).
-    Measurement(Box<Measurement>),
-}
-
-/// One input item and where it was read.
-#[derive(Debug, Clone)]
-pub struct SourceItem {
-    /// Its source partition and position, registered for checkpointing.
-    pub origin: Origin,
-    /// The item.
-    pub input: Input,
-}
-
 /// How a run ended.
 #[derive(Debug)]
 pub struct Report<K> {
@@ -113,148 +89,6 @@ pub struct Report<K> {
     pub abandoned: bool,
     /// Items whose output is not yet written (non-zero only when abandoned).
     pub in_flight: usize,
-}
-
-/// One source partition as the pipeline tracks it. A partition that is lost and taken again
-/// gets a new slot, so acknowledgements still arriving for the old ownership never count
-/// toward the new one.
-#[derive(Debug)]
-struct Slot {
-    name: String,
-    active: AtomicBool,
-    tracker: Mutex<AckTracker>,
-}
-
-/// The source partitions a pipeline tracks, shared with the source that claims them.
-#[derive(Debug, Clone)]
-pub struct Partitions(Arc<Acks>);
-
-impl Partitions {
-    /// Starts tracking a partition just claimed; its events carry the returned index in
-    /// [`Origin::partition`]. The partitions given to [`Pipeline::new`] are 0, 1, ….
-    pub fn open(&self, name: &str) -> u32 {
-        self.0.open(name)
-    }
-
-    /// Stops committing checkpoints for a partition whose ownership was lost. Work in flight
-    /// for it still completes; its new owner resumes from the last committed checkpoint.
-    pub fn close(&self, index: u32) {
-        self.0.close(index);
-    }
-}
-
-/// Ordered acknowledgement per source partition.
-#[derive(Debug, Default)]
-struct Acks {
-    slots: RwLock<Vec<Arc<Slot>>>,
-}
-
-/// A position that is safe to commit: every event of the partition up to it is done.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Committed {
-    /// The partition's slot (what [`Origin::partition`] holds).
-    pub index: u32,
-    /// The partition's name (an Event Hubs partition id, `replay`, …).
-    pub partition: String,
-    /// The last position done.
-    pub position: i64,
-}
-
-impl Acks {
-    fn open(&self, name: &str) -> u32 {
-        let mut slots = self.slots.write().unwrap_or_else(PoisonError::into_inner);
-        slots.push(Arc::new(Slot {
-            name: name.to_owned(),
-            active: AtomicBool::new(true),
-            tracker: Mutex::default(),
-        }));
-        (slots.len() - 1) as u32
-    }
-
-    fn slot(&self, index: u32) -> Option<Arc<Slot>> {
-        let slots = self.slots.read().unwrap_or_else(PoisonError::into_inner);
-        slots.get(index as usize).cloned()
-    }
-
-    fn close(&self, index: u32) {
-        if let Some(slot) = self.slot(index) {
-            slot.active.store(false, Ordering::Relaxed);
-        }
-    }
-
-    fn register(&self, items: &[(Origin, u32)]) {
-        self.each_run(
-            items.iter().map(|(o, parts)| (*o, *parts)),
-            |t, position, parts| t.register(position, parts),
-        );
-    }
-
-    fn ack(&self, origins: impl IntoIterator<Item = Origin>) {
-        self.each_run(origins.into_iter().map(|o| (o, 0)), |t, position, _| {
-            t.ack(position)
-        });
-    }
-
-    /// Applies `f` to each origin's tracker. Origins come in runs of one partition (a batch,
-    /// a group), so the slot is looked up and its tracker locked once per run, not once per
-    /// measurement.
-    fn each_run(
-        &self,
-        items: impl IntoIterator<Item = (Origin, u32)>,
-        mut f: impl FnMut(&mut AckTracker, i64, u32) -> Result<(), iomt_core::ack::AckError>,
-    ) {
-        let mut items = items.into_iter().peekable();
-        while let Some((first, parts)) = items.next() {
-            let partition = first.partition;
-            let Some(slot) = self.slot(partition) else {
-                tracing::error!(partition, "an origin names an unknown partition");
-                continue;
-            };
-            let mut tracker = slot.tracker.lock().unwrap_or_else(PoisonError::into_inner);
-            let mut apply = |position, parts| {
-                if let Err(e) = f(&mut tracker, position, parts) {
-                    tracing::error!(partition, error = %e, "acknowledgement out of protocol");
-                }
-            };
-            apply(first.position, parts);
-            while let Some((next, parts)) = items.next_if(|(o, _)| o.partition == partition) {
-                apply(next.position, parts);
-            }
-        }
-    }
-
-    /// Safe positions of the partitions still owned.
-    fn committable(&self) -> Vec<Committed> {
-        let slots = self.slots.read().unwrap_or_else(PoisonError::into_inner);
-        slots
-            .iter()
-            .enumerate()
-            .filter(|(_, s)| s.active.load(Ordering::Relaxed))
-            .filter_map(|(i, s)| {
-                let position = s.tracker.lock().ok()?.checkpoint()?;
-                Some(Committed {
-                    index: i as u32,
-                    partition: s.name.clone(),
-                    position,
-                })
-            })
-            .collect()
-    }
-
-    fn positions(&self) -> BTreeMap<u32, i64> {
-        self.committable()
-            .into_iter()
-            .map(|c| (c.index, c.position))
-            .collect()
-    }
-
-    fn in_flight(&self) -> usize {
-        let slots = self.slots.read().unwrap_or_else(PoisonError::into_inner);
-        slots
-            .iter()
-            .filter_map(|s| s.tracker.lock().ok().map(|t| t.in_flight()))
-            .sum()
-    }
 }
 
 /// Dead-letter records and the origins to acknowledge once they are durable.
@@ -448,7 +282,7 @@ fn millis_between(earlier: Timestamp, later: Timestamp) -> f64 {
 }
 
 fn normalize_dead_letter(
-    event: &CapturedEvent,
+    event: &SourceEvent,
     errors: &[iomt_normalize::NormalizeError],
     time: Timestamp,
 ) -> DeadLetter {
@@ -549,7 +383,7 @@ async fn normalize_task<S: Sink, P: HubProducer>(
                             .push(normalize_dead_letter(&event, &output.errors, now));
                     } else if n == 0 {
                         shared.metrics.dropped();
-                        unmatched.push(event.to_jsonl());
+                        unmatched.push(iomt_files::capture::to_jsonl(&event));
                     }
                     registrations.push((origin, n as u32 + u32::from(failed)));
                     for mut m in output.measurements {

@@ -12,14 +12,14 @@ use async_trait::async_trait;
 use azure_core::http::StatusCode;
 use azure_messaging_eventhubs::CheckpointStore as _;
 use azure_messaging_eventhubs::models::{Checkpoint, Ownership};
+use iomt_core::SourceEvent;
 use iomt_core::{DeviceEvent, MeasurementGroup};
+use iomt_eventhubs::blob::{BlobAuth, BlobCheckpointStore, is_ownership_lost};
+use iomt_eventhubs::{EventHubSettings, EventHubsAuth};
+use iomt_files::deadletter::DeadLetterWriter;
 use iomt_group::GroupConfig;
-use iomt_hub::blob::{BlobAuth, BlobCheckpointStore, is_ownership_lost};
-use iomt_hub::capture::CapturedEvent;
-use iomt_hub::deadletter::DeadLetterWriter;
-use iomt_hub::eventhubs::{EventHubSettings, EventHubsAuth};
 use iomt_normalize::Normalizer;
-use iomt_runtime::eventhubs::EventHubsCheckpoints;
+use iomt_runtime::source::eventhubs::EventHubsCheckpoints;
 use iomt_runtime::{
     CheckpointStore as _, Committed, Input, Metrics, Origin, Pipeline, PipelineConfig, Sink,
     SinkError, SourceItem, in_process,
@@ -195,7 +195,7 @@ fn events(index: u32, from: i64, to: i64) -> Vec<SourceItem> {
                     partition: index,
                     position: i,
                 },
-                input: Input::Event(CapturedEvent {
+                input: Input::Event(SourceEvent {
                     partition: PARTITION.to_owned(),
                     sequence_number: i,
                     offset: None,

@@ -9,9 +9,9 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use iomt_core::{Action, DeviceEvent, MeasurementGroup, Written};
+use iomt_core::{BadRecord, SourceEvent};
+use iomt_files::deadletter::{DeadLetterWriter, Stage, read_dead_letters};
 use iomt_group::GroupConfig;
-use iomt_hub::capture::{BadRecord, CapturedEvent};
-use iomt_hub::deadletter::{DeadLetterWriter, Stage, read_dead_letters};
 use iomt_normalize::Normalizer;
 use iomt_runtime::hub::{Delivery, HubError, InProcessConsumer};
 use iomt_runtime::{
@@ -126,7 +126,7 @@ fn events(n: i64, devices: i64) -> Vec<SourceItem> {
                     partition: 0,
                     position: i,
                 },
-                input: Input::Event(CapturedEvent {
+                input: Input::Event(SourceEvent {
                     partition: "0".into(),
                     sequence_number: i,
                     offset: None,

@@ -3,8 +3,8 @@
 //! MedTech puts normalized measurements on an Event Hub partitioned by device, so that every
 //! measurement of a device reaches the same group buffer. [`HubProducer`] and [`HubConsumer`]
 //! are that contract; [`in_process`] implements it with bounded channels for embedded mode,
-//! and [`eventhubs`] sends to an Event Hub in MedTech's [`wire`] format for scale-out (the
-//! convert side reads that hub with the partition processor). Bounded channels are also the
+//! and [`eventhubs`] sends to an Event Hub in MedTech's wire format ([`iomt_core::wire`]) for
+//! scale-out (the convert side reads that hub with the partition processor). Bounded channels are also the
 //! pipeline's backpressure: a full partition stops the normalize task, which stops reading.
 
 use std::future::Future;
@@ -13,19 +13,9 @@ use std::time::Instant;
 use iomt_core::Measurement;
 use tokio::sync::mpsc;
 
-pub mod eventhubs;
-pub mod wire;
+pub use crate::source::Origin;
 
-/// Where the event behind a measurement was read: the source partition (an index into the
-/// runtime's ack trackers) and its position there. Acknowledging an origin lets that
-/// partition's checkpoint pass it once everything before it is acknowledged too.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
-pub struct Origin {
-    /// Source partition index.
-    pub partition: u32,
-    /// Position (sequence number or record ordinal) within the partition.
-    pub position: i64,
-}
+pub mod eventhubs;
 
 /// One normalized measurement in flight.
 #[derive(Debug, Clone)]

@@ -28,73 +28,39 @@
 use std::io::{BufRead, Read};
 
 use apache_avro::types::Value as Avro;
-use iomt_core::{DeviceEvent, Timestamp};
+use iomt_core::source::enqueued_time;
+use iomt_core::{BadRecord, DeviceEvent, SourceEvent, Timestamp};
 use serde_json::{Map, Value};
 
-/// One captured event and where it was read.
-#[derive(Debug, Clone, PartialEq)]
-pub struct CapturedEvent {
-    /// The hub partition.
-    pub partition: String,
-    /// The position within the partition (the Event Hubs sequence number).
-    pub sequence_number: i64,
-    /// The Event Hubs offset, when the capture has one.
-    pub offset: Option<String>,
-    /// `file:line` or `file#record`, for messages and dead-letter records.
-    pub source: String,
-    /// The event.
-    pub event: DeviceEvent,
-}
-
-impl CapturedEvent {
-    /// The event as a JSON Lines record that [`read_jsonl`] reads back as the same event: the
-    /// body as JSON when it is JSON (`Body`), else as text (`BodyText`).
-    pub fn to_jsonl(&self) -> String {
-        let mut line = Map::new();
-        match serde_json::from_slice::<Value>(&self.event.body) {
-            Ok(body) => line.insert("Body".to_owned(), body),
-            Err(_) if self.event.body.is_empty() => line.insert("Body".to_owned(), Value::Null),
-            Err(_) => line.insert(
-                "BodyText".to_owned(),
-                Value::String(String::from_utf8_lossy(&self.event.body).into_owned()),
-            ),
-        };
-        line.insert(
-            "Properties".to_owned(),
-            Value::Object(self.event.properties.clone()),
-        );
-        line.insert(
-            "SystemProperties".to_owned(),
-            Value::Object(self.event.system_properties.clone()),
-        );
-        line.insert(
-            "Partition".to_owned(),
-            Value::String(self.partition.clone()),
-        );
-        Value::Object(line).to_string()
-    }
-}
-
-/// A record that is not a readable event.
-#[derive(Debug, Clone, PartialEq)]
-pub struct BadRecord {
-    /// `file:line` or `file#record`.
-    pub source: String,
-    /// The partition, when known.
-    pub partition: String,
-    /// The position within the partition (line or record number when nothing better is known).
-    pub sequence_number: i64,
-    /// The raw bytes, kept for the dead-letter record.
-    pub payload: Vec<u8>,
-    /// What is wrong with it.
-    pub reason: String,
+/// An event as a JSON Lines record that [`read_jsonl`] reads back as the same event: the body
+/// as JSON when it is JSON (`Body`), else as text (`BodyText`).
+pub fn to_jsonl(e: &SourceEvent) -> String {
+    let mut line = Map::new();
+    match serde_json::from_slice::<Value>(&e.event.body) {
+        Ok(body) => line.insert("Body".to_owned(), body),
+        Err(_) if e.event.body.is_empty() => line.insert("Body".to_owned(), Value::Null),
+        Err(_) => line.insert(
+            "BodyText".to_owned(),
+            Value::String(String::from_utf8_lossy(&e.event.body).into_owned()),
+        ),
+    };
+    line.insert(
+        "Properties".to_owned(),
+        Value::Object(e.event.properties.clone()),
+    );
+    line.insert(
+        "SystemProperties".to_owned(),
+        Value::Object(e.event.system_properties.clone()),
+    );
+    line.insert("Partition".to_owned(), Value::String(e.partition.clone()));
+    Value::Object(line).to_string()
 }
 
 /// What a reader yields.
 #[derive(Debug, Clone, PartialEq)]
 pub enum Record {
     /// An event to normalize.
-    Event(CapturedEvent),
+    Event(SourceEvent),
     /// A record to dead-letter.
     Bad(BadRecord),
 }
@@ -313,7 +279,7 @@ pub fn jsonl_record(line: &[u8], name: &str, line_number: i64) -> Record {
     let offset = system_properties
         .get("x-opt-offset")
         .map(|o| o.as_str().map_or_else(|| o.to_string(), str::to_owned));
-    Record::Event(CapturedEvent {
+    Record::Event(SourceEvent {
         partition,
         sequence_number,
         offset,
@@ -325,14 +291,6 @@ pub fn jsonl_record(line: &[u8], name: &str, line_number: i64) -> Record {
             enqueued_time,
         },
     })
-}
-
-/// The enqueued time recorded in an event's system properties (`x-opt-enqueued-time`).
-pub(crate) fn enqueued_time(system_properties: &Map<String, Value>) -> Option<Timestamp> {
-    system_properties
-        .get("x-opt-enqueued-time")
-        .and_then(Value::as_str)
-        .and_then(|t| Timestamp::parse(t).ok())
 }
 
 /// The schema Event Hubs Capture writes.
@@ -401,7 +359,7 @@ fn capture_record(value: Avro, name: &str, partition: &str, record_number: i64) 
         }
     }
     event.enqueued_time = enqueued_time;
-    Record::Event(CapturedEvent {
+    Record::Event(SourceEvent {
         partition: partition.to_owned(),
         sequence_number,
         offset,

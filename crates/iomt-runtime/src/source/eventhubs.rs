@@ -27,14 +27,12 @@ use azure_messaging_eventhubs::models::ReceivedEventData;
 use azure_messaging_eventhubs::models::{Checkpoint, StartPositions};
 use azure_messaging_eventhubs::{ConsumerClient, EventProcessor, StartLocation, StartPosition};
 use futures::{FutureExt as _, StreamExt as _};
-use iomt_hub::capture::BadRecord;
-use iomt_hub::eventhubs::{EventHubSettings, to_captured};
-use iomt_hub::internal::wire;
+use iomt_core::BadRecord;
+use iomt_core::wire;
+use iomt_eventhubs::{EventHubSettings, to_source_event};
 use tokio::sync::{Mutex, mpsc, watch};
 
-use crate::Origin;
-use crate::checkpoint::{CheckpointError, CheckpointStore};
-use crate::pipeline::{Committed, Input, Partitions, SourceItem};
+use super::{CheckpointError, CheckpointStore, Committed, Input, Origin, Partitions, SourceItem};
 
 /// Where reading starts on a partition that has no checkpoint yet.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
@@ -61,7 +59,7 @@ pub enum Carries {
 /// dead-lettered like any unreadable record.
 fn to_input(carries: Carries, partition_id: &str, event: &ReceivedEventData) -> Input {
     match carries {
-        Carries::DeviceEvents => Input::Event(to_captured(partition_id, event)),
+        Carries::DeviceEvents => Input::Event(to_source_event(partition_id, event)),
         Carries::Measurements => {
             let body = event.event_data().body().unwrap_or_default();
             match wire::decode(body) {
@@ -121,7 +119,7 @@ impl Default for ProcessorSettings {
 pub enum SourceError {
     /// The hub could not be opened.
     #[error(transparent)]
-    Open(#[from] iomt_hub::eventhubs::OpenError),
+    Open(#[from] iomt_eventhubs::OpenError),
     /// The processor could not be built.
     #[error("cannot start the event processor: {0}")]
     Processor(String),
@@ -189,6 +187,52 @@ fn sdk_duration(d: Duration) -> azure_core::time::Duration {
     azure_core::time::Duration::try_from(d).unwrap_or(azure_core::time::Duration::MAX)
 }
 
+/// An Event Hub's partitions as a source: those this process owns, claimed through the
+/// checkpoint store. It never reaches an end: it reads until stopped.
+pub struct EventHubsSource {
+    /// The hub.
+    pub settings: EventHubSettings,
+    /// Partition balancing.
+    pub processor: ProcessorSettings,
+    /// Ownership and checkpoints.
+    pub store: Arc<dyn azure_messaging_eventhubs::CheckpointStore + Send + Sync>,
+    /// The pipeline's partition table, to claim partitions in.
+    pub partitions: Partitions,
+}
+
+impl std::fmt::Debug for EventHubsSource {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("EventHubsSource")
+            .field("hub", &self.settings.hub)
+            .finish_non_exhaustive()
+    }
+}
+
+impl super::Source for EventHubsSource {
+    type Error = SourceError;
+
+    async fn run(
+        self,
+        tx: mpsc::Sender<Vec<SourceItem>>,
+        stop: watch::Receiver<bool>,
+    ) -> Result<bool, SourceError> {
+        let reader = spawn_source(
+            self.settings,
+            self.processor,
+            self.store,
+            self.partitions,
+            tx,
+            stop,
+        );
+        match tokio::task::spawn_blocking(move || reader.join()).await {
+            Ok(Ok(result)) => result.map(|()| false),
+            _ => Err(SourceError::Processor(
+                "the Event Hubs source panicked".into(),
+            )),
+        }
+    }
+}
+
 /// Starts [`run_source`] on a thread of its own. The SDK's partition streams are not `Send`, so
 /// the readers share one single-threaded runtime; reading is I/O-bound, and the pipeline's
 /// stages keep the other threads.
@@ -223,7 +267,7 @@ pub async fn run_source(
     input: mpsc::Sender<Vec<SourceItem>>,
     stop: watch::Receiver<bool>,
 ) -> Result<(), SourceError> {
-    iomt_hub::blob::warn_if_keda_cannot_read(&settings.consumer_group);
+    iomt_eventhubs::blob::warn_if_keda_cannot_read(&settings.consumer_group);
     let mut backoff = Duration::from_secs(1);
     let mut first = true;
     let mut kept = HashMap::new();
@@ -627,7 +671,7 @@ enum ProbeError {
     #[error("no answer within {PROBE_TIMEOUT:?}")]
     TimedOut,
     #[error(transparent)]
-    Open(#[from] iomt_hub::eventhubs::OpenError),
+    Open(#[from] iomt_eventhubs::OpenError),
     #[error("cannot read the partition's properties: {0}")]
     Hub(#[from] azure_messaging_eventhubs::EventHubsError),
     #[error("cannot list checkpoints: {0}")]

@@ -5,16 +5,16 @@
 use std::path::PathBuf;
 use std::sync::Arc;
 
+use crate::hub::eventhubs::{EventHubsProducer, ProducerOptions};
 use azure_core::credentials::TokenCredential;
 use iomt_core::{MeasurementGroup, Written};
+use iomt_eventhubs::blob::{BlobAuth, BlobCheckpointStore};
+use iomt_eventhubs::{EventHubSettings, EventHubsAuth};
 use iomt_fhir::{
     Auth, EntraCredential, FhirClient, FhirClientConfig, IdentityConfig, IdentityMode,
     IdentityResolver, ObservationWriter,
 };
-use iomt_hub::blob::{BlobAuth, BlobCheckpointStore};
-use iomt_hub::deadletter::DeadLetterWriter;
-use iomt_hub::eventhubs::{EventHubSettings, EventHubsAuth};
-use iomt_hub::internal::eventhubs::{EventHubsProducer, ProducerOptions};
+use iomt_files::deadletter::DeadLetterWriter;
 use iomt_normalize::Normalizer;
 use iomt_store::EmbeddedStore;
 use iomt_templates::device::DeviceMapping;
@@ -22,8 +22,8 @@ use iomt_templates::fhir::FhirMapping;
 
 use crate::config::{AuthKind, Config, ConfigError, IdentityModeKind, Role, Source, StartAtKind};
 use crate::convert::Converter;
-use crate::eventhubs::{Carries, ProcessorSettings, StartAt};
 use crate::sink::{Sink, SinkError};
+use crate::source::eventhubs::{Carries, ProcessorSettings, StartAt};
 use crate::store::{Embedded, FhirStore};
 use crate::{Metrics, Pipeline, PipelineConfig};
 
@@ -328,7 +328,7 @@ pub async fn live_source(config: &Config, owner_id: String) -> Result<LiveSource
     };
     let settings = hub_settings(s, key, &owner_id)?;
     let c = &config.checkpoints;
-    let store_error = |e: iomt_hub::blob::BlobError| ConfigError {
+    let store_error = |e: iomt_eventhubs::blob::BlobError| ConfigError {
         origin: "checkpoints".into(),
         message: e.to_string(),
     };

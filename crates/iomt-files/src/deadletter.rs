@@ -17,7 +17,8 @@ use std::path::{Path, PathBuf};
 
 use iomt_core::{DeviceEvent, Measurement, Timestamp};
 
-use crate::capture::{BadRecord, CapturedEvent, enqueued_time};
+use iomt_core::source::enqueued_time;
+use iomt_core::{BadRecord, SourceEvent};
 use serde_json::{Value, json};
 
 /// Which stage gave up on the item, and so what its payload is and where a replay re-enters.
@@ -115,7 +116,7 @@ impl DeadLetter {
 
     /// A device event normalize gave up on: `kind` and `message` say why, `template` where.
     pub fn event(
-        event: &CapturedEvent,
+        event: &SourceEvent,
         (kind, message, template): (&str, String, Option<String>),
         time: Timestamp,
     ) -> Self {
@@ -228,8 +229,8 @@ impl DeadLetter {
     }
 
     /// The device event of a normalize-stage record, as it was read, for a replay.
-    pub fn to_event(&self) -> CapturedEvent {
-        CapturedEvent {
+    pub fn to_event(&self) -> SourceEvent {
+        SourceEvent {
             partition: self.partition.clone(),
             sequence_number: self.sequence_number,
             offset: None,

@@ -1,11 +1,11 @@
-//! The internal hub's wire format: MedTech's, so that tooling that reads a MedTech internal
+//! The internal hub's wire format of a measurement: MedTech's, so that tooling that reads a MedTech internal
 //! hub (and captures of one) reads ours, and a convert stage of either system reads the
 //! other's normalized events.
 //!
 //! One event per measurement, the Newtonsoft-serialized .NET `Measurement`: PascalCase names,
 //! nulls written out, properties as `[{"Name": …, "Value": …}]`.
 
-use iomt_core::{Measurement, Timestamp};
+use crate::{Measurement, Timestamp};
 use serde::Serialize;
 
 #[derive(Serialize)]

@@ -1,10 +1,14 @@
-//! Azure Event Hubs: opening consumers the way a deployment is configured, and turning received
-//! events into the envelope templates see.
+//! Azure Event Hubs and its checkpoint store: opening consumers and producers the way a
+//! deployment is configured, turning received events into source events, and the Blob
+//! checkpoint store ([`blob`]) in the layout KEDA reads for lag.
 //!
 //! Authentication is a connection string (SAS), or a Microsoft Entra ID credential (workload
 //! identity on AKS, a managed identity, a client secret). A custom endpoint points the AMQP
 //! connection elsewhere than the namespace (a proxy, or the test broker) while the namespace
 //! name still identifies the hub in checkpoints.
+#![deny(missing_docs)]
+
+pub mod blob;
 
 use std::sync::Arc;
 use std::time::UNIX_EPOCH;
@@ -13,10 +17,8 @@ use azure_core::credentials::TokenCredential;
 use azure_messaging_eventhubs::builders::BufferedProducerClientBuilder;
 use azure_messaging_eventhubs::models::{AmqpSimpleValue, AmqpValue, ReceivedEventData};
 use azure_messaging_eventhubs::{BufferedProducerClient, ConsumerClient};
-use iomt_core::{DeviceEvent, Timestamp};
+use iomt_core::{DeviceEvent, SourceEvent, Timestamp};
 use serde_json::{Map, Value, json};
-
-use crate::capture::CapturedEvent;
 
 /// How to authenticate to Event Hubs.
 #[derive(Clone)]
@@ -196,7 +198,7 @@ fn annotation_json(value: &AmqpValue) -> Value {
 }
 
 /// A received event as the envelope templates see, with its position.
-pub fn to_captured(partition: &str, event: &ReceivedEventData) -> CapturedEvent {
+pub fn to_source_event(partition: &str, event: &ReceivedEventData) -> SourceEvent {
     let data = event.event_data();
     let properties: Map<String, Value> = data
         .properties()
@@ -208,7 +210,7 @@ pub fn to_captured(partition: &str, event: &ReceivedEventData) -> CapturedEvent 
         .map(|(k, v)| (k.clone(), annotation_json(v)))
         .collect();
     let sequence_number = event.sequence_number().unwrap_or(-1);
-    CapturedEvent {
+    SourceEvent {
         partition: partition.to_owned(),
         sequence_number,
         offset: event.offset().clone(),

@@ -7,7 +7,7 @@ use std::time::Duration;
 use azure_core::http::StatusCode;
 use azure_messaging_eventhubs::CheckpointStore;
 use azure_messaging_eventhubs::models::{Checkpoint, Ownership};
-use iomt_hub::blob::{
+use iomt_eventhubs::blob::{
     BlobAuth, BlobCheckpointStore, BlobError, BlobStoreOptions, CheckpointWrite,
     DEVELOPMENT_ACCOUNT_KEY, is_ownership_lost,
 };

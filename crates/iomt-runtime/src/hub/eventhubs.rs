@@ -30,8 +30,10 @@ use azure_messaging_eventhubs::{
 use tokio::sync::{mpsc, oneshot};
 use tokio::time::Instant;
 
-use super::{Delivery, HubError, HubMessage, HubProducer, wire};
-use crate::eventhubs::{EventHubSettings, OpenError};
+use iomt_core::wire;
+use iomt_eventhubs::{EventHubSettings, OpenError};
+
+use super::{Delivery, HubError, HubMessage, HubProducer};
 
 /// Tuning of the producer.
 #[derive(Debug, Clone)]

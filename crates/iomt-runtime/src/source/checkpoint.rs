@@ -12,7 +12,7 @@ use std::path::{Path, PathBuf};
 
 use serde_json::{Value, json};
 
-use crate::pipeline::Committed;
+use super::Committed;
 
 /// Why a checkpoint could not be read or written.
 #[derive(Debug, thiserror::Error)]

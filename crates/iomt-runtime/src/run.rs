@@ -1,0 +1,267 @@
+//! Running an assembled pipeline from a source: a replay of captured traffic, a replay of a
+//! dead-letter file, or a live Event Hub with its roles. The command line only parses, calls
+//! these and prints.
+
+use std::future::Future;
+use std::sync::Arc;
+
+use tokio::sync::{mpsc, oneshot, watch};
+
+use crate::assemble::{Assembled, internal_hub_producer, live_source};
+use crate::config::{Config, ConfigError, Role};
+use crate::hub::InProcessConsumer;
+use crate::hub::eventhubs::EventHubsProducer;
+use crate::pipeline::Report;
+use crate::source::deadletters::DeadLetterSource;
+use crate::source::eventhubs::{EventHubsCheckpoints, EventHubsSource};
+use crate::source::files::{CaptureInput, FileSource, FilesError, fingerprint};
+use crate::source::{CheckpointError, CheckpointStore, Committed, FileCheckpoint, Source};
+use crate::{SourceItem, in_process};
+
+/// Why a run could not start or finish.
+#[derive(Debug, thiserror::Error)]
+pub enum RunError {
+    /// The configuration does not allow the run.
+    #[error(transparent)]
+    Config(#[from] ConfigError),
+    /// The metrics endpoint could not listen.
+    #[error("cannot serve metrics on {addr}: {error}")]
+    Metrics {
+        /// The address.
+        addr: std::net::SocketAddr,
+        /// The cause.
+        error: std::io::Error,
+    },
+    /// The checkpoint could not be read or written.
+    #[error(transparent)]
+    Checkpoint(#[from] CheckpointError),
+    /// The captured traffic could not be read.
+    #[error(transparent)]
+    Files(#[from] FilesError),
+}
+
+/// Runs an assembled pipeline over the items of `input`: on the in-process hub, or, with an
+/// internal-hub producer (the normalize role), only up to that hub.
+pub async fn run_pipeline<K: CheckpointStore>(
+    config: &Config,
+    prepared: Assembled,
+    input: mpsc::Receiver<Vec<SourceItem>>,
+    checkpoints: K,
+    internal_hub: Option<EventHubsProducer>,
+    shutdown: impl Future<Output = ()> + Send,
+) -> Result<Report<K>, RunError> {
+    if let Some(addr) = config.output.metrics_addr {
+        let health = prepared.pipeline.health();
+        let bound = crate::serve(addr, prepared.metrics.clone(), health)
+            .await
+            .map_err(|error| RunError::Metrics { addr, error })?;
+        tracing::info!(%bound, "serving /metrics, /healthz and /readyz");
+    }
+    let (pipeline, dead_letters) = (prepared.pipeline, prepared.dead_letters);
+    // Two calls for the two producer types: the pipeline is generic over its hub.
+    Ok(match internal_hub {
+        // The normalize role: its output is the internal hub; there is no group stage.
+        Some(producer) => {
+            let consumers: Vec<InProcessConsumer> = Vec::new();
+            pipeline
+                .run(
+                    input,
+                    producer,
+                    consumers,
+                    dead_letters,
+                    checkpoints,
+                    shutdown,
+                )
+                .await
+        }
+        None => {
+            let (producer, consumers) =
+                in_process(prepared.config.hub_partitions, prepared.config.hub_capacity);
+            pipeline
+                .run(
+                    input,
+                    producer,
+                    consumers,
+                    dead_letters,
+                    checkpoints,
+                    shutdown,
+                )
+                .await
+        }
+    })
+}
+
+/// Runs a source into a pipeline; the pipeline stops on `shutdown` or when the source gives
+/// up. Returns the pipeline's report and how the source ended (`Ok(true)`: at its end).
+async fn run_source<S: Source, K: CheckpointStore>(
+    config: &Config,
+    prepared: Assembled,
+    source: S,
+    checkpoints: K,
+    internal_hub: Option<EventHubsProducer>,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+) -> Result<(Report<K>, Result<bool, S::Error>), RunError> {
+    let (tx, rx) = mpsc::channel(16);
+    let (stop_tx, stop_rx) = watch::channel(false);
+    let (ended_tx, ended_rx) = oneshot::channel();
+    let reading = tokio::spawn(async move {
+        let result = source.run(tx, stop_rx).await;
+        ended_tx.send(result.is_err()).ok();
+        result
+    });
+    let report = run_pipeline(
+        config,
+        prepared,
+        rx,
+        checkpoints,
+        internal_hub,
+        async move {
+            tokio::select! {
+                () = shutdown => {}
+                // A source that fails stops the pipeline (a pod without input must not look
+                // healthy); one that reaches its end lets the pipeline drain what it read.
+                Ok(true) = ended_rx => {}
+            }
+            stop_tx.send_replace(true);
+        },
+    )
+    .await?;
+    let ended = match reading.await {
+        Ok(result) => result,
+        Err(e) => std::panic::resume_unwind(e.into_panic()),
+    };
+    Ok((report, ended))
+}
+
+/// Where a replay starts: after the checkpoint of an unfinished run of the same input into
+/// the same output (`state_dir/replay-checkpoint.json`), or at the beginning. Standard input
+/// cannot be resumed.
+#[derive(Debug)]
+pub struct Resume {
+    checkpoint: FileCheckpoint,
+    resumable: bool,
+    /// The record the replay resumes after (0: from the start).
+    pub after: i64,
+}
+
+impl Resume {
+    /// Reads the checkpoint for `inputs` written into `target` (see [`Assembled::target`]);
+    /// `restart` starts from the beginning whatever it says.
+    pub fn open(
+        config: &Config,
+        target: &str,
+        inputs: &[CaptureInput],
+        restart: bool,
+    ) -> Result<Self, RunError> {
+        let resumable = !inputs.contains(&CaptureInput::Stdin);
+        let fingerprint = if resumable {
+            fingerprint(inputs, target)?
+        } else {
+            "stdin".to_owned()
+        };
+        let file = config.output.state_dir.join("replay-checkpoint.json");
+        let (checkpoint, positions) = FileCheckpoint::open(&file, &fingerprint)?;
+        let after = match positions.get(&0) {
+            Some(p) if resumable && !restart => *p,
+            _ => 0,
+        };
+        Ok(Self {
+            checkpoint,
+            resumable,
+            after,
+        })
+    }
+}
+
+/// How a replay ended.
+#[derive(Debug)]
+pub struct ReplayOutcome {
+    /// The pipeline's report.
+    pub report: Report<FileCheckpoint>,
+    /// Whether every record was read and its output is durable.
+    pub complete: bool,
+}
+
+/// Replays captured traffic from where `resume` says.
+pub async fn replay(
+    config: &Config,
+    prepared: Assembled,
+    mut source: FileSource,
+    resume: Resume,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+) -> Result<ReplayOutcome, RunError> {
+    source.resume_after = resume.after;
+    let (mut report, ended) =
+        run_source(config, prepared, source, resume.checkpoint, None, shutdown).await?;
+    let complete = ended? && !report.interrupted && report.in_flight == 0;
+    if complete && resume.resumable {
+        report.checkpoints.mark_complete()?;
+    }
+    Ok(ReplayOutcome { report, complete })
+}
+
+/// A replay of a dead-letter file is short and starts over when interrupted: nothing to store.
+#[derive(Debug)]
+pub struct NoCheckpoint;
+
+impl CheckpointStore for NoCheckpoint {
+    async fn commit(&mut self, _: &[Committed]) -> Result<(), CheckpointError> {
+        Ok(())
+    }
+}
+
+/// Re-submits the records of a dead-letter file.
+pub async fn replay_dead_letters(
+    config: &Config,
+    prepared: Assembled,
+    source: DeadLetterSource,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+) -> Result<Report<NoCheckpoint>, RunError> {
+    let (report, _) = run_source(config, prepared, source, NoCheckpoint, None, shutdown).await?;
+    Ok(report)
+}
+
+/// How a live run ended.
+#[derive(Debug)]
+pub struct LiveOutcome {
+    /// The pipeline's report.
+    pub report: Report<EventHubsCheckpoints>,
+    /// Why the Event Hub source gave up, when it did.
+    pub source_failed: Option<String>,
+}
+
+/// Runs the pipeline on a live Event Hub in the configured role until `shutdown` or until the
+/// source gives up: the device hub (or, for the convert role, the internal hub) is read with
+/// partitions shared among processes through the checkpoint container, and checkpoints go
+/// there. `owner_id` names this process in ownership records.
+pub async fn live(
+    config: &Config,
+    prepared: Assembled,
+    owner_id: String,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+) -> Result<LiveOutcome, RunError> {
+    let source = live_source(config, owner_id).await?;
+    let internal_hub = match config.pipeline.role {
+        Role::Normalize => Some(internal_hub_producer(config, &source.owner_id).await?),
+        Role::All | Role::Convert => None,
+    };
+    tracing::info!(
+        owner = %source.owner_id,
+        role = ?config.pipeline.role,
+        hub = %source.settings.hub,
+        "starting"
+    );
+    let checkpoints = EventHubsCheckpoints::new(source.store.clone(), &source.settings);
+    let hub = EventHubsSource {
+        settings: source.settings,
+        processor: source.processor,
+        store: source.store as Arc<dyn azure_messaging_eventhubs::CheckpointStore + Send + Sync>,
+        partitions: prepared.pipeline.partitions(),
+    };
+    let (report, ended) =
+        run_source(config, prepared, hub, checkpoints, internal_hub, shutdown).await?;
+    Ok(LiveOutcome {
+        report,
+        source_failed: ended.err().map(|e| e.to_string()),
+    })
+}
