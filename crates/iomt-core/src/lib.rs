@@ -5,6 +5,7 @@
 #![deny(missing_docs)]
 
 pub mod ack;
+pub mod backoff;
 pub mod event;
 pub mod json_date;
 pub mod measurement;
@@ -13,6 +14,7 @@ pub mod time;
 pub mod wire;
 pub mod written;
 
+pub use backoff::Backoff;
 pub use event::DeviceEvent;
 pub use json_date::{DateKind, JsonDate};
 pub use measurement::{Measurement, MeasurementGroup, MeasurementProperty};

@@ -443,14 +443,9 @@ impl FhirClient {
         }
     }
 
-    /// Exponential backoff with full jitter.
+    /// The wait before retry number `attempt`.
     fn backoff(&self, attempt: u32) -> Duration {
-        let exp = self
-            .config
-            .backoff_base
-            .saturating_mul(1u32 << attempt.min(16).saturating_sub(1));
-        let capped = exp.min(self.config.backoff_cap);
-        capped.mul_f64(0.5 + fastrand::f64() / 2.0)
+        iomt_core::Backoff::new(self.config.backoff_base, self.config.backoff_cap).delay(attempt)
     }
 
     /// `GET {type}/{id}`; `None` when the resource does not exist.

@@ -414,12 +414,7 @@ impl BlobClient {
         if let Some(wait) = retry_after {
             return wait.min(cap);
         }
-        let exponential = self
-            .options
-            .retry_base_delay
-            .saturating_mul(1_u32 << attempt.min(16))
-            .min(cap);
-        exponential.mul_f64(0.5 + fastrand::f64() / 2.0)
+        iomt_core::Backoff::new(self.options.retry_base_delay, cap).delay(attempt + 1)
     }
 }
 

@@ -30,7 +30,7 @@ use azure_messaging_eventhubs::{
 use tokio::sync::{mpsc, oneshot};
 use tokio::time::Instant;
 
-use iomt_core::wire;
+use iomt_core::{Backoff, wire};
 use iomt_eventhubs::{EventHubSettings, OpenError};
 
 use super::{Delivery, HubError, HubMessage, HubProducer};
@@ -97,7 +97,7 @@ impl EventHubsProducer {
             outstanding: HashMap::new(),
             retry: VecDeque::new(),
             retry_at: None,
-            backoff: MIN_BACKOFF,
+            backoff: Backoff::new(Duration::from_millis(250), Duration::from_secs(30)),
             last_progress: Instant::now(),
             token_prefix: fastrand::u64(..),
             tokens_issued: 0,
@@ -137,9 +137,6 @@ impl HubProducer for EventHubsProducer {
     }
 }
 
-const MIN_BACKOFF: Duration = Duration::from_millis(250);
-const MAX_BACKOFF: Duration = Duration::from_secs(30);
-
 async fn open_client(
     settings: &EventHubSettings,
     options: &ProducerOptions,
@@ -175,7 +172,7 @@ struct Pump {
     /// Tokens to enqueue again at `retry_at`.
     retry: VecDeque<Uuid>,
     retry_at: Option<Instant>,
-    backoff: Duration,
+    backoff: Backoff,
     /// When a send last completed (or the pump last had nothing outstanding).
     last_progress: Instant,
     /// Tokens are this producer's random prefix and a counter: unique without a random draw
@@ -287,7 +284,7 @@ impl Pump {
                     .filter_map(|e| self.outstanding.remove(&token(e)?))
                     .map(|m| m.origin)
                     .collect();
-                self.backoff = MIN_BACKOFF;
+                self.backoff.reset();
                 if !origins.is_empty() {
                     self.deliveries.send(Delivery::Stored(origins)).ok();
                 }
@@ -322,7 +319,11 @@ impl Pump {
         if tokens.is_empty() {
             return;
         }
-        tracing::warn!(hub = %self.settings.hub, messages = tokens.len(), retry_in = ?self.backoff, %error, "sending to the internal hub failed");
+        let retry_at = *self
+            .retry_at
+            .get_or_insert_with(|| Instant::now() + self.backoff.next_delay());
+        let retry_in = retry_at.saturating_duration_since(Instant::now());
+        tracing::warn!(hub = %self.settings.hub, messages = tokens.len(), ?retry_in, %error, "sending to the internal hub failed");
         self.deliveries
             .send(Delivery::Failed {
                 messages: tokens.len(),
@@ -330,10 +331,6 @@ impl Pump {
             })
             .ok();
         self.retry.extend(tokens);
-        if self.retry_at.is_none() {
-            self.retry_at = Some(Instant::now() + self.backoff);
-            self.backoff = (self.backoff * 2).min(MAX_BACKOFF);
-        }
     }
 
     /// Replaces a client whose sends stopped completing.

@@ -27,8 +27,8 @@ use azure_messaging_eventhubs::models::ReceivedEventData;
 use azure_messaging_eventhubs::models::{Checkpoint, StartPositions};
 use azure_messaging_eventhubs::{ConsumerClient, EventProcessor, StartLocation, StartPosition};
 use futures::{FutureExt as _, StreamExt as _};
-use iomt_core::BadRecord;
 use iomt_core::wire;
+use iomt_core::{Backoff, BadRecord};
 use iomt_eventhubs::{EventHubSettings, to_source_event};
 use tokio::sync::{Mutex, mpsc, watch};
 
@@ -268,7 +268,7 @@ pub async fn run_source(
     stop: watch::Receiver<bool>,
 ) -> Result<(), SourceError> {
     iomt_eventhubs::blob::warn_if_keda_cannot_read(&settings.consumer_group);
-    let mut backoff = Duration::from_secs(1);
+    let mut backoff = Backoff::new(Duration::from_secs(1), Duration::from_secs(30));
     let mut first = true;
     let mut kept = HashMap::new();
     loop {
@@ -283,18 +283,23 @@ pub async fn run_source(
             &mut kept,
         )
         .await;
+        // A client that served a while before breaking is a new incident, not a repeat.
+        if started.elapsed() > Duration::from_secs(300) {
+            backoff.reset();
+        }
+        let retry_in = backoff.next_delay();
         match outcome {
             Ok(Outcome::Stopped) => return Ok(()),
             // At startup a hub that cannot be opened is a configuration error: say so.
             Err(e) if first => return Err(e),
             Err(e) => {
-                tracing::warn!(error = %e, retry_in = ?backoff, "cannot reopen the Event Hub");
+                tracing::warn!(error = %e, ?retry_in, "cannot reopen the Event Hub");
             }
             // A client whose receivers cannot attach again, or wedged, does not heal: start
             // over with a new connection. The same owner id keeps the partitions' ownership
             // records.
             Ok(Outcome::Broken) => tracing::warn!(
-                retry_in = ?backoff,
+                ?retry_in,
                 "partition receivers failing or stalled; rebuilding the Event Hubs client"
             ),
         }
@@ -302,12 +307,7 @@ pub async fn run_source(
         if *stop.borrow() {
             return Ok(());
         }
-        // A client that served a while before breaking is a new incident, not a repeat.
-        if started.elapsed() > Duration::from_secs(300) {
-            backoff = Duration::from_secs(1);
-        }
-        tokio::time::sleep(backoff).await;
-        backoff = (backoff * 2).min(Duration::from_secs(30));
+        tokio::time::sleep(retry_in).await;
     }
 }
 
@@ -379,18 +379,19 @@ async fn run_processor(
         let processor = processor.clone();
         let mut stop = stop.clone();
         tokio::task::spawn_local(async move {
-            let mut backoff = Duration::from_secs(1);
+            let mut backoff = Backoff::new(Duration::from_secs(1), Duration::from_secs(30));
             loop {
-                tokio::select! {
+                let retry_in = tokio::select! {
                     result = processor.run() => {
+                        let retry_in = backoff.next_delay();
                         if let Err(e) = result {
-                            tracing::warn!(error = %e, retry_in = ?backoff, "event processor stopped; restarting");
+                            tracing::warn!(error = %e, ?retry_in, "event processor stopped; restarting");
                         }
+                        retry_in
                     }
                     _ = stop.wait_for(|s| *s) => return,
-                }
-                tokio::time::sleep(backoff).await;
-                backoff = (backoff * 2).min(Duration::from_secs(30));
+                };
+                tokio::time::sleep(retry_in).await;
             }
         })
     };
@@ -554,7 +555,7 @@ async fn read_partition(
 ) -> bool {
     let partition_id = client.get_partition_id();
     let index = reading.index;
-    let mut backoff = Duration::from_millis(500);
+    let mut backoff = Backoff::new(Duration::from_millis(500), Duration::from_secs(30));
     let mut failures = 0;
     // A receiver that recovers from a dropped link re-reads from where it was opened, and one
     // opened by a rebuilt client from the last checkpoint, so events already handed over come
@@ -587,7 +588,7 @@ async fn read_partition(
             };
             match next {
                 Some(Ok(event)) => {
-                    backoff = Duration::from_millis(500);
+                    backoff.reset();
                     failures = 0;
                     let position = event.sequence_number().unwrap_or(-1);
                     if last.is_some_and(|l| position <= l) {
@@ -614,6 +615,7 @@ async fn read_partition(
         if !pending.is_empty() && !hand_over(input, pending, reading).await {
             return false;
         }
+        let retry_in = backoff.next_delay();
         match failure {
             Some(e)
                 if matches!(
@@ -630,17 +632,16 @@ async fn read_partition(
                     tracing::warn!(partition = %partition_id, error = %e, "partition stream keeps failing");
                     return true;
                 }
-                tracing::warn!(partition = %partition_id, error = %e, retry_in = ?backoff, "partition stream failed; reading again");
+                tracing::warn!(partition = %partition_id, error = %e, ?retry_in, "partition stream failed; reading again");
             }
             None => {
                 tracing::debug!(partition = %partition_id, "partition stream ended; reading again");
             }
         }
         tokio::select! {
-            () = tokio::time::sleep(backoff) => {}
+            () = tokio::time::sleep(retry_in) => {}
             _ = stop.wait_for(|s| *s) => return false,
         }
-        backoff = (backoff * 2).min(Duration::from_secs(30));
     }
 }
 
