@@ -347,166 +347,281 @@ async fn run_processor(
     store: Arc<dyn azure_messaging_eventhubs::CheckpointStore + Send + Sync>,
     partitions: &Partitions,
     input: &mpsc::Sender<Vec<SourceItem>>,
-    mut stop: watch::Receiver<bool>,
+    stop: watch::Receiver<bool>,
     kept: &mut HashMap<String, Reading>,
 ) -> Result<Outcome, SourceError> {
-    let consumer = settings.consumer().await?;
-    let location = match processor_settings.start_at {
-        StartAt::Earliest => StartLocation::Earliest,
-        StartAt::Latest => StartLocation::Latest,
-    };
-    let processor = EventProcessor::builder()
-        .with_start_positions(StartPositions {
-            default: StartPosition {
-                location,
-                inclusive: false,
-            },
-            ..StartPositions::default()
+    let mut run =
+        ProcessorRun::start(settings, processor_settings, store, partitions, input, stop).await?;
+    let outcome = run.serve(kept).await;
+    run.finish(outcome, kept).await;
+    Ok(outcome)
+}
+
+/// One event processor, from building it to shutting it down, and the readers of the
+/// partitions it hands out.
+struct ProcessorRun<'a> {
+    settings: &'a ProcessorSettings,
+    processor: Arc<EventProcessor>,
+    /// Restarts the processor's ownership loop when it fails.
+    runner: tokio::task::JoinHandle<()>,
+    probe: Rc<HubProbe>,
+    readers: tokio::task::JoinSet<()>,
+    shared: Rc<ReaderShared>,
+    /// Turns readable when a reader finds the client broken.
+    broken: mpsc::UnboundedReceiver<()>,
+    stop: watch::Receiver<bool>,
+    /// The pipeline slots opened by this run.
+    opened: Vec<u32>,
+    /// Partition clients handed out so far, to number them (see [`hand_back`]).
+    handed_out: u64,
+}
+
+/// What every reader of one processor run shares.
+struct ReaderShared {
+    partitions: Partitions,
+    input: mpsc::Sender<Vec<SourceItem>>,
+    broken: mpsc::UnboundedSender<()>,
+    /// The partitions being read, by id: what is left in it when the client breaks is kept.
+    live: RefCell<HashMap<String, Reading>>,
+    /// The newest client handed out per partition, by number.
+    newest: RefCell<HashMap<String, u64>>,
+}
+
+impl<'a> ProcessorRun<'a> {
+    async fn start(
+        settings: &EventHubSettings,
+        processor_settings: &'a ProcessorSettings,
+        store: Arc<dyn azure_messaging_eventhubs::CheckpointStore + Send + Sync>,
+        partitions: &Partitions,
+        input: &mpsc::Sender<Vec<SourceItem>>,
+        stop: watch::Receiver<bool>,
+    ) -> Result<Self, SourceError> {
+        let consumer = settings.consumer().await?;
+        let location = match processor_settings.start_at {
+            StartAt::Earliest => StartLocation::Earliest,
+            StartAt::Latest => StartLocation::Latest,
+        };
+        let processor = EventProcessor::builder()
+            .with_start_positions(StartPositions {
+                default: StartPosition {
+                    location,
+                    inclusive: false,
+                },
+                ..StartPositions::default()
+            })
+            .with_update_interval(sdk_duration(processor_settings.update_interval))
+            .with_partition_expiration_duration(sdk_duration(processor_settings.ownership_expiry))
+            .with_prefetch(processor_settings.prefetch)
+            .build(consumer, store.clone())
+            .await
+            .map_err(|e| SourceError::Processor(e.to_string()))?;
+        let probe = Rc::new(HubProbe {
+            settings: settings.clone(),
+            store,
+            start_at: processor_settings.start_at,
+            client: Mutex::new(None),
+        });
+        let (broken_tx, broken) = mpsc::unbounded_channel();
+        Ok(Self {
+            settings: processor_settings,
+            runner: tokio::task::spawn_local(keep_running(processor.clone(), stop.clone())),
+            processor,
+            probe,
+            readers: tokio::task::JoinSet::new(),
+            shared: Rc::new(ReaderShared {
+                partitions: partitions.clone(),
+                input: input.clone(),
+                broken: broken_tx,
+                live: RefCell::default(),
+                newest: RefCell::default(),
+            }),
+            broken,
+            stop,
+            opened: Vec::new(),
+            handed_out: 0,
         })
-        .with_update_interval(sdk_duration(processor_settings.update_interval))
-        .with_partition_expiration_duration(sdk_duration(processor_settings.ownership_expiry))
-        .with_prefetch(processor_settings.prefetch)
-        .build(consumer, store.clone())
-        .await
-        .map_err(|e| SourceError::Processor(e.to_string()))?;
-    let probe = Rc::new(HubProbe {
-        settings: settings.clone(),
-        store,
-        start_at: processor_settings.start_at,
-        client: Mutex::new(None),
-    });
-    let runner = {
-        let processor = processor.clone();
-        let mut stop = stop.clone();
-        tokio::task::spawn_local(async move {
-            let mut backoff = Backoff::new(Duration::from_secs(1), Duration::from_secs(30));
-            loop {
-                let retry_in = tokio::select! {
-                    result = processor.run() => {
-                        let retry_in = backoff.next_delay();
-                        if let Err(e) = result {
-                            tracing::warn!(error = %e, ?retry_in, "event processor stopped; restarting");
-                        }
-                        retry_in
+    }
+
+    /// Reads every partition the processor hands out until the source stops or the client
+    /// breaks. Kept partitions not claimed again by `ownership_expiry` are closed.
+    async fn serve(&mut self, kept: &mut HashMap<String, Reading>) -> Outcome {
+        let reclaim_by = tokio::time::Instant::now() + self.settings.ownership_expiry;
+        let mut stop = self.stop.clone();
+        loop {
+            let client = tokio::select! {
+                client = self.processor.next_partition_client() => client,
+                _ = stop.wait_for(|s| *s) => return Outcome::Stopped,
+                _ = self.broken.recv() => return Outcome::Broken,
+                () = tokio::time::sleep_until(reclaim_by), if !kept.is_empty() => {
+                    for (_, reading) in kept.drain() {
+                        self.shared.partitions.close(reading.index);
                     }
-                    _ = stop.wait_for(|s| *s) => return,
-                };
-                tokio::time::sleep(retry_in).await;
-            }
-        })
-    };
-    let mut readers = tokio::task::JoinSet::new();
-    let (broken_tx, mut broken_rx) = mpsc::unbounded_channel::<()>();
-    let mut opened = Vec::new();
-    // The partitions being read, by id: what is left in it when the client breaks is kept.
-    let live: Rc<RefCell<HashMap<String, Reading>>> = Rc::default();
-    let reclaim_by = tokio::time::Instant::now() + processor_settings.ownership_expiry;
-    // The newest client handed out per partition, by number (see `hand_back`).
-    let newest: Rc<RefCell<HashMap<String, u64>>> = Rc::default();
-    let mut handed_out = 0_u64;
-    let outcome = loop {
-        let client = tokio::select! {
-            client = processor.next_partition_client() => client,
-            _ = stop.wait_for(|s| *s) => break Outcome::Stopped,
-            _ = broken_rx.recv() => break Outcome::Broken,
-            () = tokio::time::sleep_until(reclaim_by), if !kept.is_empty() => {
-                for (_, reading) in kept.drain() {
-                    partitions.close(reading.index);
+                    continue;
                 }
-                continue;
+            };
+            match client {
+                Ok(client) => self.claim(client, kept),
+                Err(e) => {
+                    tracing::warn!(error = %e, "no partition client; retrying");
+                    tokio::time::sleep(Duration::from_secs(1)).await;
+                }
             }
-        };
-        let client = match client {
-            Ok(c) => c,
-            Err(e) => {
-                tracing::warn!(error = %e, "no partition client; retrying");
-                tokio::time::sleep(Duration::from_secs(1)).await;
-                continue;
-            }
-        };
+        }
+    }
+
+    /// Starts reading a partition handed out by the processor, in the slot it had if it is
+    /// kept from a broken client.
+    fn claim(
+        &mut self,
+        client: Arc<azure_messaging_eventhubs::processor::PartitionClient>,
+        kept: &mut HashMap<String, Reading>,
+    ) {
         let partition_id = client.get_partition_id().to_owned();
         let reading = kept.remove(&partition_id).unwrap_or_else(|| Reading {
-            index: partitions.open(&partition_id),
+            index: self.shared.partitions.open(&partition_id),
             handed: Rc::default(),
         });
-        opened.push(reading.index);
-        live.borrow_mut()
+        self.opened.push(reading.index);
+        self.shared
+            .live
+            .borrow_mut()
             .insert(partition_id.clone(), reading.clone());
-        let live = live.clone();
         tracing::info!(partition = %partition_id, "partition claimed");
-        handed_out += 1;
-        newest.borrow_mut().insert(partition_id.clone(), handed_out);
-        let (number, newest) = (handed_out, newest.clone());
-        let (input, partitions, stop) = (input.clone(), partitions.clone(), stop.clone());
-        let broken = broken_tx.clone();
-        let batch = processor_settings.batch.max(1);
-        let carries = processor_settings.carries;
-        let watchdog = Watchdog {
-            probe: probe.clone(),
-            stall_after: processor_settings.stall_after,
-            start: None,
+        self.handed_out += 1;
+        self.shared
+            .newest
+            .borrow_mut()
+            .insert(partition_id, self.handed_out);
+        let reader = PartitionReader {
+            client,
+            reading,
+            number: self.handed_out,
+            shared: self.shared.clone(),
+            watchdog: Watchdog {
+                probe: self.probe.clone(),
+                stall_after: self.settings.stall_after,
+                start: None,
+            },
         };
+        let (batch, carries) = (self.settings.batch.max(1), self.settings.carries);
+        self.readers
+            .spawn_local(reader.run(batch, carries, self.stop.clone()));
+    }
+
+    /// Stops the readers and the processor. After a broken client, the slots of the
+    /// partitions being read are kept for the rebuilt one; the others opened here are closed.
+    async fn finish(mut self, outcome: Outcome, kept: &mut HashMap<String, Reading>) {
+        self.readers.abort_all();
+        // Wait for the readers to go: they hold the probe, whose connection is closed below.
+        while self.readers.join_next().await.is_some() {}
+        self.runner.abort();
+        match outcome {
+            Outcome::Broken => {
+                kept.extend(self.shared.live.take());
+                for index in &self.opened {
+                    if !kept.values().any(|r| r.index == *index) {
+                        self.shared.partitions.close(*index);
+                    }
+                }
+            }
+            // The partitions read until now stay open: shutting the processor down does not
+            // give up their ownership, so the pipeline's final checkpoint covers what it
+            // drains. Kept partitions not claimed again may belong to another process by now.
+            Outcome::Stopped => {
+                for (_, reading) in kept.drain() {
+                    self.shared.partitions.close(reading.index);
+                }
+            }
+        }
+        if let Err(e) = self.processor.shutdown().await {
+            tracing::warn!(error = %e, "event processor shutdown failed");
+        }
+        // A dropped client leaves its connection open; closing one on a broken network may
+        // hang.
+        if let Some(client) = Rc::into_inner(self.probe).and_then(|p| p.client.into_inner()) {
+            match tokio::time::timeout(PROBE_TIMEOUT, client.close()).await {
+                Ok(Ok(())) => {}
+                Ok(Err(e)) => tracing::debug!(error = %e, "closing the watchdog's client failed"),
+                Err(_) => tracing::debug!("closing the watchdog's client timed out"),
+            }
+        }
+    }
+}
+
+/// Runs the processor's ownership loop, restarting it with a backoff when it fails (on a
+/// checkpoint-store outage, say), until the source stops.
+async fn keep_running(processor: Arc<EventProcessor>, mut stop: watch::Receiver<bool>) {
+    let mut backoff = Backoff::new(Duration::from_secs(1), Duration::from_secs(30));
+    loop {
+        let result = tokio::select! {
+            result = processor.run() => result,
+            _ = stop.wait_for(|s| *s) => return,
+        };
+        let retry_in = backoff.next_delay();
+        if let Err(e) = result {
+            tracing::warn!(error = %e, ?retry_in, "event processor stopped; restarting");
+        }
+        tokio::time::sleep(retry_in).await;
+    }
+}
+
+/// The reader of one partition client handed out by the processor.
+struct PartitionReader {
+    client: Arc<azure_messaging_eventhubs::processor::PartitionClient>,
+    reading: Reading,
+    /// Which client of its partition this is, in the order they were handed out.
+    number: u64,
+    shared: Rc<ReaderShared>,
+    watchdog: Watchdog,
+}
+
+impl PartitionReader {
+    async fn run(self, batch: usize, carries: Carries, stop: watch::Receiver<bool>) {
+        let Self {
+            client,
+            reading,
+            number,
+            shared,
+            watchdog,
+        } = self;
         let stopping = stop.clone();
-        readers.spawn_local(async move {
-            let failed =
-                read_partition(&client, &reading, batch, carries, watchdog, &input, stop).await;
-            // Stopping is not losing the partition: its slot stays open, so the pipeline's
-            // final checkpoint covers what it drains.
-            if *stopping.borrow() {
-                return;
-            }
-            // A failed reader's slot goes on with the rebuilt client.
-            if !failed {
-                partitions.close(reading.index);
-                let mut live = live.borrow_mut();
-                if live
-                    .get(&partition_id)
-                    .is_some_and(|r| r.index == reading.index)
-                {
-                    live.remove(&partition_id);
-                }
-                tracing::info!(partition = %partition_id, "partition released");
-            }
-            let is_newest = newest.borrow().get(&partition_id) == Some(&number);
-            if failed || (is_newest && !hand_back(client).await) {
-                broken.send(()).ok();
-            }
-        });
-    };
-    readers.abort_all();
-    // Wait for the readers to go: they hold the probe, whose connection is closed below.
-    while readers.join_next().await.is_some() {}
-    runner.abort();
-    match outcome {
-        Outcome::Broken => {
-            kept.extend(live.take());
-            for index in opened {
-                if !kept.values().any(|r| r.index == index) {
-                    partitions.close(index);
-                }
-            }
+        let failed = read_partition(
+            &client,
+            &reading,
+            batch,
+            carries,
+            watchdog,
+            &shared.input,
+            stop,
+        )
+        .await;
+        // Stopping is not losing the partition: its slot stays open, so the pipeline's final
+        // checkpoint covers what it drains.
+        if *stopping.borrow() {
+            return;
         }
-        // The partitions read until now stay open: shutting the processor down does not give
-        // up their ownership, so the pipeline's final checkpoint covers what it drains. Kept
-        // partitions not claimed again may belong to another process by now.
-        Outcome::Stopped => {
-            for (_, reading) in kept.drain() {
-                partitions.close(reading.index);
-            }
+        let partition_id = client.get_partition_id().to_owned();
+        // A failed reader's slot goes on with the rebuilt client.
+        if !failed {
+            shared.release(&partition_id, reading.index);
+        }
+        let is_newest = shared.newest.borrow().get(&partition_id) == Some(&number);
+        if failed || (is_newest && !hand_back(client).await) {
+            shared.broken.send(()).ok();
         }
     }
-    if let Err(e) = processor.shutdown().await {
-        tracing::warn!(error = %e, "event processor shutdown failed");
-    }
-    // A dropped client leaves its connection open; closing one on a broken network may hang.
-    if let Some(client) = Rc::into_inner(probe).and_then(|p| p.client.into_inner()) {
-        match tokio::time::timeout(PROBE_TIMEOUT, client.close()).await {
-            Ok(Ok(())) => {}
-            Ok(Err(e)) => tracing::debug!(error = %e, "closing the watchdog's client failed"),
-            Err(_) => tracing::debug!("closing the watchdog's client timed out"),
+}
+
+impl ReaderShared {
+    /// Closes a partition's slot: the partition was lost, or its stream ended.
+    fn release(&self, partition_id: &str, index: u32) {
+        self.partitions.close(index);
+        let mut live = self.live.borrow_mut();
+        if live.get(partition_id).is_some_and(|r| r.index == index) {
+            live.remove(partition_id);
         }
+        tracing::info!(partition = %partition_id, "partition released");
     }
-    Ok(outcome)
 }
 
 /// Hands a partition whose reading ended back to the processor, so that the processor opens it
