@@ -41,7 +41,7 @@ pub use pipeline::{Pipeline, PipelineConfig, Report};
 pub use server::{Health, serve};
 pub use sink::{Sink, SinkError};
 pub use source::{
-    CheckpointError, CheckpointStore, Committed, FileCheckpoint, Input, Origin, Partitions,
-    SourceItem,
+    CheckpointError, CheckpointStore, Committed, FileCheckpoint, Input, Origin, PartitionFailure,
+    Partitions, SourceItem,
 };
 pub use store::{Embedded, FhirStore};

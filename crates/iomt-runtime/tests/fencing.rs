@@ -21,8 +21,8 @@ use iomt_group::GroupConfig;
 use iomt_normalize::Normalizer;
 use iomt_runtime::source::eventhubs::EventHubsCheckpoints;
 use iomt_runtime::{
-    CheckpointStore as _, Committed, Input, Metrics, Origin, Pipeline, PipelineConfig, Sink,
-    SinkError, SourceItem, in_process,
+    CheckpointError, CheckpointStore as _, Committed, Input, Metrics, Origin, Pipeline,
+    PipelineConfig, Sink, SinkError, SourceItem, in_process,
 };
 use iomt_templates::device::DeviceMapping;
 use iomt_templates::fhir::FhirMapping;
@@ -336,6 +336,24 @@ async fn a_stale_owners_pipeline_cannot_overwrite_the_new_owners_checkpoint() {
                 .all(|w| w.result.as_ref().is_err_and(|r| r.ownership_lost)),
             "{late:?}"
         );
+    }
+
+    // The refusal reaches the pipeline typed, so it is told from an outage.
+    let mut a_checkpoints = EventHubsCheckpoints::new(a_store.clone(), &settings("pod-a"));
+    let stale = a_checkpoints
+        .commit(&[Committed {
+            index: 0,
+            partition: PARTITION.to_owned(),
+            position: 31,
+        }])
+        .await;
+    match stale {
+        Err(CheckpointError::Remote(failures)) => {
+            assert_eq!(failures.len(), 1);
+            assert_eq!(failures[0].partition, PARTITION);
+            assert!(failures[0].ownership_lost, "{}", failures[0]);
+        }
+        other => panic!("a stale owner's commit: {other:?}"),
     }
 
     // The checkpoint is B's, and so is the partition.

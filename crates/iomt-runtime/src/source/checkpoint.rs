@@ -25,9 +25,10 @@ pub enum CheckpointError {
         /// The cause.
         error: std::io::Error,
     },
-    /// A remote store (Blob storage) refused or failed the write.
-    #[error("checkpoint store: {0}")]
-    Remote(String),
+    /// A remote store (Blob storage) refused or failed the write of some partitions'
+    /// checkpoints; the others were written.
+    #[error("checkpoint store: {}", DisplayFailures(.0))]
+    Remote(Vec<PartitionFailure>),
     /// The file is not a checkpoint written by iomt.
     #[error("checkpoint file {path} is not a checkpoint: {message}")]
     Invalid {
@@ -36,6 +37,34 @@ pub enum CheckpointError {
         /// What is wrong.
         message: String,
     },
+}
+
+/// A partition whose checkpoint a remote store did not write.
+#[derive(Debug, thiserror::Error)]
+#[error("partition {partition}: {error}")]
+pub struct PartitionFailure {
+    /// The partition.
+    pub partition: String,
+    /// Whether the store refused it because another process owns the partition now; retrying
+    /// cannot help, and the partition's reader is about to be disconnected.
+    pub ownership_lost: bool,
+    /// The store's error.
+    #[source]
+    pub error: azure_core::Error,
+}
+
+struct DisplayFailures<'a>(&'a [PartitionFailure]);
+
+impl std::fmt::Display for DisplayFailures<'_> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        for (i, failure) in self.0.iter().enumerate() {
+            if i > 0 {
+                f.write_str("; ")?;
+            }
+            write!(f, "{failure}")?;
+        }
+        Ok(())
+    }
 }
 
 /// Durable storage of checkpoints.

@@ -32,7 +32,10 @@ use iomt_core::{Backoff, BadRecord};
 use iomt_eventhubs::{EventHubSettings, to_source_event};
 use tokio::sync::{Mutex, mpsc, watch};
 
-use super::{CheckpointError, CheckpointStore, Committed, Input, Origin, Partitions, SourceItem};
+use super::{
+    CheckpointError, CheckpointStore, Committed, Input, Origin, PartitionFailure, Partitions,
+    SourceItem,
+};
 
 /// Where reading starts on a partition that has no checkpoint yet.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
@@ -171,14 +174,18 @@ impl CheckpointStore for EventHubsCheckpoints {
                 offset: None,
                 sequence_number: Some(c.position),
             };
-            if let Err(e) = self.store.update_checkpoint(checkpoint).await {
-                failed.push(format!("partition {}: {e}", c.partition));
+            if let Err(error) = self.store.update_checkpoint(checkpoint).await {
+                failed.push(PartitionFailure {
+                    partition: c.partition.clone(),
+                    ownership_lost: iomt_eventhubs::blob::is_ownership_lost(&error),
+                    error,
+                });
             }
         }
         if failed.is_empty() {
             Ok(())
         } else {
-            Err(CheckpointError::Remote(failed.join("; ")))
+            Err(CheckpointError::Remote(failed))
         }
     }
 }

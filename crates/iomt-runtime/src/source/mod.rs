@@ -22,7 +22,7 @@ use tokio::sync::{mpsc, watch};
 
 pub(crate) use acks::Acks;
 pub use acks::Partitions;
-pub use checkpoint::{CheckpointError, CheckpointStore, FileCheckpoint};
+pub use checkpoint::{CheckpointError, CheckpointStore, FileCheckpoint, PartitionFailure};
 
 /// A source of items for the pipeline.
 pub trait Source: Send + 'static {
