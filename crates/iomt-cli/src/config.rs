@@ -1,20 +1,33 @@
 //! `iomt config check` and `iomt config print`.
 
-use clap::Subcommand;
-use iomt_runtime::config::Role;
+use clap::{Args, Subcommand};
+use iomt_runtime::config::Target;
+use iomt_runtime::{Compiled, Purpose};
 
 use crate::OutputFormat;
 use crate::mapping::load_or_report;
-use crate::run::{EXIT_INVALID, RunArgs, report_config_errors};
+use crate::run::{RoleArg, RunArgs, report_config_errors};
 use crate::style::Palette;
 
 #[derive(Debug, Subcommand)]
 pub(crate) enum ConfigCommand {
-    /// Check the configuration (file, IOMT__ environment, flags) and the templates it names;
-    /// every problem is listed. Exit code 0 when valid, 2 otherwise.
-    Check(Box<RunArgs>),
-    /// Print the configuration in effect as TOML, defaults included, secrets masked.
+    /// Check the configuration (file, IOMT__ environment, flags) and the templates it names,
+    /// as the job would before starting; every problem is listed. Exit code 0 when valid, 2
+    /// otherwise.
+    Check(Box<CheckArgs>),
+    /// Print the configuration in effect as TOML: every key, defaults included, secrets
+    /// masked.
     Print(Box<RunArgs>),
+}
+
+#[derive(Debug, Args)]
+pub(crate) struct CheckArgs {
+    #[command(flatten)]
+    run: RunArgs,
+    /// Check what `iomt run --role ROLE` needs (its hubs and checkpoint store too); without
+    /// it, what `iomt replay` needs.
+    #[arg(long, value_enum)]
+    role: Option<RoleArg>,
 }
 
 pub(crate) fn run(cmd: ConfigCommand) -> anyhow::Result<u8> {
@@ -30,33 +43,47 @@ pub(crate) fn run(cmd: ConfigCommand) -> anyhow::Result<u8> {
     }
 }
 
-fn check(args: &RunArgs) -> anyhow::Result<u8> {
-    let config = match args.load() {
+fn check(args: &CheckArgs) -> anyhow::Result<u8> {
+    let purpose = match args.role {
+        Some(_) => Purpose::Run,
+        None => Purpose::Replay,
+    };
+    let config = match args.run.compile(purpose, args.role) {
         Ok(c) => c,
         Err(errors) => return Ok(report_config_errors(&errors)),
     };
-    let (Some(device), Some(fhir)) = (
-        &config.templates.device_mapping,
-        &config.templates.fhir_mapping,
-    ) else {
-        return Ok(EXIT_INVALID);
-    };
     let palette = Palette::new(crate::ColorChoice::Auto);
+    let (device, fhir) = (&config.device_mapping, &config.fhir_mapping);
     if let Err(code) = load_or_report(OutputFormat::Text, &palette, device, Some(fhir))? {
         return Ok(code);
     }
-    let output = match &config.fhir.url {
-        _ if config.pipeline.role == Role::Normalize => format!(
-            "internal hub {}",
-            config.internal_hub.hub.as_deref().unwrap_or("(not set)")
-        ),
-        Some(url) => format!("FHIR server {url} ({:?} identity)", config.identity.mode),
-        None => format!("the embedded store in {}", config.output.dir.display()),
-    };
     crate::outln!(
-        "configuration is valid: templates {} and {}; output to {output}",
+        "configuration is valid: templates {} and {}; {}",
         device.display(),
-        fhir.display()
+        fhir.display(),
+        describe(&config)
     );
     Ok(0)
+}
+
+/// What the checked job reads and writes.
+fn describe(config: &Compiled) -> String {
+    let output = match (&config.target, &config.live) {
+        (Target::InternalHub, Some(live)) => match &live.internal_hub {
+            Some(hub) => format!("internal hub {}", hub.hub),
+            None => "internal hub".to_owned(),
+        },
+        (Target::InternalHub, None) => "internal hub".to_owned(),
+        (Target::Fhir { url, identity, .. }, _) => {
+            format!("FHIR server {url} ({:?} identity)", identity.mode)
+        }
+        (Target::Embedded { dir, .. }, _) => format!("the embedded store in {}", dir.display()),
+    };
+    match &config.live {
+        Some(live) => format!(
+            "role {:?} reads Event Hub {} (consumer group {}) and writes to {output}",
+            config.role, live.source.hub, live.source.consumer_group
+        ),
+        None => format!("output to {output}"),
+    }
 }

@@ -8,6 +8,7 @@ use std::time::Instant;
 
 use anyhow::Context as _;
 use clap::{Args, Subcommand};
+use iomt_runtime::Purpose;
 use iomt_runtime::source::deadletters::DeadLetterSource;
 
 use crate::OutputFormat;
@@ -60,11 +61,16 @@ pub(crate) fn run(cmd: DeadLetterCommand) -> anyhow::Result<u8> {
         out != args.file,
         "the output file must differ from the file being replayed"
     );
-    let (config, prepared) =
-        match prepare(&args.run, vec!["deadletter".to_owned()], Some(out.clone()))? {
-            Ok(p) => p,
-            Err(code) => return Ok(code),
-        };
+    let (config, prepared) = match prepare(
+        &args.run,
+        Purpose::Replay,
+        None,
+        vec!["deadletter".to_owned()],
+        Some(out.clone()),
+    )? {
+        Ok(p) => p,
+        Err(code) => return Ok(code),
+    };
     let (metrics, sink) = (prepared.metrics.clone(), prepared.sink.clone());
     let started = Instant::now();
     let report = runtime()?.block_on(iomt_runtime::run::replay_dead_letters(

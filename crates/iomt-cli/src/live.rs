@@ -10,13 +10,13 @@
 
 use std::time::Instant;
 
-use clap::{Args, ValueEnum};
-use iomt_runtime::config::Role;
+use clap::Args;
+use iomt_runtime::Purpose;
 use iomt_runtime::run::RunError;
 
 use crate::run::{
-    RunArgs, finish_output, keep_unmatched, prepare_config, print_summary, report_config_errors,
-    runtime, shutdown_signal,
+    RoleArg, RunArgs, finish_output, prepare, print_summary, report_config_errors, runtime,
+    shutdown_signal,
 };
 
 #[derive(Debug, Args)]
@@ -30,17 +30,6 @@ pub(crate) struct LiveArgs {
     /// Which stages to run [default: pipeline.role, else all].
     #[arg(long, value_enum)]
     role: Option<RoleArg>,
-}
-
-/// `--role`.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
-enum RoleArg {
-    /// Read [source], write FHIR, over the in-process hub.
-    All,
-    /// Read [source], write [internal_hub].
-    Normalize,
-    /// Read [internal_hub], write FHIR.
-    Convert,
 }
 
 fn default_owner_id() -> String {
@@ -57,23 +46,8 @@ fn default_owner_id() -> String {
 }
 
 pub(crate) fn run(args: &LiveArgs) -> anyhow::Result<u8> {
-    let mut config = match args.run.load() {
-        Ok(c) => c,
-        Err(errors) => return Ok(report_config_errors(&errors)),
-    };
-    if let Some(role) = args.role {
-        config.pipeline.role = match role {
-            RoleArg::All => Role::All,
-            RoleArg::Normalize => Role::Normalize,
-            RoleArg::Convert => Role::Convert,
-        };
-    }
-    let errors = config.validate_for_run();
-    if !errors.is_empty() {
-        return Ok(report_config_errors(&errors));
-    }
-    let (config, assembled) = match prepare_config(config, Vec::new(), None)? {
-        Ok((config, assembled)) => (config, keep_unmatched(&args.run, assembled)?),
+    let (config, assembled) = match prepare(&args.run, Purpose::Run, args.role, Vec::new(), None)? {
+        Ok(prepared) => prepared,
         Err(code) => return Ok(code),
     };
     let owner_id = args.owner_id.clone().unwrap_or_else(default_owner_id);
@@ -94,12 +68,9 @@ pub(crate) fn run(args: &LiveArgs) -> anyhow::Result<u8> {
     if let Some(reason) = &outcome.source_failed {
         eprintln!("error: the Event Hub source failed: {reason}");
     }
-    let output = match config.pipeline.role {
-        Role::Normalize => format!(
-            "internal hub {}",
-            config.internal_hub.hub.as_deref().unwrap_or_default()
-        ),
-        Role::All | Role::Convert => finish_output(&sink)?,
+    let output = match config.live.as_ref().and_then(|l| l.internal_hub.as_ref()) {
+        Some(hub) => format!("internal hub {}", hub.hub),
+        None => finish_output(&sink)?,
     };
     print_summary(
         args.run.summary,

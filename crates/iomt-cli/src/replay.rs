@@ -6,6 +6,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
 use clap::Args;
+use iomt_runtime::Purpose;
 use iomt_runtime::run::Resume;
 use iomt_runtime::source::files::{FileSource, Speed, expand};
 
@@ -52,7 +53,13 @@ fn progress_bar(hidden: bool) -> indicatif::ProgressBar {
 
 pub(crate) fn run(args: &ReplayArgs) -> anyhow::Result<u8> {
     let inputs = expand(&args.inputs)?;
-    let (config, prepared) = match prepare(&args.run, vec!["replay".to_owned()], None)? {
+    let (config, prepared) = match prepare(
+        &args.run,
+        Purpose::Replay,
+        None,
+        vec!["replay".to_owned()],
+        None,
+    )? {
         Ok(p) => p,
         Err(code) => return Ok(code),
     };

@@ -6,8 +6,10 @@ use std::time::{Duration, Instant};
 
 use anyhow::Context as _;
 use clap::{Args, ValueEnum};
-use iomt_runtime::config::IdentityModeKind;
-use iomt_runtime::{Assembled, Config, ConfigError, ConfiguredSink, Sink as _, Summary, assemble};
+use iomt_runtime::config::{IdentityModeKind, Role};
+use iomt_runtime::{
+    Assembled, Compiled, Config, ConfigError, ConfiguredSink, Purpose, Sink as _, Summary, assemble,
+};
 
 use crate::OutputFormat;
 use crate::mapping::load_or_report;
@@ -25,6 +27,27 @@ pub(crate) enum IdentityModeArg {
     LookupWithEncounter,
     /// Create missing Patients and Devices with deterministic ids.
     Create,
+}
+
+/// `--role`: which stages `iomt run` runs.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub(crate) enum RoleArg {
+    /// Read [source], write FHIR, over the in-process hub.
+    All,
+    /// Read [source], write [internal_hub].
+    Normalize,
+    /// Read [internal_hub], write FHIR.
+    Convert,
+}
+
+impl From<RoleArg> for Role {
+    fn from(role: RoleArg) -> Self {
+        match role {
+            RoleArg::All => Role::All,
+            RoleArg::Normalize => Role::Normalize,
+            RoleArg::Convert => Role::Convert,
+        }
+    }
 }
 
 /// Settings of a pipeline run. Each flag overrides the configuration file and the `IOMT__…`
@@ -75,7 +98,7 @@ pub(crate) struct RunArgs {
 }
 
 impl RunArgs {
-    /// The configuration in effect: file, environment, then these flags; validated.
+    /// The configuration in effect: file, environment, then these flags; not yet validated.
     pub(crate) fn load(&self) -> Result<Config, Vec<ConfigError>> {
         let mut config = Config::load(self.config.as_deref(), std::env::vars())?;
         let t = &mut config.templates;
@@ -100,12 +123,21 @@ impl RunArgs {
         g.max_wait = self.max_wait.unwrap_or(g.max_wait);
         let p = &mut config.pipeline;
         p.drain_deadline = self.drain_deadline.unwrap_or(p.drain_deadline);
-        let errors = config.validate();
-        if errors.is_empty() {
-            Ok(config)
-        } else {
-            Err(errors)
+        Ok(config)
+    }
+
+    /// The configuration in effect, validated and compiled for `purpose`; `role` overrides
+    /// `pipeline.role`.
+    pub(crate) fn compile(
+        &self,
+        purpose: Purpose,
+        role: Option<RoleArg>,
+    ) -> Result<Compiled, Vec<ConfigError>> {
+        let mut config = self.load()?;
+        if let Some(role) = role {
+            config.pipeline.role = role.into();
         }
+        config.compile(purpose)
     }
 }
 
@@ -118,53 +150,26 @@ pub(crate) fn report_config_errors(errors: &[ConfigError]) -> u8 {
     EXIT_INVALID
 }
 
-/// Loads the configuration and templates and assembles the pipeline; `Err(code)` after
-/// printing every problem. `dead_letter_file` overrides the configured one.
+/// Compiles the configuration for `purpose`, loads the templates and assembles the pipeline;
+/// `Err(code)` after printing every problem. `dead_letter_file` overrides the configured one.
 pub(crate) fn prepare(
     args: &RunArgs,
+    purpose: Purpose,
+    role: Option<RoleArg>,
     partitions: Vec<String>,
     dead_letter_file: Option<PathBuf>,
-) -> anyhow::Result<Result<(Config, Assembled), u8>> {
-    let config = match args.load() {
+) -> anyhow::Result<Result<(Compiled, Assembled), u8>> {
+    let config = match args.compile(purpose, role) {
         Ok(config) => config,
         Err(errors) => return Ok(Err(report_config_errors(&errors))),
     };
-    Ok(
-        match prepare_config(config, partitions, dead_letter_file)? {
-            Ok((config, assembled)) => Ok((config, keep_unmatched(args, assembled)?)),
-            Err(code) => Err(code),
-        },
-    )
-}
-
-/// `--keep-unmatched`.
-pub(crate) fn keep_unmatched(
-    args: &RunArgs,
-    mut assembled: Assembled,
-) -> anyhow::Result<Assembled> {
-    if let Some(file) = &args.keep_unmatched {
-        assembled.pipeline = assembled
-            .pipeline
-            .keep_unmatched(file)
-            .with_context(|| format!("cannot open {}", file.display()))?;
-    }
-    Ok(assembled)
-}
-
-/// [`prepare`] for a configuration already loaded (and adjusted by the command).
-pub(crate) fn prepare_config(
-    config: Config,
-    partitions: Vec<String>,
-    dead_letter_file: Option<PathBuf>,
-) -> anyhow::Result<Result<(Config, Assembled), u8>> {
-    let (Some(device), Some(fhir)) = (
-        &config.templates.device_mapping,
-        &config.templates.fhir_mapping,
-    ) else {
-        unreachable!("validate() requires both mappings");
-    };
     let palette = Palette::new(crate::ColorChoice::Auto);
-    let mappings = match load_or_report(OutputFormat::Text, &palette, device, Some(fhir))? {
+    let mappings = match load_or_report(
+        OutputFormat::Text,
+        &palette,
+        &config.device_mapping,
+        Some(&config.fhir_mapping),
+    )? {
         Ok(m) => m,
         Err(code) => return Ok(Err(code)),
     };
@@ -172,10 +177,18 @@ pub(crate) fn prepare_config(
         anyhow::bail!("the FHIR mapping did not load");
     };
     let dead_letter_file = dead_letter_file.unwrap_or_else(|| config.dead_letter_file());
-    match assemble(&config, mappings.device, fhir, partitions, dead_letter_file) {
-        Ok(a) => Ok(Ok((config, a))),
-        Err(e) => Ok(Err(report_config_errors(&[e]))),
+    let mut assembled = match assemble(&config, mappings.device, fhir, partitions, dead_letter_file)
+    {
+        Ok(a) => a,
+        Err(e) => return Ok(Err(report_config_errors(&[e]))),
+    };
+    if let Some(file) = &args.keep_unmatched {
+        assembled.pipeline = assembled
+            .pipeline
+            .keep_unmatched(file)
+            .with_context(|| format!("cannot open {}", file.display()))?;
     }
+    Ok(Ok((config, assembled)))
 }
 
 /// Completes on Ctrl-C or SIGTERM.

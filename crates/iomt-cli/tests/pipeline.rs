@@ -254,6 +254,76 @@ fn config_check_lists_every_problem() {
     assert_eq!(ok.status.code(), Some(0), "{}", text(&ok.stderr));
 }
 
+/// `config check --role R` checks what `iomt run --role R` needs, and an error set by an
+/// environment variable names the variable.
+#[test]
+fn config_check_for_a_role_checks_its_hubs_and_names_environment_variables() {
+    let dir = tempfile::tempdir().unwrap();
+    let example = repo("examples/capture/iomt.toml");
+    let check = |role: Option<&str>, env: &[(&str, &str)]| {
+        let mut args = vec!["config", "check", "--config", example.to_str().unwrap()];
+        if let Some(role) = role {
+            args.extend(["--role", role]);
+        }
+        let mut command = Command::new(env!("CARGO_BIN_EXE_iomt"));
+        command
+            .args(&args)
+            .current_dir(dir.path())
+            .env("NO_COLOR", "1")
+            .env_remove("IOMT_CONFIG");
+        for (k, v) in env {
+            command.env(k, v);
+        }
+        command.output().unwrap()
+    };
+    // The example is a replay configuration: valid for a replay, not for `iomt run`.
+    assert_eq!(check(None, &[]).status.code(), Some(0));
+    let out = check(Some("convert"), &[]);
+    assert_eq!(out.status.code(), Some(2));
+    let stderr = text(&out.stderr);
+    for key in [
+        "internal_hub.hub",
+        "internal_hub.connection_string",
+        "checkpoints",
+    ] {
+        assert!(stderr.contains(key), "{key} missing from: {stderr}");
+    }
+    assert!(!stderr.contains("source.hub"), "{stderr}");
+
+    let hubs = [
+        ("IOMT__INTERNAL_HUB__HUB", "normalized"),
+        (
+            "IOMT__INTERNAL_HUB__CONNECTION_STRING",
+            "Endpoint=sb://x.servicebus.windows.net/;SharedAccessKeyName=k;SharedAccessKey=v",
+        ),
+        (
+            "IOMT__CHECKPOINTS__CONNECTION_STRING",
+            "UseDevelopmentStorage=true",
+        ),
+    ];
+    let out = check(Some("convert"), &hubs);
+    assert_eq!(out.status.code(), Some(0), "{}", text(&out.stderr));
+    assert!(
+        text(&out.stdout).contains("reads Event Hub normalized"),
+        "{}",
+        text(&out.stdout)
+    );
+
+    let bad = [
+        hubs.as_slice(),
+        &[("IOMT__INTERNAL_HUB__OWNERSHIP_EXPIRY", "soon")],
+    ]
+    .concat();
+    let out = check(Some("convert"), &bad);
+    assert_eq!(out.status.code(), Some(2));
+    let stderr = text(&out.stderr);
+    assert!(
+        stderr.contains("IOMT__INTERNAL_HUB__OWNERSHIP_EXPIRY: internal_hub.ownership_expiry"),
+        "{stderr}"
+    );
+    assert!(!stderr.contains("iomt.toml"), "{stderr}");
+}
+
 #[test]
 fn sigterm_drains_and_the_next_run_resumes() {
     let dir = tempfile::tempdir().unwrap();

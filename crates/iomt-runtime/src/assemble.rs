@@ -1,29 +1,21 @@
-//! Assembling a pipeline from a [`Config`]: the sink it names (a FHIR server with its client,
-//! identity resolver and writer, or an NDJSON directory), the dead-letter file and the metrics;
-//! and, for `iomt run`, the Event Hub source with its checkpoint store.
+//! Assembling a pipeline from a [`Compiled`] configuration: the sink it names (a FHIR server
+//! with its identity resolver and writer, or the embedded store), the dead-letter file, the
+//! metrics and the state directory's lock.
 
 use std::path::PathBuf;
 use std::sync::Arc;
 
-use crate::hub::eventhubs::{EventHubsProducer, ProducerOptions};
-use azure_core::credentials::TokenCredential;
 use iomt_core::{MeasurementGroup, Written};
-use iomt_eventhubs::blob::{BlobAuth, BlobCheckpointStore};
-use iomt_eventhubs::{EventHubSettings, EventHubsAuth};
-use iomt_fhir::{
-    Auth, EntraCredential, FhirClient, FhirClientConfig, IdentityConfig, IdentityMode,
-    IdentityResolver, ObservationWriter,
-};
+use iomt_fhir::{IdentityResolver, ObservationWriter};
 use iomt_files::deadletter::DeadLetterWriter;
 use iomt_normalize::Normalizer;
 use iomt_store::EmbeddedStore;
 use iomt_templates::device::DeviceMapping;
 use iomt_templates::fhir::FhirMapping;
 
-use crate::config::{AuthKind, Config, ConfigError, IdentityModeKind, Role, Source, StartAtKind};
+use crate::config::{Compiled, ConfigError, Target};
 use crate::convert::Converter;
 use crate::sink::{Sink, SinkError};
-use crate::source::eventhubs::{Carries, ProcessorSettings, StartAt};
 use crate::store::{Embedded, FhirStore};
 use crate::{Metrics, Pipeline, PipelineConfig};
 
@@ -119,76 +111,41 @@ fn lock_state_dir(dir: &std::path::Path) -> Result<std::fs::File, ConfigError> {
     }
 }
 
-fn fhir_client(config: &Config, url: &str) -> Result<FhirClient, ConfigError> {
-    let f = &config.fhir;
-    let fail = |e: iomt_fhir::FhirError| ConfigError {
-        origin: "fhir".into(),
-        message: e.to_string(),
-    };
-    let auth = match (
-        f.auth,
-        entra_credential(f.auth, &f.tenant_id, &f.client_id, &f.client_secret),
-    ) {
-        (_, Some(credential)) => Auth::entra(credential, url).map_err(fail)?,
-        (AuthKind::Bearer, None) => Auth::Bearer(f.token.clone().unwrap_or_default()),
-        (_, None) => Auth::None,
-    };
-    FhirClient::new(FhirClientConfig {
-        base_url: url.to_owned(),
-        auth,
-        request_timeout: f.request_timeout,
-        max_concurrency: f.max_concurrency,
-        max_retries: f.max_retries,
-        backoff_base: f.backoff_base,
-        backoff_cap: f.backoff_cap,
-    })
-    .map_err(fail)
-}
-
-/// Builds the pipeline a validated configuration describes, over compiled templates.
+/// Builds the pipeline a compiled configuration describes, over compiled templates.
 /// `partitions` names the source partitions; dead letters go to `dead_letter_file` (normally
-/// [`Config::dead_letter_file`]).
+/// [`Compiled::dead_letter_file`]).
 pub fn assemble(
-    config: &Config,
+    config: &Compiled,
     device: DeviceMapping,
     fhir: FhirMapping,
     partitions: Vec<String>,
     dead_letter_file: PathBuf,
 ) -> Result<Assembled, ConfigError> {
-    let pipeline_config = config.pipeline_config()?;
-    let state_lock = lock_state_dir(&config.output.state_dir)?;
+    let state_lock = lock_state_dir(&config.state_dir)?;
     let mapping = Arc::new(fhir);
-    let (sink, target) = match &config.fhir.url {
-        // The normalize role's output is the internal hub; it writes no resources.
-        _ if config.pipeline.role == Role::Normalize => {
-            (ConfiguredSink::Nothing, "internal hub".to_owned())
-        }
-        Some(url) => {
-            let client = fhir_client(config, url)?;
-            let identity = IdentityResolver::new(
-                client.clone(),
-                IdentityConfig {
-                    mode: match config.identity.mode {
-                        IdentityModeKind::Lookup => IdentityMode::Lookup,
-                        IdentityModeKind::LookupWithEncounter => IdentityMode::LookupWithEncounter,
-                        IdentityModeKind::Create => IdentityMode::Create,
-                    },
-                    device_identifier_system: config.identity.device_identifier_system.clone(),
-                    cache_ttl: config.identity.cache_ttl,
-                    cache_capacity: config.identity.cache_capacity,
-                },
-            );
+    let (sink, target) = match &config.target {
+        Target::InternalHub => (ConfiguredSink::Nothing, "internal hub".to_owned()),
+        Target::Fhir {
+            url,
+            client,
+            identity,
+            observation_cache_capacity,
+            observation_cache_ttl,
+        } => {
+            let identity = IdentityResolver::new(client.clone(), identity.clone());
             let writer = ObservationWriter::new(
-                client,
-                config.fhir.observation_cache_capacity,
-                config.fhir.observation_cache_ttl,
+                client.clone(),
+                *observation_cache_capacity,
+                *observation_cache_ttl,
             );
             let store = FhirStore::new(identity, writer, url.clone());
             let sink = Converter::new(mapping.clone(), store);
             (ConfiguredSink::Fhir(Box::new(sink)), url.clone())
         }
-        None => {
-            let dir = &config.output.dir;
+        Target::Embedded {
+            dir,
+            device_identifier_system,
+        } => {
             let store = EmbeddedStore::open(dir).map_err(|e| ConfigError {
                 origin: "output.dir".into(),
                 message: e.to_string(),
@@ -196,10 +153,7 @@ pub fn assemble(
             let target = std::fs::canonicalize(dir)
                 .map(|p| p.display().to_string())
                 .unwrap_or_else(|_| dir.display().to_string());
-            let store = Embedded::new(
-                Arc::new(store),
-                config.identity.device_identifier_system.clone(),
-            );
+            let store = Embedded::new(Arc::new(store), device_identifier_system.clone());
             (
                 ConfiguredSink::Embedded(Converter::new(mapping.clone(), store)),
                 target,
@@ -213,7 +167,7 @@ pub fn assemble(
     let sink = Arc::new(sink);
     let metrics = Arc::new(Metrics::new());
     let pipeline = Pipeline::new(
-        pipeline_config.clone(),
+        config.pipeline.clone(),
         Arc::new(Normalizer::new(device)),
         mapping,
         sink.clone(),
@@ -226,142 +180,8 @@ pub fn assemble(
         metrics,
         dead_letters,
         dead_letter_file,
-        config: pipeline_config,
+        config: config.pipeline.clone(),
         target,
         state_lock,
-    })
-}
-
-/// What `iomt run` reads from and checkpoints to.
-#[derive(Debug)]
-pub struct LiveSource {
-    /// The device hub.
-    pub settings: EventHubSettings,
-    /// Partition balancing.
-    pub processor: ProcessorSettings,
-    /// Checkpoints and ownership, fenced with `owner_id`.
-    pub store: Arc<BlobCheckpointStore>,
-    /// This process's name in ownership records.
-    pub owner_id: String,
-}
-
-/// The Entra ID identity an `auth` setting names, if it names one.
-fn entra_credential(
-    auth: AuthKind,
-    tenant_id: &Option<String>,
-    client_id: &Option<String>,
-    client_secret: &Option<String>,
-) -> Option<EntraCredential> {
-    match auth {
-        AuthKind::WorkloadIdentity => Some(EntraCredential::WorkloadIdentity),
-        AuthKind::ManagedIdentity => Some(EntraCredential::ManagedIdentity {
-            client_id: client_id.clone(),
-        }),
-        AuthKind::ClientSecret => Some(EntraCredential::ClientSecret {
-            tenant_id: tenant_id.clone().unwrap_or_default(),
-            client_id: client_id.clone().unwrap_or_default(),
-            secret: client_secret.clone().unwrap_or_default(),
-        }),
-        AuthKind::None | AuthKind::Bearer => None,
-    }
-}
-
-/// The Entra identity of a hub section, for Event Hubs and the checkpoint container.
-fn entra(s: &Source, key: &str) -> Result<Arc<dyn TokenCredential>, ConfigError> {
-    let credential = entra_credential(s.auth, &s.tenant_id, &s.client_id, &s.client_secret)
-        .ok_or_else(|| ConfigError {
-            origin: key.to_owned(),
-            message:
-                "needs a connection string, a SAS, or an auth setting naming an Entra identity"
-                    .into(),
-        })?;
-    credential.token_credential().map_err(|e| ConfigError {
-        origin: key.to_owned(),
-        message: e.to_string(),
-    })
-}
-
-/// The hub of section `key` (`source` or `internal_hub`) as client settings. The owner id
-/// names the connection: the processor claims partitions under it, and checkpoints are fenced
-/// with it.
-fn hub_settings(
-    section: &Source,
-    key: &str,
-    owner_id: &str,
-) -> Result<EventHubSettings, ConfigError> {
-    let auth = match &section.connection_string {
-        Some(cs) => EventHubsAuth::ConnectionString(cs.clone()),
-        None => EventHubsAuth::Credential(entra(section, &format!("{key}.auth"))?),
-    };
-    Ok(EventHubSettings {
-        namespace: section.namespace.clone().unwrap_or_default(),
-        hub: section.hub.clone().unwrap_or_default(),
-        consumer_group: section.consumer_group.clone(),
-        auth,
-        custom_endpoint: section.custom_endpoint.clone(),
-        application_id: Some(owner_id.to_owned()),
-    })
-}
-
-/// Opens the internal hub for sending (the normalize role), from a configuration that passed
-/// [`Config::validate_for_run`].
-pub async fn internal_hub_producer(
-    config: &Config,
-    owner_id: &str,
-) -> Result<EventHubsProducer, ConfigError> {
-    let settings = hub_settings(&config.internal_hub, "internal_hub", owner_id)?;
-    EventHubsProducer::open(settings, ProducerOptions::default())
-        .await
-        .map_err(|e| ConfigError {
-            origin: "internal_hub".into(),
-            message: e.to_string(),
-        })
-}
-
-/// Builds the source of `iomt run` from a configuration that passed
-/// [`Config::validate_for_run`]: the device hub, or the internal hub for the convert role.
-/// `owner_id` names this process in ownership records; it must be unique per process.
-pub async fn live_source(config: &Config, owner_id: String) -> Result<LiveSource, ConfigError> {
-    let (key, s, carries) = match config.pipeline.role {
-        Role::All | Role::Normalize => ("source", &config.source, Carries::DeviceEvents),
-        Role::Convert => ("internal_hub", &config.internal_hub, Carries::Measurements),
-    };
-    let settings = hub_settings(s, key, &owner_id)?;
-    let c = &config.checkpoints;
-    let store_error = |e: iomt_eventhubs::blob::BlobError| ConfigError {
-        origin: "checkpoints".into(),
-        message: e.to_string(),
-    };
-    let store = match (&c.connection_string, &c.container_url) {
-        (Some(cs), _) => BlobCheckpointStore::from_connection_string(cs, &c.container),
-        (None, Some(url)) if url.contains('?') => BlobCheckpointStore::from_sas_url(url),
-        (None, Some(url)) => {
-            BlobCheckpointStore::new(url, BlobAuth::token(entra(s, "checkpoints.container_url")?))
-        }
-        (None, None) => {
-            return Err(ConfigError {
-                origin: "checkpoints".into(),
-                message: "needs connection_string or container_url".into(),
-            });
-        }
-    }
-    .map_err(store_error)?
-    .with_owner(owner_id.clone());
-    store.ensure_container().await.map_err(store_error)?;
-    Ok(LiveSource {
-        settings,
-        processor: ProcessorSettings {
-            carries,
-            start_at: match s.start_at {
-                StartAtKind::Earliest => StartAt::Earliest,
-                StartAtKind::Latest => StartAt::Latest,
-            },
-            update_interval: s.update_interval,
-            ownership_expiry: s.ownership_expiry,
-            stall_after: s.stall_after,
-            ..ProcessorSettings::default()
-        },
-        store: Arc::new(store),
-        owner_id,
     })
 }

@@ -30,10 +30,8 @@ pub mod metrics;
 pub mod run;
 pub mod server;
 
-pub use assemble::{
-    Assembled, ConfiguredSink, LiveSource, assemble, internal_hub_producer, live_source,
-};
-pub use config::{Config, ConfigError};
+pub use assemble::{Assembled, ConfiguredSink, assemble};
+pub use config::{Compiled, Config, ConfigError, Purpose};
 pub use convert::{Converter, Store};
 pub use hub::{HubConsumer, HubMessage, HubProducer, in_process};
 pub use metrics::{Metrics, Summary};

@@ -7,10 +7,11 @@ use std::sync::Arc;
 
 use tokio::sync::{mpsc, oneshot, watch};
 
-use crate::assemble::{Assembled, internal_hub_producer, live_source};
-use crate::config::{Config, ConfigError, Role};
+use crate::assemble::Assembled;
+use crate::config::{Compiled, ConfigError};
 use crate::hub::InProcessConsumer;
 use crate::hub::eventhubs::EventHubsProducer;
+use crate::hub::eventhubs::ProducerOptions;
 use crate::pipeline::Report;
 use crate::source::deadletters::DeadLetterSource;
 use crate::source::eventhubs::{EventHubsCheckpoints, EventHubsSource};
@@ -43,14 +44,14 @@ pub enum RunError {
 /// Runs an assembled pipeline over the items of `input`: on the in-process hub, or, with an
 /// internal-hub producer (the normalize role), only up to that hub.
 pub async fn run_pipeline<K: CheckpointStore>(
-    config: &Config,
+    config: &Compiled,
     prepared: Assembled,
     input: mpsc::Receiver<Vec<SourceItem>>,
     checkpoints: K,
     internal_hub: Option<EventHubsProducer>,
     shutdown: impl Future<Output = ()> + Send,
 ) -> Result<Report<K>, RunError> {
-    if let Some(addr) = config.output.metrics_addr {
+    if let Some(addr) = config.metrics_addr {
         let health = prepared.pipeline.health();
         let bound = crate::serve(addr, prepared.metrics.clone(), health)
             .await
@@ -94,7 +95,7 @@ pub async fn run_pipeline<K: CheckpointStore>(
 /// Runs a source into a pipeline; the pipeline stops on `shutdown` or when the source gives
 /// up. Returns the pipeline's report and how the source ended (`Ok(true)`: at its end).
 async fn run_source<S: Source, K: CheckpointStore>(
-    config: &Config,
+    config: &Compiled,
     prepared: Assembled,
     source: S,
     checkpoints: K,
@@ -148,7 +149,7 @@ impl Resume {
     /// Reads the checkpoint for `inputs` written into `target` (see [`Assembled::target`]);
     /// `restart` starts from the beginning whatever it says.
     pub fn open(
-        config: &Config,
+        config: &Compiled,
         target: &str,
         inputs: &[CaptureInput],
         restart: bool,
@@ -159,7 +160,7 @@ impl Resume {
         } else {
             "stdin".to_owned()
         };
-        let file = config.output.state_dir.join("replay-checkpoint.json");
+        let file = config.state_dir.join("replay-checkpoint.json");
         let (checkpoint, positions) = FileCheckpoint::open(&file, &fingerprint)?;
         let after = match positions.get(&0) {
             Some(p) if resumable && !restart => *p,
@@ -184,7 +185,7 @@ pub struct ReplayOutcome {
 
 /// Replays captured traffic from where `resume` says.
 pub async fn replay(
-    config: &Config,
+    config: &Compiled,
     prepared: Assembled,
     mut source: FileSource,
     resume: Resume,
@@ -212,7 +213,7 @@ impl CheckpointStore for NoCheckpoint {
 
 /// Re-submits the records of a dead-letter file.
 pub async fn replay_dead_letters(
-    config: &Config,
+    config: &Compiled,
     prepared: Assembled,
     source: DeadLetterSource,
     shutdown: impl Future<Output = ()> + Send + 'static,
@@ -235,27 +236,52 @@ pub struct LiveOutcome {
 /// partitions shared among processes through the checkpoint container, and checkpoints go
 /// there. `owner_id` names this process in ownership records.
 pub async fn live(
-    config: &Config,
+    config: &Compiled,
     prepared: Assembled,
     owner_id: String,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> Result<LiveOutcome, RunError> {
-    let source = live_source(config, owner_id).await?;
-    let internal_hub = match config.pipeline.role {
-        Role::Normalize => Some(internal_hub_producer(config, &source.owner_id).await?),
-        Role::All | Role::Convert => None,
+    let Some(live) = &config.live else {
+        return Err(RunError::Config(ConfigError {
+            origin: "configuration".into(),
+            message: "was not compiled for `iomt run`".into(),
+        }));
+    };
+    // The owner id names the connections: the processor claims partitions under it, and
+    // checkpoints are fenced with it.
+    let mut settings = live.source.clone();
+    settings.application_id = Some(owner_id.clone());
+    let store = live.checkpoints.clone().with_owner(owner_id.clone());
+    store.ensure_container().await.map_err(|e| ConfigError {
+        origin: "checkpoints".into(),
+        message: e.to_string(),
+    })?;
+    let store = Arc::new(store);
+    let internal_hub = match &live.internal_hub {
+        Some(hub) => {
+            let mut hub = hub.clone();
+            hub.application_id = Some(owner_id.clone());
+            let producer = EventHubsProducer::open(hub, ProducerOptions::default())
+                .await
+                .map_err(|e| ConfigError {
+                    origin: "internal_hub".into(),
+                    message: e.to_string(),
+                })?;
+            Some(producer)
+        }
+        None => None,
     };
     tracing::info!(
-        owner = %source.owner_id,
-        role = ?config.pipeline.role,
-        hub = %source.settings.hub,
+        owner = %owner_id,
+        role = ?config.role,
+        hub = %settings.hub,
         "starting"
     );
-    let checkpoints = EventHubsCheckpoints::new(source.store.clone(), &source.settings);
+    let checkpoints = EventHubsCheckpoints::new(store.clone(), &settings);
     let hub = EventHubsSource {
-        settings: source.settings,
-        processor: source.processor,
-        store: source.store as Arc<dyn azure_messaging_eventhubs::CheckpointStore + Send + Sync>,
+        settings,
+        processor: live.processor.clone(),
+        store: store as Arc<dyn azure_messaging_eventhubs::CheckpointStore + Send + Sync>,
         partitions: prepared.pipeline.partitions(),
     };
     let (report, ended) =

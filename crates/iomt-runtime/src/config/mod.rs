@@ -1,5 +1,16 @@
-//! Configuration: one TOML file, `IOMT__SECTION__KEY` environment overrides, validated up
-//! front with every error reported at once.
+//! Configuration: one TOML file and `IOMT__SECTION__KEY` environment overrides, taken in three
+//! steps so that every problem is found before anything starts, and each is blamed on its
+//! source:
+//!
+//! 1. **raw**: [`Config::load`] reads the file and the environment into typed sections. Each
+//!    key is read on its own, so a wrong value names its file and line, or its environment
+//!    variable, and the other keys still load.
+//! 2. **validated**: [`Config::validate`] checks values against each other and against what the
+//!    job needs ([`Purpose`]): a replay needs templates and an output, `iomt run` also the hubs
+//!    of its role and a checkpoint store.
+//! 3. **compiled**: [`Config::compile`] turns a valid configuration into what each part takes
+//!    (client settings, credentials, the pipeline's tuning), once. `iomt config check` runs the
+//!    same steps as the job it checks for.
 //!
 //! Precedence, lowest first: built-in defaults, the file, the environment, command-line flags
 //! (applied by the binary). Environment names follow the .NET convention MedTech used (`__`
@@ -13,6 +24,10 @@ use std::time::Duration;
 
 use serde::de::DeserializeOwned;
 use serde::{Deserialize, Serialize};
+
+mod compile;
+
+pub use compile::{Compiled, Live, Purpose, Target};
 
 /// The environment prefix of overrides.
 pub const ENV_PREFIX: &str = "IOMT__";
@@ -393,99 +408,162 @@ fn env_value(raw: &str) -> toml::Value {
     }
 }
 
+/// The sections, in the order they are printed.
+const SECTIONS: [&str; 9] = [
+    "templates",
+    "fhir",
+    "identity",
+    "group",
+    "pipeline",
+    "output",
+    "source",
+    "internal_hub",
+    "checkpoints",
+];
+
+/// One value for a section's key, and where it was set.
+struct Setting {
+    key: String,
+    value: toml::Value,
+    origin: String,
+}
+
+/// Reads a section from its settings, file ones first, then environment ones. Each setting is
+/// tried alone first, so a bad one is reported with its own origin and left out, and the others
+/// still apply.
 fn section<T: DeserializeOwned + Default>(
-    table: &mut toml::Table,
     name: &str,
-    origin: &str,
+    settings: Vec<Setting>,
     errors: &mut Vec<ConfigError>,
 ) -> T {
-    match table.remove(name) {
-        None => T::default(),
-        Some(value) => value.try_into().unwrap_or_else(|e: toml::de::Error| {
-            errors.push(error(format!("{origin} [{name}]"), e.message().to_owned()));
-            T::default()
-        }),
+    let mut good = toml::Table::new();
+    for Setting { key, value, origin } in settings {
+        let alone = toml::Table::from_iter([(key.clone(), value.clone())]);
+        match toml::Value::Table(alone).try_into::<T>() {
+            Ok(_) => {
+                good.insert(key, value);
+            }
+            // toml's own text ends with "in `key`", which the message already names.
+            Err(e) => errors.push(error(origin, format!("{name}.{key}: {}", e.message()))),
+        }
     }
+    toml::Value::Table(good).try_into().unwrap_or_else(|e| {
+        errors.push(error(name, e.message().to_owned()));
+        T::default()
+    })
+}
+
+/// The line of every `section.key` in a file, for error messages.
+fn key_lines(text: &str) -> std::collections::HashMap<(String, String), usize> {
+    let line = |offset: usize| text[..offset.min(text.len())].lines().count().max(1);
+    let mut lines = std::collections::HashMap::new();
+    let Ok(root) = toml::de::DeTable::parse(text) else {
+        return lines;
+    };
+    for (section, value) in root.get_ref() {
+        if let toml::de::DeValue::Table(table) = value.get_ref() {
+            for (key, _) in table {
+                lines.insert(
+                    (section.get_ref().to_string(), key.get_ref().to_string()),
+                    // A key at the very start of a line is counted on that line.
+                    line(key.span().start + 1),
+                );
+            }
+        }
+    }
+    lines
 }
 
 impl Config {
     /// Loads the file (when given) and applies `IOMT__…` overrides from `env`. Every problem
-    /// found is returned, not only the first.
+    /// found is returned, not only the first: a wrong value in the file names the file and the
+    /// line, one from the environment names the variable.
     pub fn load(
         file: Option<&Path>,
         env: impl IntoIterator<Item = (String, String)>,
     ) -> Result<Self, Vec<ConfigError>> {
         let mut errors = Vec::new();
         let origin = file.map_or_else(|| "configuration".to_owned(), |f| f.display().to_string());
-        let mut table = match file {
-            None => toml::Table::new(),
-            Some(path) => match std::fs::read_to_string(path) {
-                Err(e) => return Err(vec![error(&origin, format!("cannot read: {e}"))]),
-                Ok(text) => match text.parse::<toml::Table>() {
-                    Ok(t) => t,
-                    Err(e) => {
-                        let line = e
-                            .span()
-                            .map(|s| text[..s.start.min(text.len())].lines().count().max(1));
-                        let at = line.map_or_else(|| origin.clone(), |l| format!("{origin}:{l}"));
-                        return Err(vec![error(at, e.message().to_owned())]);
+        let mut settings: std::collections::BTreeMap<String, Vec<Setting>> = SECTIONS
+            .iter()
+            .map(|s| ((*s).to_owned(), Vec::new()))
+            .collect();
+        if let Some(path) = file {
+            let text = std::fs::read_to_string(path)
+                .map_err(|e| vec![error(&origin, format!("cannot read: {e}"))])?;
+            let table = text.parse::<toml::Table>().map_err(|e| {
+                let line = e
+                    .span()
+                    .map(|s| text[..s.start.min(text.len())].lines().count().max(1));
+                let at = line.map_or_else(|| origin.clone(), |l| format!("{origin}:{l}"));
+                vec![error(at, e.message().to_owned())]
+            })?;
+            let lines = key_lines(&text);
+            for (name, value) in table {
+                let Some(into) = settings.get_mut(&name) else {
+                    errors.push(error(
+                        &origin,
+                        format!("unknown section [{name}]; expected {}", SECTIONS.join(", ")),
+                    ));
+                    continue;
+                };
+                let toml::Value::Table(keys) = value else {
+                    errors.push(error(&origin, format!("[{name}] must be a section")));
+                    continue;
+                };
+                for (key, mut value) in keys {
+                    // Template paths in a file are relative to the file.
+                    if name == "templates"
+                        && let (Some(base), toml::Value::String(p)) = (path.parent(), &mut value)
+                        && Path::new(p.as_str()).is_relative()
+                    {
+                        *p = base.join(&*p).display().to_string();
                     }
-                },
-            },
-        };
-        // Template paths in a file are relative to the file.
-        if let (Some(base), Some(toml::Value::Table(t))) =
-            (file.and_then(Path::parent), table.get_mut("templates"))
-        {
-            for key in ["device_mapping", "fhir_mapping"] {
-                if let Some(toml::Value::String(p)) = t.get_mut(key)
-                    && Path::new(p.as_str()).is_relative()
-                {
-                    *p = base.join(&*p).display().to_string();
+                    let origin = match lines.get(&(name.clone(), key.clone())) {
+                        Some(line) => format!("{origin}:{line}"),
+                        None => origin.clone(),
+                    };
+                    into.push(Setting { key, value, origin });
                 }
             }
         }
-        for (key, raw) in env {
-            let Some(rest) = key.strip_prefix(ENV_PREFIX) else {
+        for (var, raw) in env {
+            let Some(rest) = var.strip_prefix(ENV_PREFIX) else {
                 continue;
             };
             let parts: Vec<String> = rest.split("__").map(str::to_ascii_lowercase).collect();
-            let [section, field] = parts.as_slice() else {
+            let [name, key] = parts.as_slice() else {
                 errors.push(error(
-                    &key,
+                    &var,
                     "expected IOMT__<SECTION>__<KEY>, e.g. IOMT__FHIR__URL",
                 ));
                 continue;
             };
-            let entry = table
-                .entry(section.clone())
-                .or_insert_with(|| toml::Value::Table(toml::Table::new()));
-            match entry {
-                toml::Value::Table(t) => {
-                    t.insert(field.clone(), env_value(&raw));
-                }
-                _ => errors.push(error(&key, format!("[{section}] is not a section"))),
-            }
+            let Some(into) = settings.get_mut(name) else {
+                errors.push(error(
+                    &var,
+                    format!("unknown section [{name}]; expected {}", SECTIONS.join(", ")),
+                ));
+                continue;
+            };
+            into.push(Setting {
+                key: key.clone(),
+                value: env_value(&raw),
+                origin: var,
+            });
         }
+        let mut take = |name: &str| settings.remove(name).unwrap_or_default();
         let config = Config {
-            templates: section(&mut table, "templates", &origin, &mut errors),
-            fhir: section(&mut table, "fhir", &origin, &mut errors),
-            identity: section(&mut table, "identity", &origin, &mut errors),
-            group: section(&mut table, "group", &origin, &mut errors),
-            pipeline: section(&mut table, "pipeline", &origin, &mut errors),
-            output: section(&mut table, "output", &origin, &mut errors),
-            source: section(&mut table, "source", &origin, &mut errors),
-            internal_hub: section(&mut table, "internal_hub", &origin, &mut errors),
-            checkpoints: section(&mut table, "checkpoints", &origin, &mut errors),
+            templates: section("templates", take("templates"), &mut errors),
+            fhir: section("fhir", take("fhir"), &mut errors),
+            identity: section("identity", take("identity"), &mut errors),
+            group: section("group", take("group"), &mut errors),
+            pipeline: section("pipeline", take("pipeline"), &mut errors),
+            output: section("output", take("output"), &mut errors),
+            source: section("source", take("source"), &mut errors),
+            internal_hub: section("internal_hub", take("internal_hub"), &mut errors),
+            checkpoints: section("checkpoints", take("checkpoints"), &mut errors),
         };
-        for unknown in table.keys() {
-            errors.push(error(
-                &origin,
-                format!(
-                    "unknown section [{unknown}]; expected templates, fhir, identity, group, pipeline, output, source, internal_hub or checkpoints"
-                ),
-            ));
-        }
         if errors.is_empty() {
             Ok(config)
         } else {
@@ -493,122 +571,11 @@ impl Config {
         }
     }
 
-    /// Checks values against each other and their ranges; every problem is listed.
-    pub fn validate(&self) -> Vec<ConfigError> {
-        let mut errors = Vec::new();
-        let mut check = |ok: bool, key: &str, message: &str| {
-            if !ok {
-                errors.push(error(key, message));
-            }
-        };
-        check(
-            self.templates.device_mapping.is_some(),
-            "templates.device_mapping",
-            "is required (or --device-mapping)",
-        );
-        check(
-            self.templates.fhir_mapping.is_some(),
-            "templates.fhir_mapping",
-            "is required (or --fhir-mapping)",
-        );
-        if let Some(url) = &self.fhir.url {
-            let valid = reqwest_like_url(url);
-            check(valid, "fhir.url", "must be an http:// or https:// URL");
-        }
-        let f = &self.fhir;
-        match f.auth {
-            AuthKind::Bearer => check(
-                f.token.is_some(),
-                "fhir.token",
-                "is required with auth = \"bearer\"",
-            ),
-            AuthKind::ClientSecret => {
-                for (value, key) in [
-                    (&f.tenant_id, "fhir.tenant_id"),
-                    (&f.client_id, "fhir.client_id"),
-                    (&f.client_secret, "fhir.client_secret"),
-                ] {
-                    check(
-                        value.is_some(),
-                        key,
-                        "is required with auth = \"client-secret\"",
-                    );
-                }
-            }
-            AuthKind::None | AuthKind::WorkloadIdentity | AuthKind::ManagedIdentity => {}
-        }
-        // The normalize role writes no resources, so a shared configuration may name the FHIR
-        // identity without the URL there.
-        check(
-            f.auth == AuthKind::None || f.url.is_some() || self.pipeline.role == Role::Normalize,
-            "fhir.auth",
-            "needs fhir.url",
-        );
-        check(
-            f.max_concurrency >= 1,
-            "fhir.max_concurrency",
-            "must be at least 1",
-        );
-        check(
-            !f.request_timeout.is_zero(),
-            "fhir.request_timeout",
-            "must be positive",
-        );
-        check(
-            self.group.max_events >= 1,
-            "group.max_events",
-            "must be at least 1",
-        );
-        check(
-            self.group.max_wait >= Duration::from_millis(100),
-            "group.max_wait",
-            "must be at least 100ms",
-        );
-        let p = &self.pipeline;
-        for (value, key) in [
-            (p.hub_partitions, "pipeline.hub_partitions"),
-            (p.hub_capacity, "pipeline.hub_capacity"),
-            (p.max_in_flight, "pipeline.max_in_flight"),
-            (p.max_buffered, "pipeline.max_buffered"),
-        ] {
-            check(value >= 1, key, "must be at least 1");
-        }
-        check(
-            !p.checkpoint_interval.is_zero(),
-            "pipeline.checkpoint_interval",
-            "must be positive",
-        );
-        errors
-    }
-
-    /// What `iomt run` needs beyond [`Config::validate`]: the hubs its role reads and writes,
-    /// and a checkpoint store.
-    pub fn validate_for_run(&self) -> Vec<ConfigError> {
-        let mut errors = Vec::new();
-        let role = self.pipeline.role;
-        if matches!(role, Role::All | Role::Normalize) {
-            hub_errors(&self.source, "source", true, &mut errors);
-        }
-        if matches!(role, Role::Normalize | Role::Convert) {
-            hub_errors(
-                &self.internal_hub,
-                "internal_hub",
-                role == Role::Convert,
-                &mut errors,
-            );
-        }
-        let c = &self.checkpoints;
-        if c.connection_string.is_none() && c.container_url.is_none() {
-            errors.push(error(
-                "checkpoints",
-                "needs connection_string (with container) or container_url",
-            ));
-        }
-        errors
-    }
-
-    /// The effective configuration as TOML, with secrets masked.
+    /// The effective configuration as TOML: every key of every section, defaults included
+    /// (a key without a value as a comment), secrets masked. It loads back to the same
+    /// configuration.
     pub fn to_toml(&self) -> String {
+        use std::fmt::Write as _;
         let mut shown = self.clone();
         for secret in [
             &mut shown.fhir.token,
@@ -629,164 +596,43 @@ impl Config {
             // The query of a container URL is its SAS.
             url.replace_range(at.., "?***");
         }
-        toml::to_string(&shown).unwrap_or_else(|e| format!("# cannot print: {e}\n"))
-    }
-
-    /// The dead-letter file of embedded runs.
-    pub fn dead_letter_file(&self) -> PathBuf {
-        self.output.state_dir.join("deadletter.jsonl")
-    }
-
-    /// The runtime tuning this configuration asks for.
-    pub fn pipeline_config(&self) -> Result<crate::PipelineConfig, ConfigError> {
-        let group = iomt_group::GroupConfig::new(self.group.max_events, self.group.max_wait)
-            .map_err(|e| error("group", e.to_string()))?;
-        let p = &self.pipeline;
-        Ok(crate::PipelineConfig {
-            group,
-            hub_partitions: p.hub_partitions,
-            hub_capacity: p.hub_capacity,
-            max_in_flight: p.max_in_flight,
-            max_buffered: p.max_buffered,
-            checkpoint_interval: p.checkpoint_interval,
-            drain_deadline: p.drain_deadline,
-            retry_cap: p.retry_cap,
-        })
-    }
-}
-
-/// Problems of a hub section `key`; `read` when the role reads it with the partition
-/// processor.
-fn hub_errors(s: &Source, key: &str, read: bool, errors: &mut Vec<ConfigError>) {
-    let at = |field: &str| format!("{key}.{field}");
-    if s.hub.is_none() {
-        errors.push(error(at("hub"), "is required"));
-    }
-    match (&s.connection_string, s.auth) {
-        (Some(_), _) => {}
-        (None, AuthKind::None | AuthKind::Bearer) => errors.push(error(
-            at("connection_string"),
-            format!("is required unless {key}.auth names an Entra identity"),
-        )),
-        (None, _) if s.namespace.is_none() => {
-            errors.push(error(at("namespace"), "is required with an Entra identity"));
-        }
-        (None, _) => {}
-    }
-    if s.auth == AuthKind::ClientSecret {
-        for (value, field) in [
-            (&s.tenant_id, "tenant_id"),
-            (&s.client_id, "client_id"),
-            (&s.client_secret, "client_secret"),
-        ] {
-            if value.is_none() {
-                errors.push(error(
-                    at(field),
-                    "is required with auth = \"client-secret\"",
-                ));
+        // JSON keeps the keys of unset options (TOML has no null), so every key is listed.
+        let serde_json::Value::Object(sections) = serde_json::to_value(&shown).unwrap_or_default()
+        else {
+            return "# cannot print the configuration\n".to_owned();
+        };
+        let mut out = String::new();
+        for (name, keys) in sections {
+            let serde_json::Value::Object(keys) = keys else {
+                continue;
+            };
+            if !out.is_empty() {
+                out.push('\n');
+            }
+            writeln!(out, "[{name}]").ok();
+            for (key, value) in keys {
+                match toml::Value::try_from(&value) {
+                    Ok(value) if !value.is_table() => writeln!(out, "{key} = {value}"),
+                    _ => writeln!(out, "# {key} = (not set)"),
+                }
+                .ok();
             }
         }
-    }
-    if read && s.ownership_expiry <= s.update_interval {
-        errors.push(error(
-            at("ownership_expiry"),
-            format!("must be longer than {key}.update_interval (twice as long is advised)"),
-        ));
-    }
-    // Every check of a quiet partition is a management call.
-    if read && s.stall_after < Duration::from_secs(1) {
-        errors.push(error(at("stall_after"), "must be at least 1s"));
+        out
     }
 }
 
-fn reqwest_like_url(url: &str) -> bool {
-    let rest = url
-        .strip_prefix("https://")
-        .or_else(|| url.strip_prefix("http://"));
-    rest.is_some_and(|r| !r.is_empty() && !r.starts_with('/'))
+#[cfg(test)]
+pub(crate) fn env(pairs: &[(&str, &str)]) -> Vec<(String, String)> {
+    pairs
+        .iter()
+        .map(|(k, v)| ((*k).to_owned(), (*v).to_owned()))
+        .collect()
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    fn env(pairs: &[(&str, &str)]) -> Vec<(String, String)> {
-        pairs
-            .iter()
-            .map(|(k, v)| ((*k).to_owned(), (*v).to_owned()))
-            .collect()
-    }
-
-    fn keys(errors: &[ConfigError]) -> Vec<&str> {
-        errors.iter().map(|e| e.origin.as_str()).collect()
-    }
-
-    #[test]
-    fn each_role_needs_the_hubs_it_reads_and_writes() {
-        let base = [
-            (
-                "IOMT__CHECKPOINTS__CONNECTION_STRING",
-                "UseDevelopmentStorage=true",
-            ),
-            ("IOMT__SOURCE__HUB", "devices"),
-            (
-                "IOMT__SOURCE__CONNECTION_STRING",
-                "Endpoint=sb://x/;SharedAccessKeyName=k;SharedAccessKey=v",
-            ),
-        ];
-        let all = Config::load(None, env(&base)).unwrap();
-        assert_eq!(all.pipeline.role, Role::All);
-        assert!(all.validate_for_run().is_empty());
-
-        let normalize = Config::load(
-            None,
-            env(&[base.as_slice(), &[("IOMT__PIPELINE__ROLE", "normalize")]].concat()),
-        )
-        .unwrap();
-        assert_eq!(
-            keys(&normalize.validate_for_run()),
-            ["internal_hub.hub", "internal_hub.connection_string"]
-        );
-
-        // The convert role reads only the internal hub, with its own Entra identity.
-        let convert = Config::load(
-            None,
-            env(&[
-                ("IOMT__PIPELINE__ROLE", "convert"),
-                (
-                    "IOMT__CHECKPOINTS__CONNECTION_STRING",
-                    "UseDevelopmentStorage=true",
-                ),
-                ("IOMT__INTERNAL_HUB__HUB", "normalized"),
-                ("IOMT__INTERNAL_HUB__AUTH", "client-secret"),
-                ("IOMT__INTERNAL_HUB__UPDATE_INTERVAL", "30s"),
-            ]),
-        )
-        .unwrap();
-        assert_eq!(
-            keys(&convert.validate_for_run()),
-            [
-                "internal_hub.namespace",
-                "internal_hub.tenant_id",
-                "internal_hub.client_id",
-                "internal_hub.client_secret",
-                "internal_hub.ownership_expiry",
-            ]
-        );
-        let shown = Config::load(
-            None,
-            env(&[(
-                "IOMT__INTERNAL_HUB__CONNECTION_STRING",
-                "Endpoint=sb://x/;SharedAccessKey=secret",
-            )]),
-        )
-        .unwrap()
-        .to_toml();
-        assert!(
-            shown.contains("[internal_hub]") && !shown.contains("secret"),
-            "{shown}"
-        );
-    }
 
     #[test]
     fn file_then_environment_then_defaults() {
@@ -816,106 +662,127 @@ mod tests {
             config.output.metrics_addr,
             Some("127.0.0.1:9090".parse().unwrap())
         );
-        // What is printed reads back to the same configuration.
-        let printed = dir.path().join("printed.toml");
-        std::fs::write(&printed, config.to_toml()).unwrap();
-        assert_eq!(Config::load(Some(&printed), []).unwrap(), config);
     }
 
     #[test]
-    fn every_error_is_reported_at_once() {
+    fn print_lists_every_key_and_reads_back() {
+        let config = Config::load(
+            None,
+            env(&[
+                ("IOMT__FHIR__URL", "http://fhir.local"),
+                ("IOMT__FHIR__AUTH", "bearer"),
+                ("IOMT__FHIR__TOKEN", "secret-token"),
+                (
+                    "IOMT__CHECKPOINTS__CONTAINER_URL",
+                    "https://a.blob.core.windows.net/c?sig=secret-sas",
+                ),
+            ]),
+        )
+        .unwrap();
+        let printed = config.to_toml();
+        assert!(
+            !printed.contains("secret-token") && !printed.contains("secret-sas"),
+            "{printed}"
+        );
+        // Every key of every section, set or not.
+        let defaults: serde_json::Value = serde_json::to_value(Config::default()).unwrap();
+        for (section, keys) in defaults.as_object().unwrap() {
+            assert!(printed.contains(&format!("[{section}]\n")), "{section}");
+            for key in keys.as_object().unwrap().keys() {
+                assert!(
+                    printed.contains(&format!("\n{key} = "))
+                        || printed.contains(&format!("\n# {key} = (not set)")),
+                    "{section}.{key} missing from\n{printed}"
+                );
+            }
+        }
+        assert!(
+            printed.contains("# device_mapping = (not set)"),
+            "{printed}"
+        );
+        assert!(printed.contains("max_wait = \"5m\""), "{printed}");
+        // What is printed reads back to the same configuration, secrets aside.
+        let dir = tempfile::tempdir().unwrap();
+        let file = dir.path().join("printed.toml");
+        std::fs::write(&file, &printed).unwrap();
+        let mut read = Config::load(Some(&file), []).unwrap();
+        read.fhir.token = config.fhir.token.clone();
+        read.checkpoints.container_url = config.checkpoints.container_url.clone();
+        assert_eq!(read, config);
+    }
+
+    #[test]
+    fn every_error_is_reported_at_once_where_it_was_made() {
         let dir = tempfile::tempdir().unwrap();
         let file = dir.path().join("iomt.toml");
         std::fs::write(
             &file,
-            "[fhir]\nurl = 5\n[group]\nmax_wait = \"soon\"\n[grouping]\nx = 1\n",
+            "[fhir]\nurl = 5\n\n[group]\nmax_events = 10\nmax_wait = \"soon\"\n[grouping]\nx = 1\n",
         )
         .unwrap();
-        let errors = Config::load(Some(&file), env(&[("IOMT__FHIR", "x")])).unwrap_err();
-        let text: Vec<String> = errors.iter().map(ToString::to_string).collect();
-        assert_eq!(errors.len(), 4, "{text:#?}");
-        assert!(text.iter().any(|e| e.contains("[fhir]")));
-        assert!(text.iter().any(|e| e.contains("[group]")));
-        assert!(
-            text.iter()
-                .any(|e| e.contains("unknown section [grouping]"))
-        );
-        assert!(text.iter().any(|e| e.starts_with("IOMT__FHIR:")));
-
-        let config = Config {
-            fhir: Fhir {
-                url: Some("fhir.local".into()),
-                auth: AuthKind::ClientSecret,
-                ..Fhir::default()
-            },
-            group: Group {
-                max_events: 0,
-                max_wait: Duration::from_millis(5),
-            },
-            ..Config::default()
-        };
-        let keys: Vec<String> = config.validate().into_iter().map(|e| e.origin).collect();
+        let origin = file.display().to_string();
+        let errors = Config::load(
+            Some(&file),
+            env(&[
+                ("IOMT__FHIR", "x"),
+                ("IOMT__FHIR__MAX_RETRIES", "many"),
+                ("IOMT__FHIR__MAX_RETRYS", "3"),
+                ("IOMT__GROUPING__X", "1"),
+                ("IOMT__GROUP__MAX_EVENTS", "20"),
+            ]),
+        )
+        .unwrap_err();
+        let found: Vec<(String, String)> = errors
+            .iter()
+            .map(|e| (e.origin.clone(), e.message.clone()))
+            .collect();
+        let origins: Vec<&str> = found.iter().map(|(o, _)| o.as_str()).collect();
         assert_eq!(
-            keys,
+            origins,
             [
-                "templates.device_mapping",
-                "templates.fhir_mapping",
-                "fhir.url",
-                "fhir.tenant_id",
-                "fhir.client_id",
-                "fhir.client_secret",
-                "group.max_events",
-                "group.max_wait"
-            ]
+                origin.as_str(),
+                "IOMT__FHIR",
+                "IOMT__GROUPING__X",
+                &format!("{origin}:2"),
+                "IOMT__FHIR__MAX_RETRIES",
+                "IOMT__FHIR__MAX_RETRYS",
+                &format!("{origin}:6"),
+            ],
+            "{found:#?}"
         );
+        assert!(found[0].1.contains("unknown section [grouping]"));
+        assert!(
+            found[3].1.starts_with("fhir.url: invalid type"),
+            "{found:?}"
+        );
+        assert!(found[4].1.contains("\"many\""), "{found:?}");
+        assert!(
+            found[5].1.contains("unknown field `max_retrys`"),
+            "{found:?}"
+        );
+        assert!(found[6].1.starts_with("group.max_wait:"), "{found:?}");
     }
 
     #[test]
-    fn syntax_errors_name_the_line_and_secrets_are_masked() {
+    fn a_bad_key_leaves_the_others_loaded() {
+        let errors = Config::load(
+            None,
+            env(&[
+                ("IOMT__GROUP__MAX_EVENTS", "20"),
+                ("IOMT__GROUP__MAX_WAIT", "later"),
+            ]),
+        )
+        .unwrap_err();
+        assert_eq!(errors.len(), 1, "{errors:?}");
+        assert_eq!(errors[0].origin, "IOMT__GROUP__MAX_WAIT");
+    }
+
+    #[test]
+    fn syntax_errors_name_the_line() {
         let dir = tempfile::tempdir().unwrap();
         let file = dir.path().join("bad.toml");
         std::fs::write(&file, "[fhir]\nurl = \"x\"\nurl = \n").unwrap();
         let errors = Config::load(Some(&file), []).unwrap_err();
         assert!(errors[0].origin.ends_with("bad.toml:3"), "{errors:?}");
-        let config = Config {
-            fhir: Fhir {
-                token: Some("secret-token".into()),
-                ..Fhir::default()
-            },
-            ..Config::default()
-        };
-        assert!(!config.to_toml().contains("secret-token"));
-    }
-
-    #[test]
-    fn the_receive_watchdog_period_is_read_and_must_be_a_second_or_more() {
-        let load = |stall_after: &str| {
-            Config::load(
-                None,
-                env(&[
-                    (
-                        "IOMT__CHECKPOINTS__CONNECTION_STRING",
-                        "UseDevelopmentStorage=true",
-                    ),
-                    ("IOMT__SOURCE__HUB", "devices"),
-                    (
-                        "IOMT__SOURCE__CONNECTION_STRING",
-                        "Endpoint=sb://x/;SharedAccessKeyName=k;SharedAccessKey=v",
-                    ),
-                    ("IOMT__SOURCE__STALL_AFTER", stall_after),
-                ]),
-            )
-            .unwrap()
-        };
-        assert_eq!(
-            Config::default().source.stall_after,
-            Duration::from_secs(30)
-        );
-        let config = load("2s");
-        assert_eq!(config.source.stall_after, Duration::from_secs(2));
-        assert!(config.validate_for_run().is_empty());
-        let errors = load("500ms").validate_for_run();
-        let origins: Vec<&str> = errors.iter().map(|e| e.origin.as_str()).collect();
-        assert_eq!(origins, ["source.stall_after"]);
     }
 }

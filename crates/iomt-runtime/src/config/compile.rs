@@ -1,0 +1,646 @@
+//! Steps 2 and 3 of the configuration (see the module above): validating a configuration for
+//! a purpose, and compiling it into what each part of the run takes.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
+
+use azure_core::credentials::TokenCredential;
+use iomt_eventhubs::blob::{BlobAuth, BlobCheckpointStore};
+use iomt_eventhubs::{EventHubSettings, EventHubsAuth};
+use iomt_fhir::{
+    Auth, EntraCredential, FhirClient, FhirClientConfig, IdentityConfig, IdentityMode,
+};
+
+use super::{AuthKind, Config, ConfigError, IdentityModeKind, Role, Source, StartAtKind, error};
+use crate::PipelineConfig;
+use crate::source::eventhubs::{Carries, ProcessorSettings, StartAt};
+
+/// What a configuration is checked and compiled for.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Purpose {
+    /// A run over files (`iomt replay`, `iomt deadletter replay`): every stage, into a FHIR
+    /// server or the embedded store; no hubs.
+    Replay,
+    /// `iomt run` in the configured role: also the hubs it reads and writes, and the checkpoint
+    /// store.
+    Run,
+}
+
+/// A configuration validated and turned into what each part of a run takes.
+#[derive(Debug)]
+pub struct Compiled {
+    /// The stages this process runs.
+    pub role: Role,
+    /// The device mapping file.
+    pub device_mapping: PathBuf,
+    /// The FHIR mapping file.
+    pub fhir_mapping: PathBuf,
+    /// The pipeline's tuning.
+    pub pipeline: PipelineConfig,
+    /// Where resources are written.
+    pub target: Target,
+    /// Dead letters, checkpoints of replays and the process lock.
+    pub state_dir: PathBuf,
+    /// Where `/metrics`, `/healthz` and `/readyz` are served.
+    pub metrics_addr: Option<SocketAddr>,
+    /// For `iomt run`: the hubs and the checkpoint store.
+    pub live: Option<Live>,
+}
+
+/// Where a run writes resources.
+#[derive(Debug)]
+pub enum Target {
+    /// A FHIR server.
+    Fhir {
+        /// Its base URL.
+        url: String,
+        /// Its client, with credentials.
+        client: FhirClient,
+        /// How Devices and Patients are resolved.
+        identity: IdentityConfig,
+        /// Observations whose last written version is remembered.
+        observation_cache_capacity: u64,
+        /// How long a remembered version is trusted.
+        observation_cache_ttl: Duration,
+    },
+    /// The embedded store.
+    Embedded {
+        /// Its directory.
+        dir: PathBuf,
+        /// System of Device identifiers.
+        device_identifier_system: Option<String>,
+    },
+    /// No resources: the normalize role writes measurements to the internal hub.
+    InternalHub,
+}
+
+/// What `iomt run` reads, writes and checkpoints to.
+#[derive(Debug)]
+pub struct Live {
+    /// The hub read: the device hub, or the internal hub for the convert role. Its
+    /// `application_id` is set to the owner id when the run starts.
+    pub source: EventHubSettings,
+    /// Partition balancing.
+    pub processor: ProcessorSettings,
+    /// Checkpoints and ownership, fenced with the owner id when the run starts.
+    pub checkpoints: BlobCheckpointStore,
+    /// The internal hub written, for the normalize role.
+    pub internal_hub: Option<EventHubSettings>,
+}
+
+impl Compiled {
+    /// The dead-letter file.
+    pub fn dead_letter_file(&self) -> PathBuf {
+        self.state_dir.join("deadletter.jsonl")
+    }
+}
+
+impl Config {
+    /// The stages a job runs: a replay runs them all.
+    fn role_for(&self, purpose: Purpose) -> Role {
+        match purpose {
+            Purpose::Replay => Role::All,
+            Purpose::Run => self.pipeline.role,
+        }
+    }
+
+    /// Checks values against each other and their ranges, and that what `purpose` needs is
+    /// there; every problem is listed.
+    pub fn validate(&self, purpose: Purpose) -> Vec<ConfigError> {
+        let role = self.role_for(purpose);
+        let mut errors = Vec::new();
+        let mut check = |ok: bool, key: &str, message: &str| {
+            if !ok {
+                errors.push(error(key, message));
+            }
+        };
+        check(
+            self.templates.device_mapping.is_some(),
+            "templates.device_mapping",
+            "is required (or --device-mapping)",
+        );
+        check(
+            self.templates.fhir_mapping.is_some(),
+            "templates.fhir_mapping",
+            "is required (or --fhir-mapping)",
+        );
+        if let Some(url) = &self.fhir.url {
+            let valid = reqwest_like_url(url);
+            check(valid, "fhir.url", "must be an http:// or https:// URL");
+        }
+        let f = &self.fhir;
+        match f.auth {
+            AuthKind::Bearer => check(
+                f.token.is_some(),
+                "fhir.token",
+                "is required with auth = \"bearer\"",
+            ),
+            AuthKind::ClientSecret => {
+                for (value, key) in [
+                    (&f.tenant_id, "fhir.tenant_id"),
+                    (&f.client_id, "fhir.client_id"),
+                    (&f.client_secret, "fhir.client_secret"),
+                ] {
+                    check(
+                        value.is_some(),
+                        key,
+                        "is required with auth = \"client-secret\"",
+                    );
+                }
+            }
+            AuthKind::None | AuthKind::WorkloadIdentity | AuthKind::ManagedIdentity => {}
+        }
+        // The normalize role writes no resources, so a shared configuration may name the FHIR
+        // identity without the URL there.
+        check(
+            f.auth == AuthKind::None || f.url.is_some() || role == Role::Normalize,
+            "fhir.auth",
+            "needs fhir.url",
+        );
+        check(
+            f.max_concurrency >= 1,
+            "fhir.max_concurrency",
+            "must be at least 1",
+        );
+        check(
+            !f.request_timeout.is_zero(),
+            "fhir.request_timeout",
+            "must be positive",
+        );
+        check(
+            self.group.max_events >= 1,
+            "group.max_events",
+            "must be at least 1",
+        );
+        check(
+            self.group.max_wait >= Duration::from_millis(100),
+            "group.max_wait",
+            "must be at least 100ms",
+        );
+        let p = &self.pipeline;
+        for (value, key) in [
+            (p.hub_partitions, "pipeline.hub_partitions"),
+            (p.hub_capacity, "pipeline.hub_capacity"),
+            (p.max_in_flight, "pipeline.max_in_flight"),
+            (p.max_buffered, "pipeline.max_buffered"),
+        ] {
+            check(value >= 1, key, "must be at least 1");
+        }
+        check(
+            !p.checkpoint_interval.is_zero(),
+            "pipeline.checkpoint_interval",
+            "must be positive",
+        );
+        if purpose == Purpose::Run {
+            self.run_errors(role, &mut errors);
+        }
+        errors
+    }
+
+    /// What `iomt run` needs: the hubs its role reads and writes, and a checkpoint store.
+    fn run_errors(&self, role: Role, errors: &mut Vec<ConfigError>) {
+        if matches!(role, Role::All | Role::Normalize) {
+            hub_errors(&self.source, "source", true, errors);
+        }
+        if matches!(role, Role::Normalize | Role::Convert) {
+            hub_errors(
+                &self.internal_hub,
+                "internal_hub",
+                role == Role::Convert,
+                errors,
+            );
+        }
+        let c = &self.checkpoints;
+        if c.connection_string.is_none() && c.container_url.is_none() {
+            errors.push(error(
+                "checkpoints",
+                "needs connection_string (with container) or container_url",
+            ));
+        }
+    }
+
+    /// Validates the configuration for `purpose` and compiles it; every problem is listed.
+    pub fn compile(&self, purpose: Purpose) -> Result<Compiled, Vec<ConfigError>> {
+        let mut errors = self.validate(purpose);
+        if !errors.is_empty() {
+            return Err(errors);
+        }
+        let role = self.role_for(purpose);
+        let pipeline = keep(self.pipeline_config(), &mut errors);
+        let target = keep(self.target(role), &mut errors);
+        let live = match purpose {
+            Purpose::Replay => Some(None),
+            Purpose::Run => keep(self.live(role), &mut errors).map(Some),
+        };
+        let (Some(pipeline), Some(target), Some(live)) = (pipeline, target, live) else {
+            return Err(errors);
+        };
+        let (Some(device_mapping), Some(fhir_mapping)) = (
+            self.templates.device_mapping.clone(),
+            self.templates.fhir_mapping.clone(),
+        ) else {
+            unreachable!("validate() requires both mappings");
+        };
+        Ok(Compiled {
+            role,
+            device_mapping,
+            fhir_mapping,
+            pipeline,
+            target,
+            state_dir: self.output.state_dir.clone(),
+            metrics_addr: self.output.metrics_addr,
+            live,
+        })
+    }
+
+    fn pipeline_config(&self) -> Result<PipelineConfig, ConfigError> {
+        let group = iomt_group::GroupConfig::new(self.group.max_events, self.group.max_wait)
+            .map_err(|e| error("group", e.to_string()))?;
+        let p = &self.pipeline;
+        Ok(PipelineConfig {
+            group,
+            hub_partitions: p.hub_partitions,
+            hub_capacity: p.hub_capacity,
+            max_in_flight: p.max_in_flight,
+            max_buffered: p.max_buffered,
+            checkpoint_interval: p.checkpoint_interval,
+            drain_deadline: p.drain_deadline,
+            retry_cap: p.retry_cap,
+        })
+    }
+
+    fn target(&self, role: Role) -> Result<Target, ConfigError> {
+        let identity = &self.identity;
+        Ok(match &self.fhir.url {
+            _ if role == Role::Normalize => Target::InternalHub,
+            Some(url) => Target::Fhir {
+                url: url.clone(),
+                client: self.fhir_client(url)?,
+                identity: IdentityConfig {
+                    mode: match identity.mode {
+                        IdentityModeKind::Lookup => IdentityMode::Lookup,
+                        IdentityModeKind::LookupWithEncounter => IdentityMode::LookupWithEncounter,
+                        IdentityModeKind::Create => IdentityMode::Create,
+                    },
+                    device_identifier_system: identity.device_identifier_system.clone(),
+                    cache_ttl: identity.cache_ttl,
+                    cache_capacity: identity.cache_capacity,
+                },
+                observation_cache_capacity: self.fhir.observation_cache_capacity,
+                observation_cache_ttl: self.fhir.observation_cache_ttl,
+            },
+            None => Target::Embedded {
+                dir: self.output.dir.clone(),
+                device_identifier_system: identity.device_identifier_system.clone(),
+            },
+        })
+    }
+
+    fn fhir_client(&self, url: &str) -> Result<FhirClient, ConfigError> {
+        let f = &self.fhir;
+        let fail = |e: iomt_fhir::FhirError| error("fhir", e.to_string());
+        let auth = match (
+            f.auth,
+            entra_credential(f.auth, &f.tenant_id, &f.client_id, &f.client_secret),
+        ) {
+            (_, Some(credential)) => Auth::entra(credential, url).map_err(fail)?,
+            (AuthKind::Bearer, None) => Auth::Bearer(f.token.clone().unwrap_or_default()),
+            (_, None) => Auth::None,
+        };
+        FhirClient::new(FhirClientConfig {
+            base_url: url.to_owned(),
+            auth,
+            request_timeout: f.request_timeout,
+            max_concurrency: f.max_concurrency,
+            max_retries: f.max_retries,
+            backoff_base: f.backoff_base,
+            backoff_cap: f.backoff_cap,
+        })
+        .map_err(fail)
+    }
+
+    fn live(&self, role: Role) -> Result<Live, ConfigError> {
+        let (key, s, carries) = match role {
+            Role::All | Role::Normalize => ("source", &self.source, Carries::DeviceEvents),
+            Role::Convert => ("internal_hub", &self.internal_hub, Carries::Measurements),
+        };
+        let c = &self.checkpoints;
+        let checkpoints = match (&c.connection_string, &c.container_url) {
+            (Some(cs), _) => BlobCheckpointStore::from_connection_string(cs, &c.container),
+            (None, Some(url)) if url.contains('?') => BlobCheckpointStore::from_sas_url(url),
+            (None, Some(url)) => BlobCheckpointStore::new(
+                url,
+                BlobAuth::token(entra(s, "checkpoints.container_url")?),
+            ),
+            (None, None) => unreachable!("validate() requires a checkpoint store"),
+        }
+        .map_err(|e| error("checkpoints", e.to_string()))?;
+        let internal_hub = match role {
+            Role::Normalize => Some(hub_settings(&self.internal_hub, "internal_hub")?),
+            Role::All | Role::Convert => None,
+        };
+        Ok(Live {
+            source: hub_settings(s, key)?,
+            processor: ProcessorSettings {
+                carries,
+                start_at: match s.start_at {
+                    StartAtKind::Earliest => StartAt::Earliest,
+                    StartAtKind::Latest => StartAt::Latest,
+                },
+                update_interval: s.update_interval,
+                ownership_expiry: s.ownership_expiry,
+                stall_after: s.stall_after,
+                ..ProcessorSettings::default()
+            },
+            checkpoints,
+            internal_hub,
+        })
+    }
+}
+
+/// The value, or `None` with the error recorded.
+fn keep<T>(result: Result<T, ConfigError>, errors: &mut Vec<ConfigError>) -> Option<T> {
+    result.map_err(|e| errors.push(e)).ok()
+}
+
+/// The Entra ID identity an `auth` setting names, if it names one.
+fn entra_credential(
+    auth: AuthKind,
+    tenant_id: &Option<String>,
+    client_id: &Option<String>,
+    client_secret: &Option<String>,
+) -> Option<EntraCredential> {
+    match auth {
+        AuthKind::WorkloadIdentity => Some(EntraCredential::WorkloadIdentity),
+        AuthKind::ManagedIdentity => Some(EntraCredential::ManagedIdentity {
+            client_id: client_id.clone(),
+        }),
+        AuthKind::ClientSecret => Some(EntraCredential::ClientSecret {
+            tenant_id: tenant_id.clone().unwrap_or_default(),
+            client_id: client_id.clone().unwrap_or_default(),
+            secret: client_secret.clone().unwrap_or_default(),
+        }),
+        AuthKind::None | AuthKind::Bearer => None,
+    }
+}
+
+/// The Entra identity of a hub section, for Event Hubs and the checkpoint container.
+fn entra(s: &Source, key: &str) -> Result<Arc<dyn TokenCredential>, ConfigError> {
+    let credential = entra_credential(s.auth, &s.tenant_id, &s.client_id, &s.client_secret)
+        .ok_or_else(|| {
+            error(
+                key,
+                "needs a connection string, a SAS, or an auth setting naming an Entra identity",
+            )
+        })?;
+    credential
+        .token_credential()
+        .map_err(|e| error(key, e.to_string()))
+}
+
+/// The hub of section `key` (`source` or `internal_hub`) as client settings.
+fn hub_settings(section: &Source, key: &str) -> Result<EventHubSettings, ConfigError> {
+    let auth = match &section.connection_string {
+        Some(cs) => EventHubsAuth::ConnectionString(cs.clone()),
+        None => EventHubsAuth::Credential(entra(section, &format!("{key}.auth"))?),
+    };
+    Ok(EventHubSettings {
+        namespace: section.namespace.clone().unwrap_or_default(),
+        hub: section.hub.clone().unwrap_or_default(),
+        consumer_group: section.consumer_group.clone(),
+        auth,
+        custom_endpoint: section.custom_endpoint.clone(),
+        application_id: None,
+    })
+}
+
+/// Problems of a hub section `key`; `read` when the role reads it with the partition
+/// processor.
+fn hub_errors(s: &Source, key: &str, read: bool, errors: &mut Vec<ConfigError>) {
+    let at = |field: &str| format!("{key}.{field}");
+    if s.hub.is_none() {
+        errors.push(error(at("hub"), "is required"));
+    }
+    match (&s.connection_string, s.auth) {
+        (Some(_), _) => {}
+        (None, AuthKind::None | AuthKind::Bearer) => errors.push(error(
+            at("connection_string"),
+            format!("is required unless {key}.auth names an Entra identity"),
+        )),
+        (None, _) if s.namespace.is_none() => {
+            errors.push(error(at("namespace"), "is required with an Entra identity"));
+        }
+        (None, _) => {}
+    }
+    if s.auth == AuthKind::ClientSecret {
+        for (value, field) in [
+            (&s.tenant_id, "tenant_id"),
+            (&s.client_id, "client_id"),
+            (&s.client_secret, "client_secret"),
+        ] {
+            if value.is_none() {
+                errors.push(error(
+                    at(field),
+                    "is required with auth = \"client-secret\"",
+                ));
+            }
+        }
+    }
+    if read && s.ownership_expiry <= s.update_interval {
+        errors.push(error(
+            at("ownership_expiry"),
+            format!("must be longer than {key}.update_interval (twice as long is advised)"),
+        ));
+    }
+    // Every check of a quiet partition is a management call.
+    if read && s.stall_after < Duration::from_secs(1) {
+        errors.push(error(at("stall_after"), "must be at least 1s"));
+    }
+}
+
+fn reqwest_like_url(url: &str) -> bool {
+    let rest = url
+        .strip_prefix("https://")
+        .or_else(|| url.strip_prefix("http://"));
+    rest.is_some_and(|r| !r.is_empty() && !r.starts_with('/'))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::{Fhir, Group, env};
+
+    /// What every job needs: both templates.
+    const TEMPLATES: [(&str, &str); 2] = [
+        ("IOMT__TEMPLATES__DEVICE_MAPPING", "devicecontent.json"),
+        ("IOMT__TEMPLATES__FHIR_MAPPING", "fhirmapping.json"),
+    ];
+
+    fn load(pairs: &[(&str, &str)]) -> Config {
+        Config::load(None, env(&[TEMPLATES.as_slice(), pairs].concat())).unwrap()
+    }
+
+    fn origins(errors: &[ConfigError]) -> Vec<&str> {
+        errors.iter().map(|e| e.origin.as_str()).collect()
+    }
+
+    const DEVICE_HUB: [(&str, &str); 3] = [
+        (
+            "IOMT__CHECKPOINTS__CONNECTION_STRING",
+            "DefaultEndpointsProtocol=http;AccountName=devstoreaccount1;AccountKey=Eby8vdM02xNOcqFlqUwJPLlmEtlCDXJ1OUzFT50uSRZ6IFsuFq2UVErCz4I6tq/K1SZFPTOtr/KBHBeksoGMGw==;BlobEndpoint=http://127.0.0.1:10000/devstoreaccount1;",
+        ),
+        ("IOMT__SOURCE__HUB", "devices"),
+        (
+            "IOMT__SOURCE__CONNECTION_STRING",
+            "Endpoint=sb://x/;SharedAccessKeyName=k;SharedAccessKey=v",
+        ),
+    ];
+
+    #[test]
+    fn each_role_needs_the_hubs_it_reads_and_writes() {
+        let all = load(&DEVICE_HUB);
+        assert_eq!(all.pipeline.role, Role::All);
+        let compiled = all.compile(Purpose::Run).unwrap();
+        let live = compiled.live.as_ref().unwrap();
+        assert_eq!(live.source.hub, "devices");
+        assert_eq!(live.processor.carries, Carries::DeviceEvents);
+        assert!(live.internal_hub.is_none());
+        assert!(matches!(compiled.target, Target::Embedded { .. }));
+        // A replay needs no hub at all.
+        let replay = load(&[]).compile(Purpose::Replay).unwrap();
+        assert!(replay.live.is_none());
+
+        let normalize = load(
+            &[
+                DEVICE_HUB.as_slice(),
+                &[("IOMT__PIPELINE__ROLE", "normalize")],
+            ]
+            .concat(),
+        );
+        assert_eq!(
+            origins(&normalize.validate(Purpose::Run)),
+            ["internal_hub.hub", "internal_hub.connection_string"]
+        );
+        assert!(normalize.validate(Purpose::Replay).is_empty());
+        let normalize = load(
+            &[
+                DEVICE_HUB.as_slice(),
+                &[
+                    ("IOMT__PIPELINE__ROLE", "normalize"),
+                    ("IOMT__INTERNAL_HUB__HUB", "normalized"),
+                    (
+                        "IOMT__INTERNAL_HUB__CONNECTION_STRING",
+                        "Endpoint=sb://x/;SharedAccessKeyName=k;SharedAccessKey=v",
+                    ),
+                ],
+            ]
+            .concat(),
+        )
+        .compile(Purpose::Run)
+        .unwrap();
+        assert!(matches!(normalize.target, Target::InternalHub));
+        let live = normalize.live.unwrap();
+        assert_eq!(
+            live.internal_hub.map(|h| h.hub).as_deref(),
+            Some("normalized")
+        );
+
+        // The convert role reads only the internal hub, with its own Entra identity.
+        let convert = load(&[
+            ("IOMT__PIPELINE__ROLE", "convert"),
+            (
+                "IOMT__CHECKPOINTS__CONNECTION_STRING",
+                "UseDevelopmentStorage=true",
+            ),
+            ("IOMT__INTERNAL_HUB__HUB", "normalized"),
+            ("IOMT__INTERNAL_HUB__AUTH", "client-secret"),
+            ("IOMT__INTERNAL_HUB__UPDATE_INTERVAL", "30s"),
+        ]);
+        assert_eq!(
+            origins(&convert.compile(Purpose::Run).unwrap_err()),
+            [
+                "internal_hub.namespace",
+                "internal_hub.tenant_id",
+                "internal_hub.client_id",
+                "internal_hub.client_secret",
+                "internal_hub.ownership_expiry",
+            ]
+        );
+    }
+
+    #[test]
+    fn values_are_checked_against_each_other() {
+        let config = Config {
+            fhir: Fhir {
+                url: Some("fhir.local".into()),
+                auth: AuthKind::ClientSecret,
+                ..Fhir::default()
+            },
+            group: Group {
+                max_events: 0,
+                max_wait: Duration::from_millis(5),
+            },
+            ..Config::default()
+        };
+        assert_eq!(
+            origins(&config.compile(Purpose::Replay).unwrap_err()),
+            [
+                "templates.device_mapping",
+                "templates.fhir_mapping",
+                "fhir.url",
+                "fhir.tenant_id",
+                "fhir.client_id",
+                "fhir.client_secret",
+                "group.max_events",
+                "group.max_wait"
+            ]
+        );
+    }
+
+    #[test]
+    fn a_fhir_url_compiles_to_a_client_with_its_identity_mode() {
+        let compiled = load(&[
+            ("IOMT__FHIR__URL", "http://127.0.0.1:1/fhir"),
+            ("IOMT__IDENTITY__MODE", "create"),
+            ("IOMT__GROUP__MAX_EVENTS", "10"),
+        ])
+        .compile(Purpose::Replay)
+        .unwrap();
+        let Target::Fhir { url, identity, .. } = &compiled.target else {
+            panic!("{:?}", compiled.target);
+        };
+        assert_eq!(url, "http://127.0.0.1:1/fhir");
+        assert_eq!(identity.mode, IdentityMode::Create);
+        assert_eq!(compiled.pipeline.group.max_events(), 10);
+        assert_eq!(
+            compiled.dead_letter_file(),
+            PathBuf::from(".iomt/deadletter.jsonl")
+        );
+    }
+
+    #[test]
+    fn the_receive_watchdog_period_is_read_and_must_be_a_second_or_more() {
+        let with = |stall_after: &str| {
+            load(
+                &[
+                    DEVICE_HUB.as_slice(),
+                    &[("IOMT__SOURCE__STALL_AFTER", stall_after)],
+                ]
+                .concat(),
+            )
+        };
+        assert_eq!(
+            Config::default().source.stall_after,
+            Duration::from_secs(30)
+        );
+        let compiled = with("2s").compile(Purpose::Run).unwrap();
+        assert_eq!(
+            compiled.live.unwrap().processor.stall_after,
+            Duration::from_secs(2)
+        );
+        let errors = with("500ms").validate(Purpose::Run);
+        assert_eq!(origins(&errors), ["source.stall_after"]);
+    }
+}
