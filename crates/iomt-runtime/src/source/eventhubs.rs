@@ -454,6 +454,7 @@ impl<'a> ProcessorRun<'a> {
     async fn serve(&mut self, kept: &mut HashMap<String, Reading>) -> Outcome {
         let reclaim_by = tokio::time::Instant::now() + self.settings.ownership_expiry;
         let mut stop = self.stop.clone();
+        let mut backoff = Backoff::new(Duration::from_secs(1), Duration::from_secs(30));
         loop {
             let client = tokio::select! {
                 client = self.processor.next_partition_client() => client,
@@ -467,10 +468,14 @@ impl<'a> ProcessorRun<'a> {
                 }
             };
             match client {
-                Ok(client) => self.claim(client, kept),
+                Ok(client) => {
+                    backoff.reset();
+                    self.claim(client, kept);
+                }
                 Err(e) => {
-                    tracing::warn!(error = %e, "no partition client; retrying");
-                    tokio::time::sleep(Duration::from_secs(1)).await;
+                    let retry_in = backoff.next_delay();
+                    tracing::warn!(error = %e, ?retry_in, "no partition client; retrying");
+                    tokio::time::sleep(retry_in).await;
                 }
             }
         }
