@@ -354,21 +354,31 @@ pub fn sampled_data(
     end: Timestamp,
     default_period: f64,
 ) -> String {
-    let step = step_ticks(default_period);
-    let (start_ticks, end_ticks) = (start.unix_ticks(), end.unix_ticks());
+    let values: Vec<(i64, &str)> = values.iter().map(|(t, v)| (t.unix_ticks(), *v)).collect();
+    render_slots(
+        &values,
+        start.unix_ticks(),
+        end.unix_ticks(),
+        step_ticks(default_period),
+    )
+}
+
+/// [`sampled_data`] over instants in .NET ticks since the Unix epoch, sorted. A merge renders
+/// thousands of slots, so the arithmetic stays on integers.
+fn render_slots(values: &[(i64, &str)], start_ticks: i64, end_ticks: i64, step: i64) -> String {
     let slots = if end_ticks < start_ticks {
         0
     } else {
         (end_ticks - start_ticks) / step + 1
     };
-    let mut out = String::with_capacity(slots as usize * 2);
+    let mut out = String::with_capacity(slots as usize * 3);
     let mut i = 0;
     for k in 0..slots {
         let slot_start = start_ticks + k * step;
         let slot_end = slot_start + step;
         let mut last = None;
         while i < values.len() {
-            let t = values[i].0.unix_ticks();
+            let t = values[i].0;
             if t >= slot_end {
                 break;
             }
@@ -386,18 +396,18 @@ pub fn sampled_data(
     out
 }
 
-/// Decodes a SampledData `data` string whose first slot starts at `start` (MedTech's
-/// `SampledDataToTimeValues`, skipping `E`).
-fn decode_sampled_data(
-    data: &str,
-    start: Timestamp,
-    default_period: f64,
-) -> Vec<(Timestamp, String)> {
-    let step = step_ticks(default_period);
+/// Decodes a SampledData `data` string whose first slot starts at `start_ticks` (MedTech's
+/// `SampledDataToTimeValues`, skipping `E`), sorted by time.
+fn decode_sampled_data(data: &str, start_ticks: i64, step: i64) -> Vec<(i64, &str)> {
     data.split(' ')
         .enumerate()
         .filter(|(_, token)| *token != "E" && !token.is_empty())
-        .map(|(k, token)| (start.add_ticks(k as i64 * step), token.to_owned()))
+        .map(|(k, token)| {
+            (
+                start_ticks.saturating_add((k as i64).saturating_mul(step)),
+                token,
+            )
+        })
         .collect()
 }
 
@@ -691,7 +701,15 @@ fn merge_value(
     group: &ObservationGroup<'_>,
     observed: (Timestamp, Timestamp),
 ) -> Result<(), ConvertError> {
-    let (key, fresh) = create_value(template, values, group.start, group.end)?;
+    // A SampledData value keeps its object and only gets new data: building it afresh (a
+    // slot per period of the window) would be thrown away.
+    let (key, fresh) = match &template.kind {
+        ValueKind::SampledData { .. } => ("valueSampledData", None),
+        _ => {
+            let (key, fresh) = create_value(template, values, group.start, group.end)?;
+            (key, Some(fresh))
+        }
+    };
     let actual = VALUE_KEYS
         .iter()
         .find(|k| holder.contains_key(**k))
@@ -702,27 +720,39 @@ fn merge_value(
             actual: actual.unwrap_or("absent").to_owned(),
         });
     }
-    let ValueKind::SampledData { default_period, .. } = &template.kind else {
-        holder.insert(key.to_owned(), fresh);
-        return Ok(());
+    let default_period = match (&template.kind, fresh) {
+        (ValueKind::SampledData { default_period, .. }, None) => default_period,
+        (_, fresh) => {
+            if let Some(fresh) = fresh {
+                holder.insert(key.to_owned(), fresh);
+            }
+            return Ok(());
+        }
     };
     let existing_data = holder[key]
         .get("data")
         .and_then(Value::as_str)
         .unwrap_or("");
-    let mut merged: BTreeMap<Timestamp, String> =
-        decode_sampled_data(existing_data, observed.0, *default_period)
-            .into_iter()
-            .collect();
-    for (t, v) in values {
-        merged.insert(*t, (*v).to_owned());
+    let step = step_ticks(*default_period);
+    let existing = decode_sampled_data(existing_data, observed.0.unix_ticks(), step);
+    // Both are sorted by time; at the same instant the new value replaces the old one.
+    let mut all = Vec::with_capacity(existing.len() + values.len());
+    let mut old = existing.into_iter().peekable();
+    for &(t, v) in values {
+        let t = t.unix_ticks();
+        while let Some(o) = old.next_if(|o| o.0 <= t) {
+            if o.0 < t {
+                all.push(o);
+            }
+        }
+        all.push((t, v));
     }
-    let all: Vec<(Timestamp, &str)> = merged.iter().map(|(t, v)| (*t, v.as_str())).collect();
-    let data = sampled_data(
+    all.extend(old);
+    let data = render_slots(
         &all,
-        group.start.min(observed.0),
-        group.end.max(observed.1),
-        *default_period,
+        group.start.min(observed.0).unix_ticks(),
+        group.end.max(observed.1).unix_ticks(),
+        step,
     );
     if let Some(sd) = holder.get_mut(key).and_then(Value::as_object_mut) {
         sd.insert("data".to_owned(), Value::String(data));

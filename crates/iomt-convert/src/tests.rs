@@ -244,6 +244,23 @@ fn merge_is_idempotent_and_widens_sampled_data() {
         merge_observation(&updated, t, &w2[0]).unwrap(),
         Merge::Unchanged
     );
+    // A new value at an instant already stored replaces it; the others stay.
+    let third = MeasurementGroup::group(vec![measurement(
+        "heartrate",
+        "2019-01-01T00:30:00Z",
+        &[("hr", "80")],
+    )])
+    .remove(0);
+    let w3 = observation_groups(t.period_interval, &third).unwrap();
+    let Merge::Updated(replaced) = merge_observation(&updated, t, &w3[0]).unwrap() else {
+        panic!("expected an update")
+    };
+    let data: Vec<&str> = replaced["valueSampledData"]["data"]
+        .as_str()
+        .unwrap()
+        .split(' ')
+        .collect();
+    assert_eq!((data[10], data[30], data.len()), ("70", "80", 60));
 }
 
 #[test]

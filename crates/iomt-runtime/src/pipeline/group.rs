@@ -63,9 +63,11 @@ pub(super) async fn group_task<S: Sink, C: HubConsumer>(
             batch = consumer.recv() => {
                 let Some(batch) = batch else { break };
                 shared.metrics.buffered(batch.len() as i64);
+                // One clock reading per batch: buffer ages are kept in milliseconds.
+                let now = now_ms();
                 for m in batch {
                     let tag = Tag { origin: m.origin, read_at: m.read_at };
-                    if let Some(flush) = grouper.push(m.measurement, tag, now_ms()) {
+                    if let Some(flush) = grouper.push(m.measurement, tag, now) {
                         dispatch(&shared, &dead_letters, &mut writes, flush).await;
                     }
                 }
