@@ -243,7 +243,7 @@ impl super::Source for EventHubsSource {
 /// Starts [`run_source`] on a thread of its own. The SDK's partition streams are not `Send`, so
 /// the readers share one single-threaded runtime; reading is I/O-bound, and the pipeline's
 /// stages keep the other threads.
-pub fn spawn_source(
+fn spawn_source(
     settings: EventHubSettings,
     processor_settings: ProcessorSettings,
     store: Arc<dyn azure_messaging_eventhubs::CheckpointStore + Send + Sync>,
@@ -266,7 +266,7 @@ pub fn spawn_source(
 
 /// Reads the partitions this process owns into `input` until `stop` turns true. Must run
 /// inside a [`tokio::task::LocalSet`] (see [`spawn_source`]).
-pub async fn run_source(
+async fn run_source(
     settings: EventHubSettings,
     processor_settings: ProcessorSettings,
     store: Arc<dyn azure_messaging_eventhubs::CheckpointStore + Send + Sync>,
