@@ -8,7 +8,7 @@
 //! * [`pipeline`]: normalize, the internal [`hub`], group and write as tasks, with dead letters;
 //! * [`convert`] and [`store`]: turning groups into resources, on a FHIR server or the
 //!   embedded store, behind the [`sink`] contract;
-//! * [`assemble`], [`config`], [`run`], [`metrics`], [`server`]: building a pipeline from its
+//! * [`assemble`](mod@assemble), [`config`], [`run`], [`metrics`], [`server`]: building a pipeline from its
 //!   configuration, running it from a source, and what it reports.
 //!
 //! Stages stay pure; everything that waits, retries or touches a disk or a network is here or

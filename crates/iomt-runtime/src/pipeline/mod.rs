@@ -8,7 +8,7 @@
 //!    └──────────── checkpoint ◀── ack trackers ◀──────────────────────────────────────────────┘
 //! ```
 //!
-//! Every event is registered with its partition's [`AckTracker`] before any of its
+//! Every event is registered with its partition's [`AckTracker`](iomt_core::ack::AckTracker) before any of its
 //! measurements leave the normalize task, with one part per measurement (plus one when it is
 //! dead-lettered). A part is acknowledged only after its group was written (or its dead-letter
 //! record synced), and the checkpoint task commits the trackers' positions after the sink has

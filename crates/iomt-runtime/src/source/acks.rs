@@ -25,7 +25,7 @@ pub struct Partitions(pub(crate) Arc<Acks>);
 
 impl Partitions {
     /// Starts tracking a partition just claimed; its events carry the returned index in
-    /// [`Origin::partition`]. The partitions given to [`Pipeline::new`] are 0, 1, ….
+    /// [`Origin::partition`]. The partitions given to [`Pipeline::new`](crate::Pipeline::new) are 0, 1, ….
     pub fn open(&self, name: &str) -> u32 {
         self.0.open(name)
     }

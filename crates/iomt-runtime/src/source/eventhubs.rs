@@ -15,7 +15,7 @@
 //! Nothing on the stream tells such a receiver from an idle partition, so a receive watchdog
 //! asks the hub: a partition quiet for `stall_after` whose hub holds events past the last one
 //! read is behind, and one still behind, with nothing received, at the next check is stalled;
-//! the client is then rebuilt as for a receiver that keeps failing (see [`judge`]).
+//! the client is then rebuilt as for a receiver that keeps failing (see `judge`).
 
 use std::cell::{Cell, RefCell};
 use std::collections::HashMap;
