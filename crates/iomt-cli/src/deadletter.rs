@@ -12,7 +12,9 @@ use iomt_runtime::Purpose;
 use iomt_runtime::source::deadletters::DeadLetterSource;
 
 use crate::OutputFormat;
-use crate::run::{RunArgs, finish_output, prepare, print_summary, runtime, shutdown_signal};
+use crate::run::{
+    RunArgs, finish_output, prepare, print_summary, report_events, runtime, shutdown_signal,
+};
 
 /// Exit code: some items failed again.
 const EXIT_STILL_FAILING: u8 = 1;
@@ -102,6 +104,7 @@ pub(crate) fn run(cmd: DeadLetterCommand) -> anyhow::Result<u8> {
         &finish_output(&sink)?,
         &out,
     );
+    report_events(report.events.as_ref());
     if report.interrupted {
         return Ok(130);
     }

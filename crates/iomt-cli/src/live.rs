@@ -15,8 +15,8 @@ use iomt_runtime::Purpose;
 use iomt_runtime::run::RunError;
 
 use crate::run::{
-    RoleArg, RunArgs, finish_output, prepare, print_summary, report_config_errors, runtime,
-    shutdown_signal,
+    RoleArg, RunArgs, finish_output, prepare, print_summary, report_config_errors, report_events,
+    runtime, shutdown_signal,
 };
 
 #[derive(Debug, Args)]
@@ -79,6 +79,7 @@ pub(crate) fn run(args: &LiveArgs) -> anyhow::Result<u8> {
         &output,
         &dead_letter_file,
     );
+    report_events(outcome.report.events.as_ref());
     Ok(if outcome.source_failed.is_some() {
         1
     } else if outcome.report.abandoned {

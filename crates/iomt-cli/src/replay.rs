@@ -10,7 +10,9 @@ use iomt_runtime::Purpose;
 use iomt_runtime::run::Resume;
 use iomt_runtime::source::files::{FileSource, Speed, expand};
 
-use crate::run::{RunArgs, finish_output, prepare, print_summary, runtime, shutdown_signal};
+use crate::run::{
+    RunArgs, finish_output, prepare, print_summary, report_events, runtime, shutdown_signal,
+};
 
 #[derive(Debug, Args)]
 pub(crate) struct ReplayArgs {
@@ -115,6 +117,7 @@ pub(crate) fn run(args: &ReplayArgs) -> anyhow::Result<u8> {
         &output,
         &dead_letter_file,
     );
+    report_events(outcome.report.events.as_ref());
     if !outcome.complete {
         let after = outcome
             .report

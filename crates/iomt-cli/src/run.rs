@@ -227,6 +227,23 @@ pub(crate) fn finish_output(sink: &ConfiguredSink) -> anyhow::Result<String> {
     Ok(format!("{described}; NDJSON files in {}", dir.display()))
 }
 
+/// Says which subscriptions did not deliver everything: a replay waits for deliveries only
+/// up to `events.drain_deadline`, and the next run goes on from each subscription's
+/// checkpoint.
+pub(crate) fn report_events(events: Option<&iomt_runtime::events::EventsReport>) {
+    for (name, _, unfinished, disabled) in events.map_or(&[][..], |e| &e.subscriptions) {
+        if let Some(reason) = disabled {
+            eprintln!(
+                "warning: subscription {name} is disabled ({reason}); clear `disabled` in its state file to resume it"
+            );
+        } else if *unfinished > 0 {
+            eprintln!(
+                "warning: subscription {name} has {unfinished} events still to deliver; the next run delivers them"
+            );
+        }
+    }
+}
+
 /// A tokio runtime with one worker per core.
 pub(crate) fn runtime() -> anyhow::Result<tokio::runtime::Runtime> {
     Ok(tokio::runtime::Builder::new_multi_thread()
@@ -305,6 +322,13 @@ fn summary_json(
         },
         "retries": summary.retries,
         "latencyMs": {"p50": p50, "p99": p99, "max": max},
+        "changeEvents": {
+            "delivered": summary.events_delivered,
+            "deadLettered": summary.events_dead_lettered,
+            "latencyMs": summary.event_latency_ms.map(|(p50, p99, max)| {
+                serde_json::json!({"p50": p50, "p99": p99, "max": max})
+            }),
+        },
         "peakRssMb": peak_rss_mb(),
         "output": output,
     })
@@ -404,6 +428,19 @@ fn summary_text(
             "  latency        read to write: p50 {p50} ms, p99 {p99} ms, max {max} ms"
         )
         .ok();
+    }
+    if summary.events_delivered + summary.events_dead_lettered > 0 {
+        write!(
+            out,
+            "  change events  {} delivered, {} dead-lettered",
+            thousands(summary.events_delivered),
+            thousands(summary.events_dead_lettered)
+        )
+        .ok();
+        if let Some((p50, p99, _)) = summary.event_latency_ms {
+            write!(out, "; write to delivery: p50 {p50} ms, p99 {p99} ms").ok();
+        }
+        writeln!(out).ok();
     }
     if let Some(mb) = peak_rss_mb() {
         writeln!(out, "  memory         peak RSS {mb} MB").ok();

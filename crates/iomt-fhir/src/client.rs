@@ -463,6 +463,21 @@ impl FhirClient {
         versioned(status, &headers, &body).map(Some)
     }
 
+    /// `GET {type}/{id}/_history/{version}`; `None` when the server has no such version.
+    pub async fn vread(
+        &self,
+        resource_type: &str,
+        id: &str,
+        version: &str,
+    ) -> Result<Option<Value>, FhirError> {
+        let path = format!("{resource_type}/{id}/_history/{version}");
+        let (status, headers, body) = self.send(Method::GET, &path, None, None).await?;
+        if status == StatusCode::NOT_FOUND || status == StatusCode::GONE {
+            return Ok(None);
+        }
+        versioned(status, &headers, &body).map(|v| Some(v.resource))
+    }
+
     /// `GET {type}?{params}`, following `next` links, returning at most `limit` resources.
     pub async fn search(
         &self,

@@ -15,6 +15,7 @@ use iomt_templates::fhir::FhirMapping;
 
 use crate::config::{Compiled, ConfigError, Target};
 use crate::convert::Converter;
+use crate::events::{EventService, Outbox};
 use crate::sink::{Sink, SinkError};
 use crate::store::{Embedded, FhirStore};
 use crate::{Metrics, Pipeline, PipelineConfig};
@@ -82,6 +83,8 @@ pub struct Assembled {
     pub target: String,
     /// The state directory's lock, held while the pipeline runs.
     pub state_lock: std::fs::File,
+    /// The delivery of change events, when subscriptions are configured.
+    pub events: Option<EventService>,
 }
 
 /// Takes the state directory for this process: two processes appending to one dead-letter
@@ -166,6 +169,10 @@ pub fn assemble(
     })?;
     let sink = Arc::new(sink);
     let metrics = Arc::new(Metrics::new());
+    let (outbox, events) = match EventService::build(config, metrics.clone())? {
+        Some((outbox, service)) => (outbox, Some(service)),
+        None => (Outbox::None, None),
+    };
     let pipeline = Pipeline::new(
         config.pipeline.clone(),
         Arc::new(Normalizer::new(device)),
@@ -173,7 +180,8 @@ pub fn assemble(
         sink.clone(),
         metrics.clone(),
         partitions,
-    );
+    )
+    .with_outbox(outbox);
     Ok(Assembled {
         pipeline,
         sink,
@@ -183,5 +191,6 @@ pub fn assemble(
         config: config.pipeline.clone(),
         target,
         state_lock,
+        events,
     })
 }

@@ -8,6 +8,8 @@
 //! * [`pipeline`]: normalize, the internal [`hub`], group and write as tasks, with dead letters;
 //! * [`convert`] and [`store`]: turning groups into resources, on a FHIR server or the
 //!   embedded store, behind the [`sink`] contract;
+//! * [`events`]: the change events of those writes, their outbox and their delivery to each
+//!   subscription;
 //! * [`assemble`](mod@assemble), [`config`], [`run`], [`metrics`], [`server`]: building a pipeline from its
 //!   configuration, running it from a source, and what it reports.
 //!
@@ -23,6 +25,8 @@ pub mod pipeline;
 pub mod convert;
 pub mod sink;
 pub mod store;
+
+pub mod events;
 
 pub mod assemble;
 pub mod config;

@@ -38,6 +38,19 @@ struct SavedLabels {
     resource_type: String,
 }
 
+/// Labels of event delivery counters.
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct SubscriptionLabel {
+    subscription: String,
+}
+
+/// Labels of event delivery counters split by an outcome or reason.
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct SubscriptionReason {
+    subscription: String,
+    reason: String,
+}
+
 /// `FhirResourceSaved`'s name for what a write did (`ObservationCreated`, …).
 fn saved_name(action: Action, resource_type: &str) -> String {
     let what = match action {
@@ -82,6 +95,26 @@ pub struct Metrics {
     dead_letter_kinds: Mutex<BTreeMap<(String, String), u64>>,
     /// Read-to-write latency with exact percentiles, for the summary and the benchmark.
     latency: Mutex<Hdr<u64>>,
+    /// Change events, under Event Grid's metric names.
+    events: EventMetrics,
+}
+
+/// Change-event metrics, named after Event Grid's subscription metrics.
+#[derive(Debug)]
+struct EventMetrics {
+    delivered: Family<SubscriptionLabel, Counter>,
+    failed_attempts: Family<SubscriptionReason, Counter>,
+    dead_lettered: Family<SubscriptionReason, Counter>,
+    dropped: Family<SubscriptionReason, Counter>,
+    matched: Family<SubscriptionLabel, Counter>,
+    backlog: Family<SubscriptionLabel, Gauge>,
+    latency: Histogram,
+    outbox_lag: Gauge,
+    /// Totals for the summary.
+    delivered_total: Counter,
+    dead_lettered_total: Counter,
+    /// Commit-to-acknowledgement latency with exact percentiles.
+    latency_hdr: Mutex<Option<Hdr<u64>>>,
 }
 
 fn latency_buckets() -> impl Iterator<Item = f64> {
@@ -124,6 +157,19 @@ impl Metrics {
                 Hdr::new_with_bounds(1, 3_600_000, 3).unwrap_or_else(|_| Hdr::new(3).unwrap()),
             ),
             registry: Registry::default(),
+            events: EventMetrics {
+                delivered: Family::default(),
+                failed_attempts: Family::default(),
+                dead_lettered: Family::default(),
+                dropped: Family::default(),
+                matched: Family::default(),
+                backlog: Family::default(),
+                latency: Histogram::new(latency_buckets()),
+                outbox_lag: Gauge::default(),
+                delivered_total: Counter::default(),
+                dead_lettered_total: Counter::default(),
+                latency_hdr: Mutex::default(),
+            },
         };
         registry.register("DeviceEvent", "Device events read", m.device_event.clone());
         registry.register(
@@ -187,7 +233,121 @@ impl Metrics {
             "Measurements waiting in group buffers",
             m.buffered.clone(),
         );
+        let e = &m.events;
+        registry.register(
+            "DeliverySuccessCount",
+            "Change events delivered, per subscription",
+            e.delivered.clone(),
+        );
+        registry.register(
+            "DeliveryAttemptFailCount",
+            "Failed delivery attempts, per subscription and outcome",
+            e.failed_attempts.clone(),
+        );
+        registry.register(
+            "DeadLetteredCount",
+            "Change events dead-lettered, per subscription and reason",
+            e.dead_lettered.clone(),
+        );
+        registry.register(
+            "DroppedEventCount",
+            "Change events given up without a dead letter, per subscription and reason",
+            e.dropped.clone(),
+        );
+        registry.register(
+            "MatchedEventCount",
+            "Change events a subscription's filter matched",
+            e.matched.clone(),
+        );
+        registry.register(
+            "EventBacklog",
+            "Change events in the log a subscription has not finished, per subscription",
+            e.backlog.clone(),
+        );
+        registry.register(
+            "EventDeliveryLatencyMs",
+            "From the FHIR write (the version's lastUpdated) to the destination's acknowledgement, in milliseconds",
+            e.latency.clone(),
+        );
+        registry.register(
+            "OutboxLagMs",
+            "Age of the oldest write whose events are not yet in the event log, in milliseconds",
+            e.outbox_lag.clone(),
+        );
         Self { registry, ..m }
+    }
+
+    pub(crate) fn event_matched(&self, subscription: &str) {
+        self.events
+            .matched
+            .get_or_create(&SubscriptionLabel {
+                subscription: subscription.to_owned(),
+            })
+            .inc();
+    }
+
+    /// One event delivered, `latency_ms` after its write.
+    pub(crate) fn event_delivered(&self, subscription: &str, latency_ms: Option<u64>) {
+        self.events
+            .delivered
+            .get_or_create(&SubscriptionLabel {
+                subscription: subscription.to_owned(),
+            })
+            .inc();
+        self.events.delivered_total.inc();
+        if let Some(ms) = latency_ms {
+            self.events.latency.observe(ms as f64);
+            if let Ok(mut hdr) = self.events.latency_hdr.lock() {
+                hdr.get_or_insert_with(|| {
+                    Hdr::new_with_bounds(1, 3_600_000, 3).unwrap_or_else(|_| Hdr::new(3).unwrap())
+                })
+                .saturating_record(ms.max(1));
+            }
+        }
+    }
+
+    pub(crate) fn event_attempt_failed(&self, subscription: &str, outcome: &str) {
+        self.events
+            .failed_attempts
+            .get_or_create(&SubscriptionReason {
+                subscription: subscription.to_owned(),
+                reason: outcome.to_owned(),
+            })
+            .inc();
+    }
+
+    pub(crate) fn event_dead_lettered(&self, subscription: &str, reason: &str) {
+        self.events
+            .dead_lettered
+            .get_or_create(&SubscriptionReason {
+                subscription: subscription.to_owned(),
+                reason: reason.to_owned(),
+            })
+            .inc();
+        self.events.dead_lettered_total.inc();
+    }
+
+    pub(crate) fn event_dropped(&self, subscription: &str, reason: &str) {
+        self.events
+            .dropped
+            .get_or_create(&SubscriptionReason {
+                subscription: subscription.to_owned(),
+                reason: reason.to_owned(),
+            })
+            .inc();
+    }
+
+    pub(crate) fn event_backlog(&self, subscription: &str, events: i64) {
+        self.events
+            .backlog
+            .get_or_create(&SubscriptionLabel {
+                subscription: subscription.to_owned(),
+            })
+            .set(events);
+    }
+
+    pub(crate) fn outbox_lag(&self, ms: i64) {
+        self.events.outbox_lag.set(ms);
     }
 
     /// The Prometheus text exposition.
@@ -297,6 +457,12 @@ impl Metrics {
                 .unwrap_or_default(),
             retries: self.retries.get(),
             latency_ms: (p50, p99, max),
+            events_delivered: self.events.delivered_total.get(),
+            events_dead_lettered: self.events.dead_lettered_total.get(),
+            event_latency_ms: self.events.latency_hdr.lock().ok().and_then(|h| {
+                h.as_ref()
+                    .map(|h| (h.value_at_quantile(0.5), h.value_at_quantile(0.99), h.max()))
+            }),
         }
     }
 }
@@ -326,4 +492,11 @@ pub struct Summary {
     pub retries: u64,
     /// Read-to-write latency in milliseconds: p50, p99, max.
     pub latency_ms: (u64, u64, u64),
+    /// Change events delivered, all subscriptions together.
+    pub events_delivered: u64,
+    /// Change events dead-lettered.
+    pub events_dead_lettered: u64,
+    /// Write-to-delivery latency of change events in milliseconds (p50, p99, max), when any
+    /// was delivered.
+    pub event_latency_ms: Option<(u64, u64, u64)>,
 }

@@ -59,8 +59,10 @@ pub async fn run_pipeline<K: CheckpointStore>(
         tracing::info!(%bound, "serving /metrics, /healthz and /readyz");
     }
     let (pipeline, dead_letters) = (prepared.pipeline, prepared.dead_letters);
+    let (stop_events, events_stop) = watch::channel(false);
+    let events = prepared.events.map(|service| service.spawn(events_stop));
     // Two calls for the two producer types: the pipeline is generic over its hub.
-    Ok(match internal_hub {
+    let report = match internal_hub {
         // The normalize role: its output is the internal hub; there is no group stage.
         Some(producer) => {
             let consumers: Vec<InProcessConsumer> = Vec::new();
@@ -89,7 +91,14 @@ pub async fn run_pipeline<K: CheckpointStore>(
                 )
                 .await
         }
-    })
+    };
+    // The pipeline is done writing: deliver what its writes logged, within the drain deadline.
+    stop_events.send_replace(true);
+    let events = match events {
+        Some(task) => task.await.ok(),
+        None => None,
+    };
+    Ok(Report { events, ..report })
 }
 
 /// Runs a source into a pipeline; the pipeline stops on `shutdown` or when the source gives

@@ -266,12 +266,6 @@ impl EmbeddedStore {
         counts(&connect(&path)?, &path)
     }
 
-    /// Change-log rows after `after`, at most `limit`, in order.
-    pub fn changes(&self, after: i64, limit: usize) -> Result<Vec<Change>, StoreError> {
-        let path = self.dir.join(DATABASE);
-        changes(&connect(&path)?, &path, after, limit)
-    }
-
     /// Finishes the writes queued and stops the writer thread.
     pub fn close(&self) {
         drop(
@@ -337,41 +331,6 @@ fn counts(conn: &Connection, path: &Path) -> Result<Vec<(String, u64)>, StoreErr
     let rows = stmt
         .query_map([], |r| {
             Ok((r.get::<_, String>(0)?, r.get::<_, i64>(1)? as u64))
-        })
-        .map_err(database_error(path))?;
-    rows.collect::<Result<_, _>>().map_err(database_error(path))
-}
-
-fn changes(
-    conn: &Connection,
-    path: &Path,
-    after: i64,
-    limit: usize,
-) -> Result<Vec<Change>, StoreError> {
-    let mut stmt = conn
-        .prepare_cached(
-            "SELECT seq, type, id, version, last_updated, action, identity FROM changes \
-             WHERE seq > ?1 ORDER BY seq LIMIT ?2",
-        )
-        .map_err(database_error(path))?;
-    let rows = stmt
-        .query_map(params![after, limit as i64], |r| {
-            let action: String = r.get(5)?;
-            Ok(Change {
-                seq: r.get(0)?,
-                written: Written {
-                    resource_type: r.get(1)?,
-                    id: r.get(2)?,
-                    version_id: Some(r.get::<_, i64>(3)?.to_string()),
-                    last_updated: Some(r.get(4)?),
-                    action: match action.as_str() {
-                        "Created" => Action::Created,
-                        "Deleted" => Action::Deleted,
-                        _ => Action::Updated,
-                    },
-                    identity: r.get(6)?,
-                },
-            })
         })
         .map_err(database_error(path))?;
     rows.collect::<Result<_, _>>().map_err(database_error(path))
@@ -572,6 +531,10 @@ pub fn export_ndjson(dir: &Path, out: &Path) -> Result<Vec<(String, u64)>, Store
     }
     Ok(types)
 }
+
+mod log;
+
+pub use log::{ChangeReader, EVENT_LOG, EventLog};
 
 #[cfg(test)]
 mod tests;

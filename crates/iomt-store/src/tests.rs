@@ -49,7 +49,10 @@ async fn versions_history_and_change_log() {
     assert_eq!(stored.resource["valueQuantity"]["value"], 71);
     assert!(store.read("Observation", "nope").await.unwrap().is_none());
     // The change log has one row per version, in order, and none for the unchanged write.
-    let log = store.changes(0, 100).unwrap();
+    let log = ChangeReader::store(dir.path())
+        .unwrap()
+        .changes(0, 100)
+        .unwrap();
     let seen: Vec<(i64, Action, Option<&str>)> = log
         .iter()
         .map(|c| (c.seq, c.written.action, c.written.version_id.as_deref()))
@@ -61,7 +64,14 @@ async fn versions_history_and_change_log() {
             (2, Action::Updated, Some("2"))
         ]
     );
-    assert_eq!(store.changes(1, 100).unwrap().len(), 1);
+    assert_eq!(
+        ChangeReader::store(dir.path())
+            .unwrap()
+            .changes(1, 100)
+            .unwrap()
+            .len(),
+        1
+    );
     assert_eq!(store.counts().unwrap(), vec![("Observation".to_owned(), 1)]);
     assert!(matches!(
         store.put(json!({"id": "x"}), None, false).await,
@@ -97,7 +107,14 @@ async fn concurrent_writes_commit_together_and_survive_reopening() {
         again.counts().unwrap(),
         vec![("Observation".to_owned(), 200)]
     );
-    assert_eq!(again.changes(0, 1000).unwrap().len(), 200);
+    assert_eq!(
+        ChangeReader::store(dir.path())
+            .unwrap()
+            .changes(0, 1000)
+            .unwrap()
+            .len(),
+        200
+    );
 }
 
 #[tokio::test]

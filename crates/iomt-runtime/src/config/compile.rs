@@ -47,6 +47,23 @@ pub struct Compiled {
     pub metrics_addr: Option<SocketAddr>,
     /// For `iomt run`: the hubs and the checkpoint store.
     pub live: Option<Live>,
+    /// Change events, when subscriptions are configured.
+    pub events: Option<CompiledEvents>,
+}
+
+/// The change events of a run.
+#[derive(Debug, Clone)]
+pub struct CompiledEvents {
+    /// Who the events say they come from.
+    pub publisher: iomt_events::Publisher,
+    /// The `WebHook-Request-Origin` of CloudEvents handshakes: the FHIR account.
+    pub origin: String,
+    /// The subscriptions, validated.
+    pub subscriptions: Vec<super::Subscription>,
+    /// How often subscriptions look for new events.
+    pub poll_interval: Duration,
+    /// How long a replay waits at its end for deliveries.
+    pub drain_deadline: Duration,
 }
 
 /// Where a run writes resources.
@@ -196,7 +213,62 @@ impl Config {
         if purpose == Purpose::Run {
             self.run_errors(role, &mut errors);
         }
+        self.subscription_errors(&mut errors);
         errors
+    }
+
+    /// Problems of `[[subscriptions]]`, each named by its subscription.
+    fn subscription_errors(&self, errors: &mut Vec<ConfigError>) {
+        let mut names = std::collections::HashSet::new();
+        for (i, s) in self.subscriptions.iter().enumerate() {
+            let at = format!("subscriptions[{i}] ({})", s.name);
+            let valid_name = !s.name.is_empty()
+                && s.name.len() <= 64
+                && s.name
+                    .chars()
+                    .all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_');
+            if !valid_name {
+                errors.push(error(
+                    &at,
+                    "name must be 1 to 64 letters, digits, '-' or '_'",
+                ));
+            } else if !names.insert(s.name.to_ascii_lowercase()) {
+                errors.push(error(&at, "another subscription has this name"));
+            }
+            if let Err(e) = s.filter.validate() {
+                errors.push(error(format!("{at}.filter"), e.to_string()));
+            }
+            if let Err(e) = s.retry.validate() {
+                errors.push(error(format!("{at}.retry"), e));
+            }
+            if s.max_in_flight == 0 {
+                errors.push(error(format!("{at}.max_in_flight"), "must be at least 1"));
+            }
+            match &s.destination {
+                super::Destination::Ndjson { .. }
+                    if s.format == iomt_events::Format::CloudeventsBinary =>
+                {
+                    errors.push(error(
+                        format!("{at}.format"),
+                        "an ndjson file holds whole events: choose cloudevents, not cloudevents-binary",
+                    ));
+                }
+                super::Destination::Webhook { url, secret, .. } => {
+                    if !reqwest_like_url(url) {
+                        errors.push(error(
+                            format!("{at}.destination.url"),
+                            "must be an http:// or https:// URL",
+                        ));
+                    }
+                    if let Some(secret) = secret
+                        && let Err(e) = secret.parse::<iomt_events::webhook::Secret>()
+                    {
+                        errors.push(error(format!("{at}.destination.secret"), e.to_string()));
+                    }
+                }
+                super::Destination::Ndjson { .. } => {}
+            }
+        }
     }
 
     /// What `iomt run` needs: the hubs its role reads and writes, and a checkpoint store.
@@ -243,7 +315,9 @@ impl Config {
         ) else {
             unreachable!("validate() requires both mappings");
         };
+        let events = self.compiled_events(&target);
         Ok(Compiled {
+            events,
             role,
             device_mapping,
             fhir_mapping,
@@ -252,6 +326,34 @@ impl Config {
             state_dir: self.output.state_dir.clone(),
             metrics_addr: self.output.metrics_addr,
             live,
+        })
+    }
+
+    /// The events of a run that writes resources, when subscriptions are configured.
+    fn compiled_events(&self, target: &Target) -> Option<CompiledEvents> {
+        if self.subscriptions.is_empty() {
+            return None;
+        }
+        let e = &self.events;
+        let publisher = match (&e.fhir_account, target) {
+            (Some(account), _) => iomt_events::Publisher {
+                source: e.source.clone(),
+                fhir_account: account.clone(),
+            },
+            (None, Target::Fhir { url, .. }) => {
+                iomt_events::Publisher::for_fhir_url(e.source.clone(), url)
+            }
+            (None, _) => iomt_events::Publisher {
+                source: e.source.clone(),
+                fhir_account: "localhost".to_owned(),
+            },
+        };
+        Some(CompiledEvents {
+            origin: publisher.fhir_account.clone(),
+            publisher,
+            subscriptions: self.subscriptions.clone(),
+            poll_interval: e.poll_interval,
+            drain_deadline: e.drain_deadline,
         })
     }
 

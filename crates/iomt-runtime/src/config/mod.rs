@@ -26,8 +26,10 @@ use serde::de::DeserializeOwned;
 use serde::{Deserialize, Serialize};
 
 mod compile;
+mod events;
 
-pub use compile::{Compiled, Live, Purpose, Target};
+pub use compile::{Compiled, CompiledEvents, Live, Purpose, Target};
+pub use events::{Destination, Events, Subscription};
 
 /// The environment prefix of overrides.
 pub const ENV_PREFIX: &str = "IOMT__";
@@ -53,6 +55,10 @@ pub struct Config {
     pub internal_hub: Source,
     /// Where `iomt run` keeps checkpoints and partition ownership.
     pub checkpoints: Checkpoints,
+    /// What change events say about their publisher.
+    pub events: Events,
+    /// `[[subscriptions]]`: who receives change events, and how.
+    pub subscriptions: Vec<Subscription>,
 }
 
 /// Where reading starts on a partition without a checkpoint.
@@ -409,7 +415,7 @@ fn env_value(raw: &str) -> toml::Value {
 }
 
 /// The sections, in the order they are printed.
-const SECTIONS: [&str; 9] = [
+const SECTIONS: [&str; 10] = [
     "templates",
     "fhir",
     "identity",
@@ -419,6 +425,7 @@ const SECTIONS: [&str; 9] = [
     "source",
     "internal_hub",
     "checkpoints",
+    "events",
 ];
 
 /// One value for a section's key, and where it was set.
@@ -488,6 +495,7 @@ impl Config {
             .iter()
             .map(|s| ((*s).to_owned(), Vec::new()))
             .collect();
+        let mut subscriptions = Vec::new();
         if let Some(path) = file {
             let text = std::fs::read_to_string(path)
                 .map_err(|e| vec![error(&origin, format!("cannot read: {e}"))])?;
@@ -500,10 +508,17 @@ impl Config {
             })?;
             let lines = key_lines(&text);
             for (name, value) in table {
+                if name == "subscriptions" {
+                    subscriptions = read_subscriptions(value, &origin, &text, &mut errors);
+                    continue;
+                }
                 let Some(into) = settings.get_mut(&name) else {
                     errors.push(error(
                         &origin,
-                        format!("unknown section [{name}]; expected {}", SECTIONS.join(", ")),
+                        format!(
+                            "unknown section [{name}]; expected {} or [[subscriptions]]",
+                            SECTIONS.join(", ")
+                        ),
                     ));
                     continue;
                 };
@@ -563,6 +578,8 @@ impl Config {
             source: section("source", take("source"), &mut errors),
             internal_hub: section("internal_hub", take("internal_hub"), &mut errors),
             checkpoints: section("checkpoints", take("checkpoints"), &mut errors),
+            events: section("events", take("events"), &mut errors),
+            subscriptions,
         };
         if errors.is_empty() {
             Ok(config)
@@ -596,6 +613,9 @@ impl Config {
             // The query of a container URL is its SAS.
             url.replace_range(at.., "?***");
         }
+        for subscription in &mut shown.subscriptions {
+            subscription.mask_secrets();
+        }
         // JSON keeps the keys of unset options (TOML has no null), so every key is listed.
         let serde_json::Value::Object(sections) = serde_json::to_value(&shown).unwrap_or_default()
         else {
@@ -603,6 +623,9 @@ impl Config {
         };
         let mut out = String::new();
         for (name, keys) in sections {
+            if name == "subscriptions" {
+                continue;
+            }
             let serde_json::Value::Object(keys) = keys else {
                 continue;
             };
@@ -618,8 +641,52 @@ impl Config {
                 .ok();
             }
         }
+        if !shown.subscriptions.is_empty() {
+            let table = toml::Table::from_iter([(
+                "subscriptions".to_owned(),
+                toml::Value::try_from(&shown.subscriptions)
+                    .unwrap_or_else(|e| toml::Value::String(format!("cannot print: {e}"))),
+            )]);
+            out.push('\n');
+            out.push_str(&toml::to_string(&table).unwrap_or_default());
+        }
         out
     }
+}
+
+/// Reads `[[subscriptions]]`; an entry that cannot be read is reported with its file and line
+/// and left out.
+fn read_subscriptions(
+    value: toml::Value,
+    origin: &str,
+    text: &str,
+    errors: &mut Vec<ConfigError>,
+) -> Vec<Subscription> {
+    let toml::Value::Array(entries) = value else {
+        errors.push(error(
+            origin,
+            "subscriptions must be an array of tables: [[subscriptions]]",
+        ));
+        return Vec::new();
+    };
+    // The line of each `[[subscriptions]]` header, in order, for messages.
+    let headers: Vec<usize> = text
+        .lines()
+        .enumerate()
+        .filter(|(_, l)| l.trim_start().starts_with("[[subscriptions]]"))
+        .map(|(i, _)| i + 1)
+        .collect();
+    let mut read = Vec::new();
+    for (i, entry) in entries.into_iter().enumerate() {
+        let at = headers
+            .get(i)
+            .map_or_else(|| origin.to_owned(), |l| format!("{origin}:{l}"));
+        match entry.try_into::<Subscription>() {
+            Ok(s) => read.push(s),
+            Err(e) => errors.push(error(at, format!("subscriptions[{i}]: {}", e.message()))),
+        }
+    }
+    read
 }
 
 #[cfg(test)]

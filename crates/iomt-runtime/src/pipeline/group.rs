@@ -153,6 +153,26 @@ async fn dispatch<S: Sink>(
     );
 }
 
+/// Appends the events of a group's writes to the outbox, retrying until it takes them: the
+/// group is acknowledged only after, so a crash before then re-runs the writes.
+async fn append_events<S: Sink>(shared: &Shared<S>, written: &[iomt_core::Written]) {
+    let started = Instant::now();
+    let mut backoff = Backoff::new(Duration::from_millis(100), shared.config.retry_cap);
+    let mut failed = false;
+    while let Err(e) = shared.outbox.append(written).await {
+        failed = true;
+        let wait = backoff.next_delay();
+        shared
+            .metrics
+            .outbox_lag(started.elapsed().as_millis() as i64);
+        tracing::error!(error = %e, retry_in = ?wait, "cannot append to the event log; the checkpoint waits");
+        tokio::time::sleep(wait).await;
+    }
+    if failed {
+        shared.metrics.outbox_lag(0);
+    }
+}
+
 async fn write_flush<S: Sink>(
     shared: &Shared<S>,
     flush: Flush<Tag>,
@@ -185,6 +205,7 @@ async fn write_flush<S: Sink>(
                 for w in written.iter().filter(|w| !w.identity) {
                     shared.metrics.written(w);
                 }
+                append_events(shared, &written).await;
                 shared.acks.ack(flush.positions.iter().map(|t| t.origin));
                 return;
             }

@@ -96,6 +96,8 @@ pub struct Report<K> {
     pub abandoned: bool,
     /// Items whose output is not yet written (non-zero only when abandoned).
     pub in_flight: usize,
+    /// How event delivery ended, when the run delivered events.
+    pub events: Option<crate::events::EventsReport>,
 }
 
 /// A measurement's origin and read time, kept beside it in the group buffer.
@@ -117,6 +119,8 @@ struct Shared<S> {
     acks: Arc<Acks>,
     slots: Arc<Semaphore>,
     health: Arc<Health>,
+    /// Where the events of writes go before the writes are acknowledged.
+    outbox: crate::events::Outbox,
 }
 
 /// A pipeline ready to run.
@@ -152,6 +156,7 @@ impl<S: Sink> Pipeline<S> {
                 acks,
                 slots,
                 health: Arc::default(),
+                outbox: crate::events::Outbox::None,
             }),
         }
     }
@@ -172,6 +177,15 @@ impl<S: Sink> Pipeline<S> {
         })?;
         shared.unmatched = Some(Mutex::new(std::io::BufWriter::new(opened)));
         Ok(self)
+    }
+
+    /// Appends the change events of every write to `outbox` before the write is acknowledged,
+    /// so that the checkpoint never passes a write whose events are not durable.
+    pub fn with_outbox(mut self, outbox: crate::events::Outbox) -> Self {
+        if let Some(shared) = Arc::get_mut(&mut self.shared) {
+            shared.outbox = outbox;
+        }
+        self
     }
 
     /// The table of source partitions, for a source whose partitions come and go (Event Hubs
@@ -262,6 +276,7 @@ impl<S: Sink> Pipeline<S> {
             interrupted,
             abandoned,
             in_flight: shared.acks.in_flight(),
+            events: None,
         }
     }
 }

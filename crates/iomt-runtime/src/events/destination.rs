@@ -1,0 +1,347 @@
+//! Where a subscription's events go: a JSON Lines file, or a webhook (Standard Webhooks
+//! signatures, Event Grid and CloudEvents handshakes and headers).
+
+use std::io::Write as _;
+use std::path::PathBuf;
+use std::sync::{Arc, Mutex, PoisonError};
+use std::time::Duration;
+
+use iomt_events::webhook::Secret;
+use iomt_events::{Attempt, Format, Rendered};
+
+use crate::config::Destination as DestinationConfig;
+
+/// One event ready to send.
+#[derive(Debug, Clone)]
+pub(crate) struct Outgoing {
+    /// The event id: the Standard Webhooks `webhook-id`.
+    pub(crate) id: String,
+    /// The version, for `aeg-data-version`.
+    pub(crate) version: String,
+    /// The payload.
+    pub(crate) rendered: Rendered,
+    /// Attempts made before this one.
+    pub(crate) earlier_attempts: u32,
+}
+
+/// Why a destination cannot be set up or validated.
+#[derive(Debug, thiserror::Error)]
+pub(crate) enum DestinationError {
+    /// The configuration cannot work.
+    #[error("{0}")]
+    Config(String),
+    /// The endpoint did not accept the subscription.
+    #[error("the endpoint refused the subscription handshake: {0}")]
+    Handshake(String),
+}
+
+/// A subscription's destination.
+#[derive(Debug)]
+pub(crate) enum Destination {
+    Ndjson(Ndjson),
+    Webhook(Box<Webhook>),
+}
+
+impl Destination {
+    /// Builds the destination a subscription names.
+    pub(crate) fn new(
+        name: &str,
+        format: Format,
+        config: &DestinationConfig,
+        origin: &str,
+    ) -> Result<Self, DestinationError> {
+        Ok(match config {
+            DestinationConfig::Ndjson { path } => Destination::Ndjson(Ndjson {
+                path: path.clone(),
+                file: Arc::new(Mutex::new(None)),
+            }),
+            DestinationConfig::Webhook {
+                url,
+                secret,
+                authorization,
+                handshake,
+                timeout,
+            } => {
+                let secret = secret
+                    .as_deref()
+                    .map(str::parse::<Secret>)
+                    .transpose()
+                    .map_err(|e| DestinationError::Config(e.to_string()))?;
+                let client = reqwest::Client::builder()
+                    .timeout(*timeout)
+                    .redirect(reqwest::redirect::Policy::none())
+                    .build()
+                    .map_err(|e| DestinationError::Config(e.to_string()))?;
+                Destination::Webhook(Box::new(Webhook {
+                    client,
+                    url: url.clone(),
+                    secret,
+                    authorization: authorization.clone(),
+                    handshake: *handshake,
+                    format,
+                    subscription: name.to_ascii_uppercase(),
+                    origin: origin.to_owned(),
+                }))
+            }
+        })
+    }
+
+    /// Validates the subscription with the endpoint, where the destination has a handshake.
+    pub(crate) async fn handshake(&self, source: &str) -> Result<(), DestinationError> {
+        match self {
+            Destination::Ndjson(_) => Ok(()),
+            Destination::Webhook(w) => w.handshake(source).await,
+        }
+    }
+
+    /// Sends a batch; one attempt result per event, in order.
+    pub(crate) async fn deliver(&self, batch: &[Outgoing]) -> Vec<Attempt> {
+        match self {
+            Destination::Ndjson(n) => n.deliver(batch).await,
+            Destination::Webhook(w) => {
+                futures::future::join_all(batch.iter().map(|o| w.send(o))).await
+            }
+        }
+    }
+}
+
+/// A JSON Lines file; each batch is appended and synced before it counts as delivered.
+#[derive(Debug)]
+pub(crate) struct Ndjson {
+    path: PathBuf,
+    file: Arc<Mutex<Option<std::fs::File>>>,
+}
+
+impl Ndjson {
+    async fn deliver(&self, batch: &[Outgoing]) -> Vec<Attempt> {
+        let mut text = Vec::new();
+        for o in batch {
+            text.extend_from_slice(&o.rendered.body);
+            text.push(b'\n');
+        }
+        let (path, file) = (self.path.clone(), self.file.clone());
+        let written = tokio::task::spawn_blocking(move || -> std::io::Result<()> {
+            let mut file = file.lock().unwrap_or_else(PoisonError::into_inner);
+            if file.is_none() {
+                if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
+                    std::fs::create_dir_all(dir)?;
+                }
+                *file = Some(
+                    std::fs::OpenOptions::new()
+                        .create(true)
+                        .append(true)
+                        .open(&path)?,
+                );
+            }
+            let Some(f) = file.as_mut() else {
+                return Err(std::io::Error::other("the file is not open"));
+            };
+            f.write_all(&text)?;
+            f.sync_data()
+        })
+        .await;
+        let ok = matches!(written, Ok(Ok(())));
+        if let Ok(Err(e)) = &written {
+            tracing::warn!(file = %self.path.display(), error = %e, "cannot write events");
+        }
+        batch
+            .iter()
+            .map(|_| {
+                if ok {
+                    Attempt::Status {
+                        code: 200,
+                        retry_after: None,
+                    }
+                } else {
+                    Attempt::SocketError
+                }
+            })
+            .collect()
+    }
+}
+
+/// An HTTPS endpoint.
+pub(crate) struct Webhook {
+    client: reqwest::Client,
+    url: String,
+    secret: Option<Secret>,
+    authorization: Option<String>,
+    handshake: bool,
+    format: Format,
+    /// The subscription name, upper-cased as Event Grid sends it.
+    subscription: String,
+    /// The `WebHook-Request-Origin` of the CloudEvents handshake.
+    origin: String,
+}
+
+impl std::fmt::Debug for Webhook {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Webhook")
+            .field("url", &iomt_core::redact_url(&self.url))
+            .field("format", &self.format)
+            .finish_non_exhaustive()
+    }
+}
+
+/// Percent-encodes a CloudEvents HTTP header value: space, `"`, `%` and non-ASCII, with
+/// upper-case hex (the HTTP binding's rule).
+fn header_value(value: &str) -> String {
+    let mut out = String::with_capacity(value.len());
+    for byte in value.bytes() {
+        if byte == b' ' || byte == b'"' || byte == b'%' || !byte.is_ascii() || byte < 0x20 {
+            out.push_str(&format!("%{byte:02X}"));
+        } else {
+            out.push(byte as char);
+        }
+    }
+    out
+}
+
+fn retry_after(headers: &reqwest::header::HeaderMap) -> Option<Duration> {
+    let value = headers.get(reqwest::header::RETRY_AFTER)?.to_str().ok()?;
+    if let Ok(seconds) = value.trim().parse::<u64>() {
+        return Some(Duration::from_secs(seconds));
+    }
+    let at = httpdate::parse_http_date(value).ok()?;
+    Some(
+        at.duration_since(std::time::SystemTime::now())
+            .unwrap_or_default(),
+    )
+}
+
+impl Webhook {
+    fn base(&self, method: reqwest::Method) -> reqwest::RequestBuilder {
+        let mut request = self.client.request(method, &self.url);
+        if let Some(authorization) = &self.authorization {
+            request = request.header(reqwest::header::AUTHORIZATION, authorization);
+        }
+        request
+    }
+
+    /// Event Grid's validation for the event-grid format; the CloudEvents abuse-protection
+    /// handshake otherwise.
+    async fn handshake(&self, source: &str) -> Result<(), DestinationError> {
+        if !self.handshake {
+            return Ok(());
+        }
+        let fail = |m: String| DestinationError::Handshake(m);
+        if self.format == Format::EventGrid {
+            let code = uuid::Uuid::new_v4().to_string();
+            let body = serde_json::json!([{
+                "id": uuid::Uuid::new_v4().to_string(),
+                "topic": source,
+                "subject": "",
+                "data": {"validationCode": code},
+                "eventType": "Microsoft.EventGrid.SubscriptionValidationEvent",
+                "eventTime": iomt_core::Timestamp::now().to_string(),
+                "metadataVersion": "1",
+                "dataVersion": "2"
+            }]);
+            let response = self
+                .base(reqwest::Method::POST)
+                .header("aeg-event-type", "SubscriptionValidation")
+                .header("aeg-subscription-name", &self.subscription)
+                .header(reqwest::header::CONTENT_TYPE, "application/json")
+                .body(body.to_string())
+                .send()
+                .await
+                .map_err(|e| fail(e.without_url().to_string()))?;
+            let status = response.status();
+            if status != reqwest::StatusCode::OK {
+                return Err(fail(format!("answered {status}, expected 200")));
+            }
+            let answer = response
+                .bytes()
+                .await
+                .map_err(|e| fail(e.without_url().to_string()))?;
+            let answer: serde_json::Value = serde_json::from_slice(&answer)
+                .map_err(|e| fail(format!("the answer is not JSON: {e}")))?;
+            if answer["validationResponse"] != code.as_str() {
+                return Err(fail(
+                    "validationResponse does not echo validationCode".into(),
+                ));
+            }
+            return Ok(());
+        }
+        let response = self
+            .base(reqwest::Method::OPTIONS)
+            .header("WebHook-Request-Origin", &self.origin)
+            .send()
+            .await
+            .map_err(|e| fail(e.without_url().to_string()))?;
+        let status = response.status();
+        if !status.is_success() {
+            return Err(fail(format!("OPTIONS answered {status}")));
+        }
+        let allowed = response
+            .headers()
+            .get("WebHook-Allowed-Origin")
+            .and_then(|v| v.to_str().ok())
+            .unwrap_or_default();
+        if allowed != "*" && !allowed.eq_ignore_ascii_case(&self.origin) {
+            return Err(fail(format!(
+                "WebHook-Allowed-Origin is {allowed:?}, expected {:?} or \"*\"",
+                self.origin
+            )));
+        }
+        Ok(())
+    }
+
+    async fn send(&self, o: &Outgoing) -> Attempt {
+        // Event Grid always posts an array.
+        let body = if self.format == Format::EventGrid {
+            let mut b = Vec::with_capacity(o.rendered.body.len() + 2);
+            b.push(b'[');
+            b.extend_from_slice(&o.rendered.body);
+            b.push(b']');
+            b
+        } else {
+            o.rendered.body.clone()
+        };
+        let mut request = self
+            .base(reqwest::Method::POST)
+            .header(reqwest::header::CONTENT_TYPE, o.rendered.content_type)
+            .header("aeg-event-type", "Notification")
+            .header("aeg-subscription-name", &self.subscription)
+            .header("aeg-delivery-count", o.earlier_attempts.to_string())
+            .header("aeg-data-version", &o.version)
+            .header("aeg-metadata-version", "1");
+        if self.handshake && self.format != Format::EventGrid {
+            request = request.header("WebHook-Request-Origin", &self.origin);
+        }
+        for (name, value) in &o.rendered.attributes {
+            request = request.header(format!("ce-{name}"), header_value(value));
+        }
+        for (name, value) in &o.rendered.headers {
+            request = request.header(*name, value);
+        }
+        if let Some(secret) = &self.secret {
+            let timestamp = std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .map_or(0, |d| d.as_secs() as i64);
+            request = request
+                .header("webhook-id", &o.id)
+                .header("webhook-timestamp", timestamp.to_string())
+                .header("webhook-signature", secret.sign(&o.id, timestamp, &body));
+        }
+        match request.body(body).send().await {
+            Ok(response) => Attempt::Status {
+                code: response.status().as_u16(),
+                retry_after: retry_after(response.headers()),
+            },
+            Err(e) if e.is_timeout() => Attempt::TimedOut,
+            Err(_) => Attempt::SocketError,
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn cloudevents_header_values_are_percent_encoded() {
+        assert_eq!(header_value("a b\"c%dé"), "a%20b%22c%25d%C3%A9");
+        assert_eq!(header_value("/subscriptions/x"), "/subscriptions/x");
+    }
+}
