@@ -21,18 +21,15 @@
 //! profile this test was built with.
 
 use std::collections::{BTreeMap, BTreeSet};
-use std::ffi::OsString;
-use std::fs::File;
-use std::path::{Path, PathBuf};
-use std::process::{Child, Command, ExitStatus, Output, Stdio};
-use std::sync::{Mutex, MutexGuard, PoisonError};
+use std::path::Path;
 use std::time::{Duration, Instant};
 
+use iomt_tests::Scratch;
 use iomt_tests::golden::{
-    Capture, Server, capture_dir, check_identities, check_observations, check_server,
-    fhir_template, read_json_lines, rng,
+    Capture, Server, check_identities, check_observations, check_server, fhir_template,
+    read_json_lines, rng,
 };
-use iomt_tests::{Scratch, iomt};
+use iomt_tests::replay::{Checkpoint, Replay, Running, assert_success, serial};
 use serde_json::Value;
 
 /// Every field of a dead-letter record.
@@ -49,134 +46,6 @@ const DEAD_LETTER_FIELDS: [&str; 11] = [
     "properties",
     "systemProperties",
 ];
-
-/// The FHIR tests reset the one server they share: one at a time.
-static FHIR_SERVER: Mutex<()> = Mutex::new(());
-
-fn serial() -> MutexGuard<'static, ()> {
-    FHIR_SERVER.lock().unwrap_or_else(PoisonError::into_inner)
-}
-
-/// One `iomt replay` command line.
-struct Replay {
-    input: PathBuf,
-    state: PathBuf,
-    out: PathBuf,
-    fhir_url: Option<String>,
-    /// Scratch working directory, so that no default path lands in the repository.
-    cwd: PathBuf,
-    /// More options.
-    args: Vec<String>,
-    /// Environment of the run (configuration overrides).
-    env: Vec<(String, String)>,
-}
-
-impl Replay {
-    fn new(capture: &Capture, dir: &Path) -> Self {
-        Replay {
-            input: capture.path.clone(),
-            state: dir.join("state"),
-            out: dir.join("out"),
-            fhir_url: None,
-            cwd: dir.to_owned(),
-            args: Vec::new(),
-            env: Vec::new(),
-        }
-    }
-
-    fn fhir(mut self, url: &str) -> Self {
-        self.fhir_url = Some(url.to_owned());
-        self
-    }
-
-    fn command(&self) -> Command {
-        let capture = capture_dir();
-        let mut args: Vec<OsString> = vec![
-            "replay".into(),
-            self.input.clone().into(),
-            "--device-mapping".into(),
-            capture.join("devicecontent.json").into(),
-            "--fhir-mapping".into(),
-            capture.join("fhirmapping.json").into(),
-            "--state-dir".into(),
-            self.state.clone().into(),
-            "--no-progress".into(),
-        ];
-        match &self.fhir_url {
-            Some(url) => {
-                args.extend(["--fhir-url".into(), url.into()]);
-                args.extend(["--identity-mode".into(), "create".into()]);
-            }
-            None => args.extend(["--out".into(), self.out.clone().into()]),
-        }
-        args.extend(self.args.iter().map(OsString::from));
-        let mut cmd = Command::new(iomt());
-        cmd.args(args).current_dir(&self.cwd).stdin(Stdio::null());
-        // Only this test configures the run.
-        for (key, _) in std::env::vars_os() {
-            if key.to_string_lossy().starts_with("IOMT") {
-                cmd.env_remove(key);
-            }
-        }
-        cmd.envs(self.env.iter().map(|(k, v)| (k, v)));
-        cmd
-    }
-
-    fn run(&self) -> Output {
-        let started = Instant::now();
-        let output = self.command().output().expect("iomt runs");
-        eprintln!(
-            "iomt replay {} in {:.1} s ({})",
-            self.fhir_url.as_deref().unwrap_or("NDJSON"),
-            started.elapsed().as_secs_f64(),
-            output.status
-        );
-        output
-    }
-
-    fn checkpoint(&self) -> Option<Checkpoint> {
-        Checkpoint::read(&self.state.join("replay-checkpoint.json"))
-    }
-
-    fn dead_letters(&self) -> Vec<Value> {
-        read_json_lines(&self.state.join("deadletter.jsonl"))
-    }
-}
-
-fn assert_success(output: &Output) {
-    assert_eq!(
-        output.status.code(),
-        Some(0),
-        "iomt replay failed\nstdout:\n{}\nstderr:\n{}",
-        String::from_utf8_lossy(&output.stdout),
-        String::from_utf8_lossy(&output.stderr)
-    );
-}
-
-/// The replay checkpoint file: how far the output is durable.
-#[derive(Debug, Clone, Copy, PartialEq)]
-struct Checkpoint {
-    complete: bool,
-    position: i64,
-}
-
-impl Checkpoint {
-    fn read(path: &Path) -> Option<Self> {
-        // Written atomically (rename), so whatever is there parses.
-        let bytes = std::fs::read(path).ok()?;
-        let value: Value = serde_json::from_slice(&bytes)
-            .unwrap_or_else(|e| panic!("{} is not JSON: {e}", path.display()));
-        Some(Checkpoint {
-            complete: value["complete"].as_bool().expect("complete"),
-            position: value["partitions"]["0"].as_i64().unwrap_or(0),
-        })
-    }
-
-    /// Whether a replay started now resumes after this checkpoint.
-    fn resumes(self) -> bool {
-        !self.complete && self.position > 0
-    }
-}
 
 /// Numbers of a summary line, by the word that follows each: the `resources` line
 /// `resources  0 created, 0 updated, 420 unchanged` gives created 0, updated 0, unchanged 420.
@@ -404,53 +273,6 @@ fn fhir_golden_run() {
     check_server(&server, &capture, &mut rng);
     check_dead_letters(&replay.dead_letters(), &capture);
     assert_eq!(replay.checkpoint().map(|c| c.complete), Some(true));
-}
-
-/// A running replay, its output going to files (a pipe nobody reads could block it).
-struct Running {
-    child: Child,
-    stderr: PathBuf,
-}
-
-impl Running {
-    fn start(replay: &Replay, n: usize) -> Self {
-        let stdout = replay.cwd.join(format!("run-{n}.stdout"));
-        let stderr = replay.cwd.join(format!("run-{n}.stderr"));
-        let child = replay
-            .command()
-            .stdout(File::create(&stdout).unwrap())
-            .stderr(File::create(&stderr).unwrap())
-            .spawn()
-            .expect("iomt starts");
-        Running { child, stderr }
-    }
-
-    fn exited(&mut self) -> Option<ExitStatus> {
-        self.child.try_wait().unwrap()
-    }
-
-    /// SIGKILL: no drain, no final checkpoint. (It may have finished just before.)
-    fn kill(mut self) -> (ExitStatus, String) {
-        self.child.kill().unwrap();
-        (self.child.wait().unwrap(), self.stderr())
-    }
-
-    fn wait(mut self) -> (ExitStatus, String) {
-        (self.child.wait().unwrap(), self.stderr())
-    }
-
-    fn stderr(&self) -> String {
-        std::fs::read_to_string(&self.stderr).unwrap_or_default()
-    }
-}
-
-impl Drop for Running {
-    fn drop(&mut self) {
-        if let Ok(None) = self.child.try_wait() {
-            self.child.kill().ok();
-            self.child.wait().ok();
-        }
-    }
 }
 
 #[test]

@@ -74,6 +74,22 @@ start_azurite() {
   echo "Azurite ready at $IOMT_TEST_AZURITE_URL"
 }
 
+# The webhook receiver's Python environment (tests/webhook-receiver): the independent Standard
+# Webhooks implementation that checks iomt's signatures.
+setup_webhook_receiver() {
+  if [[ -n "${IOMT_TEST_WEBHOOK_PYTHON:-}" ]]; then
+    echo "using the webhook receiver's Python at $IOMT_TEST_WEBHOOK_PYTHON"
+    return
+  fi
+  local venv="$repo/tests/webhook-receiver/.venv"
+  if [[ ! -x "$venv/bin/python" ]]; then
+    python3 -m venv "$venv"
+  fi
+  "$venv/bin/pip" install --quiet --disable-pip-version-check -r "$repo/tests/webhook-receiver/requirements.txt"
+  export IOMT_TEST_WEBHOOK_PYTHON="$venv/bin/python"
+  echo "webhook receiver ready ($IOMT_TEST_WEBHOOK_PYTHON)"
+}
+
 step "cargo fmt --check"
 cargo fmt --all -- --check
 
@@ -86,6 +102,9 @@ start_fhir_server
 
 step "Azurite"
 start_azurite
+
+step "Webhook receiver"
+setup_webhook_receiver
 
 step "cargo test"
 cargo test --workspace --locked

@@ -4,6 +4,7 @@
 
 pub mod eventhubs;
 pub mod golden;
+pub mod replay;
 
 use std::ffi::OsStr;
 use std::fs::File;

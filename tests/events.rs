@@ -1,0 +1,441 @@
+//! Change events end to end, from `iomt replay` to real receivers on loopback.
+//!
+//! * The shipped capture into the embedded store, with four subscriptions: two JSON Lines
+//!   files (one filtered) and two webhooks served by `tests/webhook-receiver/receiver.py`,
+//!   which verifies every Standard Webhooks signature with the independent `standardwebhooks`
+//!   package, answers the CloudEvents and Event Grid handshakes, and injects a 429, a 503 and
+//!   a timeout. Every resource version yields exactly one event per matching subscription,
+//!   no default-format event carries a patient or device identifier, and a second replay of
+//!   the same data (every write unchanged) delivers nothing.
+//! * A replay into the FHIR test server killed with SIGKILL at random moments and resumed:
+//!   every version the server holds is delivered, none is invented, and the only duplicates
+//!   carry the same event id.
+//!
+//! `tests/run.sh` sets `IOMT_TEST_WEBHOOK_PYTHON` (a Python with `standardwebhooks`) and
+//! `IOMT_TEST_FHIR_URL`.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::io::{BufRead, BufReader};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use iomt_tests::Scratch;
+use iomt_tests::golden::{Capture, Server, read_json_lines, rng};
+use iomt_tests::replay::{Checkpoint, Replay, Running, assert_success, serial};
+use serde_json::Value;
+
+const SECRET: &str = "whsec_MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw";
+const SOURCE: &str =
+    "/subscriptions/s/resourceGroups/r/providers/Microsoft.HealthcareApis/workspaces/test";
+const ACCOUNT: &str = "test.fhir.example.org";
+
+/// The webhook receiver, killed when dropped.
+struct Receiver {
+    child: Child,
+    port: u16,
+    record: PathBuf,
+}
+
+impl Receiver {
+    fn start(dir: &Path, faults: &[&str]) -> Self {
+        let python = std::env::var("IOMT_TEST_WEBHOOK_PYTHON").expect(
+            "IOMT_TEST_WEBHOOK_PYTHON is not set: run tests/run.sh, which prepares the webhook receiver",
+        );
+        let record = dir.join("received.jsonl");
+        let script = iomt_tests::repo_root().join("tests/webhook-receiver/receiver.py");
+        let mut command = Command::new(python);
+        command
+            .arg(script)
+            .args(["--secret", SECRET, "--record"])
+            .arg(&record);
+        for fault in faults {
+            command.args(["--fault", fault]);
+        }
+        let mut child = command
+            .stdout(Stdio::piped())
+            .stderr(Stdio::inherit())
+            .spawn()
+            .expect("the webhook receiver starts");
+        let mut line = String::new();
+        BufReader::new(child.stdout.take().unwrap())
+            .read_line(&mut line)
+            .unwrap();
+        let port = line
+            .trim()
+            .strip_prefix("listening on ")
+            .and_then(|p| p.parse().ok())
+            .unwrap_or_else(|| panic!("receiver said {line:?}"));
+        Receiver {
+            child,
+            port,
+            record,
+        }
+    }
+
+    fn url(&self, path: &str) -> String {
+        format!("http://127.0.0.1:{}/{path}", self.port)
+    }
+
+    fn records(&self) -> Vec<Value> {
+        if self.record.exists() {
+            read_json_lines(&self.record)
+        } else {
+            Vec::new()
+        }
+    }
+}
+
+impl Drop for Receiver {
+    fn drop(&mut self) {
+        self.child.kill().ok();
+        self.child.wait().ok();
+    }
+}
+
+/// A resource version: type, id, version.
+type Version = (String, String, String);
+
+/// The version a CloudEvents or Event Grid event announces.
+fn announced(event: &Value) -> Version {
+    let data = &event["data"];
+    (
+        data["resourceType"].as_str().unwrap().to_owned(),
+        data["resourceFhirId"].as_str().unwrap().to_owned(),
+        match &data["resourceVersionId"] {
+            Value::String(s) => s.clone(),
+            n => n.to_string(),
+        },
+    )
+}
+
+/// The versions in an exported store (`{Type}.ndjson` files): version 1 of every resource
+/// after one replay.
+fn exported(out: &Path) -> BTreeSet<Version> {
+    let mut versions = BTreeSet::new();
+    for t in ["Observation", "Patient", "Device"] {
+        for r in read_json_lines(&out.join(format!("{t}.ndjson"))) {
+            versions.insert((
+                t.to_owned(),
+                r["id"].as_str().unwrap().to_owned(),
+                r["meta"]["versionId"].as_str().unwrap().to_owned(),
+            ));
+        }
+    }
+    versions
+}
+
+fn config(dir: &Path, receiver: &Receiver) -> PathBuf {
+    let path = dir.join("events.toml");
+    let file = |name: &str| dir.join(name).display().to_string();
+    std::fs::write(
+        &path,
+        format!(
+            r#"
+[events]
+source = "{SOURCE}"
+fhir_account = "{ACCOUNT}"
+
+[[subscriptions]]
+name = "all"
+destination = {{ kind = "ndjson", path = "{all}" }}
+
+[[subscriptions]]
+name = "observations-created"
+format = "event-grid"
+filter = {{ included_event_types = ["Microsoft.HealthcareApis.FhirResourceCreated"], resource_types = ["Observation"] }}
+destination = {{ kind = "ndjson", path = "{observations}" }}
+
+[[subscriptions]]
+name = "signed"
+format = "cloudevents-binary"
+filter = {{ advanced_filters = [{{ operator_type = "StringNotIn", key = "data.resourceType", values = ["device"] }}] }}
+destination = {{ kind = "webhook", url = "{signed}", secret = "{SECRET}", timeout = "1s" }}
+
+[[subscriptions]]
+name = "grid"
+format = "event-grid"
+destination = {{ kind = "webhook", url = "{grid}", secret = "{SECRET}", timeout = "1s" }}
+"#,
+            all = file("all.ndjson"),
+            observations = file("observations.ndjson"),
+            signed = receiver.url("signed"),
+            grid = receiver.url("grid"),
+        ),
+    )
+    .unwrap();
+    path
+}
+
+#[test]
+fn every_change_reaches_each_matching_subscription_once() {
+    let scratch = Scratch::new(env!("CARGO_TARGET_TMPDIR"), "events-embedded");
+    let dir = scratch.path();
+    let capture = Capture::shipped();
+    let receiver = Receiver::start(dir, &["429:1", "503:1", "timeout:3"]);
+    let mut replay = Replay::new(&capture, dir);
+    replay.args.extend([
+        "--config".to_owned(),
+        config(dir, &receiver).display().to_string(),
+    ]);
+    let started = Instant::now();
+    let output = replay.run();
+    assert_success(&output);
+    eprintln!(
+        "replay with deliveries: {:.1} s",
+        started.elapsed().as_secs_f64()
+    );
+    let stdout = String::from_utf8_lossy(&output.stdout);
+
+    let versions = exported(&replay.out);
+    assert_eq!(versions.len(), 420 + 24 + 24);
+
+    // The unfiltered file: every version once, in log order, each with its own id.
+    let all = read_json_lines(&dir.join("all.ndjson"));
+    let announced_all: Vec<Version> = all.iter().map(announced).collect();
+    assert_eq!(
+        announced_all.iter().cloned().collect::<BTreeSet<_>>(),
+        versions
+    );
+    assert_eq!(announced_all.len(), versions.len(), "no version twice");
+    let ids: BTreeSet<&str> = all.iter().map(|e| e["id"].as_str().unwrap()).collect();
+    assert_eq!(ids.len(), all.len());
+    for (i, e) in all.iter().enumerate() {
+        assert_eq!(e["specversion"], "1.0");
+        assert_eq!(e["source"], SOURCE);
+        assert_eq!(e["sequence"], format!("{:020}", i + 1));
+        let (t, id, _) = announced(e);
+        assert_eq!(e["subject"], format!("{ACCOUNT}/{t}/{id}"));
+        assert_eq!(e["partitionkey"], format!("{t}/{id}"));
+    }
+
+    // The filtered file, in the Event Grid schema.
+    let observations = read_json_lines(&dir.join("observations.ndjson"));
+    assert_eq!(observations.len(), 420);
+    for e in &observations {
+        assert_eq!(
+            e["eventType"],
+            "Microsoft.HealthcareApis.FhirResourceCreated"
+        );
+        assert_eq!(e["data"]["resourceType"], "Observation");
+        assert_eq!(e["topic"], SOURCE);
+        assert_eq!(e["dataVersion"], "1");
+    }
+
+    // The webhooks: signed (the receiver checked each signature, and would have answered an
+    // invalid one 401), handshaken, and every matching version accepted once.
+    let records = receiver.records();
+    let kinds = |kind: &str| records.iter().filter(|r| r["kind"] == kind).count();
+    assert_eq!(kinds("invalid"), 0);
+    assert_eq!(kinds("options"), 1, "the CloudEvents handshake of `signed`");
+    assert_eq!(kinds("validation"), 1, "Event Grid's handshake of `grid`");
+    assert_eq!((kinds("fault"), kinds("late")), (2, 1));
+    let mut signed = BTreeMap::new();
+    let mut grid = BTreeMap::new();
+    for r in records.iter().filter(|r| r["kind"] == "accepted") {
+        let headers = &r["headers"];
+        let body: Value = serde_json::from_str(r["body"].as_str().unwrap()).unwrap();
+        let id = headers["webhook-id"].as_str().unwrap().to_owned();
+        if headers.get("ce-id").is_some() {
+            // Binary mode: the attributes in `ce-` headers, `data` as the body.
+            assert_eq!(headers["ce-id"], id.as_str());
+            assert_eq!(headers["ce-specversion"], "1.0");
+            assert_eq!(headers["content-type"], "application/json");
+            let event = serde_json::json!({"data": body});
+            let version = announced(&event);
+            assert!(
+                signed.insert(version.clone(), id).is_none(),
+                "{version:?} twice"
+            );
+        } else {
+            assert_eq!(headers["aeg-event-type"], "Notification");
+            let events = body.as_array().expect("Event Grid posts an array");
+            assert_eq!(events.len(), 1);
+            assert_eq!(events[0]["id"], id.as_str());
+            let version = announced(&events[0]);
+            assert!(
+                grid.insert(version.clone(), id).is_none(),
+                "{version:?} twice"
+            );
+        }
+    }
+    let without_devices: BTreeSet<Version> = versions
+        .iter()
+        .filter(|v| v.0 != "Device")
+        .cloned()
+        .collect();
+    assert_eq!(
+        signed.keys().cloned().collect::<BTreeSet<_>>(),
+        without_devices
+    );
+    assert_eq!(grid.keys().cloned().collect::<BTreeSet<_>>(), versions);
+    // The same change is the same event in every subscription.
+    for e in &all {
+        let v = announced(e);
+        assert_eq!(grid[&v], e["id"].as_str().unwrap());
+    }
+    assert!(
+        !dir.join("state/events").read_dir().unwrap().any(|f| f
+            .unwrap()
+            .file_name()
+            .to_string_lossy()
+            .contains("deadletter")),
+        "nothing was dead-lettered"
+    );
+    assert!(stdout.contains("change events"), "{stdout}");
+
+    // No patient or device identifier from the capture in any event.
+    let mut delivered = std::fs::read_to_string(dir.join("all.ndjson")).unwrap();
+    delivered.push_str(&std::fs::read_to_string(dir.join("observations.ndjson")).unwrap());
+    delivered.push_str(&std::fs::read_to_string(&receiver.record).unwrap());
+    let mut identifiers = BTreeSet::new();
+    for record in &capture.records {
+        for key in [
+            "deviceId",
+            "patientId",
+            "device",
+            "patient",
+            "userId",
+            "owner",
+            "sensor",
+            "subject",
+        ] {
+            if let Some(Value::String(s)) = record["Body"].get(key) {
+                identifiers.insert(s.clone());
+            }
+        }
+        if let Some(d) = record["SystemProperties"]["iothub-connection-device-id"].as_str() {
+            identifiers.insert(d.to_owned());
+        }
+    }
+    assert!(identifiers.len() > 20);
+    for identifier in &identifiers {
+        assert!(
+            !delivered.contains(&format!("\"{identifier}\"")),
+            "{identifier} appears in an event"
+        );
+    }
+
+    // The same data again: every write is unchanged, so no event (the webhooks are only
+    // handshaken again).
+    let accepted = || {
+        let records = receiver.records();
+        records.iter().filter(|r| r["kind"] == "accepted").count()
+    };
+    let before = (
+        std::fs::read_to_string(dir.join("all.ndjson")).unwrap(),
+        accepted(),
+    );
+    replay.args.push("--restart".to_owned());
+    assert_success(&replay.run());
+    let after = (
+        std::fs::read_to_string(dir.join("all.ndjson")).unwrap(),
+        accepted(),
+    );
+    assert_eq!(before, after);
+}
+
+#[test]
+fn killed_replays_into_a_fhir_server_deliver_every_version() {
+    let _serial = serial();
+    let server = Server::from_env();
+    let mut rng = rng();
+    let scratch = Scratch::new(env!("CARGO_TARGET_TMPDIR"), "events-fhir-killed");
+    let dir = scratch.path();
+    let capture = Capture::cut(dir);
+    let mut replay = Replay::new(&capture, dir).fhir(&server.base);
+    server.reset();
+    let events = dir.join("all.ndjson");
+    let config = dir.join("events.toml");
+    std::fs::write(
+        &config,
+        format!(
+            "[[subscriptions]]\nname = \"all\"\ndestination = {{ kind = \"ndjson\", path = \"{}\" }}\n",
+            events.display()
+        ),
+    )
+    .unwrap();
+    replay
+        .args
+        .extend(["--config".to_owned(), config.display().to_string()]);
+    replay
+        .env
+        .push(("IOMT__PIPELINE__CHECKPOINT_INTERVAL".into(), "100ms".into()));
+
+    // Kill once or twice, each time at a random moment after the checkpoint moved, then let
+    // the replay finish.
+    let kills = rng.usize(1..=2);
+    let mut killed = 0;
+    for run in 1..=6 {
+        let from = replay
+            .checkpoint()
+            .filter(|c| c.resumes())
+            .map_or(0, |c| c.position);
+        let mut running = Running::start(&replay, run);
+        if killed < kills && run < 6 {
+            let moved = |c: Checkpoint| !c.complete && c.position > from;
+            let started = Instant::now();
+            let mut exited = None;
+            while exited.is_none() && !replay.checkpoint().is_some_and(moved) {
+                assert!(started.elapsed() < Duration::from_secs(300), "no progress");
+                std::thread::sleep(Duration::from_millis(5));
+                exited = running.exited();
+            }
+            std::thread::sleep(Duration::from_millis(rng.u64(0..800)));
+            if exited.is_none() && running.exited().is_none() {
+                let (status, _) = running.kill();
+                assert!(status.code().is_none());
+                killed += 1;
+                eprintln!("run {run}: killed");
+                continue;
+            }
+        }
+        let (status, stderr) = running.wait();
+        assert!(status.success(), "run {run}: {status}\n{stderr}");
+        if replay.checkpoint().is_some_and(|c| c.complete) && killed >= kills {
+            break;
+        }
+    }
+    assert_eq!(replay.checkpoint().map(|c| c.complete), Some(true));
+
+    // Every version the server holds, from each resource's history.
+    let mut on_server = BTreeSet::new();
+    for t in ["Observation", "Patient", "Device"] {
+        for r in server.all(t) {
+            let id = r["id"].as_str().unwrap();
+            let history = server.get(&format!("{t}/{id}/_history"));
+            for entry in history["entry"].as_array().unwrap() {
+                let version = entry["resource"]["meta"]["versionId"].as_str().unwrap();
+                on_server.insert((t.to_owned(), id.to_owned(), version.to_owned()));
+            }
+        }
+    }
+    let delivered = read_json_lines(&events);
+    let mut ids_by_version: BTreeMap<Version, BTreeSet<String>> = BTreeMap::new();
+    for e in &delivered {
+        ids_by_version
+            .entry(announced(e))
+            .or_default()
+            .insert(e["id"].as_str().unwrap().to_owned());
+    }
+    let delivered_versions: BTreeSet<Version> = ids_by_version.keys().cloned().collect();
+    let missing: Vec<&Version> = on_server.difference(&delivered_versions).collect();
+    let invented: Vec<&Version> = delivered_versions.difference(&on_server).collect();
+    assert!(missing.is_empty(), "versions never delivered: {missing:?}");
+    assert!(
+        invented.is_empty(),
+        "events of versions the server never had: {invented:?}"
+    );
+    for (version, ids) in &ids_by_version {
+        assert_eq!(
+            ids.len(),
+            1,
+            "{version:?} delivered under several ids: {ids:?}"
+        );
+    }
+    eprintln!(
+        "{killed} kills; {} versions, {} deliveries",
+        on_server.len(),
+        delivered.len()
+    );
+}
