@@ -1,7 +1,7 @@
 //! Change events end to end, from `iomt replay` to real receivers on loopback.
 //!
 //! * The shipped capture into the embedded store, with four subscriptions: two JSON Lines
-//!   files (one filtered) and two webhooks served by `tests/webhook-receiver/receiver.py`,
+//!   files (one filtered) and two webhooks served by `tests/python/webhook_receiver.py`,
 //!   which verifies every Standard Webhooks signature with the independent `standardwebhooks`
 //!   package, answers the CloudEvents and Event Grid handshakes, and injects a 429, a 503 and
 //!   a timeout. Every resource version yields exactly one event per matching subscription,
@@ -11,8 +11,8 @@
 //!   every version the server holds is delivered, none is invented, and the only duplicates
 //!   carry the same event id.
 //!
-//! `tests/run.sh` sets `IOMT_TEST_WEBHOOK_PYTHON` (a Python with `standardwebhooks`) and
-//! `IOMT_TEST_FHIR_URL`.
+//! `tests/run.sh` sets `IOMT_TEST_PYTHON` (a Python with the tools of `tests/python`),
+//! `IOMT_TEST_KAFKA` (Tansu) and `IOMT_TEST_FHIR_URL`.
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::io::{BufRead, BufReader};
@@ -30,6 +30,12 @@ const SOURCE: &str =
     "/subscriptions/s/resourceGroups/r/providers/Microsoft.HealthcareApis/workspaces/test";
 const ACCOUNT: &str = "test.fhir.example.org";
 
+/// The Python of the test tools (`tests/python`).
+fn python() -> String {
+    std::env::var("IOMT_TEST_PYTHON")
+        .expect("IOMT_TEST_PYTHON is not set: run tests/run.sh, which prepares the test tools")
+}
+
 /// The webhook receiver, killed when dropped.
 struct Receiver {
     child: Child,
@@ -39,11 +45,9 @@ struct Receiver {
 
 impl Receiver {
     fn start(dir: &Path, faults: &[&str]) -> Self {
-        let python = std::env::var("IOMT_TEST_WEBHOOK_PYTHON").expect(
-            "IOMT_TEST_WEBHOOK_PYTHON is not set: run tests/run.sh, which prepares the webhook receiver",
-        );
+        let python = python();
         let record = dir.join("received.jsonl");
-        let script = iomt_tests::repo_root().join("tests/webhook-receiver/receiver.py");
+        let script = iomt_tests::repo_root().join("tests/python/webhook_receiver.py");
         let mut command = Command::new(python);
         command
             .arg(script)
@@ -438,4 +442,120 @@ fn killed_replays_into_a_fhir_server_deliver_every_version() {
         on_server.len(),
         delivered.len()
     );
+}
+
+/// Runs a tool of `tests/python/kafka_tool.py`; its standard output.
+fn kafka_tool(args: &[&str]) -> String {
+    let script = iomt_tests::repo_root().join("tests/python/kafka_tool.py");
+    let output = Command::new(python())
+        .arg(script)
+        .args(args)
+        .output()
+        .expect("the Kafka tool runs");
+    assert!(
+        output.status.success(),
+        "kafka_tool {args:?}: {}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    String::from_utf8(output.stdout).unwrap()
+}
+
+#[test]
+fn kafka_subscriptions_are_keyed_by_resource_and_carry_cloudevents_headers() {
+    let brokers = std::env::var("IOMT_TEST_KAFKA")
+        .expect("IOMT_TEST_KAFKA is not set: run tests/run.sh, which starts Tansu");
+    let scratch = Scratch::new(env!("CARGO_TARGET_TMPDIR"), "events-kafka");
+    let dir = scratch.path();
+    let suffix = format!("{}-{:x}", std::process::id(), fastrand::u32(..));
+    let (binary, structured) = (format!("binary-{suffix}"), format!("structured-{suffix}"));
+    for topic in [&binary, &structured] {
+        kafka_tool(&["create", &brokers, topic, "4"]);
+    }
+    let config = dir.join("events.toml");
+    std::fs::write(
+        &config,
+        format!(
+            r#"
+[events]
+source = "{SOURCE}"
+fhir_account = "{ACCOUNT}"
+
+[[subscriptions]]
+name = "binary"
+format = "cloudevents-binary"
+destination = {{ kind = "kafka", brokers = "{brokers}", topic = "{binary}" }}
+
+[[subscriptions]]
+name = "structured"
+filter = {{ resource_types = ["Patient"] }}
+destination = {{ kind = "kafka", brokers = "{brokers}", topic = "{structured}" }}
+"#
+        ),
+    )
+    .unwrap();
+    let capture = Capture::shipped();
+    let mut replay = Replay::new(&capture, dir);
+    replay
+        .args
+        .extend(["--config".to_owned(), config.display().to_string()]);
+    assert_success(&replay.run());
+    let versions = exported(&replay.out);
+
+    let records: Vec<Value> =
+        kafka_tool(&["consume", &brokers, &binary, &versions.len().to_string()])
+            .lines()
+            .map(|l| serde_json::from_str(l).unwrap())
+            .collect();
+    assert_eq!(records.len(), versions.len());
+    let mut seen = BTreeSet::new();
+    let mut partition_of: BTreeMap<String, i64> = BTreeMap::new();
+    for r in &records {
+        let headers = &r["headers"];
+        let data: Value = serde_json::from_str(r["value"].as_str().unwrap()).unwrap();
+        let version = announced(&serde_json::json!({ "data": data }));
+        let key = format!("{}/{}", version.0, version.1);
+        assert_eq!(r["key"], key.as_str(), "the key is Type/id");
+        assert_eq!(headers["content-type"], "application/json");
+        assert_eq!(headers["ce_specversion"], "1.0");
+        assert_eq!(headers["ce_source"], SOURCE);
+        assert_eq!(
+            headers["ce_type"],
+            "Microsoft.HealthcareApis.FhirResourceCreated"
+        );
+        assert_eq!(headers["ce_subject"], format!("{ACCOUNT}/{key}").as_str());
+        assert_eq!(headers["ce_partitionkey"], key.as_str());
+        for attribute in [
+            "ce_id",
+            "ce_time",
+            "ce_sequence",
+            "ce_traceparent",
+            "ce_dataschema",
+        ] {
+            assert!(headers[attribute].is_string(), "{attribute} in {headers}");
+        }
+        // The events of a resource stay on one partition.
+        let partition = r["partition"].as_i64().unwrap();
+        assert_eq!(*partition_of.entry(key).or_insert(partition), partition);
+        assert!(seen.insert(version), "a version twice");
+    }
+    assert_eq!(seen, versions);
+
+    let patients = versions.iter().filter(|v| v.0 == "Patient").count();
+    let structured: Vec<Value> =
+        kafka_tool(&["consume", &brokers, &structured, &patients.to_string()])
+            .lines()
+            .map(|l| serde_json::from_str(l).unwrap())
+            .collect();
+    assert_eq!(structured.len(), patients);
+    for r in &structured {
+        assert!(
+            r["headers"]["content-type"]
+                .as_str()
+                .unwrap()
+                .starts_with("application/cloudevents+json")
+        );
+        let event: Value = serde_json::from_str(r["value"].as_str().unwrap()).unwrap();
+        assert_eq!(event["data"]["resourceType"], "Patient");
+        assert_eq!(r["key"], event["partitionkey"]);
+    }
 }

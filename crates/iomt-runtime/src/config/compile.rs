@@ -266,6 +266,14 @@ impl Config {
                         errors.push(error(format!("{at}.destination.secret"), e.to_string()));
                     }
                 }
+                super::Destination::Kafka { brokers, topic, .. } => {
+                    if brokers.trim().is_empty() || topic.trim().is_empty() {
+                        errors.push(error(
+                            format!("{at}.destination"),
+                            "a Kafka destination needs brokers and topic",
+                        ));
+                    }
+                }
                 super::Destination::Ndjson { .. } => {}
             }
         }

@@ -106,6 +106,21 @@ pub enum Destination {
         #[serde(default = "default_timeout", with = "humantime_serde")]
         timeout: Duration,
     },
+    /// A Kafka topic (or an Event Hub through its Kafka endpoint), keyed by `Type/id` so that
+    /// the events of a resource stay in order on one partition.
+    Kafka {
+        /// `host:port,…`.
+        brokers: String,
+        /// The topic.
+        topic: String,
+        /// More librdkafka settings, e.g. `security.protocol`, `sasl.mechanism`,
+        /// `sasl.username`, `sasl.password`.
+        #[serde(default)]
+        properties: std::collections::BTreeMap<String, String>,
+        /// How long a message may take to be acknowledged by the brokers.
+        #[serde(default = "default_timeout", with = "humantime_serde")]
+        timeout: Duration,
+    },
 }
 
 impl Destination {
@@ -116,6 +131,7 @@ impl Destination {
             Destination::Webhook { url, .. } => {
                 format!("webhook {}", iomt_core::redact_url(url))
             }
+            Destination::Kafka { topic, .. } => format!("Kafka topic {topic}"),
         }
     }
 }
@@ -137,5 +153,21 @@ impl Subscription {
             }
             *url = iomt_core::redact_url(url);
         }
+        if let Destination::Kafka { properties, .. } = &mut self.destination {
+            for (key, value) in properties.iter_mut() {
+                if is_secret_property(key) {
+                    *value = "***".to_owned();
+                }
+            }
+        }
     }
+}
+
+/// Whether a librdkafka setting holds a secret (passwords, keys, tokens).
+pub(crate) fn is_secret_property(key: &str) -> bool {
+    let key = key.to_ascii_lowercase();
+    ["password", "secret", "key", "token", "credential"]
+        .iter()
+        .any(|s| key.contains(s))
+        && !key.ends_with(".location")
 }

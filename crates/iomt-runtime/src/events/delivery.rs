@@ -354,6 +354,7 @@ impl Subscription {
             };
             batch.push(Outgoing {
                 id: p.event.id.to_string(),
+                key: p.event.partition_key(),
                 version: p.event.version_id.clone(),
                 rendered: iomt_events::render(
                     &p.event,

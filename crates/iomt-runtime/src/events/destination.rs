@@ -16,6 +16,8 @@ use crate::config::Destination as DestinationConfig;
 pub(crate) struct Outgoing {
     /// The event id: the Standard Webhooks `webhook-id`.
     pub(crate) id: String,
+    /// `Type/id`, the key on partitioned transports.
+    pub(crate) key: String,
     /// The version, for `aeg-data-version`.
     pub(crate) version: String,
     /// The payload.
@@ -40,6 +42,7 @@ pub(crate) enum DestinationError {
 pub(crate) enum Destination {
     Ndjson(Ndjson),
     Webhook(Box<Webhook>),
+    Kafka(Box<Kafka>),
 }
 
 impl Destination {
@@ -83,13 +86,19 @@ impl Destination {
                     origin: origin.to_owned(),
                 }))
             }
+            DestinationConfig::Kafka {
+                brokers,
+                topic,
+                properties,
+                timeout,
+            } => Destination::Kafka(Box::new(Kafka::new(brokers, topic, properties, *timeout)?)),
         })
     }
 
     /// Validates the subscription with the endpoint, where the destination has a handshake.
     pub(crate) async fn handshake(&self, source: &str) -> Result<(), DestinationError> {
         match self {
-            Destination::Ndjson(_) => Ok(()),
+            Destination::Ndjson(_) | Destination::Kafka(_) => Ok(()),
             Destination::Webhook(w) => w.handshake(source).await,
         }
     }
@@ -101,7 +110,115 @@ impl Destination {
             Destination::Webhook(w) => {
                 futures::future::join_all(batch.iter().map(|o| w.send(o))).await
             }
+            Destination::Kafka(k) => k.deliver(batch).await,
         }
+    }
+}
+
+/// A Kafka topic. The producer is idempotent and waits for all in-sync replicas, so an
+/// acknowledged event is on the brokers once, whatever librdkafka retried.
+pub(crate) struct Kafka {
+    producer: rdkafka::producer::FutureProducer,
+    topic: String,
+    timeout: Duration,
+}
+
+impl std::fmt::Debug for Kafka {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Kafka")
+            .field("topic", &self.topic)
+            .finish_non_exhaustive()
+    }
+}
+
+impl Kafka {
+    fn new(
+        brokers: &str,
+        topic: &str,
+        properties: &std::collections::BTreeMap<String, String>,
+        timeout: Duration,
+    ) -> Result<Self, DestinationError> {
+        let mut config = rdkafka::ClientConfig::new();
+        config
+            .set("bootstrap.servers", brokers)
+            .set("enable.idempotence", "true")
+            .set("acks", "all")
+            .set("linger.ms", "5")
+            .set("message.timeout.ms", timeout.as_millis().to_string());
+        for (key, value) in properties {
+            config.set(key, value);
+        }
+        // librdkafka's messages name settings, never their values.
+        let producer = config
+            .create()
+            .map_err(|e| DestinationError::Config(format!("Kafka producer: {e}")))?;
+        Ok(Self {
+            producer,
+            topic: topic.to_owned(),
+            timeout,
+        })
+    }
+
+    async fn deliver(&self, batch: &[Outgoing]) -> Vec<Attempt> {
+        use rdkafka::message::{Header, OwnedHeaders};
+        let sends = batch.iter().map(|o| {
+            let mut headers = OwnedHeaders::new().insert(Header {
+                key: "content-type",
+                value: Some(o.rendered.content_type),
+            });
+            let prefixed: Vec<(String, &str)> = o
+                .rendered
+                .attributes
+                .iter()
+                .map(|(name, value)| (format!("ce_{name}"), value.as_str()))
+                .collect();
+            for (key, value) in &prefixed {
+                headers = headers.insert(Header {
+                    key: key.as_str(),
+                    value: Some(*value),
+                });
+            }
+            for (key, value) in &o.rendered.headers {
+                headers = headers.insert(Header {
+                    key,
+                    value: Some(value.as_str()),
+                });
+            }
+            let record = rdkafka::producer::FutureRecord::to(&self.topic)
+                .key(&o.key)
+                .payload(&o.rendered.body)
+                .headers(headers);
+            self.producer.send(record, self.timeout)
+        });
+        futures::future::join_all(sends)
+            .await
+            .into_iter()
+            .map(|result| match result {
+                Ok(_) => Attempt::Status {
+                    code: 200,
+                    retry_after: None,
+                },
+                Err((e, _)) => kafka_attempt(&e),
+            })
+            .collect()
+    }
+}
+
+/// A Kafka error as an attempt: a message the brokers can never take is a 413, anything else
+/// is retried on the schedule.
+fn kafka_attempt(e: &rdkafka::error::KafkaError) -> Attempt {
+    use rdkafka::types::RDKafkaErrorCode;
+    match e.rdkafka_error_code() {
+        Some(RDKafkaErrorCode::MessageSizeTooLarge | RDKafkaErrorCode::InvalidMessageSize) => {
+            Attempt::Status {
+                code: 413,
+                retry_after: None,
+            }
+        }
+        Some(RDKafkaErrorCode::MessageTimedOut | RDKafkaErrorCode::RequestTimedOut) => {
+            Attempt::TimedOut
+        }
+        _ => Attempt::SocketError,
     }
 }
 
