@@ -21,6 +21,7 @@ use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 use iomt_tests::Scratch;
+use iomt_tests::events::{Version, announced, assert_each_version_under_one_id};
 use iomt_tests::golden::{Capture, Server, read_json_lines, rng};
 use iomt_tests::replay::{Checkpoint, Replay, Running, assert_success, serial};
 use serde_json::Value;
@@ -95,22 +96,6 @@ impl Drop for Receiver {
         self.child.kill().ok();
         self.child.wait().ok();
     }
-}
-
-/// A resource version: type, id, version.
-type Version = (String, String, String);
-
-/// The version a CloudEvents or Event Grid event announces.
-fn announced(event: &Value) -> Version {
-    let data = &event["data"];
-    (
-        data["resourceType"].as_str().unwrap().to_owned(),
-        data["resourceFhirId"].as_str().unwrap().to_owned(),
-        match &data["resourceVersionId"] {
-            Value::String(s) => s.clone(),
-            n => n.to_string(),
-        },
-    )
 }
 
 /// The versions in an exported store (`{Type}.ndjson` files): version 1 of every resource
@@ -403,40 +388,14 @@ fn killed_replays_into_a_fhir_server_deliver_every_version() {
     assert_eq!(replay.checkpoint().map(|c| c.complete), Some(true));
 
     // Every version the server holds, from each resource's history.
-    let mut on_server = BTreeSet::new();
-    for t in ["Observation", "Patient", "Device"] {
-        for r in server.all(t) {
-            let id = r["id"].as_str().unwrap();
-            let history = server.get(&format!("{t}/{id}/_history"));
-            for entry in history["entry"].as_array().unwrap() {
-                let version = entry["resource"]["meta"]["versionId"].as_str().unwrap();
-                on_server.insert((t.to_owned(), id.to_owned(), version.to_owned()));
-            }
-        }
-    }
+    let on_server = server.versions();
     let delivered = read_json_lines(&events);
-    let mut ids_by_version: BTreeMap<Version, BTreeSet<String>> = BTreeMap::new();
-    for e in &delivered {
-        ids_by_version
-            .entry(announced(e))
-            .or_default()
-            .insert(e["id"].as_str().unwrap().to_owned());
-    }
-    let delivered_versions: BTreeSet<Version> = ids_by_version.keys().cloned().collect();
-    let missing: Vec<&Version> = on_server.difference(&delivered_versions).collect();
-    let invented: Vec<&Version> = delivered_versions.difference(&on_server).collect();
-    assert!(missing.is_empty(), "versions never delivered: {missing:?}");
-    assert!(
-        invented.is_empty(),
-        "events of versions the server never had: {invented:?}"
+    assert_each_version_under_one_id(
+        &on_server,
+        delivered
+            .iter()
+            .map(|e| (announced(e), e["id"].as_str().unwrap().to_owned())),
     );
-    for (version, ids) in &ids_by_version {
-        assert_eq!(
-            ids.len(),
-            1,
-            "{version:?} delivered under several ids: {ids:?}"
-        );
-    }
     eprintln!(
         "{killed} kills; {} versions, {} deliveries",
         on_server.len(),

@@ -498,6 +498,23 @@ impl Server {
         })
     }
 
+    /// Every version of every resource of the types iomt writes, from each resource's
+    /// history: `(type, id, versionId)`.
+    pub fn versions(&self) -> std::collections::BTreeSet<(String, String, String)> {
+        let mut versions = std::collections::BTreeSet::new();
+        for t in ["Observation", "Patient", "Device"] {
+            for r in self.all(t) {
+                let id = r["id"].as_str().unwrap();
+                let history = self.get(&format!("{t}/{id}/_history"));
+                for entry in history["entry"].as_array().unwrap() {
+                    let version = entry["resource"]["meta"]["versionId"].as_str().unwrap();
+                    versions.insert((t.to_owned(), id.to_owned(), version.to_owned()));
+                }
+            }
+        }
+        versions
+    }
+
     /// Every resource of a type, page by page (`_offset`: the test server gives no next links).
     pub fn all(&self, resource_type: &str) -> Vec<Value> {
         const PAGE: usize = 1000;

@@ -3,6 +3,7 @@
 //! against it ([`golden`]); live Event Hubs runs ([`eventhubs`]).
 
 pub mod eventhubs;
+pub mod events;
 pub mod golden;
 pub mod replay;
 

@@ -53,16 +53,17 @@ fn check(args: &CheckArgs) -> anyhow::Result<u8> {
         Err(errors) => return Ok(report_config_errors(&errors)),
     };
     let palette = Palette::new(crate::ColorChoice::Auto);
-    let (device, fhir) = (&config.device_mapping, &config.fhir_mapping);
-    if let Err(code) = load_or_report(OutputFormat::Text, &palette, device, Some(fhir))? {
-        return Ok(code);
-    }
-    crate::outln!(
-        "configuration is valid: templates {} and {}; {}",
-        device.display(),
-        fhir.display(),
-        describe(&config)
-    );
+    // The events role uses no templates.
+    let templates = match (&config.device_mapping, &config.fhir_mapping) {
+        (Some(device), Some(fhir)) => {
+            if let Err(code) = load_or_report(OutputFormat::Text, &palette, device, Some(fhir))? {
+                return Ok(code);
+            }
+            format!("templates {} and {}; ", device.display(), fhir.display())
+        }
+        _ => String::new(),
+    };
+    crate::outln!("configuration is valid: {templates}{}", describe(&config));
     Ok(0)
 }
 
@@ -78,6 +79,10 @@ fn describe(config: &Compiled) -> String {
             format!("FHIR server {url} ({:?} identity)", identity.mode)
         }
         (Target::Embedded { dir, .. }, _) => format!("the embedded store in {}", dir.display()),
+        (Target::Nothing, _) => {
+            let n = config.events.as_ref().map_or(0, |e| e.subscriptions.len());
+            format!("{n} subscriptions")
+        }
     };
     match &config.live {
         Some(live) => format!(

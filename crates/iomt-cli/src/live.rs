@@ -15,9 +15,10 @@ use iomt_runtime::Purpose;
 use iomt_runtime::run::RunError;
 
 use crate::run::{
-    RoleArg, RunArgs, finish_output, prepare, print_summary, report_config_errors, report_events,
-    runtime, shutdown_signal,
+    RoleArg, RunArgs, finish_output, prepare_compiled, print_summary, report_config_errors,
+    report_events, runtime, shutdown_signal,
 };
+use iomt_runtime::config::Role;
 
 #[derive(Debug, Args)]
 pub(crate) struct LiveArgs {
@@ -46,11 +47,18 @@ fn default_owner_id() -> String {
 }
 
 pub(crate) fn run(args: &LiveArgs) -> anyhow::Result<u8> {
-    let (config, assembled) = match prepare(&args.run, Purpose::Run, args.role, Vec::new(), None)? {
+    let config = match args.run.compile(Purpose::Run, args.role) {
+        Ok(config) => config,
+        Err(errors) => return Ok(report_config_errors(&errors)),
+    };
+    let owner_id = args.owner_id.clone().unwrap_or_else(default_owner_id);
+    if config.role == Role::Events {
+        return run_events(&config, owner_id);
+    }
+    let (config, assembled) = match prepare_compiled(config, &args.run, Vec::new(), None)? {
         Ok(prepared) => prepared,
         Err(code) => return Ok(code),
     };
-    let owner_id = args.owner_id.clone().unwrap_or_else(default_owner_id);
     let (metrics, sink) = (assembled.metrics.clone(), assembled.sink.clone());
     let dead_letter_file = assembled.dead_letter_file.clone();
     let started = Instant::now();
@@ -84,6 +92,40 @@ pub(crate) fn run(args: &LiveArgs) -> anyhow::Result<u8> {
         1
     } else if outcome.report.abandoned {
         130
+    } else {
+        0
+    })
+}
+
+/// `iomt run --role events`: delivers change events from the event log hub until Ctrl-C or
+/// SIGTERM.
+fn run_events(config: &iomt_runtime::Compiled, owner_id: String) -> anyhow::Result<u8> {
+    let metrics = std::sync::Arc::new(iomt_runtime::Metrics::new());
+    let started = Instant::now();
+    let outcome = runtime()?.block_on(iomt_runtime::run::events_role(
+        config,
+        owner_id,
+        metrics.clone(),
+        shutdown_signal(),
+    ));
+    let outcome = match outcome {
+        Ok(o) => o,
+        Err(RunError::Config(e)) => return Ok(report_config_errors(&[e])),
+        Err(e) => return Err(e.into()),
+    };
+    if let Some(reason) = &outcome.source_failed {
+        eprintln!("error: reading the event log failed: {reason}");
+    }
+    let summary = metrics.summary();
+    crate::outln!(
+        "change events {} delivered, {} dead-lettered in {:.1} s",
+        summary.events_delivered,
+        summary.events_dead_lettered,
+        started.elapsed().as_secs_f64()
+    );
+    report_events(Some(&outcome.report));
+    Ok(if outcome.source_failed.is_some() {
+        1
     } else {
         0
     })

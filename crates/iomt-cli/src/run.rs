@@ -38,6 +38,8 @@ pub(crate) enum RoleArg {
     Normalize,
     /// Read [internal_hub], write FHIR.
     Convert,
+    /// Read [event_log], deliver change events to the subscriptions.
+    Events,
 }
 
 impl From<RoleArg> for Role {
@@ -46,6 +48,7 @@ impl From<RoleArg> for Role {
             RoleArg::All => Role::All,
             RoleArg::Normalize => Role::Normalize,
             RoleArg::Convert => Role::Convert,
+            RoleArg::Events => Role::Events,
         }
     }
 }
@@ -163,12 +166,26 @@ pub(crate) fn prepare(
         Ok(config) => config,
         Err(errors) => return Ok(Err(report_config_errors(&errors))),
     };
+    prepare_compiled(config, args, partitions, dead_letter_file)
+}
+
+/// [`prepare`] for a configuration already compiled.
+pub(crate) fn prepare_compiled(
+    config: Compiled,
+    args: &RunArgs,
+    partitions: Vec<String>,
+    dead_letter_file: Option<PathBuf>,
+) -> anyhow::Result<Result<(Compiled, Assembled), u8>> {
     let palette = Palette::new(crate::ColorChoice::Auto);
+    let (Some(device_mapping), Some(fhir_mapping)) = (&config.device_mapping, &config.fhir_mapping)
+    else {
+        anyhow::bail!("the configuration names no templates");
+    };
     let mappings = match load_or_report(
         OutputFormat::Text,
         &palette,
-        &config.device_mapping,
-        Some(&config.fhir_mapping),
+        device_mapping,
+        Some(fhir_mapping),
     )? {
         Ok(m) => m,
         Err(code) => return Ok(Err(code)),

@@ -1,6 +1,7 @@
 //! Azure Event Hubs and its checkpoint store: opening consumers and producers the way a
 //! deployment is configured, turning received events into source events, and the Blob
-//! checkpoint store ([`blob`]) in the layout KEDA reads for lag.
+//! checkpoint store ([`blob`]) in the layout KEDA reads for lag, and a producer that reports
+//! what became of each message ([`producer`]).
 //!
 //! Authentication is a connection string (SAS), or a Microsoft Entra ID credential (workload
 //! identity on AKS, a managed identity, a client secret). A custom endpoint points the AMQP
@@ -9,6 +10,7 @@
 #![deny(missing_docs)]
 
 pub mod blob;
+pub mod producer;
 
 use std::sync::Arc;
 use std::time::UNIX_EPOCH;

@@ -240,6 +240,14 @@ pub struct Versioned {
 }
 
 impl Versioned {
+    /// A resource read from a search result, which carries no ETag.
+    pub fn of(resource: Value) -> Self {
+        Self {
+            resource,
+            etag: None,
+        }
+    }
+
     /// What a write that left the resource at this version did.
     pub fn written(&self, action: Action, identity: bool) -> Written {
         let text = |v: &Value| v.as_str().map(str::to_owned);

@@ -196,8 +196,12 @@ impl IdentityResolver {
         // resolves no encounter.
         let mut written = Vec::new();
         let (device_id, patient_id, looked_up) = match (device, self.config.mode) {
-            (Some(d), _) if patient_of(&d).is_some() => {
-                (id_of(&d)?, patient_of(&d).unwrap_or_default(), true)
+            (Some(d), mode) if patient_of(&d).is_some() => {
+                let patient = patient_of(&d).unwrap_or_default();
+                if mode == IdentityMode::Create {
+                    self.found_own(group, &d, &patient, &mut written).await?;
+                }
+                (id_of(&d)?, patient, true)
             }
             (Some(d), IdentityMode::Create) => {
                 let (device, patient) =
@@ -238,6 +242,36 @@ impl IdentityResolver {
         Ok((ids, written))
     }
 
+    /// Create mode, device and patient found: those that carry the ids Create mode gives are
+    /// reported as unchanged writes. A run that created them and stopped before their change
+    /// events were appended to the event log is then repaired by the next one; resources
+    /// someone else created are not iomt's writes and are not reported.
+    async fn found_own(
+        &self,
+        group: &MeasurementGroup,
+        device: &Value,
+        patient_id: &str,
+        written: &mut Vec<Written>,
+    ) -> Result<(), IdentityError> {
+        let own_device = created_device(
+            self.config.device_identifier_system.as_deref(),
+            &group.device_id,
+            patient_id,
+        );
+        if device["id"] != own_device["id"] {
+            return Ok(());
+        }
+        written.push(Versioned::of(device.clone()).written(Action::Unchanged, true));
+        let own_patient = group
+            .patient_id
+            .as_deref()
+            .is_some_and(|p| created_patient(p)["id"] == patient_id);
+        if own_patient && let Some(patient) = self.client.read("Patient", patient_id).await? {
+            written.push(patient.written(Action::Unchanged, true));
+        }
+        Ok(())
+    }
+
     /// Create mode: find or create the Patient by identifier, then find, link or create the
     /// Device, all with deterministic ids.
     async fn create_identities(
@@ -256,7 +290,12 @@ impl IdentityResolver {
             .search("Patient", &[("identifier", patient_value)], 1)
             .await?;
         let patient_id = match patients.first() {
-            Some(p) => id_of(p)?,
+            Some(p) => {
+                if p["id"] == created_patient(patient_value)["id"] {
+                    written.push(Versioned::of(p.clone()).written(Action::Unchanged, true));
+                }
+                id_of(p)?
+            }
             None => {
                 let put = self
                     .client

@@ -250,13 +250,27 @@ async fn create_mode_is_deterministic_and_lookup_reports_unknown_devices() {
     );
     // Once resolved, the ids come from the cache and nothing is reported again.
     assert!(resolver.resolve(&g).await.unwrap().written.is_empty());
-    // A second process resolves to the same resources and creates nothing new.
+    // A second process resolves to the same resources and creates nothing new. It reports
+    // them as unchanged writes, so that their change events, should a crash have lost them,
+    // are appended again.
     let again = IdentityResolver::new(client.clone(), config)
         .resolve(&g)
         .await
         .unwrap();
     assert_eq!(again.ids, ids);
-    assert!(again.written.is_empty());
+    let mut reported: Vec<_> = again
+        .written
+        .iter()
+        .map(|w| (w.resource_type.as_str(), w.id.as_str(), w.action.name()))
+        .collect();
+    reported.sort();
+    assert_eq!(
+        reported,
+        [
+            ("Device", ids.device.as_str(), "Unchanged"),
+            ("Patient", ids.patient.as_str(), "Unchanged")
+        ]
+    );
     assert_eq!(
         client
             .search("Patient", &[("identifier", &patient)], 10)
@@ -291,7 +305,10 @@ async fn create_mode_is_deterministic_and_lookup_reports_unknown_devices() {
             ..IdentityConfig::default()
         },
     );
-    assert_eq!(lookup.resolve(&g).await.unwrap().ids, ids);
+    let looked_up = lookup.resolve(&g).await.unwrap();
+    assert_eq!(looked_up.ids, ids);
+    // Lookup mode writes nothing and reports nothing.
+    assert!(looked_up.written.is_empty());
 }
 
 #[tokio::test]

@@ -15,7 +15,7 @@ use iomt_templates::fhir::FhirMapping;
 
 use crate::config::{Compiled, ConfigError, Target};
 use crate::convert::Converter;
-use crate::events::{EventService, Outbox};
+use crate::events::EventService;
 use crate::sink::{Sink, SinkError};
 use crate::store::{Embedded, FhirStore};
 use crate::{Metrics, Pipeline, PipelineConfig};
@@ -128,6 +128,7 @@ pub fn assemble(
     let mapping = Arc::new(fhir);
     let (sink, target) = match &config.target {
         Target::InternalHub => (ConfiguredSink::Nothing, "internal hub".to_owned()),
+        Target::Nothing => (ConfiguredSink::Nothing, "nothing".to_owned()),
         Target::Fhir {
             url,
             client,
@@ -169,10 +170,7 @@ pub fn assemble(
     })?;
     let sink = Arc::new(sink);
     let metrics = Arc::new(Metrics::new());
-    let (outbox, events) = match EventService::build(config, metrics.clone())? {
-        Some((outbox, service)) => (outbox, Some(service)),
-        None => (Outbox::None, None),
-    };
+    let (outbox, events) = EventService::build(config, metrics.clone())?;
     let pipeline = Pipeline::new(
         config.pipeline.clone(),
         Arc::new(Normalizer::new(device)),

@@ -36,26 +36,10 @@ pub enum HubError {
     Closed,
 }
 
-/// What a hub between processes reports about the messages it was given.
-#[derive(Debug)]
-pub enum Delivery {
-    /// Stored durably: the measurements of these origins are done on this side.
-    Stored(Vec<Origin>),
-    /// Refused for good (too large for an event); they are dead-lettered.
-    Refused {
-        /// The messages.
-        messages: Vec<HubMessage>,
-        /// Why.
-        reason: String,
-    },
-    /// A send failed; the producer sends the messages again.
-    Failed {
-        /// How many messages the failed send carried.
-        messages: usize,
-        /// Why it failed.
-        error: String,
-    },
-}
+/// What a hub between processes reports about the measurements it was given: stored (their
+/// source events are done on this side), refused for good (they are dead-lettered), or failed
+/// (the producer sends them again).
+pub type Delivery = iomt_eventhubs::producer::Sent<HubMessage>;
 
 /// The sending side of the internal hub.
 pub trait HubProducer: Send + 'static {

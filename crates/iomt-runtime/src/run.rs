@@ -300,3 +300,141 @@ pub async fn live(
         source_failed: ended.err().map(|e| e.to_string()),
     })
 }
+
+/// How a run of the events role ended.
+#[derive(Debug)]
+pub struct EventsOutcome {
+    /// Per subscription, how its delivery ended.
+    pub report: crate::events::EventsReport,
+    /// Why a subscription's reader of the event log gave up, when one did.
+    pub source_failed: Option<String>,
+}
+
+/// Runs the events role until `shutdown` or until a reader of the event log gives up: every
+/// subscription reads the `[event_log]` hub in its own consumer group, its partitions shared
+/// among the events pods through the checkpoint container, and delivers; its checkpoints
+/// move past each event once it is delivered or dead-lettered, so KEDA sees each
+/// subscription's own lag.
+pub async fn events_role(
+    config: &Compiled,
+    owner_id: String,
+    metrics: Arc<crate::Metrics>,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+) -> Result<EventsOutcome, RunError> {
+    use crate::events::delivery::Feed;
+    use crate::source::Partitions;
+
+    let Some(live) = &config.live else {
+        return Err(RunError::Config(ConfigError {
+            origin: "configuration".into(),
+            message: "was not compiled for `iomt run`".into(),
+        }));
+    };
+    let health = Arc::new(crate::Health::default());
+    if let Some(addr) = config.metrics_addr {
+        let bound = crate::serve(addr, metrics.clone(), health.clone())
+            .await
+            .map_err(|error| RunError::Metrics { addr, error })?;
+        tracing::info!(%bound, "serving /metrics, /healthz and /readyz");
+    }
+    let store = live.checkpoints.clone().with_owner(owner_id.clone());
+    store.ensure_container().await.map_err(|e| ConfigError {
+        origin: "checkpoints".into(),
+        message: e.to_string(),
+    })?;
+    let store: Arc<dyn azure_messaging_eventhubs::CheckpointStore + Send + Sync> = Arc::new(store);
+    let (subscriptions, cx) = crate::events::cluster_subscriptions(config, metrics)?;
+    tracing::info!(
+        owner = %owner_id,
+        hub = %live.source.hub,
+        subscriptions = subscriptions.len(),
+        "starting the events role"
+    );
+    let (stop_tx, stop) = watch::channel(false);
+    let (failed_tx, mut failed) = mpsc::unbounded_channel::<String>();
+    let (mut deliveries, mut readers, mut committers) = (Vec::new(), Vec::new(), Vec::new());
+    for (subscription, consumer_group) in subscriptions {
+        let mut settings = live.source.clone();
+        settings.consumer_group = consumer_group;
+        settings.application_id = Some(owner_id.clone());
+        let partitions = Partitions::new();
+        let (tx, items) = mpsc::channel(16);
+        let reader = EventHubsSource {
+            settings: settings.clone(),
+            processor: live.processor.clone(),
+            store: store.clone(),
+            partitions: partitions.clone(),
+        };
+        let (reader_stop, failed_tx) = (stop.clone(), failed_tx.clone());
+        readers.push(tokio::spawn(async move {
+            if let Err(e) = reader.run(tx, reader_stop).await {
+                failed_tx.send(e.to_string()).ok();
+            }
+        }));
+        let feed = Feed::Hub {
+            items,
+            buffered: Default::default(),
+            partitions: partitions.clone(),
+            closed: false,
+        };
+        deliveries.push(tokio::spawn(subscription.run(
+            cx.clone(),
+            feed,
+            stop.clone(),
+        )));
+        let checkpoints = EventHubsCheckpoints::new(store.clone(), &settings);
+        let interval = config.pipeline.checkpoint_interval;
+        let (done_tx, done) = oneshot::channel::<()>();
+        committers.push((
+            done_tx,
+            tokio::spawn(commit_subscription(partitions, checkpoints, interval, done)),
+        ));
+    }
+    health.set_ready(true);
+    let source_failed = tokio::select! {
+        () = shutdown => None,
+        Some(e) = failed.recv() => Some(e),
+    };
+    health.set_ready(false);
+    stop_tx.send_replace(true);
+    let report = crate::events::report(deliveries).await;
+    for (done, committer) in committers {
+        done.send(()).ok();
+        committer.await.ok();
+    }
+    for reader in readers {
+        reader.await.ok();
+    }
+    Ok(EventsOutcome {
+        report,
+        source_failed,
+    })
+}
+
+/// Commits a subscription's checkpoints on a timer and once more when `done` fires.
+async fn commit_subscription(
+    partitions: crate::source::Partitions,
+    mut checkpoints: EventHubsCheckpoints,
+    interval: std::time::Duration,
+    mut done: oneshot::Receiver<()>,
+) {
+    let mut committed = Vec::new();
+    let mut tick = tokio::time::interval(interval);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Skip);
+    loop {
+        let last = tokio::select! {
+            _ = tick.tick() => false,
+            _ = &mut done => true,
+        };
+        let positions = partitions.0.committable();
+        if positions != committed && !positions.is_empty() {
+            match checkpoints.commit(&positions).await {
+                Ok(()) => committed = positions,
+                Err(e) => e.log(),
+            }
+        }
+        if last {
+            return;
+        }
+    }
+}

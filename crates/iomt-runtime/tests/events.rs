@@ -113,6 +113,7 @@ fn config(dir: &Path, url: &str) -> Config {
             handshake: false,
             timeout: Duration::from_secs(5),
         },
+        consumer_group: None,
         dead_letter: None,
         max_in_flight: 8,
     }];
@@ -154,8 +155,9 @@ async fn retries_follow_event_grid_and_undeliverable_events_are_dead_lettered() 
             .unwrap();
     }
     let metrics = Arc::new(Metrics::new());
-    let (_, service) = EventService::build_with_clock(&compiled, metrics.clone(), clock.clone())
+    let service = EventService::build_with_clock(&compiled, metrics.clone(), clock.clone())
         .unwrap()
+        .1
         .unwrap();
     let (stop_tx, stop) = watch::channel(false);
     let running = service.spawn(stop);
@@ -249,9 +251,10 @@ async fn a_gone_endpoint_disables_only_its_subscription_and_keeps_its_checkpoint
             .await
             .unwrap();
     }
-    let (_, service) =
+    let service =
         EventService::build_with_clock(&compiled, Arc::new(Metrics::new()), clock.clone())
             .unwrap()
+            .1
             .unwrap();
     let (stop_tx, stop) = watch::channel(false);
     let running = service.spawn(stop);

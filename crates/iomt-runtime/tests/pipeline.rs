@@ -396,8 +396,8 @@ impl HubProducer for DurableHub {
                 reason: "too large for an event".into(),
             })?;
         }
-        report(Delivery::Stored(stored.iter().map(|m| m.origin).collect()))?;
-        self.stored.lock().unwrap().extend(stored);
+        self.stored.lock().unwrap().extend(stored.iter().cloned());
+        report(Delivery::Stored(stored))?;
         Ok(())
     }
 

@@ -75,6 +75,25 @@ pub struct StoredEvent {
     pub partition_key: Option<String>,
     /// The body: the concatenated Data sections, or a binary or string AMQP value.
     pub body: Vec<u8>,
+    /// The application properties with string values.
+    pub properties: std::collections::BTreeMap<String, String>,
+    /// The `content-type` property, if any.
+    pub content_type: Option<String>,
+}
+
+/// The string-valued application properties of a message.
+fn string_properties(message: &AmqpMessage) -> std::collections::BTreeMap<String, String> {
+    let Some(properties) = message.application_properties.as_ref() else {
+        return Default::default();
+    };
+    properties
+        .0
+        .iter()
+        .filter_map(|(k, v)| match v {
+            fe2o3_amqp::types::primitives::SimpleValue::String(s) => Some((k.clone(), s.clone())),
+            _ => None,
+        })
+        .collect()
 }
 
 /// The body bytes of a message, as tests see them.
@@ -218,6 +237,13 @@ impl Partition {
                 enqueued_time: system_time(r.enqueued_time_ms),
                 partition_key: r.partition_key.clone(),
                 body: body_bytes(&r.message),
+                properties: string_properties(&r.message),
+                content_type: r
+                    .message
+                    .properties
+                    .as_ref()
+                    .and_then(|p| p.content_type.as_ref())
+                    .map(|t| t.0.clone()),
             })
             .collect()
     }

@@ -33,10 +33,10 @@ pub enum Purpose {
 pub struct Compiled {
     /// The stages this process runs.
     pub role: Role,
-    /// The device mapping file.
-    pub device_mapping: PathBuf,
-    /// The FHIR mapping file.
-    pub fhir_mapping: PathBuf,
+    /// The device mapping file (every role but events).
+    pub device_mapping: Option<PathBuf>,
+    /// The FHIR mapping file (every role but events).
+    pub fhir_mapping: Option<PathBuf>,
     /// The pipeline's tuning.
     pub pipeline: PipelineConfig,
     /// Where resources are written.
@@ -49,6 +49,8 @@ pub struct Compiled {
     pub live: Option<Live>,
     /// Change events, when subscriptions are configured.
     pub events: Option<CompiledEvents>,
+    /// The event log hub, in cluster mode.
+    pub event_log: Option<EventHubSettings>,
 }
 
 /// The change events of a run.
@@ -91,6 +93,9 @@ pub enum Target {
     },
     /// No resources: the normalize role writes measurements to the internal hub.
     InternalHub,
+    /// No resources: the events role without a FHIR server (which full-resource
+    /// subscriptions read versions from).
+    Nothing,
 }
 
 /// What `iomt run` reads, writes and checkpoints to.
@@ -134,12 +139,12 @@ impl Config {
             }
         };
         check(
-            self.templates.device_mapping.is_some(),
+            self.templates.device_mapping.is_some() || role == Role::Events,
             "templates.device_mapping",
             "is required (or --device-mapping)",
         );
         check(
-            self.templates.fhir_mapping.is_some(),
+            self.templates.fhir_mapping.is_some() || role == Role::Events,
             "templates.fhir_mapping",
             "is required (or --fhir-mapping)",
         );
@@ -213,12 +218,16 @@ impl Config {
         if purpose == Purpose::Run {
             self.run_errors(role, &mut errors);
         }
-        self.subscription_errors(&mut errors);
+        // Writers append to the event log wherever it is configured.
+        if self.event_log.hub.is_some() && matches!(role, Role::All | Role::Convert) {
+            hub_errors(&self.event_log, "event_log", false, &mut errors);
+        }
+        self.subscription_errors(role, &mut errors);
         errors
     }
 
     /// Problems of `[[subscriptions]]`, each named by its subscription.
-    fn subscription_errors(&self, errors: &mut Vec<ConfigError>) {
+    fn subscription_errors(&self, role: Role, errors: &mut Vec<ConfigError>) {
         let mut names = std::collections::HashSet::new();
         for (i, s) in self.subscriptions.iter().enumerate() {
             let at = format!("subscriptions[{i}] ({})", s.name);
@@ -240,6 +249,12 @@ impl Config {
             }
             if let Err(e) = s.retry.validate() {
                 errors.push(error(format!("{at}.retry"), e));
+            }
+            if role == Role::Events && s.format.needs_resource() && self.fhir.url.is_none() {
+                errors.push(error(
+                    format!("{at}.format"),
+                    "full-resource events in the events role read each version from fhir.url, which is not set",
+                ));
             }
             if s.max_in_flight == 0 {
                 errors.push(error(format!("{at}.max_in_flight"), "must be at least 1"));
@@ -274,6 +289,11 @@ impl Config {
                         ));
                     }
                 }
+                super::Destination::EventHubs { .. } => {
+                    if let Some(hub) = s.destination.event_hub() {
+                        hub_errors(&hub, &format!("{at}.destination"), false, errors);
+                    }
+                }
                 super::Destination::Ndjson { .. } => {}
             }
         }
@@ -281,6 +301,15 @@ impl Config {
 
     /// What `iomt run` needs: the hubs its role reads and writes, and a checkpoint store.
     fn run_errors(&self, role: Role, errors: &mut Vec<ConfigError>) {
+        if role == Role::Events {
+            hub_errors(&self.event_log, "event_log", true, errors);
+            if self.subscriptions.is_empty() {
+                errors.push(error(
+                    "subscriptions",
+                    "the events role needs at least one [[subscriptions]] entry",
+                ));
+            }
+        }
         if matches!(role, Role::All | Role::Normalize) {
             hub_errors(&self.source, "source", true, errors);
         }
@@ -317,18 +346,22 @@ impl Config {
         let (Some(pipeline), Some(target), Some(live)) = (pipeline, target, live) else {
             return Err(errors);
         };
-        let (Some(device_mapping), Some(fhir_mapping)) = (
-            self.templates.device_mapping.clone(),
-            self.templates.fhir_mapping.clone(),
-        ) else {
-            unreachable!("validate() requires both mappings");
+        let event_log = match &self.event_log.hub {
+            Some(_) if role != Role::Normalize => {
+                keep(hub_settings(&self.event_log, "event_log"), &mut errors).map(Some)
+            }
+            _ => Some(None),
+        };
+        let Some(event_log) = event_log else {
+            return Err(errors);
         };
         let events = self.compiled_events(&target);
         Ok(Compiled {
             events,
+            event_log,
             role,
-            device_mapping,
-            fhir_mapping,
+            device_mapping: self.templates.device_mapping.clone(),
+            fhir_mapping: self.templates.fhir_mapping.clone(),
             pipeline,
             target,
             state_dir: self.output.state_dir.clone(),
@@ -385,6 +418,7 @@ impl Config {
         let identity = &self.identity;
         Ok(match &self.fhir.url {
             _ if role == Role::Normalize => Target::InternalHub,
+            None if role == Role::Events => Target::Nothing,
             Some(url) => Target::Fhir {
                 url: url.clone(),
                 client: self.fhir_client(url)?,
@@ -435,6 +469,8 @@ impl Config {
         let (key, s, carries) = match role {
             Role::All | Role::Normalize => ("source", &self.source, Carries::DeviceEvents),
             Role::Convert => ("internal_hub", &self.internal_hub, Carries::Measurements),
+            // Event log records are read as raw bodies.
+            Role::Events => ("event_log", &self.event_log, Carries::DeviceEvents),
         };
         let c = &self.checkpoints;
         let checkpoints = match (&c.connection_string, &c.container_url) {
@@ -449,7 +485,7 @@ impl Config {
         .map_err(|e| error("checkpoints", e.to_string()))?;
         let internal_hub = match role {
             Role::Normalize => Some(hub_settings(&self.internal_hub, "internal_hub")?),
-            Role::All | Role::Convert => None,
+            Role::All | Role::Convert | Role::Events => None,
         };
         Ok(Live {
             source: hub_settings(s, key)?,
@@ -511,7 +547,7 @@ fn entra(s: &Source, key: &str) -> Result<Arc<dyn TokenCredential>, ConfigError>
 }
 
 /// The hub of section `key` (`source` or `internal_hub`) as client settings.
-fn hub_settings(section: &Source, key: &str) -> Result<EventHubSettings, ConfigError> {
+pub(crate) fn hub_settings(section: &Source, key: &str) -> Result<EventHubSettings, ConfigError> {
     let auth = match &section.connection_string {
         Some(cs) => EventHubsAuth::ConnectionString(cs.clone()),
         None => EventHubsAuth::Credential(entra(section, &format!("{key}.auth"))?),

@@ -7,6 +7,8 @@ use std::time::Duration;
 use iomt_events::{Filter, Format, RetryPolicy};
 use serde::{Deserialize, Serialize};
 
+use super::{AuthKind, Source};
+
 /// `[events]`: what every event says about its publisher, and delivery tuning.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
@@ -64,6 +66,10 @@ pub struct Subscription {
     /// with 1 [default: 64].
     #[serde(default = "default_in_flight")]
     pub max_in_flight: usize,
+    /// With the event log on an Event Hub: the consumer group the events role reads it in
+    /// for this subscription, which must exist on the hub [default: the name, lower-cased].
+    #[serde(default)]
+    pub consumer_group: Option<String>,
 }
 
 fn default_in_flight() -> usize {
@@ -79,6 +85,7 @@ fn default_true() -> bool {
 }
 
 /// Where a subscription's events go.
+#[allow(clippy::large_enum_variant)] // configuration, built once
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(tag = "kind", rename_all = "kebab-case", deny_unknown_fields)]
 pub enum Destination {
@@ -121,6 +128,38 @@ pub enum Destination {
         #[serde(default = "default_timeout", with = "humantime_serde")]
         timeout: Duration,
     },
+    /// An Event Hub, through the Event Hubs SDK, with partition key `Type/id` so that the
+    /// events of a resource stay in order on one partition. Binary CloudEvents carry their
+    /// attributes as `cloudEvents_*` application properties (the AMQP binding).
+    EventHubs {
+        /// The Event Hub.
+        hub: String,
+        /// Fully qualified namespace (Entra ID auth).
+        #[serde(default)]
+        namespace: Option<String>,
+        /// A connection string with `Send` rights; otherwise `auth` names an Entra identity.
+        #[serde(default)]
+        connection_string: Option<String>,
+        /// `workload-identity`, `managed-identity` or `client-secret` without a connection
+        /// string.
+        #[serde(default)]
+        auth: AuthKind,
+        /// Entra tenant, for `client-secret`.
+        #[serde(default)]
+        tenant_id: Option<String>,
+        /// Entra client id.
+        #[serde(default)]
+        client_id: Option<String>,
+        /// Entra client secret.
+        #[serde(default)]
+        client_secret: Option<String>,
+        /// `amqp://host:port` to connect to instead of the namespace.
+        #[serde(default)]
+        custom_endpoint: Option<String>,
+        /// How long a send may take to be stored.
+        #[serde(default = "default_timeout", with = "humantime_serde")]
+        timeout: Duration,
+    },
 }
 
 impl Destination {
@@ -132,11 +171,48 @@ impl Destination {
                 format!("webhook {}", iomt_core::redact_url(url))
             }
             Destination::Kafka { topic, .. } => format!("Kafka topic {topic}"),
+            Destination::EventHubs { hub, .. } => format!("Event Hub {hub}"),
         }
+    }
+
+    /// An Event Hubs destination as a hub section, to validate and compile it as one.
+    pub(crate) fn event_hub(&self) -> Option<Source> {
+        let Destination::EventHubs {
+            hub,
+            namespace,
+            connection_string,
+            auth,
+            tenant_id,
+            client_id,
+            client_secret,
+            custom_endpoint,
+            ..
+        } = self
+        else {
+            return None;
+        };
+        Some(Source {
+            hub: Some(hub.clone()),
+            namespace: namespace.clone(),
+            connection_string: connection_string.clone(),
+            auth: *auth,
+            tenant_id: tenant_id.clone(),
+            client_id: client_id.clone(),
+            client_secret: client_secret.clone(),
+            custom_endpoint: custom_endpoint.clone(),
+            ..Source::default()
+        })
     }
 }
 
 impl Subscription {
+    /// The consumer group this subscription reads the event log hub in.
+    pub fn consumer_group(&self) -> String {
+        self.consumer_group
+            .clone()
+            .unwrap_or_else(|| self.name.to_ascii_lowercase())
+    }
+
     /// Replaces secrets with `***`, for printing.
     pub(crate) fn mask_secrets(&mut self) {
         if let Destination::Webhook {
@@ -152,6 +228,18 @@ impl Subscription {
                 }
             }
             *url = iomt_core::redact_url(url);
+        }
+        if let Destination::EventHubs {
+            connection_string,
+            client_secret,
+            ..
+        } = &mut self.destination
+        {
+            for value in [connection_string, client_secret] {
+                if value.is_some() {
+                    *value = Some("***".to_owned());
+                }
+            }
         }
         if let Destination::Kafka { properties, .. } = &mut self.destination {
             for (key, value) in properties.iter_mut() {

@@ -28,6 +28,7 @@ use serde::{Deserialize, Serialize};
 mod compile;
 mod events;
 
+pub(crate) use compile::hub_settings;
 pub use compile::{Compiled, CompiledEvents, Live, Purpose, Target};
 pub use events::{Destination, Events, Subscription};
 
@@ -53,6 +54,10 @@ pub struct Config {
     pub source: Source,
     /// `[internal_hub]`: the Event Hub between the normalize and convert roles.
     pub internal_hub: Source,
+    /// `[event_log]`: in cluster mode, the Event Hub the convert role appends change events
+    /// to and the events role delivers from. Its `consumer_group` is not used: each
+    /// subscription reads in its own.
+    pub event_log: Source,
     /// Where `iomt run` keeps checkpoints and partition ownership.
     pub checkpoints: Checkpoints,
     /// What change events say about their publisher.
@@ -311,6 +316,8 @@ pub enum Role {
     Normalize,
     /// `[internal_hub]` to FHIR: group and convert only.
     Convert,
+    /// `[event_log]` to the subscriptions: change event delivery only.
+    Events,
 }
 
 impl Role {
@@ -319,6 +326,7 @@ impl Role {
         match self {
             Role::All | Role::Normalize => "source",
             Role::Convert => "internal_hub",
+            Role::Events => "event_log",
         }
     }
 }
@@ -415,7 +423,7 @@ fn env_value(raw: &str) -> toml::Value {
 }
 
 /// The sections, in the order they are printed.
-const SECTIONS: [&str; 10] = [
+const SECTIONS: [&str; 11] = [
     "templates",
     "fhir",
     "identity",
@@ -424,6 +432,7 @@ const SECTIONS: [&str; 10] = [
     "output",
     "source",
     "internal_hub",
+    "event_log",
     "checkpoints",
     "events",
 ];
@@ -577,6 +586,7 @@ impl Config {
             output: section("output", take("output"), &mut errors),
             source: section("source", take("source"), &mut errors),
             internal_hub: section("internal_hub", take("internal_hub"), &mut errors),
+            event_log: section("event_log", take("event_log"), &mut errors),
             checkpoints: section("checkpoints", take("checkpoints"), &mut errors),
             events: section("events", take("events"), &mut errors),
             subscriptions,

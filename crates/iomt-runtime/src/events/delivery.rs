@@ -11,16 +11,18 @@ use std::pin::Pin;
 use std::sync::{Arc, Mutex, PoisonError};
 use std::time::Duration;
 
+use iomt_core::Written;
 use iomt_core::{Backoff, Timestamp};
 use iomt_events::deadletter::{Undelivered, record};
 use iomt_events::{ChangeEvent, ChangeKind, Filter, Format, Publisher, RetryPolicy, Verdict};
 use iomt_store::{Change, ChangeReader, StoreError};
 use serde_json::Value;
-use tokio::sync::watch;
+use tokio::sync::{mpsc, watch};
 use tokio::time::Instant;
 
 use super::destination::{Destination, Outgoing};
-use crate::Metrics;
+use crate::source::{Input, Origin, Partitions};
+use crate::{Metrics, SourceItem};
 
 /// Time as the delivery loop sees it. Retry waits are hours long; tests replace the clock to
 /// check the schedule without waiting.
@@ -154,14 +156,116 @@ pub(crate) struct Subscription {
 #[derive(Debug, Clone)]
 pub(crate) struct Context {
     pub(crate) publisher: Arc<Publisher>,
-    pub(crate) log: Log,
     pub(crate) resources: Option<Resources>,
     pub(crate) metrics: Arc<Metrics>,
     pub(crate) clock: Arc<dyn Clock>,
-    /// Bumped by the outbox after each append.
-    pub(crate) wake: watch::Receiver<u64>,
     pub(crate) poll_interval: Duration,
     pub(crate) drain_deadline: Duration,
+}
+
+/// Where a subscription reads its events.
+#[derive(Debug)]
+pub(crate) enum Feed {
+    /// A change log read by position from the subscription's checkpoint file: the embedded
+    /// store's, or the local event log.
+    Log {
+        log: Log,
+        /// Bumped by the outbox after each append.
+        wake: watch::Receiver<u64>,
+    },
+    /// Event log records from the partitions of an Event Hub this process owns for the
+    /// subscription; each is acknowledged once finished, and the partitions' checkpoints
+    /// follow (in the subscription's consumer group).
+    Hub {
+        items: mpsc::Receiver<Vec<SourceItem>>,
+        buffered: VecDeque<SourceItem>,
+        partitions: Partitions,
+        closed: bool,
+    },
+}
+
+/// An event log entry: its position, where a hub record came from, and the write.
+type Entry = (i64, Option<Origin>, Option<Written>);
+
+impl Feed {
+    /// Up to `room` entries after `after`; and whether that was all there is for now.
+    async fn read(&mut self, after: i64, room: usize) -> Result<(Vec<Entry>, bool), StoreError> {
+        match self {
+            Feed::Log { log, .. } => {
+                let changes = log.read(after, room).await?;
+                let end = changes.len() < room;
+                Ok((
+                    changes
+                        .into_iter()
+                        .map(|c| (c.seq, None, Some(c.written)))
+                        .collect(),
+                    end,
+                ))
+            }
+            Feed::Hub {
+                items,
+                buffered,
+                partitions,
+                closed,
+            } => {
+                while buffered.len() < room && !*closed {
+                    match items.try_recv() {
+                        Ok(batch) => buffered.extend(batch),
+                        Err(mpsc::error::TryRecvError::Empty) => break,
+                        Err(mpsc::error::TryRecvError::Disconnected) => *closed = true,
+                    }
+                }
+                let n = room.min(buffered.len());
+                let taken: Vec<(Origin, u32)> =
+                    buffered.iter().take(n).map(|i| (i.origin, 1)).collect();
+                partitions.0.register(&taken);
+                let entries = buffered
+                    .drain(..n)
+                    .map(|item| {
+                        let written = match &item.input {
+                            Input::Event(e) => super::hub_log::read_record(&e.event.body),
+                            _ => None,
+                        };
+                        (item.origin.position, Some(item.origin), written)
+                    })
+                    .collect();
+                Ok((entries, buffered.is_empty()))
+            }
+        }
+    }
+
+    /// Marks an entry finished (delivered, dead-lettered or not for this subscription).
+    fn finished(&self, slot: &Slot) {
+        if let (Feed::Hub { partitions, .. }, Some(origin)) = (self, slot.origin) {
+            partitions.0.ack([origin]);
+        }
+    }
+
+    /// Completes when there may be more to read.
+    async fn more(&mut self) {
+        match self {
+            Feed::Log { wake, .. } => {
+                wake.changed().await.ok();
+            }
+            Feed::Hub {
+                items,
+                buffered,
+                closed,
+                ..
+            } => {
+                if !buffered.is_empty() {
+                    return;
+                }
+                if *closed {
+                    return std::future::pending().await;
+                }
+                match items.recv().await {
+                    Some(batch) => buffered.extend(batch),
+                    None => *closed = true,
+                }
+            }
+        }
+    }
 }
 
 /// An event waiting for delivery.
@@ -177,6 +281,7 @@ struct Pending {
 #[derive(Debug)]
 struct Slot {
     seq: i64,
+    origin: Option<Origin>,
     pending: Option<Pending>,
 }
 
@@ -196,7 +301,12 @@ pub(crate) struct Ended {
 impl Subscription {
     /// Delivers until `stop` turns true, then drains what the log holds within the drain
     /// deadline.
-    pub(crate) async fn run(self, cx: Context, mut stop: watch::Receiver<bool>) -> Ended {
+    pub(crate) async fn run(
+        self,
+        cx: Context,
+        mut feed: Feed,
+        mut stop: watch::Receiver<bool>,
+    ) -> Ended {
         let mut state = read_state(&self.state_file);
         let ended = |state: &State, unfinished| Ended {
             name: self.name.clone(),
@@ -209,12 +319,11 @@ impl Subscription {
             return ended(&state, 0);
         }
         // The log may have been replaced (a new store); its positions start over.
-        match cx.log.last().await {
-            Ok(last) if last < state.position => {
-                tracing::warn!(subscription = %self.name, "the event log is behind the subscription's checkpoint: starting from its beginning");
-                state.position = 0;
-            }
-            _ => {}
+        if let Feed::Log { log, .. } = &feed
+            && log.last().await.is_ok_and(|last| last < state.position)
+        {
+            tracing::warn!(subscription = %self.name, "the event log is behind the subscription's checkpoint: starting from its beginning");
+            state.position = 0;
         }
         let mut backoff = Backoff::new(Duration::from_secs(1), Duration::from_secs(60));
         while let Err(e) = self.destination.handshake(&cx.publisher.source).await {
@@ -225,7 +334,6 @@ impl Subscription {
                 _ = stop.wait_for(|s| *s) => return ended(&state, 0),
             }
         }
-        let mut wake = cx.wake.clone();
         let mut window: VecDeque<Slot> = VecDeque::new();
         let mut read_to = state.position;
         let mut drain_by: Option<Instant> = None;
@@ -237,14 +345,16 @@ impl Subscription {
             let room = self.max_in_flight.max(1).saturating_sub(window.len());
             let mut log_end = false;
             // An append after this read wakes the wait below.
-            wake.borrow_and_update();
+            if let Feed::Log { wake, .. } = &mut feed {
+                wake.borrow_and_update();
+            }
             if room > 0 {
-                match cx.log.read(read_to, room).await {
-                    Ok(changes) => {
-                        log_end = changes.len() < room;
-                        for change in changes {
-                            read_to = change.seq;
-                            window.push_back(self.admit(&cx, change));
+                match feed.read(read_to, room).await {
+                    Ok((entries, end)) => {
+                        log_end = end;
+                        for (seq, origin, written) in entries {
+                            read_to = seq;
+                            window.push_back(self.admit(&cx, seq, origin, written));
                         }
                     }
                     Err(e) => {
@@ -268,17 +378,20 @@ impl Subscription {
             let before = state.position;
             while window.front().is_some_and(|s| s.pending.is_none()) {
                 if let Some(slot) = window.pop_front() {
+                    feed.finished(&slot);
                     state.position = slot.seq;
                 }
             }
-            if state.position != before
-                && let Err(e) = write_state(&self.state_file, &state)
-            {
-                tracing::error!(subscription = %self.name, error = %e, "cannot write the subscription checkpoint");
-            }
-            if let Ok(last) = cx.log.last().await {
-                cx.metrics
-                    .event_backlog(&self.name, (last - state.position).max(0));
+            if let Feed::Log { log, .. } = &feed {
+                if state.position != before
+                    && let Err(e) = write_state(&self.state_file, &state)
+                {
+                    tracing::error!(subscription = %self.name, error = %e, "cannot write the subscription checkpoint");
+                }
+                if let Ok(last) = log.last().await {
+                    cx.metrics
+                        .event_backlog(&self.name, (last - state.position).max(0));
+                }
             }
             let unfinished = window.len();
             if let Some(deadline) = drain_by
@@ -303,28 +416,44 @@ impl Subscription {
                 wake_at = wake_at.min(deadline);
             }
             tokio::select! {
-                _ = wake.changed() => {}
+                () = feed.more() => {}
                 () = cx.clock.sleep_until(wake_at) => {}
                 _ = stop.wait_for(|s| *s), if drain_by.is_none() => {}
             }
         }
     }
 
-    /// A log row as a slot: to deliver when the filter matches it.
-    fn admit(&self, cx: &Context, change: Change) -> Slot {
-        let seq = change.seq;
-        let Some(mut event) = ChangeKind::of(change.written.action)
-            .map(|k| ChangeEvent::of_version(&cx.publisher.source, &change.written, k))
+    /// A log entry as a slot: to deliver when the filter matches it.
+    fn admit(
+        &self,
+        cx: &Context,
+        seq: i64,
+        origin: Option<Origin>,
+        written: Option<Written>,
+    ) -> Slot {
+        let finished = Slot {
+            seq,
+            origin,
+            pending: None,
+        };
+        let Some(written) = written else {
+            // Not an event log record: nothing can be delivered for it.
+            cx.metrics.event_dropped(&self.name, "UnreadableLogRecord");
+            return finished;
+        };
+        let Some(mut event) = ChangeKind::of(written.action)
+            .map(|k| ChangeEvent::of_version(&cx.publisher.source, &written, k))
         else {
-            return Slot { seq, pending: None };
+            return finished;
         };
         event.sequence = u64::try_from(seq).ok();
         if !self.filter.matches(&event, &cx.publisher) {
-            return Slot { seq, pending: None };
+            return finished;
         }
         cx.metrics.event_matched(&self.name);
         Slot {
             seq,
+            origin,
             pending: Some(Pending {
                 event,
                 attempts: 0,

@@ -1,5 +1,6 @@
-//! Where a subscription's events go: a JSON Lines file, or a webhook (Standard Webhooks
-//! signatures, Event Grid and CloudEvents handshakes and headers).
+//! Where a subscription's events go: a JSON Lines file, a webhook (Standard Webhooks
+//! signatures, Event Grid and CloudEvents handshakes and headers), a Kafka topic or an Event
+//! Hub.
 
 use std::io::Write as _;
 use std::path::PathBuf;
@@ -43,6 +44,7 @@ pub(crate) enum Destination {
     Ndjson(Ndjson),
     Webhook(Box<Webhook>),
     Kafka(Box<Kafka>),
+    EventHubs(Box<EventHubs>),
 }
 
 impl Destination {
@@ -92,6 +94,16 @@ impl Destination {
                 properties,
                 timeout,
             } => Destination::Kafka(Box::new(Kafka::new(brokers, topic, properties, *timeout)?)),
+            DestinationConfig::EventHubs { timeout, .. } => {
+                let hub = config.event_hub().unwrap_or_default();
+                let settings = crate::config::hub_settings(&hub, "destination")
+                    .map_err(|e| DestinationError::Config(e.message))?;
+                Destination::EventHubs(Box::new(EventHubs {
+                    settings,
+                    timeout: *timeout,
+                    producer: tokio::sync::OnceCell::new(),
+                }))
+            }
         })
     }
 
@@ -100,6 +112,8 @@ impl Destination {
         match self {
             Destination::Ndjson(_) | Destination::Kafka(_) => Ok(()),
             Destination::Webhook(w) => w.handshake(source).await,
+            // Opening the hub: a hub that cannot be opened is retried like a handshake.
+            Destination::EventHubs(h) => h.producer().await.map(|_| ()),
         }
     }
 
@@ -111,6 +125,85 @@ impl Destination {
                 futures::future::join_all(batch.iter().map(|o| w.send(o))).await
             }
             Destination::Kafka(k) => k.deliver(batch).await,
+            Destination::EventHubs(h) => h.deliver(batch).await,
+        }
+    }
+}
+
+/// An Event Hub. A send counts once the hub stored it; one that takes longer than the timeout
+/// is a failed attempt, though the producer may still store it (consumers deduplicate on the
+/// event id).
+pub(crate) struct EventHubs {
+    settings: iomt_eventhubs::EventHubSettings,
+    timeout: Duration,
+    producer: tokio::sync::OnceCell<iomt_eventhubs::producer::Confirmed>,
+}
+
+impl std::fmt::Debug for EventHubs {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("EventHubs")
+            .field("hub", &self.settings.hub)
+            .finish_non_exhaustive()
+    }
+}
+
+impl EventHubs {
+    async fn producer(&self) -> Result<&iomt_eventhubs::producer::Confirmed, DestinationError> {
+        self.producer
+            .get_or_try_init(|| async {
+                iomt_eventhubs::producer::Confirmed::open(
+                    self.settings.clone(),
+                    iomt_eventhubs::producer::ProducerOptions {
+                        max_wait: Duration::from_millis(10),
+                        ..Default::default()
+                    },
+                )
+                .await
+                .map_err(|e| DestinationError::Handshake(e.to_string()))
+            })
+            .await
+    }
+
+    async fn deliver(&self, batch: &[Outgoing]) -> Vec<Attempt> {
+        let Ok(producer) = self.producer().await else {
+            return vec![Attempt::SocketError; batch.len()];
+        };
+        let messages = batch
+            .iter()
+            .map(|o| iomt_eventhubs::producer::Message {
+                body: o.rendered.body.clone(),
+                content_type: Some(o.rendered.content_type.to_owned()),
+                properties: o
+                    .rendered
+                    .attributes
+                    .iter()
+                    .map(|(name, value)| (format!("cloudEvents_{name}"), value.clone()))
+                    .chain(
+                        o.rendered
+                            .headers
+                            .iter()
+                            .map(|(name, value)| ((*name).to_owned(), value.clone())),
+                    )
+                    .collect(),
+                partition_key: Some(o.key.clone()),
+            })
+            .collect();
+        match tokio::time::timeout(self.timeout, producer.send(messages)).await {
+            Ok(results) => results
+                .into_iter()
+                .map(|r| match r {
+                    Ok(()) => Attempt::Status {
+                        code: 200,
+                        retry_after: None,
+                    },
+                    Err(iomt_eventhubs::producer::NotStored::Refused(_)) => Attempt::Status {
+                        code: 413,
+                        retry_after: None,
+                    },
+                    Err(iomt_eventhubs::producer::NotStored::Closed(_)) => Attempt::SocketError,
+                })
+                .collect(),
+            Err(_) => vec![Attempt::TimedOut; batch.len()],
         }
     }
 }

@@ -2,13 +2,15 @@
 //! moves, and the delivery service that reads it for every subscription.
 //!
 //! The event log is the embedded store's change log (written in the same transaction as each
-//! resource version), or, for runs writing to a FHIR server, the local event log in the state
-//! directory, appended to after each write and before the write is acknowledged. A crash
-//! between the FHIR write and the append re-runs the write; it comes back unchanged, and the
-//! append of the version it names repairs the log.
+//! resource version); for runs writing to a FHIR server, the local event log in the state
+//! directory; in cluster mode, an Event Hub ([`hub_log`]) read by `iomt run --role events`.
+//! Each is appended to after a write and before the write is acknowledged. A crash between
+//! the FHIR write and the append re-runs the write; it comes back unchanged, and the append of
+//! the version it names repairs the log.
 
 pub mod delivery;
 pub(crate) mod destination;
+pub mod hub_log;
 
 use std::path::Path;
 use std::sync::Arc;
@@ -19,9 +21,10 @@ use tokio::sync::watch;
 use tokio::task::JoinHandle;
 
 use crate::Metrics;
-use crate::config::{Compiled, ConfigError, Target};
-use delivery::{Clock, Context, Ended, Log, Resources, Subscription, TokioClock};
+use crate::config::{Compiled, CompiledEvents, ConfigError, Role, Target};
+use delivery::{Clock, Context, Ended, Feed, Log, Resources, Subscription, TokioClock};
 use destination::Destination;
+use hub_log::HubLog;
 
 /// Where the pipeline puts the events of its writes before acknowledging them.
 #[derive(Debug, Clone, Default)]
@@ -34,12 +37,25 @@ pub enum Outbox {
     Store(watch::Sender<u64>),
     /// The local event log.
     Local(Arc<EventLog>, watch::Sender<u64>),
+    /// An Event Hub (cluster mode).
+    Hub(Arc<HubLog>),
+}
+
+/// Why an append to the event log failed.
+#[derive(Debug, thiserror::Error)]
+pub enum OutboxError {
+    /// The local event log.
+    #[error(transparent)]
+    Store(#[from] StoreError),
+    /// The event log hub.
+    #[error(transparent)]
+    Hub(#[from] hub_log::HubLogError),
 }
 
 impl Outbox {
     /// Records the changes `written` made (and, for unchanged writes, the version in place
     /// when the log lacks it); returns once they are durable.
-    pub(crate) async fn append(&self, written: &[Written]) -> Result<(), StoreError> {
+    pub(crate) async fn append(&self, written: &[Written]) -> Result<(), OutboxError> {
         match self {
             Outbox::None => Ok(()),
             Outbox::Store(wake) => {
@@ -54,6 +70,7 @@ impl Outbox {
                 wake.send_modify(|n| *n += 1);
                 Ok(())
             }
+            Outbox::Hub(log) => Ok(log.append(written).await?),
         }
     }
 }
@@ -63,22 +80,27 @@ impl Outbox {
 pub struct EventService {
     subscriptions: Vec<Subscription>,
     context: Context,
+    /// The change log they read, and the outbox's wake-ups.
+    log: Log,
+    wake: watch::Receiver<u64>,
 }
 
 /// How the delivery service ended, per subscription.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct EventsReport {
     /// Per subscription: name, checkpoint, events left unfinished, why it is disabled.
     pub subscriptions: Vec<(String, i64, usize, Option<String>)>,
 }
 
 impl EventService {
-    /// Builds the outbox and the delivery service a compiled configuration asks for; `None`
-    /// without subscriptions (or for the normalize role, which writes no resources).
+    /// Builds the outbox and the in-process delivery service a compiled configuration asks
+    /// for: none without subscriptions or event log hub, or for the normalize role, which
+    /// writes no resources; only the outbox when the event log is a hub, which the events
+    /// role delivers from.
     pub fn build(
         config: &Compiled,
         metrics: Arc<Metrics>,
-    ) -> Result<Option<(Outbox, EventService)>, ConfigError> {
+    ) -> Result<(Outbox, Option<EventService>), ConfigError> {
         Self::build_with_clock(config, metrics, Arc::new(TokioClock))
     }
 
@@ -87,9 +109,15 @@ impl EventService {
         config: &Compiled,
         metrics: Arc<Metrics>,
         clock: Arc<dyn Clock>,
-    ) -> Result<Option<(Outbox, EventService)>, ConfigError> {
+    ) -> Result<(Outbox, Option<EventService>), ConfigError> {
+        if matches!(config.target, Target::InternalHub) || config.role == Role::Events {
+            return Ok((Outbox::None, None));
+        }
+        if let Some(hub) = &config.event_log {
+            return Ok((Outbox::Hub(Arc::new(HubLog::new(hub.clone()))), None));
+        }
         let Some(events) = &config.events else {
-            return Ok(None);
+            return Ok((Outbox::None, None));
         };
         let fail = |origin: &str, e: &dyn std::fmt::Display| ConfigError {
             origin: origin.to_owned(),
@@ -97,7 +125,7 @@ impl EventService {
         };
         let (wake_tx, wake) = watch::channel(0);
         let (outbox, reader, resources) = match &config.target {
-            Target::InternalHub => return Ok(None),
+            Target::InternalHub | Target::Nothing => return Ok((Outbox::None, None)),
             Target::Embedded { dir, .. } => {
                 let reader = ChangeReader::store(dir).map_err(|e| fail("output.dir", &e))?;
                 let resources = ChangeReader::store(dir).map_err(|e| fail("output.dir", &e))?;
@@ -119,63 +147,117 @@ impl EventService {
                 )
             }
         };
-        let dir = config.state_dir.join("events");
-        let mut subscriptions = Vec::new();
-        for s in &events.subscriptions {
-            let origin = format!("subscriptions.{}", s.name);
-            let destination = Destination::new(&s.name, s.format, &s.destination, &events.origin)
-                .map_err(|e| fail(&origin, &e))?;
-            subscriptions.push(Subscription {
-                name: s.name.clone(),
-                format: s.format,
-                filter: s.filter.clone(),
-                retry: s.retry,
-                max_in_flight: s.max_in_flight,
-                destination,
-                dead_letter_file: s
-                    .dead_letter
-                    .clone()
-                    .unwrap_or_else(|| dead_letter_file(&dir, &s.name)),
-                state_file: dir.join(format!("{}.json", s.name)),
-            });
-        }
-        let context = Context {
-            publisher: Arc::new(events.publisher.clone()),
+        let service = EventService {
+            subscriptions: subscriptions(config, events)?,
+            context: context(events, resources, metrics, clock),
             log: Log::new(reader),
-            resources,
-            metrics,
-            clock,
             wake,
-            poll_interval: events.poll_interval,
-            drain_deadline: events.drain_deadline,
         };
-        Ok(Some((
-            outbox,
-            EventService {
-                subscriptions,
-                context,
-            },
-        )))
+        Ok((outbox, Some(service)))
     }
 
     /// Delivers until `stop` turns true, then drains within the drain deadline.
     pub fn spawn(self, stop: watch::Receiver<bool>) -> JoinHandle<EventsReport> {
+        let (log, wake) = (self.log, self.wake);
         let tasks: Vec<JoinHandle<Ended>> = self
             .subscriptions
             .into_iter()
-            .map(|s| tokio::spawn(s.run(self.context.clone(), stop.clone())))
+            .map(|s| {
+                let feed = Feed::Log {
+                    log: log.clone(),
+                    wake: wake.clone(),
+                };
+                tokio::spawn(s.run(self.context.clone(), feed, stop.clone()))
+            })
             .collect();
-        tokio::spawn(async move {
-            let mut subscriptions = Vec::new();
-            for task in tasks {
-                match task.await {
-                    Ok(e) => subscriptions.push((e.name, e.position, e.unfinished, e.disabled)),
-                    Err(e) => tracing::error!(error = %e, "a subscription's delivery failed"),
-                }
-            }
-            EventsReport { subscriptions }
-        })
+        tokio::spawn(report(tasks))
     }
+}
+
+/// The events role's subscriptions: each reads the event log hub through its own consumer
+/// group (its configured one, or its name), with its own checkpoints.
+pub(crate) fn cluster_subscriptions(
+    config: &Compiled,
+    metrics: Arc<Metrics>,
+) -> Result<(Vec<(Subscription, String)>, Context), ConfigError> {
+    let Some(events) = &config.events else {
+        return Err(ConfigError {
+            origin: "subscriptions".into(),
+            message: "the events role needs at least one [[subscriptions]] entry".into(),
+        });
+    };
+    let resources = match &config.target {
+        Target::Fhir { client, .. } => Some(Resources::Fhir(client.clone())),
+        _ => None,
+    };
+    let groups = events.subscriptions.iter().map(|s| s.consumer_group());
+    let subscriptions = subscriptions(config, events)?
+        .into_iter()
+        .zip(groups)
+        .collect();
+    Ok((
+        subscriptions,
+        context(events, resources, metrics, Arc::new(TokioClock)),
+    ))
+}
+
+/// Waits for the subscriptions' tasks; how each ended.
+pub(crate) async fn report(tasks: Vec<JoinHandle<Ended>>) -> EventsReport {
+    let mut subscriptions = Vec::new();
+    for task in tasks {
+        match task.await {
+            Ok(e) => subscriptions.push((e.name, e.position, e.unfinished, e.disabled)),
+            Err(e) => tracing::error!(error = %e, "a subscription's delivery failed"),
+        }
+    }
+    EventsReport { subscriptions }
+}
+
+fn context(
+    events: &CompiledEvents,
+    resources: Option<Resources>,
+    metrics: Arc<Metrics>,
+    clock: Arc<dyn Clock>,
+) -> Context {
+    Context {
+        publisher: Arc::new(events.publisher.clone()),
+        resources,
+        metrics,
+        clock,
+        poll_interval: events.poll_interval,
+        drain_deadline: events.drain_deadline,
+    }
+}
+
+/// The configured subscriptions, their destinations built.
+fn subscriptions(
+    config: &Compiled,
+    events: &CompiledEvents,
+) -> Result<Vec<Subscription>, ConfigError> {
+    let dir = config.state_dir.join("events");
+    let mut subscriptions = Vec::new();
+    for s in &events.subscriptions {
+        let origin = format!("subscriptions.{}", s.name);
+        let destination = Destination::new(&s.name, s.format, &s.destination, &events.origin)
+            .map_err(|e| ConfigError {
+                origin: origin.clone(),
+                message: e.to_string(),
+            })?;
+        subscriptions.push(Subscription {
+            name: s.name.clone(),
+            format: s.format,
+            filter: s.filter.clone(),
+            retry: s.retry,
+            max_in_flight: s.max_in_flight,
+            destination,
+            dead_letter_file: s
+                .dead_letter
+                .clone()
+                .unwrap_or_else(|| dead_letter_file(&dir, &s.name)),
+            state_file: dir.join(format!("{}.json", s.name)),
+        });
+    }
+    Ok(subscriptions)
 }
 
 /// Where a subscription's dead letters go by default.

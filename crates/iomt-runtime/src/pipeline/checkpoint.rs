@@ -7,7 +7,7 @@ use tokio::sync::oneshot;
 
 use super::Shared;
 use crate::sink::Sink;
-use crate::source::{CheckpointError, CheckpointStore};
+use crate::source::CheckpointStore;
 
 pub(super) async fn checkpoint_task<S: Sink, K: CheckpointStore>(
     shared: Arc<Shared<S>>,
@@ -37,21 +37,7 @@ async fn commit<S: Sink, K: CheckpointStore>(shared: &Shared<S>, store: &mut K) 
     if positions.is_empty() {
         return;
     }
-    match store.commit(&positions).await {
-        Ok(()) => {}
-        // Another process took these partitions over: it checkpoints them now, and their
-        // readers here are about to be disconnected.
-        Err(CheckpointError::Remote(failures)) => {
-            for failure in failures {
-                if failure.ownership_lost {
-                    tracing::info!(partition = %failure.partition, "partition owned by another process; its checkpoint is left to it");
-                } else {
-                    tracing::error!(error = %failure, "cannot commit the checkpoint; retried at the next one");
-                }
-            }
-        }
-        Err(e) => {
-            tracing::error!(error = %e, "cannot commit the checkpoint; retried at the next one")
-        }
+    if let Err(e) = store.commit(&positions).await {
+        e.log();
     }
 }

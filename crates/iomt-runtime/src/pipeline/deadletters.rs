@@ -32,7 +32,7 @@ pub(super) async fn delivery_task<S: Sink>(
 ) {
     while let Some(delivery) = deliveries.recv().await {
         match delivery {
-            Delivery::Stored(origins) => shared.acks.ack(origins),
+            Delivery::Stored(messages) => shared.acks.ack(messages.iter().map(|m| m.origin)),
             Delivery::Failed { messages, error } => {
                 shared.metrics.error(HUB_SEND_ERROR, "Normalization");
                 tracing::debug!(messages, %error, "internal hub send failed; retrying");

@@ -24,6 +24,12 @@ pub(crate) struct Slot {
 pub struct Partitions(pub(crate) Arc<Acks>);
 
 impl Partitions {
+    /// An empty partition table, for a reader that is not a pipeline (a subscription of the
+    /// events role).
+    pub(crate) fn new() -> Self {
+        Self(Arc::default())
+    }
+
     /// Starts tracking a partition just claimed; its events carry the returned index in
     /// [`Origin::partition`]. The partitions given to [`Pipeline::new`](crate::Pipeline::new) are 0, 1, ….
     pub fn open(&self, name: &str) -> u32 {

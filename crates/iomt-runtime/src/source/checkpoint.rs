@@ -39,6 +39,28 @@ pub enum CheckpointError {
     },
 }
 
+impl CheckpointError {
+    /// Logs a failed commit; the next commit tries again. A partition another process took
+    /// over is not an error: it checkpoints that partition now, and the reader here is about
+    /// to be disconnected.
+    pub(crate) fn log(self) {
+        match self {
+            CheckpointError::Remote(failures) => {
+                for failure in failures {
+                    if failure.ownership_lost {
+                        tracing::info!(partition = %failure.partition, "partition owned by another process; its checkpoint is left to it");
+                    } else {
+                        tracing::error!(error = %failure, "cannot commit the checkpoint; retried at the next one");
+                    }
+                }
+            }
+            e => {
+                tracing::error!(error = %e, "cannot commit the checkpoint; retried at the next one")
+            }
+        }
+    }
+}
+
 /// A partition whose checkpoint a remote store did not write.
 #[derive(Debug, thiserror::Error)]
 #[error("partition {partition}: {error}")]
