@@ -4,7 +4,8 @@
 //!   files (one filtered) and two webhooks served by `tests/python/webhook_receiver.py`,
 //!   which verifies every Standard Webhooks signature with the independent `standardwebhooks`
 //!   package, answers the CloudEvents and Event Grid handshakes, and injects a 429, a 503 and
-//!   a timeout. Every resource version yields exactly one event per matching subscription,
+//!   a timeout; and an Event Grid custom topic (the same receiver, checking the topic key).
+//!   Every resource version yields exactly one event per matching subscription,
 //!   no default-format event carries a patient or device identifier, and a second replay of
 //!   the same data (every write unchanged) delivers nothing.
 //! * A replay into the FHIR test server killed with SIGKILL at random moments and resumed:
@@ -30,6 +31,7 @@ const SECRET: &str = "whsec_MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw";
 const SOURCE: &str =
     "/subscriptions/s/resourceGroups/r/providers/Microsoft.HealthcareApis/workspaces/test";
 const ACCOUNT: &str = "test.fhir.example.org";
+const TOPIC_KEY: &str = "topic-access-key";
 
 /// The Python of the test tools (`tests/python`).
 fn python() -> String {
@@ -53,7 +55,8 @@ impl Receiver {
         command
             .arg(script)
             .args(["--secret", SECRET, "--record"])
-            .arg(&record);
+            .arg(&record)
+            .args(["--topic-key", TOPIC_KEY]);
         for fault in faults {
             command.args(["--fault", fault]);
         }
@@ -145,11 +148,17 @@ destination = {{ kind = "webhook", url = "{signed}", secret = "{SECRET}", timeou
 name = "grid"
 format = "event-grid"
 destination = {{ kind = "webhook", url = "{grid}", secret = "{SECRET}", timeout = "1s" }}
+
+[[subscriptions]]
+name = "topic"
+filter = {{ resource_types = ["Patient", "Device"] }}
+destination = {{ kind = "event-grid", endpoint = "{topic}", key = "{TOPIC_KEY}" }}
 "#,
             all = file("all.ndjson"),
             observations = file("observations.ndjson"),
             signed = receiver.url("signed"),
             grid = receiver.url("grid"),
+            topic = receiver.url("api/events"),
         ),
     )
     .unwrap();
@@ -258,6 +267,31 @@ fn every_change_reaches_each_matching_subscription_once() {
         without_devices
     );
     assert_eq!(grid.keys().cloned().collect::<BTreeSet<_>>(), versions);
+    // The Event Grid topic: CloudEvents batches with the topic key, Patients and Devices once.
+    let mut published = BTreeMap::new();
+    for r in records.iter().filter(|r| r["kind"] == "topic") {
+        assert_eq!(
+            r["content_type"],
+            "application/cloudevents-batch+json; charset=utf-8"
+        );
+        for e in r["events"].as_array().unwrap() {
+            assert_eq!(e["specversion"], "1.0");
+            let version = announced(e);
+            assert!(
+                published.insert(version.clone(), e["id"].clone()).is_none(),
+                "{version:?} twice"
+            );
+        }
+    }
+    let identities: BTreeSet<Version> = versions
+        .iter()
+        .filter(|v| v.0 != "Observation")
+        .cloned()
+        .collect();
+    assert_eq!(
+        published.keys().cloned().collect::<BTreeSet<_>>(),
+        identities
+    );
     // The same change is the same event in every subscription.
     for e in &all {
         let v = announced(e);

@@ -6,6 +6,11 @@ the independent `standardwebhooks` package (an invalid one is answered 401), inj
 into the first notifications it receives, and records what it accepted.
 
     python receiver.py --secret whsec_... --record FILE [--fault 429:1 --fault timeout:2 ...]
+        [--topic-key KEY]
+
+With `--topic-key`, POSTs to `/api/events` are taken as publishes to an Event Grid custom
+topic: the `aeg-sas-key` header must be KEY (else 401) and the body an array of events; each
+is recorded as `{"kind": "topic", ...}` and not signed.
 
 Faults apply to notifications in arrival order: `CODE` or `CODE:RETRY_AFTER_SECONDS` answers
 that status; `timeout:SECONDS` waits that long before answering 200 (the sender should have
@@ -28,6 +33,7 @@ def main():
     parser.add_argument("--secret", required=True)
     parser.add_argument("--record", required=True)
     parser.add_argument("--fault", action="append", default=[])
+    parser.add_argument("--topic-key")
     args = parser.parse_args()
     verifier = Webhook(args.secret)
     faults = list(args.fault)
@@ -66,6 +72,15 @@ def main():
 
         def do_POST(self):
             body = self.rfile.read(int(self.headers.get("Content-Length", "0")))
+            if args.topic_key and self.path.startswith("/api/events"):
+                if self.headers.get("aeg-sas-key") != args.topic_key:
+                    write({"kind": "invalid", "reason": "aeg-sas-key"})
+                    return self.answer(401)
+                events = json.loads(body)
+                if not isinstance(events, list):
+                    return self.answer(400)
+                write({"kind": "topic", "content_type": self.headers.get("Content-Type"), "events": events})
+                return self.answer(200)
             if self.headers.get("aeg-event-type") == "SubscriptionValidation":
                 event = json.loads(body)[0]
                 write({"kind": "validation", "subscription": self.headers.get("aeg-subscription-name")})

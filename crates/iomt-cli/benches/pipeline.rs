@@ -1,5 +1,7 @@
 //! End-to-end pipeline benchmark: `iomt replay` of a generated capture into a local blackhole
-//! FHIR server, against normalize-only throughput of the same events in the same run.
+//! FHIR server, into the embedded store, and into the embedded store with one change event
+//! subscription (for the CPU events add and their write-to-delivery latency), against
+//! normalize-only throughput of the same events in the same run.
 //!
 //! ```sh
 //! cargo bench -p iomt-cli --bench pipeline            # 1,000,000 events, 1,000 devices
@@ -136,6 +138,21 @@ fn main() {
     );
     // The embedded default: the SQLite store, Create-mode identities, NDJSON exported at the end.
     let (embedded_run, embedded_wall) = replay(&data, mappings, &["--out", "store"]);
+    // The same with one change event subscription (CloudEvents into a file), for the cost of
+    // events and their write-to-delivery latency.
+    let subscribed = tempfile::tempdir().unwrap();
+    let config = subscribed.path().join("events.toml");
+    std::fs::write(
+        &config,
+        format!(
+            "[[subscriptions]]\nname = \"bench\"\ndestination = {{ kind = \"ndjson\", path = \"{}\" }}\n",
+            subscribed.path().join("events.ndjson").display()
+        ),
+    )
+    .unwrap();
+    let config = config.display().to_string();
+    let (events_run, events_wall) =
+        replay(&data, mappings, &["--out", "store", "--config", &config]);
     println!(
         "pipeline: iomt replay, {events} events, {devices} devices, heartrate periodInterval 60, --max-wait 1s"
     );
@@ -145,6 +162,7 @@ fn main() {
     for (name, run, wall) in [
         ("blackhole FHIR", &blackhole_run, blackhole_wall),
         ("embedded store", &embedded_run, embedded_wall),
+        ("embedded, 1 subscription", &events_run, events_wall),
     ] {
         let rate = run["eventsPerSecond"].as_f64().unwrap_or(0.0);
         println!("  {name}");
@@ -152,11 +170,23 @@ fn main() {
         println!("    ratio         {:>12.2}", rate / normalize_rate);
         println!("    p99 read→write{:>12} ms", run["latencyMs"]["p99"]);
         println!("    peak RSS      {:>12} MB", run["peakRssMb"]);
+        println!("    CPU           {:>12} s", run["cpuSeconds"]);
         println!(
             "    written       {} measurements in {} groups; resources {}",
             run["writtenMeasurements"], run["groups"], run["resources"]
         );
     }
+    let cpu = |run: &serde_json::Value| run["cpuSeconds"].as_f64().unwrap_or(f64::NAN);
+    let change = &events_run["changeEvents"];
+    let events_cost = cpu(&events_run) / cpu(&embedded_run) - 1.0;
+    println!(
+        "  change events   {} delivered, write→delivery p50 {} ms, p99 {} ms, max {} ms; CPU {:+.1} % over the embedded run",
+        change["delivered"],
+        change["latencyMs"]["p50"],
+        change["latencyMs"]["p99"],
+        change["latencyMs"]["max"],
+        100.0 * events_cost
+    );
     println!(
         "  blackhole       {} PUTs ({} MB), {} Observation searches, {} Device searches",
         counts.puts.load(Ordering::Relaxed),
@@ -173,6 +203,12 @@ fn main() {
             verdict(rate(&blackhole_run) >= 0.85 * normalize_rate),
             verdict(rate(&embedded_run) >= 150_000.0),
             verdict(rss(&embedded_run) <= 150.0)
+        );
+        let p99 = change["latencyMs"]["p99"].as_f64().unwrap_or(f64::INFINITY);
+        println!(
+            "                  events ≤10 % CPU: {}; write→delivery p99 <250 ms: {}",
+            verdict(events_cost <= 0.10),
+            verdict(p99 < 250.0)
         );
     }
 }

@@ -288,6 +288,16 @@ fn peak_rss_mb() -> Option<u64> {
     Some(kb / 1024)
 }
 
+/// CPU time this process used so far, user and system (Linux: `/proc/self/stat`, in clock
+/// ticks of 1/100 s, the kernel's `USER_HZ` on every mainstream architecture).
+fn cpu_seconds() -> Option<f64> {
+    let stat = std::fs::read_to_string("/proc/self/stat").ok()?;
+    // The command name, in parentheses, may hold spaces: fields are counted after it.
+    let fields: Vec<&str> = stat.rsplit_once(')')?.1.split_whitespace().collect();
+    let ticks = |i: usize| fields.get(i)?.parse::<u64>().ok();
+    Some((ticks(11)? + ticks(12)?) as f64 / 100.0)
+}
+
 /// Prints what a run did; `output` names where it wrote.
 pub(crate) fn print_summary(
     format: OutputFormat,
@@ -347,6 +357,7 @@ fn summary_json(
             }),
         },
         "peakRssMb": peak_rss_mb(),
+        "cpuSeconds": cpu_seconds(),
         "output": output,
     })
 }

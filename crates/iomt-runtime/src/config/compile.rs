@@ -289,6 +289,46 @@ impl Config {
                         ));
                     }
                 }
+                super::Destination::EventGrid {
+                    endpoint,
+                    key,
+                    auth,
+                    tenant_id,
+                    client_id,
+                    client_secret,
+                    ..
+                } => {
+                    if !reqwest_like_url(endpoint) {
+                        errors.push(error(
+                            format!("{at}.destination.endpoint"),
+                            "must be an http:// or https:// URL",
+                        ));
+                    }
+                    if !matches!(
+                        s.format,
+                        iomt_events::Format::EventGrid | iomt_events::Format::Cloudevents
+                    ) {
+                        errors.push(error(
+                            format!("{at}.format"),
+                            "an Event Grid topic takes event-grid or cloudevents",
+                        ));
+                    }
+                    let entra = entra_credential(*auth, tenant_id, client_id, client_secret);
+                    if key.is_none() && entra.is_none() {
+                        errors.push(error(
+                            format!("{at}.destination"),
+                            "needs a key, or an auth naming an Entra identity",
+                        ));
+                    }
+                    if *auth == AuthKind::ClientSecret
+                        && (tenant_id.is_none() || client_id.is_none() || client_secret.is_none())
+                    {
+                        errors.push(error(
+                            format!("{at}.destination"),
+                            "auth = \"client-secret\" needs tenant_id, client_id and client_secret",
+                        ));
+                    }
+                }
                 super::Destination::EventHubs { .. } => {
                     if let Some(hub) = s.destination.event_hub() {
                         hub_errors(&hub, &format!("{at}.destination"), false, errors);
@@ -530,6 +570,18 @@ fn entra_credential(
         }),
         AuthKind::None | AuthKind::Bearer => None,
     }
+}
+
+/// The Entra identity `auth` names, as a credential; `None` for none.
+pub(crate) fn token_credential(
+    auth: AuthKind,
+    tenant_id: &Option<String>,
+    client_id: &Option<String>,
+    client_secret: &Option<String>,
+) -> Result<Option<Arc<dyn TokenCredential>>, String> {
+    entra_credential(auth, tenant_id, client_id, client_secret)
+        .map(|c| c.token_credential().map_err(|e| e.to_string()))
+        .transpose()
 }
 
 /// The Entra identity of a hub section, for Event Hubs and the checkpoint container.

@@ -160,6 +160,32 @@ pub enum Destination {
         #[serde(default = "default_timeout", with = "humantime_serde")]
         timeout: Duration,
     },
+    /// An Event Grid custom topic: events are published in batches of up to 1 MB, in the
+    /// Event Grid schema (format event-grid) or as CloudEvents (format cloudevents), whichever
+    /// the topic's input schema is.
+    EventGrid {
+        /// The topic endpoint, `https://<topic>.<region>-1.eventgrid.azure.net/api/events`.
+        endpoint: String,
+        /// An access key of the topic, sent as `aeg-sas-key`; otherwise `auth` names an Entra
+        /// identity (role: EventGrid Data Sender).
+        #[serde(default)]
+        key: Option<String>,
+        /// `workload-identity`, `managed-identity` or `client-secret` without a key.
+        #[serde(default)]
+        auth: AuthKind,
+        /// Entra tenant, for `client-secret`.
+        #[serde(default)]
+        tenant_id: Option<String>,
+        /// Entra client id.
+        #[serde(default)]
+        client_id: Option<String>,
+        /// Entra client secret.
+        #[serde(default)]
+        client_secret: Option<String>,
+        /// How long to wait for an answer.
+        #[serde(default = "default_timeout", with = "humantime_serde")]
+        timeout: Duration,
+    },
 }
 
 impl Destination {
@@ -172,6 +198,9 @@ impl Destination {
             }
             Destination::Kafka { topic, .. } => format!("Kafka topic {topic}"),
             Destination::EventHubs { hub, .. } => format!("Event Hub {hub}"),
+            Destination::EventGrid { endpoint, .. } => {
+                format!("Event Grid topic {}", iomt_core::redact_url(endpoint))
+            }
         }
     }
 
@@ -236,6 +265,16 @@ impl Subscription {
         } = &mut self.destination
         {
             for value in [connection_string, client_secret] {
+                if value.is_some() {
+                    *value = Some("***".to_owned());
+                }
+            }
+        }
+        if let Destination::EventGrid {
+            key, client_secret, ..
+        } = &mut self.destination
+        {
+            for value in [key, client_secret] {
                 if value.is_some() {
                     *value = Some("***".to_owned());
                 }

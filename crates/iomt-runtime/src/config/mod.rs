@@ -28,8 +28,8 @@ use serde::{Deserialize, Serialize};
 mod compile;
 mod events;
 
-pub(crate) use compile::hub_settings;
 pub use compile::{Compiled, CompiledEvents, Live, Purpose, Target};
+pub(crate) use compile::{hub_settings, token_credential};
 pub use events::{Destination, Events, Subscription};
 
 /// The environment prefix of overrides.

@@ -45,6 +45,7 @@ pub(crate) enum Destination {
     Webhook(Box<Webhook>),
     Kafka(Box<Kafka>),
     EventHubs(Box<EventHubs>),
+    EventGrid(Box<EventGrid>),
 }
 
 impl Destination {
@@ -94,6 +95,31 @@ impl Destination {
                 properties,
                 timeout,
             } => Destination::Kafka(Box::new(Kafka::new(brokers, topic, properties, *timeout)?)),
+            DestinationConfig::EventGrid {
+                endpoint,
+                key,
+                auth,
+                tenant_id,
+                client_id,
+                client_secret,
+                timeout,
+            } => {
+                let credential =
+                    crate::config::token_credential(*auth, tenant_id, client_id, client_secret)
+                        .map_err(DestinationError::Config)?;
+                let client = reqwest::Client::builder()
+                    .timeout(*timeout)
+                    .redirect(reqwest::redirect::Policy::none())
+                    .build()
+                    .map_err(|e| DestinationError::Config(e.to_string()))?;
+                Destination::EventGrid(Box::new(EventGrid {
+                    client,
+                    endpoint: endpoint.clone(),
+                    key: key.clone(),
+                    credential,
+                    format,
+                }))
+            }
             DestinationConfig::EventHubs { timeout, .. } => {
                 let hub = config.event_hub().unwrap_or_default();
                 let settings = crate::config::hub_settings(&hub, "destination")
@@ -110,7 +136,7 @@ impl Destination {
     /// Validates the subscription with the endpoint, where the destination has a handshake.
     pub(crate) async fn handshake(&self, source: &str) -> Result<(), DestinationError> {
         match self {
-            Destination::Ndjson(_) | Destination::Kafka(_) => Ok(()),
+            Destination::Ndjson(_) | Destination::Kafka(_) | Destination::EventGrid(_) => Ok(()),
             Destination::Webhook(w) => w.handshake(source).await,
             // Opening the hub: a hub that cannot be opened is retried like a handshake.
             Destination::EventHubs(h) => h.producer().await.map(|_| ()),
@@ -126,6 +152,93 @@ impl Destination {
             }
             Destination::Kafka(k) => k.deliver(batch).await,
             Destination::EventHubs(h) => h.deliver(batch).await,
+            Destination::EventGrid(g) => g.deliver(batch).await,
+        }
+    }
+}
+
+/// An Event Grid custom topic.
+pub(crate) struct EventGrid {
+    client: reqwest::Client,
+    endpoint: String,
+    key: Option<String>,
+    credential: Option<Arc<dyn azure_core::credentials::TokenCredential>>,
+    format: Format,
+}
+
+impl std::fmt::Debug for EventGrid {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("EventGrid")
+            .field("endpoint", &iomt_core::redact_url(&self.endpoint))
+            .finish_non_exhaustive()
+    }
+}
+
+/// The most Event Grid takes in one publish request.
+const EVENT_GRID_MAX_REQUEST: usize = 1024 * 1024;
+
+impl EventGrid {
+    /// Publishes the batch in requests of up to 1 MB; each event gets its request's outcome.
+    async fn deliver(&self, batch: &[Outgoing]) -> Vec<Attempt> {
+        let mut attempts = Vec::with_capacity(batch.len());
+        let mut start = 0;
+        while start < batch.len() {
+            // At least one event per request: one larger than the limit is refused (413).
+            let mut end = start + 1;
+            let mut size = batch[start].rendered.body.len() + 2;
+            while end < batch.len()
+                && size + batch[end].rendered.body.len() < EVENT_GRID_MAX_REQUEST
+            {
+                size += batch[end].rendered.body.len() + 1;
+                end += 1;
+            }
+            let attempt = self.publish(&batch[start..end]).await;
+            attempts.extend(std::iter::repeat_n(attempt, end - start));
+            start = end;
+        }
+        attempts
+    }
+
+    async fn publish(&self, events: &[Outgoing]) -> Attempt {
+        let mut body = Vec::with_capacity(events.iter().map(|o| o.rendered.body.len() + 1).sum());
+        body.push(b'[');
+        for (i, o) in events.iter().enumerate() {
+            if i > 0 {
+                body.push(b',');
+            }
+            body.extend_from_slice(&o.rendered.body);
+        }
+        body.push(b']');
+        let content_type = match self.format {
+            Format::Cloudevents => "application/cloudevents-batch+json; charset=utf-8",
+            _ => "application/json",
+        };
+        let mut request = self
+            .client
+            .post(&self.endpoint)
+            .header(reqwest::header::CONTENT_TYPE, content_type);
+        if let Some(key) = &self.key {
+            request = request.header("aeg-sas-key", key);
+        } else if let Some(credential) = &self.credential {
+            match credential
+                .get_token(&["https://eventgrid.azure.net/.default"], None)
+                .await
+            {
+                Ok(token) => request = request.bearer_auth(token.token.secret()),
+                // Retried: the identity endpoint may be down for a moment.
+                Err(e) => {
+                    tracing::warn!(error = %e, "cannot get a token for the Event Grid topic");
+                    return Attempt::SocketError;
+                }
+            }
+        }
+        match request.body(body).send().await {
+            Ok(response) => Attempt::Status {
+                code: response.status().as_u16(),
+                retry_after: retry_after(response.headers()),
+            },
+            Err(e) if e.is_timeout() => Attempt::TimedOut,
+            Err(_) => Attempt::SocketError,
         }
     }
 }
