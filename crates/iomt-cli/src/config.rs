@@ -85,6 +85,10 @@ fn describe(config: &Compiled) -> String {
         }
     };
     match &config.live {
+        Some(live) if config.role == iomt_runtime::config::Role::Events => format!(
+            "role Events reads Event Hub {} once per subscription, each in its own consumer group, and delivers to {output}",
+            live.source.hub
+        ),
         Some(live) => format!(
             "role {:?} reads Event Hub {} (consumer group {}) and writes to {output}",
             config.role, live.source.hub, live.source.consumer_group

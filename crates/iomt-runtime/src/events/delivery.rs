@@ -139,6 +139,9 @@ fn write_state(path: &Path, state: &State) -> std::io::Result<()> {
     std::fs::rename(tmp, path)
 }
 
+/// How often a subscription's checkpoint file is written while it delivers.
+const STATE_EVERY: Duration = Duration::from_secs(1);
+
 /// A subscription ready to run.
 #[derive(Debug)]
 pub(crate) struct Subscription {
@@ -337,6 +340,22 @@ impl Subscription {
         let mut window: VecDeque<Slot> = VecDeque::new();
         let mut read_to = state.position;
         let mut drain_by: Option<Instant> = None;
+        // The checkpoint file is written at most once per STATE_EVERY (and when the run
+        // ends), not after every batch: a crash redelivers at most that much, under the same
+        // event ids.
+        let mut saved = (state.position, cx.clock.now());
+        let save = |state: &State, saved: &mut (i64, Instant), force: bool| {
+            let now = cx.clock.now();
+            if state.position == saved.0 || (!force && now < saved.1 + STATE_EVERY) {
+                return;
+            }
+            match write_state(&self.state_file, state) {
+                Ok(()) => *saved = (state.position, now),
+                Err(e) => {
+                    tracing::error!(subscription = %self.name, error = %e, "cannot write the subscription checkpoint");
+                }
+            }
+        };
         loop {
             if *stop.borrow() && drain_by.is_none() {
                 drain_by = Some(cx.clock.now() + cx.drain_deadline);
@@ -383,12 +402,15 @@ impl Subscription {
                 }
             }
             if let Feed::Log { log, .. } = &feed {
-                if state.position != before
-                    && let Err(e) = write_state(&self.state_file, &state)
-                {
-                    tracing::error!(subscription = %self.name, error = %e, "cannot write the subscription checkpoint");
+                if state.position != before {
+                    save(&state, &mut saved, false);
                 }
-                if let Ok(last) = log.last().await {
+                // At the log's end, what was read is all there is.
+                let last = match log_end {
+                    true => Ok(read_to),
+                    false => log.last().await,
+                };
+                if let Ok(last) = last {
                     cx.metrics
                         .event_backlog(&self.name, (last - state.position).max(0));
                 }
@@ -397,6 +419,9 @@ impl Subscription {
             if let Some(deadline) = drain_by
                 && ((window.is_empty() && log_end) || cx.clock.now() >= deadline)
             {
+                if let Feed::Log { .. } = &feed {
+                    save(&state, &mut saved, true);
+                }
                 return ended(&state, unfinished);
             }
             // More to read or send now: go on at once.
@@ -538,10 +563,11 @@ impl Subscription {
                         publish_time: first_wall.to_string(),
                         last_attempt_time: wall.to_string(),
                     };
+                    // By window index: positions repeat across a hub's partitions.
                     dead.push((
                         record(&p.event, &cx.publisher, self.format, &undelivered),
                         reason,
-                        slot.seq,
+                        i,
                     ));
                 }
             }
@@ -550,22 +576,16 @@ impl Subscription {
             let lines: Vec<&Value> = dead.iter().map(|(v, _, _)| v).collect();
             match append_lines(&self.dead_letter_file, &lines) {
                 Ok(()) => {
-                    for (_, reason, seq) in &dead {
+                    for (_, reason, i) in &dead {
                         cx.metrics.event_dead_lettered(&self.name, reason);
-                        if let Some(slot) = window.iter_mut().find(|s| s.seq == *seq) {
-                            slot.pending = None;
-                        }
+                        window[*i].pending = None;
                     }
                 }
                 // The events stay in the window and are tried again; nothing moves past them.
                 Err(e) => {
                     tracing::error!(subscription = %self.name, file = %self.dead_letter_file.display(), error = %e, "cannot write dead letters; retrying the events");
-                    for (_, _, seq) in &dead {
-                        if let Some(p) = window
-                            .iter_mut()
-                            .find(|s| s.seq == *seq)
-                            .and_then(|s| s.pending.as_mut())
-                        {
+                    for (_, _, i) in &dead {
+                        if let Some(p) = window[*i].pending.as_mut() {
                             p.due = now + Duration::from_secs(10);
                         }
                     }
