@@ -1,16 +1,19 @@
 //! Change events end to end, from `iomt replay` to real receivers on loopback.
 //!
-//! * The shipped capture into the embedded store, with four subscriptions: two JSON Lines
-//!   files (one filtered) and two webhooks served by `tests/python/webhook_receiver.py`,
-//!   which verifies every Standard Webhooks signature with the independent `standardwebhooks`
+//! * The shipped capture into the embedded store, with five subscriptions: two JSON Lines
+//!   files (one filtered), two webhooks served by `tests/python/webhook_receiver.py`, which
+//!   verifies every Standard Webhooks signature with the independent `standardwebhooks`
 //!   package, answers the CloudEvents and Event Grid handshakes, and injects a 429, a 503 and
-//!   a timeout; and an Event Grid custom topic (the same receiver, checking the topic key).
-//!   Every resource version yields exactly one event per matching subscription,
-//!   no default-format event carries a patient or device identifier, and a second replay of
-//!   the same data (every write unchanged) delivers nothing.
+//!   a timeout, and an Event Grid custom topic (the same receiver, checking the topic key).
+//!   Every resource version yields exactly one event per matching subscription, no
+//!   default-format event carries a patient or device identifier, and a second replay of the
+//!   same data (every write unchanged) delivers nothing.
 //! * A replay into the FHIR test server killed with SIGKILL at random moments and resumed:
 //!   every version the server holds is delivered, none is invented, and the only duplicates
 //!   carry the same event id.
+//! * Kafka subscriptions (Tansu), checked by an independent consumer: keys and `ce_*` headers.
+//! * A Kafka topic (Tansu) as the event log of cluster mode, read by `iomt run --role events`
+//!   in a consumer group per subscription.
 //!
 //! `tests/run.sh` sets `IOMT_TEST_PYTHON` (a Python with the tools of `tests/python`),
 //! `IOMT_TEST_KAFKA` (Tansu) and `IOMT_TEST_FHIR_URL`.
@@ -550,5 +553,116 @@ destination = {{ kind = "kafka", brokers = "{brokers}", topic = "{structured}" }
         let event: Value = serde_json::from_str(r["value"].as_str().unwrap()).unwrap();
         assert_eq!(event["data"]["resourceType"], "Patient");
         assert_eq!(r["key"], event["partitionkey"]);
+    }
+}
+
+/// A Kafka topic as the event log of cluster mode: a replay appends a record per version
+/// before its checkpoint moves, and `iomt run --role events` delivers them to two
+/// subscriptions, each reading the topic in its own consumer group and committing its offsets
+/// once its events are delivered.
+#[test]
+fn a_kafka_event_log_feeds_the_events_role() {
+    let brokers = std::env::var("IOMT_TEST_KAFKA")
+        .expect("IOMT_TEST_KAFKA is not set: run tests/run.sh, which starts Tansu");
+    let scratch = Scratch::new(env!("CARGO_TARGET_TMPDIR"), "events-kafka-log");
+    let dir = scratch.path();
+    let suffix = format!("{}-{:x}", std::process::id(), fastrand::u32(..));
+    let topic = format!("fhir-changes-{suffix}");
+    kafka_tool(&["create", &brokers, &topic, "4"]);
+    let groups = [format!("all-{suffix}"), format!("patients-{suffix}")];
+    let (all, patients) = (dir.join("all.ndjson"), dir.join("patients.ndjson"));
+    let config = dir.join("events.toml");
+    std::fs::write(
+        &config,
+        format!(
+            r#"
+[events]
+source = "{SOURCE}"
+fhir_account = "{ACCOUNT}"
+kafka_log = {{ brokers = "{brokers}", topic = "{topic}" }}
+
+[[subscriptions]]
+name = "all"
+consumer_group = "{all_group}"
+destination = {{ kind = "ndjson", path = "{all}" }}
+
+[[subscriptions]]
+name = "patients"
+consumer_group = "{patients_group}"
+filter = {{ resource_types = ["Patient"] }}
+destination = {{ kind = "ndjson", path = "{patients}" }}
+"#,
+            all_group = groups[0],
+            patients_group = groups[1],
+            all = all.display(),
+            patients = patients.display(),
+        ),
+    )
+    .unwrap();
+    let capture = Capture::shipped();
+    let mut replay = Replay::new(&capture, dir);
+    replay
+        .args
+        .extend(["--config".to_owned(), config.display().to_string()]);
+    assert_success(&replay.run());
+    let versions = exported(&replay.out);
+    let expected_patients = versions.iter().filter(|v| v.0 == "Patient").count();
+
+    let state = dir.join("events-state");
+    let mut events = iomt_tests::IomtProcess::start(
+        dir,
+        "events",
+        [
+            "run",
+            "--role",
+            "events",
+            "--config",
+            config.to_str().unwrap(),
+            "--state-dir",
+            state.to_str().unwrap(),
+        ],
+        "info,rdkafka=warn",
+    );
+    let lines = |path: &Path| {
+        std::fs::read_to_string(path)
+            .map(|t| t.lines().count())
+            .unwrap_or(0)
+    };
+    // A consumer group's first join takes Tansu about 20 s.
+    let deadline = Instant::now() + Duration::from_secs(180);
+    while lines(&all) < versions.len() || lines(&patients) < expected_patients {
+        events.assert_running();
+        assert!(
+            Instant::now() < deadline,
+            "delivered {} of {} and {} of {}",
+            lines(&all),
+            versions.len(),
+            lines(&patients),
+            expected_patients
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    // Offsets are committed on the checkpoint interval, and at the end.
+    let summary = events.terminate(Duration::from_secs(60));
+    eprintln!("events role: {summary}");
+
+    let delivered = read_json_lines(&all);
+    assert_each_version_under_one_id(
+        &versions,
+        delivered
+            .iter()
+            .map(|e| (announced(e), e["id"].as_str().unwrap().to_owned())),
+    );
+    assert_eq!(delivered.len(), versions.len(), "no version twice");
+    let patient_events = read_json_lines(&patients);
+    assert_eq!(patient_events.len(), expected_patients);
+    assert!(
+        patient_events
+            .iter()
+            .all(|e| e["data"]["resourceType"] == "Patient")
+    );
+    for group in &groups {
+        let lag = kafka_tool(&["lag", &brokers, &topic, group]);
+        assert_eq!(lag.trim(), "0", "{group}: every record committed");
     }
 }

@@ -2,9 +2,12 @@
 
     python kafka_tool.py create BROKERS TOPIC PARTITIONS
     python kafka_tool.py consume BROKERS TOPIC COUNT [SECONDS]
+    python kafka_tool.py lag BROKERS TOPIC GROUP
 
 `consume` reads COUNT records from the start of every partition and prints each
 as a JSON line: partition, offset, key, headers (values as text) and value (as text).
+`lag` prints the records of TOPIC past GROUP's committed offsets, all partitions together (a
+partition without a committed offset counts whole).
 """
 
 import json
@@ -53,6 +56,26 @@ def consume(brokers, topic, count, seconds="60"):
     consumer.close()
 
 
+def lag(brokers, topic, group):
+    # Counted by reading what lies past the committed offsets, not from the high watermark:
+    # Tansu reports the watermark of its last record batch, not of its last record.
+    consumer = Consumer({"bootstrap.servers": brokers, "group.id": group, "enable.auto.commit": False})
+    partitions = consumer.list_topics(topic, timeout=30).topics[topic].partitions
+    committed = consumer.committed([TopicPartition(topic, p) for p in partitions], timeout=30)
+    consumer.assign(
+        [TopicPartition(topic, tp.partition, tp.offset if tp.offset >= 0 else OFFSET_BEGINNING) for tp in committed]
+    )
+    total, quiet = 0, 0
+    while quiet < 3:
+        message = consumer.poll(1.0)
+        if message is None:
+            quiet += 1
+        elif not message.error():
+            total += 1
+    consumer.close()
+    print(total)
+
+
 if __name__ == "__main__":
     command, *args = sys.argv[1:]
-    {"create": create, "consume": consume}[command](*args)
+    {"create": create, "consume": consume, "lag": lag}[command](*args)

@@ -311,24 +311,31 @@ pub struct EventsOutcome {
 }
 
 /// Runs the events role until `shutdown` or until a reader of the event log gives up: every
-/// subscription reads the `[event_log]` hub in its own consumer group, its partitions shared
-/// among the events pods through the checkpoint container, and delivers; its checkpoints
-/// move past each event once it is delivered or dead-lettered, so KEDA sees each
-/// subscription's own lag.
+/// subscription reads the event log (an Event Hub or a Kafka topic) in its own consumer group,
+/// its partitions shared among the events pods (through the checkpoint container, or the
+/// Kafka group), and delivers; its checkpoints move past each event once it is delivered or
+/// dead-lettered, so KEDA sees each subscription's own lag.
 pub async fn events_role(
     config: &Compiled,
     owner_id: String,
     metrics: Arc<crate::Metrics>,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> Result<EventsOutcome, RunError> {
-    use crate::events::delivery::Feed;
+    use crate::config::EventLog;
     use crate::source::Partitions;
+    use crate::source::kafka::KafkaSource;
 
-    let Some(live) = &config.live else {
-        return Err(RunError::Config(ConfigError {
-            origin: "configuration".into(),
-            message: "was not compiled for `iomt run`".into(),
-        }));
+    let fail = |origin: &str, message: String| {
+        RunError::Config(ConfigError {
+            origin: origin.into(),
+            message,
+        })
+    };
+    let Some(log) = &config.event_log else {
+        return Err(fail(
+            "event_log",
+            "the events role needs an event log".into(),
+        ));
     };
     let health = Arc::new(crate::Health::default());
     if let Some(addr) = config.metrics_addr {
@@ -337,58 +344,73 @@ pub async fn events_role(
             .map_err(|error| RunError::Metrics { addr, error })?;
         tracing::info!(%bound, "serving /metrics, /healthz and /readyz");
     }
-    let store = live.checkpoints.clone().with_owner(owner_id.clone());
-    store.ensure_container().await.map_err(|e| ConfigError {
-        origin: "checkpoints".into(),
-        message: e.to_string(),
-    })?;
-    let store: Arc<dyn azure_messaging_eventhubs::CheckpointStore + Send + Sync> = Arc::new(store);
+    // An Event Hub log: ownership and checkpoints in the checkpoint container.
+    let hub = match (log, &config.live) {
+        (EventLog::Hub(_), Some(live)) => {
+            let store = live.checkpoints.clone().with_owner(owner_id.clone());
+            store
+                .ensure_container()
+                .await
+                .map_err(|e| fail("checkpoints", e.to_string()))?;
+            let store: Arc<dyn azure_messaging_eventhubs::CheckpointStore + Send + Sync> =
+                Arc::new(store);
+            Some((live, store))
+        }
+        (EventLog::Hub(_), None) => {
+            return Err(fail(
+                "configuration",
+                "was not compiled for `iomt run`".into(),
+            ));
+        }
+        (EventLog::Kafka(_), _) => None,
+    };
     let (subscriptions, cx) = crate::events::cluster_subscriptions(config, metrics)?;
     tracing::info!(
         owner = %owner_id,
-        hub = %live.source.hub,
         subscriptions = subscriptions.len(),
         "starting the events role"
     );
     let (stop_tx, stop) = watch::channel(false);
     let (failed_tx, mut failed) = mpsc::unbounded_channel::<String>();
-    let (mut deliveries, mut readers, mut committers) = (Vec::new(), Vec::new(), Vec::new());
+    let mut running = Vec::new();
     for (subscription, consumer_group) in subscriptions {
-        let mut settings = live.source.clone();
-        settings.consumer_group = consumer_group;
-        settings.application_id = Some(owner_id.clone());
         let partitions = Partitions::new();
-        let (tx, items) = mpsc::channel(16);
-        let reader = EventHubsSource {
-            settings: settings.clone(),
-            processor: live.processor.clone(),
-            store: store.clone(),
+        let reading = Reading {
+            subscription,
             partitions: partitions.clone(),
+            cx: cx.clone(),
+            stop: stop.clone(),
+            failed: failed_tx.clone(),
+            interval: config.pipeline.checkpoint_interval,
         };
-        let (reader_stop, failed_tx) = (stop.clone(), failed_tx.clone());
-        readers.push(tokio::spawn(async move {
-            if let Err(e) = reader.run(tx, reader_stop).await {
-                failed_tx.send(e.to_string()).ok();
+        running.push(match (log, &hub) {
+            (EventLog::Hub(_), Some((live, store))) => {
+                let mut settings = live.source.clone();
+                settings.consumer_group = consumer_group;
+                settings.application_id = Some(owner_id.clone());
+                let checkpoints = EventHubsCheckpoints::new(store.clone(), &settings);
+                let reader = EventHubsSource {
+                    settings,
+                    processor: live.processor.clone(),
+                    store: store.clone(),
+                    partitions,
+                };
+                reading.start(reader, checkpoints)
             }
-        }));
-        let feed = Feed::Hub {
-            items,
-            buffered: Default::default(),
-            partitions: partitions.clone(),
-            closed: false,
-        };
-        deliveries.push(tokio::spawn(subscription.run(
-            cx.clone(),
-            feed,
-            stop.clone(),
-        )));
-        let checkpoints = EventHubsCheckpoints::new(store.clone(), &settings);
-        let interval = config.pipeline.checkpoint_interval;
-        let (done_tx, done) = oneshot::channel::<()>();
-        committers.push((
-            done_tx,
-            tokio::spawn(commit_subscription(partitions, checkpoints, interval, done)),
-        ));
+            (EventLog::Kafka(kafka), _) => {
+                let client = crate::source::kafka::client_config(&kafka.brokers, &kafka.properties);
+                let (reader, checkpoints) =
+                    KafkaSource::subscribe(&client, &kafka.topic, &consumer_group, partitions)
+                        .map_err(|e| fail("events.kafka_log", e.to_string()))?;
+                reading.start(reader, checkpoints)
+            }
+            (EventLog::Hub(_), None) => {
+                return Err(fail(
+                    "configuration",
+                    "was not compiled for `iomt run`".into(),
+                ));
+            }
+        });
     }
     health.set_ready(true);
     let source_failed = tokio::select! {
@@ -397,12 +419,15 @@ pub async fn events_role(
     };
     health.set_ready(false);
     stop_tx.send_replace(true);
+    let (mut deliveries, mut rest) = (Vec::new(), Vec::new());
+    for (delivery, reader, committer) in running {
+        deliveries.push(delivery);
+        rest.push((reader, committer));
+    }
     let report = crate::events::report(deliveries).await;
-    for (done, committer) in committers {
+    for (reader, (done, committer)) in rest {
         done.send(()).ok();
         committer.await.ok();
-    }
-    for reader in readers {
         reader.await.ok();
     }
     Ok(EventsOutcome {
@@ -411,10 +436,56 @@ pub async fn events_role(
     })
 }
 
-/// Commits a subscription's checkpoints on a timer and once more when `done` fires.
-async fn commit_subscription(
+/// One subscription of the events role, before it starts reading.
+struct Reading {
+    subscription: crate::events::delivery::Subscription,
     partitions: crate::source::Partitions,
-    mut checkpoints: EventHubsCheckpoints,
+    cx: crate::events::delivery::Context,
+    stop: watch::Receiver<bool>,
+    failed: mpsc::UnboundedSender<String>,
+    interval: std::time::Duration,
+}
+
+/// The tasks of a running subscription: its delivery, its reader, and its committer with the
+/// signal that ends it.
+type Running = (
+    tokio::task::JoinHandle<crate::events::delivery::Ended>,
+    tokio::task::JoinHandle<()>,
+    (oneshot::Sender<()>, tokio::task::JoinHandle<()>),
+);
+
+impl Reading {
+    /// Starts the reader, the delivery fed by it, and the committer of its checkpoints.
+    fn start<S: Source, K: CheckpointStore>(self, reader: S, checkpoints: K) -> Running {
+        let (tx, items) = mpsc::channel(16);
+        let (stop, failed) = (self.stop.clone(), self.failed);
+        let reader = tokio::spawn(async move {
+            if let Err(e) = reader.run(tx, stop).await {
+                failed.send(e.to_string()).ok();
+            }
+        });
+        let feed = crate::events::delivery::Feed::Stream {
+            items,
+            buffered: Default::default(),
+            partitions: self.partitions.clone(),
+            closed: false,
+        };
+        let delivery = tokio::spawn(self.subscription.run(self.cx, feed, self.stop));
+        let (done_tx, done) = oneshot::channel::<()>();
+        let committer = tokio::spawn(commit_subscription(
+            self.partitions,
+            checkpoints,
+            self.interval,
+            done,
+        ));
+        (delivery, reader, (done_tx, committer))
+    }
+}
+
+/// Commits a subscription's checkpoints on a timer and once more when `done` fires.
+async fn commit_subscription<K: CheckpointStore>(
+    partitions: crate::source::Partitions,
+    mut checkpoints: K,
     interval: std::time::Duration,
     mut done: oneshot::Receiver<()>,
 ) {

@@ -49,8 +49,17 @@ pub struct Compiled {
     pub live: Option<Live>,
     /// Change events, when subscriptions are configured.
     pub events: Option<CompiledEvents>,
-    /// The event log hub, in cluster mode.
-    pub event_log: Option<EventHubSettings>,
+    /// The event log, in cluster mode.
+    pub event_log: Option<EventLog>,
+}
+
+/// Where the event log of cluster mode is.
+#[derive(Debug, Clone)]
+pub enum EventLog {
+    /// An Event Hub (`[event_log]`).
+    Hub(EventHubSettings),
+    /// A Kafka topic (`[events] kafka_log`).
+    Kafka(super::KafkaLog),
 }
 
 /// The change events of a run.
@@ -222,6 +231,17 @@ impl Config {
         if self.event_log.hub.is_some() && matches!(role, Role::All | Role::Convert) {
             hub_errors(&self.event_log, "event_log", false, &mut errors);
         }
+        if let Some(log) = &self.events.kafka_log {
+            if self.event_log.hub.is_some() {
+                errors.push(error(
+                    "events.kafka_log",
+                    "the event log is either [event_log] (an Event Hub) or events.kafka_log, not both",
+                ));
+            }
+            if log.brokers.trim().is_empty() || log.topic.trim().is_empty() {
+                errors.push(error("events.kafka_log", "needs brokers and topic"));
+            }
+        }
         self.subscription_errors(role, &mut errors);
         errors
     }
@@ -342,7 +362,9 @@ impl Config {
     /// What `iomt run` needs: the hubs its role reads and writes, and a checkpoint store.
     fn run_errors(&self, role: Role, errors: &mut Vec<ConfigError>) {
         if role == Role::Events {
-            hub_errors(&self.event_log, "event_log", true, errors);
+            if self.events.kafka_log.is_none() {
+                hub_errors(&self.event_log, "event_log", true, errors);
+            }
             if self.subscriptions.is_empty() {
                 errors.push(error(
                     "subscriptions",
@@ -362,7 +384,9 @@ impl Config {
             );
         }
         let c = &self.checkpoints;
-        if c.connection_string.is_none() && c.container_url.is_none() {
+        // A Kafka event log keeps the events role's checkpoints in its consumer groups.
+        let kafka_events = role == Role::Events && self.events.kafka_log.is_some();
+        if c.connection_string.is_none() && c.container_url.is_none() && !kafka_events {
             errors.push(error(
                 "checkpoints",
                 "needs connection_string (with container) or container_url",
@@ -381,16 +405,19 @@ impl Config {
         let target = keep(self.target(role), &mut errors);
         let live = match purpose {
             Purpose::Replay => Some(None),
+            // A Kafka event log is all the events role reads.
+            Purpose::Run if role == Role::Events && self.events.kafka_log.is_some() => Some(None),
             Purpose::Run => keep(self.live(role), &mut errors).map(Some),
         };
         let (Some(pipeline), Some(target), Some(live)) = (pipeline, target, live) else {
             return Err(errors);
         };
-        let event_log = match &self.event_log.hub {
-            Some(_) if role != Role::Normalize => {
-                keep(hub_settings(&self.event_log, "event_log"), &mut errors).map(Some)
-            }
-            _ => Some(None),
+        let event_log = match (&self.event_log.hub, &self.events.kafka_log) {
+            _ if role == Role::Normalize => Some(None),
+            (_, Some(kafka)) => Some(Some(EventLog::Kafka(kafka.clone()))),
+            (Some(_), None) => keep(hub_settings(&self.event_log, "event_log"), &mut errors)
+                .map(|hub| Some(EventLog::Hub(hub))),
+            (None, None) => Some(None),
         };
         let Some(event_log) = event_log else {
             return Err(errors);

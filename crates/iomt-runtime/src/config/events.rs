@@ -27,6 +27,23 @@ pub struct Events {
     /// undelivered then is delivered by the next run.
     #[serde(with = "humantime_serde")]
     pub drain_deadline: Duration,
+    /// The event log on a Kafka topic, in cluster mode (instead of `[event_log]`): writers
+    /// append to it, and `iomt run --role events` reads it once per subscription, in a
+    /// consumer group named after it.
+    pub kafka_log: Option<KafkaLog>,
+}
+
+/// A Kafka topic as the event log.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct KafkaLog {
+    /// `host:port,…`.
+    pub brokers: String,
+    /// The topic; keep its retention longer than the longest outage of the events role.
+    pub topic: String,
+    /// More librdkafka settings (security).
+    #[serde(default)]
+    pub properties: std::collections::BTreeMap<String, String>,
 }
 
 impl Default for Events {
@@ -36,6 +53,24 @@ impl Default for Events {
             fhir_account: None,
             poll_interval: Duration::from_millis(250),
             drain_deadline: Duration::from_secs(30),
+            kafka_log: None,
+        }
+    }
+}
+
+impl Events {
+    /// Replaces secrets with `***`, for printing.
+    pub(crate) fn mask_secrets(&mut self) {
+        if let Some(log) = &mut self.kafka_log {
+            mask_properties(&mut log.properties);
+        }
+    }
+}
+
+fn mask_properties(properties: &mut std::collections::BTreeMap<String, String>) {
+    for (key, value) in properties.iter_mut() {
+        if is_secret_property(key) {
+            *value = "***".to_owned();
         }
     }
 }
@@ -281,11 +316,7 @@ impl Subscription {
             }
         }
         if let Destination::Kafka { properties, .. } = &mut self.destination {
-            for (key, value) in properties.iter_mut() {
-                if is_secret_property(key) {
-                    *value = "***".to_owned();
-                }
-            }
+            mask_properties(properties);
         }
     }
 }

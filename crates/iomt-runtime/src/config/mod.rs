@@ -28,9 +28,9 @@ use serde::{Deserialize, Serialize};
 mod compile;
 mod events;
 
-pub use compile::{Compiled, CompiledEvents, Live, Purpose, Target};
+pub use compile::{Compiled, CompiledEvents, EventLog, Live, Purpose, Target};
 pub(crate) use compile::{hub_settings, token_credential};
-pub use events::{Destination, Events, Subscription};
+pub use events::{Destination, Events, KafkaLog, Subscription};
 
 /// The environment prefix of overrides.
 pub const ENV_PREFIX: &str = "IOMT__";
@@ -611,6 +611,8 @@ impl Config {
             &mut shown.source.client_secret,
             &mut shown.internal_hub.connection_string,
             &mut shown.internal_hub.client_secret,
+            &mut shown.event_log.connection_string,
+            &mut shown.event_log.client_secret,
             &mut shown.checkpoints.connection_string,
         ] {
             if secret.is_some() {
@@ -626,6 +628,7 @@ impl Config {
         for subscription in &mut shown.subscriptions {
             subscription.mask_secrets();
         }
+        shown.events.mask_secrets();
         // JSON keeps the keys of unset options (TOML has no null), so every key is listed.
         let serde_json::Value::Object(sections) = serde_json::to_value(&shown).unwrap_or_default()
         else {
@@ -645,7 +648,7 @@ impl Config {
             writeln!(out, "[{name}]").ok();
             for (key, value) in keys {
                 match toml::Value::try_from(&value) {
-                    Ok(value) if !value.is_table() => writeln!(out, "{key} = {value}"),
+                    Ok(value) => writeln!(out, "{key} = {value}"),
                     _ => writeln!(out, "# {key} = (not set)"),
                 }
                 .ok();
@@ -753,12 +756,18 @@ mod tests {
                     "IOMT__CHECKPOINTS__CONTAINER_URL",
                     "https://a.blob.core.windows.net/c?sig=secret-sas",
                 ),
+                (
+                    "IOMT__EVENT_LOG__CONNECTION_STRING",
+                    "Endpoint=sb://x/;SharedAccessKey=secret-log-key",
+                ),
             ]),
         )
         .unwrap();
         let printed = config.to_toml();
         assert!(
-            !printed.contains("secret-token") && !printed.contains("secret-sas"),
+            !printed.contains("secret-token")
+                && !printed.contains("secret-sas")
+                && !printed.contains("secret-log-key"),
             "{printed}"
         );
         // Every key of every section, set or not.
@@ -789,6 +798,7 @@ mod tests {
         let mut read = Config::load(Some(&file), []).unwrap();
         read.fhir.token = config.fhir.token.clone();
         read.checkpoints.container_url = config.checkpoints.container_url.clone();
+        read.event_log.connection_string = config.event_log.connection_string.clone();
         assert_eq!(read, config);
     }
 
@@ -799,6 +809,9 @@ mod tests {
         std::fs::write(
             &file,
             r#"
+[events]
+kafka_log = { brokers = "k:9092", topic = "changes", properties = { "sasl.password" = "logpw" } }
+
 [[subscriptions]]
 name = "alerts"
 format = "event-grid"
@@ -814,7 +827,7 @@ destination = { kind = "kafka", brokers = "127.0.0.1:9092", topic = "fhir", prop
         let config = Config::load(Some(&file), []).unwrap();
         assert_eq!(config.subscriptions.len(), 2);
         let printed = config.to_toml();
-        for secret in ["whsec_c2VjcmV0", "Bearer tok", "kpw", ":pw@"] {
+        for secret in ["whsec_c2VjcmV0", "Bearer tok", "kpw", ":pw@", "logpw"] {
             assert!(!printed.contains(secret), "{secret} in\n{printed}");
         }
         assert!(printed.contains("/k.pem"), "{printed}");
@@ -825,6 +838,11 @@ destination = { kind = "kafka", brokers = "127.0.0.1:9092", topic = "fhir", prop
         assert_eq!(names, ["alerts", "lake"]);
         assert_eq!(read.subscriptions[0].format, config.subscriptions[0].format);
         assert_eq!(read.subscriptions[0].filter, config.subscriptions[0].filter);
+        let log = read.events.kafka_log.expect("kafka_log printed");
+        assert_eq!(
+            (log.brokers.as_str(), log.topic.as_str()),
+            ("k:9092", "changes")
+        );
     }
 
     #[test]

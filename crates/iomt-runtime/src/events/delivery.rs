@@ -176,10 +176,10 @@ pub(crate) enum Feed {
         /// Bumped by the outbox after each append.
         wake: watch::Receiver<u64>,
     },
-    /// Event log records from the partitions of an Event Hub this process owns for the
-    /// subscription; each is acknowledged once finished, and the partitions' checkpoints
-    /// follow (in the subscription's consumer group).
-    Hub {
+    /// Event log records from the partitions of an Event Hub or a Kafka topic this process
+    /// owns for the subscription; each is acknowledged once finished, and the partitions'
+    /// checkpoints follow (in the subscription's consumer group).
+    Stream {
         items: mpsc::Receiver<Vec<SourceItem>>,
         buffered: VecDeque<SourceItem>,
         partitions: Partitions,
@@ -205,7 +205,7 @@ impl Feed {
                     end,
                 ))
             }
-            Feed::Hub {
+            Feed::Stream {
                 items,
                 buffered,
                 partitions,
@@ -226,7 +226,7 @@ impl Feed {
                     .drain(..n)
                     .map(|item| {
                         let written = match &item.input {
-                            Input::Event(e) => super::hub_log::read_record(&e.event.body),
+                            Input::Event(e) => super::remote_log::read_record(&e.event.body),
                             _ => None,
                         };
                         (item.origin.position, Some(item.origin), written)
@@ -239,7 +239,7 @@ impl Feed {
 
     /// Marks an entry finished (delivered, dead-lettered or not for this subscription).
     fn finished(&self, slot: &Slot) {
-        if let (Feed::Hub { partitions, .. }, Some(origin)) = (self, slot.origin) {
+        if let (Feed::Stream { partitions, .. }, Some(origin)) = (self, slot.origin) {
             partitions.0.ack([origin]);
         }
     }
@@ -250,7 +250,7 @@ impl Feed {
             Feed::Log { wake, .. } => {
                 wake.changed().await.ok();
             }
-            Feed::Hub {
+            Feed::Stream {
                 items,
                 buffered,
                 closed,

@@ -344,16 +344,12 @@ impl Kafka {
         properties: &std::collections::BTreeMap<String, String>,
         timeout: Duration,
     ) -> Result<Self, DestinationError> {
-        let mut config = rdkafka::ClientConfig::new();
+        let mut config = crate::source::kafka::client_config(brokers, properties);
         config
-            .set("bootstrap.servers", brokers)
             .set("enable.idempotence", "true")
             .set("acks", "all")
             .set("linger.ms", "5")
             .set("message.timeout.ms", timeout.as_millis().to_string());
-        for (key, value) in properties {
-            config.set(key, value);
-        }
         // librdkafka's messages name settings, never their values.
         let producer = config
             .create()

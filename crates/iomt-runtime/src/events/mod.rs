@@ -3,14 +3,15 @@
 //!
 //! The event log is the embedded store's change log (written in the same transaction as each
 //! resource version); for runs writing to a FHIR server, the local event log in the state
-//! directory; in cluster mode, an Event Hub ([`hub_log`]) read by `iomt run --role events`.
+//! directory; in cluster mode, an Event Hub or a Kafka topic ([`remote_log`]) read by
+//! `iomt run --role events`.
 //! Each is appended to after a write and before the write is acknowledged. A crash between
 //! the FHIR write and the append re-runs the write; it comes back unchanged, and the append of
 //! the version it names repairs the log.
 
 pub mod delivery;
 pub(crate) mod destination;
-pub mod hub_log;
+pub mod remote_log;
 
 use std::path::Path;
 use std::sync::Arc;
@@ -24,7 +25,7 @@ use crate::Metrics;
 use crate::config::{Compiled, CompiledEvents, ConfigError, Role, Target};
 use delivery::{Clock, Context, Ended, Feed, Log, Resources, Subscription, TokioClock};
 use destination::Destination;
-use hub_log::HubLog;
+use remote_log::RemoteLog;
 
 /// Where the pipeline puts the events of its writes before acknowledging them.
 #[derive(Debug, Clone, Default)]
@@ -37,8 +38,8 @@ pub enum Outbox {
     Store(watch::Sender<u64>),
     /// The local event log.
     Local(Arc<EventLog>, watch::Sender<u64>),
-    /// An Event Hub (cluster mode).
-    Hub(Arc<HubLog>),
+    /// An Event Hub or a Kafka topic (cluster mode).
+    Remote(Arc<RemoteLog>),
 }
 
 /// Why an append to the event log failed.
@@ -47,9 +48,9 @@ pub enum OutboxError {
     /// The local event log.
     #[error(transparent)]
     Store(#[from] StoreError),
-    /// The event log hub.
+    /// The event log of cluster mode.
     #[error(transparent)]
-    Hub(#[from] hub_log::HubLogError),
+    Remote(#[from] remote_log::RemoteLogError),
 }
 
 impl Outbox {
@@ -70,7 +71,7 @@ impl Outbox {
                 wake.send_modify(|n| *n += 1);
                 Ok(())
             }
-            Outbox::Hub(log) => Ok(log.append(written).await?),
+            Outbox::Remote(log) => Ok(log.append(written).await?),
         }
     }
 }
@@ -113,8 +114,12 @@ impl EventService {
         if matches!(config.target, Target::InternalHub) || config.role == Role::Events {
             return Ok((Outbox::None, None));
         }
-        if let Some(hub) = &config.event_log {
-            return Ok((Outbox::Hub(Arc::new(HubLog::new(hub.clone()))), None));
+        if let Some(log) = &config.event_log {
+            let log = RemoteLog::new(log).map_err(|e| ConfigError {
+                origin: "event log".into(),
+                message: e.to_string(),
+            })?;
+            return Ok((Outbox::Remote(Arc::new(log)), None));
         }
         let Some(events) = &config.events else {
             return Ok((Outbox::None, None));

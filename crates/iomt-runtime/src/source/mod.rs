@@ -7,13 +7,15 @@
 //! source resumes after the checkpoint, so work may be repeated but is never skipped.
 //!
 //! The sources: capture files and standard input ([`files`]), dead-letter files
-//! ([`deadletters`]), and Event Hubs partitions ([`eventhubs`]).
+//! ([`deadletters`]), Event Hubs partitions ([`eventhubs`]), and Kafka topics ([`kafka`], the
+//! event log of change events in cluster mode).
 
 mod acks;
 pub mod checkpoint;
 pub mod deadletters;
 pub mod eventhubs;
 pub mod files;
+pub mod kafka;
 
 use std::future::Future;
 
