@@ -3,8 +3,8 @@
 //! * The shipped capture into the embedded store, with five subscriptions: two JSON Lines
 //!   files (one filtered), two webhooks served by `tests/python/webhook_receiver.py`, which
 //!   verifies every Standard Webhooks signature with the independent `standardwebhooks`
-//!   package, answers the CloudEvents and Event Grid handshakes, and injects a 429, a 503 and
-//!   a timeout, and an Event Grid custom topic (the same receiver, checking the topic key).
+//!   package, answers the CloudEvents and Event Grid handshakes, and injects a 429, a 503, a 500
+//!   and a timeout, and an Event Grid custom topic (the same receiver, checking the topic key).
 //!   Every resource version yields exactly one event per matching subscription, no
 //!   default-format event carries a patient or device identifier, and a second replay of the
 //!   same data (every write unchanged) delivers nothing.
@@ -173,7 +173,7 @@ fn every_change_reaches_each_matching_subscription_once() {
     let scratch = Scratch::new(env!("CARGO_TARGET_TMPDIR"), "events-embedded");
     let dir = scratch.path();
     let capture = Capture::shipped();
-    let receiver = Receiver::start(dir, &["429:1", "503:1", "timeout:3"]);
+    let receiver = Receiver::start(dir, &["429:1", "503:1", "500", "timeout:3"]);
     let mut replay = Replay::new(&capture, dir);
     replay.args.extend([
         "--config".to_owned(),
@@ -230,7 +230,7 @@ fn every_change_reaches_each_matching_subscription_once() {
     assert_eq!(kinds("invalid"), 0);
     assert_eq!(kinds("options"), 1, "the CloudEvents handshake of `signed`");
     assert_eq!(kinds("validation"), 1, "Event Grid's handshake of `grid`");
-    assert_eq!((kinds("fault"), kinds("late")), (2, 1));
+    assert_eq!((kinds("fault"), kinds("late")), (3, 1));
     let mut signed = BTreeMap::new();
     let mut grid = BTreeMap::new();
     for r in records.iter().filter(|r| r["kind"] == "accepted") {
