@@ -68,10 +68,9 @@ pub(crate) fn run(args: &LiveArgs) -> anyhow::Result<u8> {
         owner_id,
         shutdown_signal(),
     ));
-    let outcome = match outcome {
+    let outcome = match ended(outcome)? {
         Ok(o) => o,
-        Err(RunError::Config(e)) => return Ok(report_config_errors(&[e])),
-        Err(e) => return Err(e.into()),
+        Err(code) => return Ok(code),
     };
     if let Some(reason) = &outcome.source_failed {
         eprintln!("error: the Event Hub source failed: {reason}");
@@ -108,10 +107,9 @@ fn run_events(config: &iomt_runtime::Compiled, owner_id: String) -> anyhow::Resu
         metrics.clone(),
         shutdown_signal(),
     ));
-    let outcome = match outcome {
+    let outcome = match ended(outcome)? {
         Ok(o) => o,
-        Err(RunError::Config(e)) => return Ok(report_config_errors(&[e])),
-        Err(e) => return Err(e.into()),
+        Err(code) => return Ok(code),
     };
     if let Some(reason) = &outcome.source_failed {
         eprintln!("error: reading the event log failed: {reason}");
@@ -129,4 +127,13 @@ fn run_events(config: &iomt_runtime::Compiled, owner_id: String) -> anyhow::Resu
     } else {
         0
     })
+}
+
+/// A run's outcome; `Err(code)` after printing a configuration problem it found.
+fn ended<T>(outcome: Result<T, RunError>) -> anyhow::Result<Result<T, u8>> {
+    match outcome {
+        Ok(o) => Ok(Ok(o)),
+        Err(RunError::Config(e)) => Ok(Err(report_config_errors(&[e]))),
+        Err(e) => Err(e.into()),
+    }
 }

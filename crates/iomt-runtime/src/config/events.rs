@@ -279,44 +279,34 @@ impl Subscription {
 
     /// Replaces secrets with `***`, for printing.
     pub(crate) fn mask_secrets(&mut self) {
-        if let Destination::Webhook {
-            secret,
-            authorization,
-            url,
-            ..
-        } = &mut self.destination
-        {
-            for value in [secret, authorization] {
-                if value.is_some() {
-                    *value = Some("***".to_owned());
-                }
+        match &mut self.destination {
+            Destination::Webhook {
+                secret,
+                authorization,
+                url,
+                ..
+            } => {
+                mask([secret, authorization]);
+                *url = iomt_core::redact_url(url);
             }
-            *url = iomt_core::redact_url(url);
+            Destination::EventHubs {
+                connection_string,
+                client_secret,
+                ..
+            } => mask([connection_string, client_secret]),
+            Destination::EventGrid {
+                key, client_secret, ..
+            } => mask([key, client_secret]),
+            Destination::Kafka { properties, .. } => mask_properties(properties),
+            Destination::Ndjson { .. } => {}
         }
-        if let Destination::EventHubs {
-            connection_string,
-            client_secret,
-            ..
-        } = &mut self.destination
-        {
-            for value in [connection_string, client_secret] {
-                if value.is_some() {
-                    *value = Some("***".to_owned());
-                }
-            }
-        }
-        if let Destination::EventGrid {
-            key, client_secret, ..
-        } = &mut self.destination
-        {
-            for value in [key, client_secret] {
-                if value.is_some() {
-                    *value = Some("***".to_owned());
-                }
-            }
-        }
-        if let Destination::Kafka { properties, .. } = &mut self.destination {
-            mask_properties(properties);
+    }
+}
+
+fn mask<const N: usize>(values: [&mut Option<String>; N]) {
+    for value in values {
+        if value.is_some() {
+            *value = Some("***".to_owned());
         }
     }
 }

@@ -73,11 +73,7 @@ impl Destination {
                     .map(str::parse::<Secret>)
                     .transpose()
                     .map_err(|e| DestinationError::Config(e.to_string()))?;
-                let client = reqwest::Client::builder()
-                    .timeout(*timeout)
-                    .redirect(reqwest::redirect::Policy::none())
-                    .build()
-                    .map_err(|e| DestinationError::Config(e.to_string()))?;
+                let client = http_client(*timeout)?;
                 Destination::Webhook(Box::new(Webhook {
                     client,
                     url: url.clone(),
@@ -107,11 +103,7 @@ impl Destination {
                 let credential =
                     crate::config::token_credential(*auth, tenant_id, client_id, client_secret)
                         .map_err(DestinationError::Config)?;
-                let client = reqwest::Client::builder()
-                    .timeout(*timeout)
-                    .redirect(reqwest::redirect::Policy::none())
-                    .build()
-                    .map_err(|e| DestinationError::Config(e.to_string()))?;
+                let client = http_client(*timeout)?;
                 Destination::EventGrid(Box::new(EventGrid {
                     client,
                     endpoint: endpoint.clone(),
@@ -155,6 +147,16 @@ impl Destination {
             Destination::EventGrid(g) => g.deliver(batch).await,
         }
     }
+}
+
+/// An HTTP client for an endpoint: redirects are not followed (a signed request goes only where
+/// it was configured to).
+fn http_client(timeout: Duration) -> Result<reqwest::Client, DestinationError> {
+    reqwest::Client::builder()
+        .timeout(timeout)
+        .redirect(reqwest::redirect::Policy::none())
+        .build()
+        .map_err(|e| DestinationError::Config(e.to_string()))
 }
 
 /// An Event Grid custom topic.
