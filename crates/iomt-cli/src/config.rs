@@ -76,7 +76,11 @@ fn describe(config: &Compiled) -> String {
         },
         (Target::InternalHub, None) => "internal hub".to_owned(),
         (Target::Fhir { url, identity, .. }, _) => {
-            format!("FHIR server {url} ({:?} identity)", identity.mode)
+            format!(
+                "FHIR server {} ({:?} identity)",
+                iomt_core::redact_url(url),
+                identity.mode
+            )
         }
         (Target::Embedded { dir, .. }, _) => format!("the embedded store in {}", dir.display()),
         (Target::Nothing, _) => {

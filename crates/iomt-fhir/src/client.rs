@@ -11,7 +11,7 @@ use std::pin::Pin;
 use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
-use iomt_core::{Action, Written};
+use iomt_core::{Action, Secret, Written};
 use reqwest::{Method, StatusCode, header};
 use serde_json::Value;
 use tokio::sync::Semaphore;
@@ -22,7 +22,7 @@ pub enum Auth {
     /// No `Authorization` header (test servers, a sidecar proxy that adds it).
     None,
     /// A fixed bearer token.
-    Bearer(String),
+    Bearer(Secret),
     /// OAuth tokens from a source (Microsoft Entra ID), cached until shortly before they
     /// expire and fetched again after a 401.
     Token(Arc<dyn TokenSource>),
@@ -32,7 +32,7 @@ pub enum Auth {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct BearerToken {
     /// The token.
-    pub secret: String,
+    pub secret: Secret,
     /// When it stops being valid.
     pub expires_at: SystemTime,
 }
@@ -61,7 +61,7 @@ pub enum EntraCredential {
         /// Application (client) id.
         client_id: String,
         /// The secret.
-        secret: String,
+        secret: Secret,
     },
 }
 
@@ -92,7 +92,7 @@ impl TokenSource for EntraTokens {
                     u64::try_from(token.expires_on.unix_timestamp()).unwrap_or_default(),
                 );
             Ok(BearerToken {
-                secret: token.token.secret().to_owned(),
+                secret: Secret::new(token.token.secret()),
                 expires_at,
             })
         })
@@ -124,8 +124,13 @@ impl EntraCredential {
                 tenant_id,
                 client_id,
                 secret,
-            } => ClientSecretCredential::new(&tenant_id, client_id, secret.into(), None)
-                .map_err(failed)?,
+            } => ClientSecretCredential::new(
+                &tenant_id,
+                client_id,
+                secret.expose().to_owned().into(),
+                None,
+            )
+            .map_err(failed)?,
         })
     }
 }
@@ -140,9 +145,10 @@ impl Auth {
 }
 
 /// Client settings.
-#[derive(Debug, Clone)]
+#[derive(Clone)]
 pub struct FhirClientConfig {
-    /// The FHIR base URL, e.g. `https://example.fhir.azurehealthcareapis.com`.
+    /// The FHIR base URL, e.g. `https://example.fhir.azurehealthcareapis.com`. Its query (an
+    /// API gateway's `code`, say) is sent with every request and never printed.
     pub base_url: String,
     /// Authentication.
     pub auth: Auth,
@@ -156,6 +162,18 @@ pub struct FhirClientConfig {
     pub backoff_base: Duration,
     /// Longest wait between attempts, also for `Retry-After`.
     pub backoff_cap: Duration,
+}
+
+impl std::fmt::Debug for FhirClientConfig {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("FhirClientConfig")
+            .field("base_url", &iomt_core::redact_url(&self.base_url))
+            .field("auth", &self.auth)
+            .field("request_timeout", &self.request_timeout)
+            .field("max_concurrency", &self.max_concurrency)
+            .field("max_retries", &self.max_retries)
+            .finish_non_exhaustive()
+    }
 }
 
 impl FhirClientConfig {
@@ -205,7 +223,9 @@ pub enum FhirError {
     Unavailable {
         /// Attempts made.
         attempts: u32,
-        /// The last failure.
+        /// What the last attempt met.
+        outage: Outage,
+        /// The last failure, without URLs or response bodies.
         last: String,
     },
     /// No token could be obtained from Microsoft Entra ID.
@@ -223,9 +243,52 @@ impl FhirError {
             FhirError::Conflict { .. } => "FHIRResourceContention",
             FhirError::Rejected { .. } => "FHIRServiceErrorHttpRequestError",
             FhirError::Unauthorized { .. } => "FHIRServiceErrorAuthorizationError",
-            FhirError::Unavailable { .. } => "FHIRServiceErrorTooManyRequests",
+            FhirError::Unavailable { outage, .. } => outage.metric_name(),
             FhirError::InvalidResponse(_) => "FHIRServiceErrorInvalidResponse",
             FhirError::Credential(_) => "FHIRServiceErrorMsalServiceError",
+        }
+    }
+}
+
+/// What kept a request from an answer it could use, as counted and logged.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Outage {
+    /// 429: the server throttles.
+    Throttled,
+    /// A 5xx: the server or a gateway before it failed.
+    Unavailable(u16),
+    /// No answer within the request timeout.
+    Timeout,
+    /// The connection could not be made or broke (refused, reset, DNS, TLS).
+    Connection,
+    /// No access token could be obtained.
+    Token,
+}
+
+impl Outage {
+    /// The kind, for logs: `throttled`, `unavailable`, `timeout`, `connection`, `token`.
+    pub fn label(self) -> &'static str {
+        match self {
+            Outage::Throttled => "throttled",
+            Outage::Unavailable(_) => "unavailable",
+            Outage::Timeout => "timeout",
+            Outage::Connection => "connection",
+            Outage::Token => "token",
+        }
+    }
+
+    /// MedTech's name for it: `FHIRServiceError` and the response's reason phrase without
+    /// spaces; for failures without a response, the .NET exception MedTech would see.
+    pub fn metric_name(self) -> &'static str {
+        match self {
+            Outage::Throttled => "FHIRServiceErrorTooManyRequests",
+            Outage::Unavailable(503) => "FHIRServiceErrorServiceUnavailable",
+            Outage::Unavailable(502) => "FHIRServiceErrorBadGateway",
+            Outage::Unavailable(504) => "FHIRServiceErrorGatewayTimeout",
+            Outage::Unavailable(_) => "FHIRServiceErrorInternalServerError",
+            Outage::Timeout => "FHIRServiceErrorTaskCanceledException",
+            Outage::Connection => "FHIRServiceErrorHttpRequestError",
+            Outage::Token => "FHIRServiceErrorMsalServiceError",
         }
     }
 }
@@ -284,6 +347,7 @@ enum Attempt {
     Done(reqwest::StatusCode, header::HeaderMap, Vec<u8>),
     Retry {
         after: Option<Duration>,
+        outage: Outage,
         reason: String,
     },
 }
@@ -307,19 +371,17 @@ impl FhirClient {
         })
     }
 
+    /// The URL of `path` (`Type/id`, `Type?query`) under the base URL, with the base URL's
+    /// own query (an API gateway's `code`, say) kept and the path's added to it.
     fn url(&self, path: &str) -> String {
-        format!(
-            "{}/{}",
-            self.config.base_url.trim_end_matches('/'),
-            path.trim_start_matches('/')
-        )
+        request_url(&self.config.base_url, path)
     }
 
     /// The `Authorization` value, from the token cache when it is still fresh.
     async fn authorization(&self) -> Result<Option<String>, String> {
         match &self.config.auth {
             Auth::None => Ok(None),
-            Auth::Bearer(token) => Ok(Some(format!("Bearer {token}"))),
+            Auth::Bearer(token) => Ok(Some(format!("Bearer {}", token.expose()))),
             Auth::Token(source) => {
                 let mut cached = self.token.lock().await;
                 let fresh = cached
@@ -328,7 +390,9 @@ impl FhirClient {
                 if !fresh {
                     *cached = Some(source.token().await?);
                 }
-                Ok(cached.as_ref().map(|t| format!("Bearer {}", t.secret)))
+                Ok(cached
+                    .as_ref()
+                    .map(|t| format!("Bearer {}", t.secret.expose())))
             }
         }
     }
@@ -343,6 +407,7 @@ impl FhirClient {
         let Ok(_slot) = self.slots.acquire().await else {
             return Attempt::Retry {
                 after: None,
+                outage: Outage::Connection,
                 reason: "client is shutting down".into(),
             };
         };
@@ -356,6 +421,7 @@ impl FhirClient {
             Err(e) => {
                 return Attempt::Retry {
                     after: None,
+                    outage: Outage::Token,
                     reason: format!("no access token: {e}"),
                 };
             }
@@ -370,28 +436,15 @@ impl FhirClient {
         }
         let response = match req.send().await {
             Ok(r) => r,
-            Err(e) => {
-                let kind = if e.is_timeout() {
-                    "timed out"
-                } else {
-                    "failed"
-                };
-                return Attempt::Retry {
-                    after: None,
-                    reason: format!("request {kind}: {e}"),
-                };
-            }
+            // The error names the URL, whose query may hold a secret and whose search
+            // values are patient data: it goes without.
+            Err(e) => return failed_request(e.without_url()),
         };
         let status = response.status();
         let headers = response.headers().clone();
         let bytes = match response.bytes().await {
             Ok(b) => b.to_vec(),
-            Err(e) => {
-                return Attempt::Retry {
-                    after: None,
-                    reason: format!("reading the response failed: {e}"),
-                };
-            }
+            Err(e) => return failed_request(e.without_url()),
         };
         if status == StatusCode::UNAUTHORIZED && matches!(self.config.auth, Auth::Token(_)) {
             // The token may have been revoked or rotated early: fetch a new one and retry.
@@ -399,6 +452,7 @@ impl FhirClient {
             if cached.take().is_some() {
                 return Attempt::Retry {
                     after: Some(Duration::ZERO),
+                    outage: Outage::Token,
                     reason: "401 with a cached token".into(),
                 };
             }
@@ -406,13 +460,20 @@ impl FhirClient {
         if status == StatusCode::TOO_MANY_REQUESTS || status == StatusCode::SERVICE_UNAVAILABLE {
             return Attempt::Retry {
                 after: retry_after(&headers),
+                outage: match status {
+                    StatusCode::TOO_MANY_REQUESTS => Outage::Throttled,
+                    _ => Outage::Unavailable(status.as_u16()),
+                },
                 reason: format!("{status}"),
             };
         }
         if status.is_server_error() {
+            // An error page may echo the request: its start is for debugging only.
+            tracing::debug!(%status, body = %body_excerpt(&bytes), "fhir server error");
             return Attempt::Retry {
                 after: None,
-                reason: format!("{status}: {}", body_excerpt(&bytes)),
+                outage: Outage::Unavailable(status.as_u16()),
+                reason: format!("{status}"),
             };
         }
         Attempt::Done(status, headers, bytes)
@@ -434,17 +495,24 @@ impl FhirClient {
             attempt += 1;
             match self.attempt(&method, &url, body.as_deref(), if_match).await {
                 Attempt::Done(status, headers, bytes) => return Ok((status, headers, bytes)),
-                Attempt::Retry { after, reason } => {
+                Attempt::Retry {
+                    after,
+                    outage,
+                    reason,
+                } => {
                     if attempt > self.config.max_retries {
                         return Err(FhirError::Unavailable {
                             attempts: attempt,
+                            outage,
                             last: reason,
                         });
                     }
                     let wait = after
                         .unwrap_or_else(|| self.backoff(attempt))
                         .min(self.config.backoff_cap);
-                    tracing::warn!(%method, path, attempt, wait_ms = wait.as_millis() as u64, reason, "fhir request will be retried");
+                    // The resource type only: the rest of a path holds ids and search values.
+                    let resource = path.split(['/', '?']).next().unwrap_or_default();
+                    tracing::warn!(%method, resource, attempt, wait_ms = wait.as_millis() as u64, kind = outage.label(), reason, "fhir request will be retried");
                     tokio::time::sleep(wait).await;
                 }
             }
@@ -518,10 +586,17 @@ impl FhirClient {
                 .and_then(|l| l["url"].as_str());
             match next {
                 Some(url) if found.len() < limit => {
-                    path = url
-                        .strip_prefix(self.config.base_url.trim_end_matches('/'))
-                        .unwrap_or(url)
-                        .to_owned();
+                    // Only links under the base URL are followed: a token goes nowhere else.
+                    let base = self.config.base_url.split('?').next().unwrap_or_default();
+                    match url.strip_prefix(base.trim_end_matches('/')) {
+                        Some(rest) => path = rest.to_owned(),
+                        None => {
+                            tracing::debug!(
+                                "a search's next link leaves the base URL; paging stops"
+                            );
+                            break;
+                        }
+                    }
                 }
                 _ => break,
             }
@@ -670,6 +745,40 @@ fn outcome_message(outcome: &Value) -> String {
     }
 }
 
+/// A request that got no usable answer, as a retryable attempt.
+fn failed_request(e: reqwest::Error) -> Attempt {
+    let outage = if e.is_timeout() {
+        Outage::Timeout
+    } else {
+        Outage::Connection
+    };
+    Attempt::Retry {
+        after: None,
+        outage,
+        reason: format!("request failed ({}): {e}", outage.label()),
+    }
+}
+
+/// `path` under `base`: the path joins the base's path, and the queries of both are kept.
+fn request_url(base: &str, path: &str) -> String {
+    let (base, base_query) = base.split_once('?').unwrap_or((base, ""));
+    let (path, path_query) = path.split_once('?').unwrap_or((path, ""));
+    let mut url = format!(
+        "{}/{}",
+        base.trim_end_matches('/'),
+        path.trim_start_matches('/')
+    );
+    let queries: Vec<&str> = [path_query, base_query]
+        .into_iter()
+        .filter(|q| !q.is_empty())
+        .collect();
+    if !queries.is_empty() {
+        url.push('?');
+        url.push_str(&queries.join("&"));
+    }
+    url
+}
+
 fn body_excerpt(body: &[u8]) -> String {
     let text = String::from_utf8_lossy(body);
     let text = text.trim();
@@ -718,6 +827,64 @@ fn encode(value: &str) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn request_urls_keep_the_base_query_after_the_path() {
+        assert_eq!(
+            request_url("https://fhir.example/r4/", "Patient/p1"),
+            "https://fhir.example/r4/Patient/p1"
+        );
+        assert_eq!(
+            request_url(
+                "https://gw.example/fhir?code=SECRET",
+                "Patient?identifier=x"
+            ),
+            "https://gw.example/fhir/Patient?identifier=x&code=SECRET"
+        );
+        assert_eq!(
+            request_url("https://gw.example/fhir/?code=SECRET", "/Observation/o1"),
+            "https://gw.example/fhir/Observation/o1?code=SECRET"
+        );
+    }
+
+    #[test]
+    fn configuration_and_credentials_print_without_secrets() {
+        let mut config = FhirClientConfig::new("https://user:pw@gw.example/fhir?code=SECRET");
+        config.auth = Auth::Bearer(Secret::new("token-value"));
+        let credential = EntraCredential::ClientSecret {
+            tenant_id: "t".into(),
+            client_id: "c".into(),
+            secret: Secret::new("client-secret-value"),
+        };
+        let printed = format!("{config:?} {credential:?}");
+        for secret in ["pw@", "SECRET", "token-value", "client-secret-value"] {
+            assert!(!printed.contains(secret), "{secret} in {printed}");
+        }
+    }
+
+    #[test]
+    fn outages_are_labelled_by_kind() {
+        let names: Vec<_> = [
+            Outage::Throttled,
+            Outage::Unavailable(503),
+            Outage::Unavailable(500),
+            Outage::Timeout,
+            Outage::Connection,
+        ]
+        .into_iter()
+        .map(|o| (o.label(), o.metric_name()))
+        .collect();
+        assert_eq!(
+            names,
+            [
+                ("throttled", "FHIRServiceErrorTooManyRequests"),
+                ("unavailable", "FHIRServiceErrorServiceUnavailable"),
+                ("unavailable", "FHIRServiceErrorInternalServerError"),
+                ("timeout", "FHIRServiceErrorTaskCanceledException"),
+                ("connection", "FHIRServiceErrorHttpRequestError"),
+            ]
+        );
+    }
 
     #[test]
     fn retry_after_seconds_and_dates() {

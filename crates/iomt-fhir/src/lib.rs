@@ -19,8 +19,8 @@ pub mod identity;
 pub mod writer;
 
 pub use client::{
-    Auth, BearerToken, EntraCredential, FhirClient, FhirClientConfig, FhirError, TokenSource,
-    Versioned,
+    Auth, BearerToken, EntraCredential, FhirClient, FhirClientConfig, FhirError, Outage,
+    TokenSource, Versioned,
 };
 pub use identity::{IdentityConfig, IdentityError, IdentityMode, IdentityResolver, Resolved};
 pub use writer::{ObservationWriter, WriteError};

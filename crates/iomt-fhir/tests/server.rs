@@ -544,7 +544,7 @@ impl iomt_fhir::TokenSource for CountingTokens {
             + 1;
         Box::pin(async move {
             Ok(iomt_fhir::BearerToken {
-                secret: format!("token-{n}"),
+                secret: format!("token-{n}").into(),
                 expires_at: std::time::SystemTime::now() + self.lifetime,
             })
         })

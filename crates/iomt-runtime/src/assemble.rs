@@ -144,7 +144,10 @@ pub fn assemble(
             );
             let store = FhirStore::new(identity, writer, url.clone());
             let sink = Converter::new(mapping.clone(), store);
-            (ConfiguredSink::Fhir(Box::new(sink)), url.clone())
+            (
+                ConfiguredSink::Fhir(Box::new(sink)),
+                iomt_core::redact_url(url),
+            )
         }
         Target::Embedded {
             dir,

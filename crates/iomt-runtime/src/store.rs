@@ -65,7 +65,7 @@ impl Store for FhirStore {
     }
 
     fn describe(&self) -> String {
-        format!("FHIR server {}", self.url)
+        format!("FHIR server {}", iomt_core::redact_url(&self.url))
     }
 }
 

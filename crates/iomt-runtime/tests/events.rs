@@ -112,6 +112,7 @@ fn config(dir: &Path, url: &str) -> Config {
             authorization: None,
             handshake: false,
             timeout: Duration::from_secs(5),
+            allow_insecure_http: false,
         },
         consumer_group: None,
         dead_letter: None,

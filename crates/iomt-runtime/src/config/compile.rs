@@ -160,6 +160,11 @@ impl Config {
         if let Some(url) = &self.fhir.url {
             let valid = reqwest_like_url(url);
             check(valid, "fhir.url", "must be an http:// or https:// URL");
+            check(
+                !iomt_core::is_insecure_remote(url) || self.fhir.allow_insecure_http,
+                "fhir.url",
+                "plain http:// to a host that is not loopback is refused: use https://, or set fhir.allow_insecure_http = true",
+            );
         }
         let f = &self.fhir;
         match f.auth {
@@ -288,11 +293,21 @@ impl Config {
                         "an ndjson file holds whole events: choose cloudevents, not cloudevents-binary",
                     ));
                 }
-                super::Destination::Webhook { url, secret, .. } => {
+                super::Destination::Webhook {
+                    url,
+                    secret,
+                    allow_insecure_http,
+                    ..
+                } => {
                     if !reqwest_like_url(url) {
                         errors.push(error(
                             format!("{at}.destination.url"),
                             "must be an http:// or https:// URL",
+                        ));
+                    } else if iomt_core::is_insecure_remote(url) && !allow_insecure_http {
+                        errors.push(error(
+                            format!("{at}.destination.url"),
+                            "plain http:// to a host that is not loopback is refused: use https://, or set allow_insecure_http = true in the destination",
                         ));
                     }
                     if let Some(secret) = secret
@@ -316,12 +331,18 @@ impl Config {
                     tenant_id,
                     client_id,
                     client_secret,
+                    allow_insecure_http,
                     ..
                 } => {
                     if !reqwest_like_url(endpoint) {
                         errors.push(error(
                             format!("{at}.destination.endpoint"),
                             "must be an http:// or https:// URL",
+                        ));
+                    } else if iomt_core::is_insecure_remote(endpoint) && !allow_insecure_http {
+                        errors.push(error(
+                            format!("{at}.destination.endpoint"),
+                            "plain http:// to a host that is not loopback is refused: use https://, or set allow_insecure_http = true in the destination",
                         ));
                     }
                     if !matches!(
@@ -511,13 +532,18 @@ impl Config {
 
     fn fhir_client(&self, url: &str) -> Result<FhirClient, ConfigError> {
         let f = &self.fhir;
+        if iomt_core::is_insecure_remote(url) {
+            tracing::warn!(url = %iomt_core::redact_url(url), "plain http:// to a remote FHIR server (fhir.allow_insecure_http): patient data and credentials travel unencrypted");
+        }
         let fail = |e: iomt_fhir::FhirError| error("fhir", e.to_string());
         let auth = match (
             f.auth,
             entra_credential(f.auth, &f.tenant_id, &f.client_id, &f.client_secret),
         ) {
             (_, Some(credential)) => Auth::entra(credential, url).map_err(fail)?,
-            (AuthKind::Bearer, None) => Auth::Bearer(f.token.clone().unwrap_or_default()),
+            (AuthKind::Bearer, None) => {
+                Auth::Bearer(iomt_core::Secret::new(f.token.clone().unwrap_or_default()))
+            }
             (_, None) => Auth::None,
         };
         FhirClient::new(FhirClientConfig {
@@ -593,7 +619,7 @@ fn entra_credential(
         AuthKind::ClientSecret => Some(EntraCredential::ClientSecret {
             tenant_id: tenant_id.clone().unwrap_or_default(),
             client_id: client_id.clone().unwrap_or_default(),
-            secret: client_secret.clone().unwrap_or_default(),
+            secret: iomt_core::Secret::new(client_secret.clone().unwrap_or_default()),
         }),
         AuthKind::None | AuthKind::Bearer => None,
     }

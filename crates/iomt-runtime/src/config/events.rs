@@ -147,6 +147,9 @@ pub enum Destination {
         /// How long to wait for an answer.
         #[serde(default = "default_timeout", with = "humantime_serde")]
         timeout: Duration,
+        /// Allows plain `http://` to a host that is not loopback (refused otherwise).
+        #[serde(default)]
+        allow_insecure_http: bool,
     },
     /// A Kafka topic (or an Event Hub through its Kafka endpoint), keyed by `Type/id` so that
     /// the events of a resource stay in order on one partition.
@@ -220,6 +223,9 @@ pub enum Destination {
         /// How long to wait for an answer.
         #[serde(default = "default_timeout", with = "humantime_serde")]
         timeout: Duration,
+        /// Allows plain `http://` to a host that is not loopback (refused otherwise).
+        #[serde(default)]
+        allow_insecure_http: bool,
     },
 }
 

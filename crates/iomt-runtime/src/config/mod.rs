@@ -205,6 +205,10 @@ pub struct Fhir {
     pub client_id: Option<String>,
     /// Entra client secret, for `client-secret`.
     pub client_secret: Option<String>,
+    /// Allows a plain `http://` URL to a host that is not loopback, with a warning at start;
+    /// without it such a URL is refused, because patient data and credentials would cross
+    /// the network in clear text.
+    pub allow_insecure_http: bool,
     /// Per-request timeout.
     #[serde(with = "humantime_serde")]
     pub request_timeout: Duration,
@@ -235,6 +239,7 @@ impl Default for Fhir {
             tenant_id: None,
             client_id: None,
             client_secret: None,
+            allow_insecure_http: false,
             request_timeout: Duration::from_secs(30),
             max_concurrency: 32,
             max_retries: 5,
@@ -618,6 +623,10 @@ impl Config {
             if secret.is_some() {
                 *secret = Some("***".to_owned());
             }
+        }
+        // A FHIR URL may carry user info or a gateway key in its query.
+        if let Some(url) = &mut shown.fhir.url {
+            *url = iomt_core::redact_url(url);
         }
         if let Some(url) = &mut shown.checkpoints.container_url
             && let Some(at) = url.find('?')

@@ -67,7 +67,9 @@ impl Destination {
                 authorization,
                 handshake,
                 timeout,
+                allow_insecure_http,
             } => {
+                warn_if_insecure(name, url, *allow_insecure_http);
                 let secret = secret
                     .as_deref()
                     .map(str::parse::<Secret>)
@@ -99,7 +101,9 @@ impl Destination {
                 client_id,
                 client_secret,
                 timeout,
+                allow_insecure_http,
             } => {
+                warn_if_insecure(name, endpoint, *allow_insecure_http);
                 let credential =
                     crate::config::token_credential(*auth, tenant_id, client_id, client_secret)
                         .map_err(DestinationError::Config)?;
@@ -146,6 +150,13 @@ impl Destination {
             Destination::EventHubs(h) => h.deliver(batch).await,
             Destination::EventGrid(g) => g.deliver(batch).await,
         }
+    }
+}
+
+/// Says, at start, that a subscription sends in clear text because it was allowed to.
+fn warn_if_insecure(subscription: &str, url: &str, allowed: bool) {
+    if allowed && iomt_core::is_insecure_remote(url) {
+        tracing::warn!(subscription, endpoint = %iomt_core::redact_url(url), "plain http:// to a remote endpoint (allow_insecure_http): events travel unencrypted");
     }
 }
 
