@@ -378,3 +378,43 @@ fn validate_checks_both_mappings_and_names_both_files() {
     );
     assert_eq!(json["errors"][0]["path"], "$.template[0].template.typeName");
 }
+
+#[test]
+fn deeply_nested_expressions_are_template_errors_not_crashes() {
+    let dir = tempfile::tempdir().unwrap();
+    let nested = format!("{}Body.a{}", "not_null(".repeat(5_000), ")".repeat(5_000));
+    let chained = format!("Body{}", ".a".repeat(20_000));
+    let mapping = write(
+        &dir,
+        "map.json",
+        format!(
+            r#"{{
+  "templateType": "CollectionContent",
+  "template": [
+    {{ "templateType": "CalculatedContent",
+      "template": {{ "typeName": "x", "typeMatchExpression": {{ "value": "{nested}", "language": "JmesPath" }},
+                    "deviceIdExpression": "$.d", "timestampExpression": "$.t",
+                    "values": [ {{ "valueName": "v", "valueExpression": {{ "value": "{chained}", "language": "JmesPath" }}, "required": true }} ] }} }}
+  ]
+}}"#
+        )
+        .as_bytes(),
+    );
+    let msg = write(&dir, "m.json", b"{}");
+    let (code, out) = json_test(&mapping, "--message", &msg);
+    assert_eq!(code, 2, "{out}");
+    let errors = out["errors"].as_array().unwrap();
+    let paths: Vec<&str> = errors.iter().map(|e| e["path"].as_str().unwrap()).collect();
+    assert_eq!(
+        paths,
+        vec![
+            "$.template[0].template.typeMatchExpression",
+            "$.template[0].template.values[0].valueExpression",
+        ]
+    );
+    assert!(
+        errors
+            .iter()
+            .all(|e| e["line"].as_i64() == Some(5) || e["line"].as_i64() == Some(7))
+    );
+}

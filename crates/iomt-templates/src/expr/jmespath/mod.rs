@@ -35,6 +35,71 @@ use self::functions::Function;
 use super::jsonpath::Scope;
 use super::token::Token;
 
+/// The longest expression compiled; longer ones are refused before parsing.
+pub const MAX_EXPRESSION_LEN: usize = 16 * 1024;
+/// The deepest nesting of parentheses, brackets and braces.
+pub const MAX_NESTING: usize = 32;
+/// The most operators (`.`, `|`, `&&`, `||`, comparisons, function commas) in one expression.
+/// With the nesting limit, this bounds the depth of the parsed tree, which the parser, the
+/// compiler and evaluation all walk recursively: deeper trees would overflow a thread's stack.
+pub const MAX_OPERATORS: usize = 128;
+
+/// Refuses expressions too long or too deep to parse and evaluate on a thread's stack;
+/// literals (`'…'`, `"…"`, `` `…` ``) count toward the length only.
+fn check_shape(source: &str) -> Result<(), String> {
+    if source.len() > MAX_EXPRESSION_LEN {
+        return Err(format!(
+            "is {} bytes long; the limit is {MAX_EXPRESSION_LEN}",
+            source.len()
+        ));
+    }
+    let (mut depth, mut deepest, mut operators) = (0usize, 0usize, 0usize);
+    let mut quote: Option<u8> = None;
+    let mut escaped = false;
+    let bytes = source.as_bytes();
+    for (i, &b) in bytes.iter().enumerate() {
+        if let Some(q) = quote {
+            match b {
+                _ if escaped => escaped = false,
+                b'\\' => escaped = true,
+                _ if b == q => quote = None,
+                _ => {}
+            }
+            continue;
+        }
+        match b {
+            b'\'' | b'"' | b'`' => quote = Some(b),
+            b'(' | b'[' | b'{' => {
+                depth += 1;
+                deepest = deepest.max(depth);
+            }
+            b')' | b']' | b'}' => depth = depth.saturating_sub(1),
+            b'.' | b'|' | b',' | b'<' | b'>' | b'=' => operators += 1,
+            b'&' if bytes.get(i + 1) == Some(&b'&') => operators += 1,
+            _ => {}
+        }
+    }
+    if deepest > MAX_NESTING {
+        return Err(format!(
+            "nests {deepest} levels deep; the limit is {MAX_NESTING}"
+        ));
+    }
+    if operators > MAX_OPERATORS {
+        return Err(format!(
+            "has {operators} operators; the limit is {MAX_OPERATORS}"
+        ));
+    }
+    Ok(())
+}
+
+/// An expression as error messages quote it: at most its first 200 characters.
+fn excerpt(source: &str) -> String {
+    match source.char_indices().nth(200) {
+        Some((at, _)) => format!("{}…", &source[..at]),
+        None => source.to_owned(),
+    }
+}
+
 /// A compiled JMESPath expression.
 #[derive(Clone)]
 pub struct JmesPath {
@@ -120,9 +185,10 @@ impl JmesPath {
     /// found here, not per message, as JmesPath.Net finds them when MedTech loads a template.
     pub fn compile(source: &str) -> Result<Self, JmesPathError> {
         let error = |reason: String| JmesPathError {
-            expression: source.to_owned(),
+            expression: excerpt(source),
             reason,
         };
+        check_shape(source).map_err(error)?;
         let parsed = jmespath::parse(source).map_err(|e| {
             error(match &e.reason {
                 jmespath::ErrorReason::Parse(p) => {

@@ -221,3 +221,59 @@ fn compile_errors() {
     assert!(JmesPath::compile("not_null(a, b, c)").is_ok());
     assert!(JmesPath::compile("[::0]").is_err());
 }
+
+#[test]
+fn expressions_too_long_or_deep_are_refused_before_parsing() {
+    let refused = |expr: &str, why: &str| {
+        let e = JmesPath::compile(expr).expect_err(why);
+        assert!(e.reason.contains(why), "{}", e.reason);
+        assert!(
+            e.expression.chars().count() <= 201,
+            "the error quotes an excerpt"
+        );
+    };
+    refused(
+        &format!("{}a{}", "not_null(".repeat(1_000), ")".repeat(1_000)),
+        "levels deep",
+    );
+    refused(
+        &format!("{}a{}", "(".repeat(5_000), ")".repeat(5_000)),
+        "levels deep",
+    );
+    refused(&format!("a{}", ".a".repeat(2_000)), "operators");
+    refused(&format!("'{}'", "x".repeat(1 << 20)), "bytes long");
+    refused(
+        &format!("{}a{}", "not_null(".repeat(5_000), ")".repeat(5_000)),
+        "bytes long",
+    );
+    // Brackets inside literals do not nest.
+    assert!(JmesPath::compile(&format!("'{}'", "(".repeat(200))).is_ok());
+}
+
+#[test]
+fn expressions_at_the_limits_compile_and_run_on_a_small_stack() {
+    let deep = format!(
+        "{}a{}",
+        "not_null(".repeat(MAX_NESTING),
+        ")".repeat(MAX_NESTING)
+    );
+    let long = format!("a{}", ".a".repeat(MAX_OPERATORS));
+    let both = format!(
+        "{}a{}{}",
+        "not_null(".repeat(MAX_NESTING),
+        ".a".repeat(MAX_OPERATORS - 1),
+        ")".repeat(MAX_NESTING)
+    );
+    // Tokio's worker threads have 2 MiB stacks.
+    let on_small_stack = |expr: String, data: Value, expected: Value| {
+        std::thread::Builder::new()
+            .stack_size(2 << 20)
+            .spawn(move || assert_eq!(ok(&expr, &data), expected))
+            .unwrap()
+            .join()
+            .unwrap();
+    };
+    on_small_stack(deep, json!({"a": 1}), json!(1));
+    on_small_stack(long, json!({"a": {"a": 1}}), json!(null));
+    on_small_stack(both, json!({"a": {"a": 1}}), json!(null));
+}
