@@ -52,6 +52,15 @@ pub enum ConvertError {
         /// What is wrong.
         reason: String,
     },
+    /// A SampledData value is not a FHIR decimal: it would corrupt the `data` string (a value
+    /// with spaces fills several slots).
+    #[error("invalid SampledData value for [{name}]: {reason}")]
+    InvalidSampledDataValue {
+        /// The value name.
+        name: String,
+        /// What is wrong.
+        reason: String,
+    },
     /// A String value got more than one measurement in one window.
     #[error(
         "the String value [{name}] received {count} values in one observation window; use periodInterval 0"
@@ -90,6 +99,7 @@ impl ConvertError {
             ConvertError::TemplateNotFound(_) => "TemplateNotFoundException",
             ConvertError::CorrelationIdNotDefined(_) => "CorrelationIdNotDefinedException",
             ConvertError::InvalidQuantityValue { .. } => "InvalidQuantityFhirValueException",
+            ConvertError::InvalidSampledDataValue { .. } => "InvalidSampledDataFhirValueException",
             ConvertError::MultipleStringValues { .. } => "InvalidOperationException",
             ConvertError::Render { .. } => "HandlebarsRenderException",
             ConvertError::ExistingValueType { .. } | ConvertError::EffectiveNotSupported => {
@@ -411,6 +421,39 @@ fn decode_sampled_data(data: &str, start_ticks: i64, step: i64) -> Vec<(i64, &st
         .collect()
 }
 
+/// Whether `text` is a FHIR decimal (`-?(0|[1-9][0-9]*)(\.[0-9]+)?([eE][+-]?[0-9]+)?`), what
+/// a slot of `SampledData.data` may hold besides the codes `E`, `U` and `L`.
+fn is_fhir_decimal(text: &str) -> bool {
+    let digits = |s: &str| !s.is_empty() && s.bytes().all(|b| b.is_ascii_digit());
+    let unsigned = text.strip_prefix('-').unwrap_or(text);
+    let (mantissa, exponent) = match unsigned.split_once(['e', 'E']) {
+        Some((m, e)) => (m, Some(e)),
+        None => (unsigned, None),
+    };
+    let (whole, fraction) = match mantissa.split_once('.') {
+        Some((w, f)) => (w, Some(f)),
+        None => (mantissa, None),
+    };
+    digits(whole)
+        && (whole == "0" || !whole.starts_with('0'))
+        && fraction.is_none_or(digits)
+        && exponent.is_none_or(|e| digits(e.strip_prefix(['+', '-']).unwrap_or(e)))
+}
+
+/// Refuses SampledData values that are not decimals.
+fn check_sampled_values(name: &str, values: &[(Timestamp, &str)]) -> Result<(), ConvertError> {
+    match values.iter().find(|(_, v)| !is_fhir_decimal(v)) {
+        Some((_, v)) => Err(ConvertError::InvalidSampledDataValue {
+            name: name.to_owned(),
+            reason: format!(
+                "a value of {} characters is not a decimal number",
+                v.chars().count()
+            ),
+        }),
+        None => Ok(()),
+    }
+}
+
 /// The FHIR element a value template writes, and its JSON.
 fn create_value(
     value: &ValueTemplate,
@@ -423,6 +466,7 @@ fn create_value(
             default_period,
             unit,
         } => {
+            check_sampled_values(&value.value_name, values)?;
             let mut origin = Map::new();
             origin.insert("value".to_owned(), Value::from(0));
             if let Some(unit) = unit {
@@ -704,7 +748,10 @@ fn merge_value(
     // A SampledData value keeps its object and only gets new data: building it afresh (a
     // slot per period of the window) would be thrown away.
     let (key, fresh) = match &template.kind {
-        ValueKind::SampledData { .. } => ("valueSampledData", None),
+        ValueKind::SampledData { .. } => {
+            check_sampled_values(&template.value_name, values)?;
+            ("valueSampledData", None)
+        }
         _ => {
             let (key, fresh) = create_value(template, values, group.start, group.end)?;
             (key, Some(fresh))

@@ -298,3 +298,20 @@ fn merge_appends_missing_components_and_checks_value_types() {
         Err(ConvertError::ExistingValueType { .. })
     ));
 }
+
+#[test]
+fn sampled_data_takes_only_decimal_values() {
+    for ok in ["72", "-3", "0", "97.5", "0.25", "1.5E-05", "2e3", "-0.5e+2"] {
+        assert!(super::is_fhir_decimal(ok), "{ok}");
+    }
+    for bad in [
+        "seventy", "70 80 90", "", "NaN", "Infinity", "1.", ".5", "072", "+1", "1e", "0x10", " 72",
+    ] {
+        assert!(!super::is_fhir_decimal(bad), "{bad:?}");
+    }
+    let t = Timestamp::parse("2024-03-05T09:00:00Z").unwrap();
+    let error = super::check_sampled_values("hr", &[(t, "72"), (t, "70 80 90")]).unwrap_err();
+    assert_eq!(error.name(), "InvalidSampledDataFhirValueException");
+    // The message says what is wrong without repeating the value.
+    assert!(!error.to_string().contains("70 80"), "{error}");
+}
