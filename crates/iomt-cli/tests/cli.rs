@@ -418,3 +418,26 @@ fn deeply_nested_expressions_are_template_errors_not_crashes() {
             .all(|e| e["line"].as_i64() == Some(5) || e["line"].as_i64() == Some(7))
     );
 }
+
+#[test]
+fn sampled_data_values_that_are_not_numbers_are_data_errors() {
+    let dir = tempfile::tempdir().unwrap();
+    let message = write(
+        &dir,
+        "m.json",
+        br#"{"deviceId": "watch-0042", "patientId": "patient-17", "heartRate": "70 80 90",
+            "measuredAt": "2026-11-20T08:15:30.125Z"}"#,
+    );
+    let (code, out) = json_test_with(
+        &repo("mappings/heartrate/devicecontent.json"),
+        Some(&repo("mappings/heartrate/fhirmapping.json")),
+        "--message",
+        &message,
+    );
+    assert_eq!(code, 1, "{out}");
+    assert_eq!(out["observations"], Value::Array(vec![]));
+    assert_eq!(
+        out["errors"][0]["kind"], "InvalidSampledDataFhirValueException",
+        "{out}"
+    );
+}
