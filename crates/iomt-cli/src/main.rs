@@ -31,6 +31,25 @@ static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
 struct Cli {
     #[command(subcommand)]
     command: Command,
+    /// How logs (stderr) are written: `text`, coloured only on a terminal, or `json`, one
+    /// object a line for log collectors.
+    #[arg(
+        long,
+        global = true,
+        value_enum,
+        env = "IOMT_LOG_FORMAT",
+        default_value = "text"
+    )]
+    log_format: LogFormat,
+}
+
+/// How logs are written.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+enum LogFormat {
+    /// Human-readable lines.
+    Text,
+    /// One JSON object per line: timestamp, level, target, fields and spans.
+    Json,
 }
 
 #[derive(Debug, Subcommand)]
@@ -101,15 +120,21 @@ enum ColorChoice {
 }
 
 /// Logs go to stderr; `RUST_LOG` selects them (default `warn`, so the summary stands out).
-fn init_tracing() {
+/// Colour codes only go to a terminal (and not with `NO_COLOR`): a file or a pod log gets
+/// plain text.
+fn init_tracing(format: LogFormat) {
+    use std::io::IsTerminal as _;
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn"));
-    // Fails only when a subscriber is already set, which is then used instead.
-    tracing_subscriber::fmt()
+    let ansi = std::io::stderr().is_terminal() && std::env::var_os("NO_COLOR").is_none();
+    let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
-        .with_writer(std::io::stderr)
-        .try_init()
-        .ok();
+        .with_writer(std::io::stderr);
+    // Fails only when a subscriber is already set, which is then used instead.
+    match format {
+        LogFormat::Text => builder.with_ansi(ansi).try_init().ok(),
+        LogFormat::Json => builder.json().with_ansi(false).try_init().ok(),
+    };
 }
 
 fn main() -> ExitCode {
@@ -117,16 +142,16 @@ fn main() -> ExitCode {
     let code = match cli.command {
         Command::Mapping(cmd) => mapping::run(cmd),
         Command::Replay(args) => {
-            init_tracing();
+            init_tracing(cli.log_format);
             replay::run(&args)
         }
         Command::Run(args) => {
-            init_tracing();
+            init_tracing(cli.log_format);
             live::run(&args)
         }
         Command::Config(cmd) => config::run(cmd),
         Command::DeadLetter(cmd) => {
-            init_tracing();
+            init_tracing(cli.log_format);
             deadletter::run(cmd)
         }
         Command::Export(args) => export::run(&args),

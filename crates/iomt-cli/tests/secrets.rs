@@ -3,7 +3,6 @@
 //! server is refused unless allowed, and the warnings of an unreachable server name neither the
 //! search values nor the URL's secrets (issue 13).
 
-use std::io::Write as _;
 use std::path::PathBuf;
 use std::process::{Command, Output, Stdio};
 use std::time::{Duration, Instant};
@@ -81,11 +80,12 @@ fn plain_http_to_a_remote_fhir_server_is_refused_unless_allowed() {
     assert!(checked.status.success(), "{}", text(&checked));
 }
 
-#[test]
-fn an_unreachable_fhir_server_logs_no_search_values_or_url_secrets() {
+/// Replays the first 60 events of the shipped capture into a closed loopback port, with URL
+/// credentials, until the first retry warnings; what it logged, and the events.
+fn unreachable_replay(extra: &[&str]) -> (String, Vec<String>) {
     let dir = tempfile::tempdir().unwrap();
     let capture = std::fs::read_to_string(repo("examples/capture/wearables.jsonl")).unwrap();
-    let lines: Vec<&str> = capture.lines().take(60).collect();
+    let lines: Vec<String> = capture.lines().take(60).map(str::to_owned).collect();
     let input = dir.path().join("cut.jsonl");
     std::fs::write(&input, lines.join("\n")).unwrap();
     // A closed loopback port: every request fails at once with a connection error.
@@ -97,12 +97,13 @@ fn an_unreachable_fhir_server_logs_no_search_values_or_url_secrets() {
     let url = format!("http://fhir-user:PASSWORD@127.0.0.1:{port}/fhir?code=GATEWAYKEY");
     let stderr = dir.path().join("stderr");
     let mut child = Command::new(env!("CARGO_BIN_EXE_iomt"))
+        .args(extra)
         .args(["replay", "--no-progress", "--config"])
         .arg(repo("examples/capture/iomt.toml"))
         .arg(&input)
         .args(["--state-dir"])
         .arg(dir.path().join("state"))
-        .env("NO_COLOR", "1")
+        .env_remove("NO_COLOR")
         .env("RUST_LOG", "info")
         .env("IOMT__FHIR__URL", &url)
         .env("IOMT__FHIR__BACKOFF_BASE", "10ms")
@@ -131,8 +132,16 @@ fn an_unreachable_fhir_server_logs_no_search_values_or_url_secrets() {
     let output = child.wait_with_output().unwrap();
     let mut logged = read();
     logged.push_str(&String::from_utf8_lossy(&output.stdout));
+    (logged, lines)
+}
+
+#[test]
+fn an_unreachable_fhir_server_logs_no_search_values_or_url_secrets() {
+    let (logged, lines) = unreachable_replay(&[]);
     assert!(logged.contains("will be retried"), "{logged}");
     assert!(logged.contains("kind=\"connection\""), "{logged}");
+    // Written to a file, not a terminal: no colour codes.
+    assert!(!logged.contains('\u{1b}'), "{logged}");
     assert_no_secret(&logged);
     assert!(!logged.contains("identifier="), "{logged}");
     for line in &lines {
@@ -143,5 +152,22 @@ fn an_unreachable_fhir_server_logs_no_search_values_or_url_secrets() {
             }
         }
     }
-    std::io::stderr().flush().ok();
+}
+
+#[test]
+fn json_logs_are_one_object_a_line() {
+    let (logged, _) = unreachable_replay(&["--log-format", "json"]);
+    let warnings: Vec<serde_json::Value> = logged
+        .lines()
+        .filter_map(|l| serde_json::from_str(l).ok())
+        .filter(|v: &serde_json::Value| v["level"] == "WARN")
+        .collect();
+    assert!(!warnings.is_empty(), "{logged}");
+    let retry = warnings
+        .iter()
+        .find(|w| w["fields"]["message"] == "fhir request will be retried")
+        .unwrap_or_else(|| panic!("{logged}"));
+    assert_eq!(retry["fields"]["kind"], "connection");
+    assert_eq!(retry["fields"]["resource"], "Device");
+    assert_no_secret(&logged);
 }
