@@ -238,18 +238,24 @@ fn validate(args: &ValidateArgs) -> anyhow::Result<u8> {
                     "{} {}: {} template(s)",
                     paint(palette.ok, "valid"),
                     path.display(),
-                    fhir.templates.len()
+                    fhir.templates.len() + fhir.handlebars.len()
                 );
-                for t in &fhir.templates {
-                    crate::outln!(
-                        "  template[{}] CodeValueFhir '{}' (line {})",
-                        t.index,
-                        t.type_name,
-                        t.line
-                    );
+                let mut listed: Vec<(usize, &str, &str, usize)> = fhir
+                    .templates
+                    .iter()
+                    .map(|t| (t.index, "CodeValueFhir", t.type_name.as_str(), t.line))
+                    .chain(
+                        fhir.handlebars
+                            .iter()
+                            .map(|t| (t.index, "HandlebarsFhir", t.type_name.as_str(), t.line)),
+                    )
+                    .collect();
+                listed.sort_unstable();
+                for (index, kind, type_name, line) in listed {
+                    crate::outln!("  template[{index}] {kind} '{type_name}' (line {line})");
                 }
                 for t in &mappings.device.templates {
-                    if fhir.template(&t.type_name).is_none() {
+                    if fhir.lookup(&t.type_name).is_none() {
                         crate::outln!(
                             "  {} no FHIR template for device type '{}': its measurements would be dead-lettered",
                             paint(palette.hint, "warning:"),

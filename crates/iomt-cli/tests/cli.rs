@@ -441,3 +441,30 @@ fn sampled_data_values_that_are_not_numbers_are_data_errors() {
         "{out}"
     );
 }
+
+#[test]
+fn validate_sees_handlebars_templates() {
+    let dir = tempfile::tempdir().unwrap();
+    let fhir = write(
+        &dir,
+        "fhir.json",
+        br#"{"templateType": "CollectionFhir", "template": [{"templateType": "HandlebarsFhir", "template": {
+          "typeName": "heartrate", "periodInterval": 0, "key": "{{ids.device}}.{{type}}",
+          "resource": "{\"resourceType\": \"Observation\", \"status\": \"final\"}"}}]}"#,
+    );
+    let out = iomt(&[
+        "mapping",
+        "validate",
+        repo("mappings/heartrate/devicecontent.json")
+            .to_str()
+            .unwrap(),
+        fhir.to_str().unwrap(),
+    ]);
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert_eq!(out.status.code(), Some(0), "{text}");
+    assert!(text.contains("HandlebarsFhir 'heartrate'"), "{text}");
+    assert!(
+        !text.contains("no FHIR template for device type 'heartrate'"),
+        "{text}"
+    );
+}
