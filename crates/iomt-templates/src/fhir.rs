@@ -196,6 +196,40 @@ impl HandlebarsTemplate {
     }
 }
 
+/// The longest handlebars template loaded.
+pub const MAX_HANDLEBARS_LEN: usize = 64 * 1024;
+/// The deepest nesting of handlebars blocks (`{{#if}}…{{/if}}`): the parser and the renderer
+/// recurse into blocks, and their cost grows faster than the nesting.
+pub const MAX_HANDLEBARS_NESTING: usize = 32;
+
+/// Refuses handlebars templates too long or too deeply nested to load quickly and render on a
+/// thread's stack.
+fn check_handlebars_shape(text: &str) -> Result<(), String> {
+    if text.len() > MAX_HANDLEBARS_LEN {
+        return Err(format!(
+            "the handlebars template is {} bytes long; the limit is {MAX_HANDLEBARS_LEN}",
+            text.len()
+        ));
+    }
+    let (mut depth, mut deepest) = (0usize, 0usize);
+    for (at, _) in text.match_indices("{{") {
+        match text[at + 2..].trim_start_matches('~').as_bytes().first() {
+            Some(b'#') => {
+                depth += 1;
+                deepest = deepest.max(depth);
+            }
+            Some(b'/') => depth = depth.saturating_sub(1),
+            _ => {}
+        }
+    }
+    if deepest > MAX_HANDLEBARS_NESTING {
+        return Err(format!(
+            "the handlebars template nests blocks {deepest} deep; the limit is {MAX_HANDLEBARS_NESTING}"
+        ));
+    }
+    Ok(())
+}
+
 fn render_error(e: &handlebars::RenderError) -> String {
     match (e.line_no, e.column_no) {
         (Some(l), Some(c)) => format!("{e} (template line {l}, column {c})"),
@@ -275,13 +309,17 @@ fn handlebars_template(
     let mut registry = registry();
     let resource = c.required_string(&m, "resource");
     if let Some((text, offset)) = &resource
-        && let Err(e) = registry.register_template_string("resource", text)
+        && let Err(e) = check_handlebars_shape(text).and_then(|()| {
+            registry
+                .register_template_string("resource", text)
+                .map_err(|e| format!("invalid handlebars template: {e}"))
+        })
     {
         c.error(
             TemplateErrorKind::Expression,
             *offset,
             &m.child("resource"),
-            format!("invalid handlebars template: {e}"),
+            e,
         );
     }
     let key = match m.get("key") {
@@ -298,14 +336,13 @@ fn handlebars_template(
         }
     };
     if let Some((text, offset)) = &key
-        && let Err(e) = registry.register_template_string("key", text)
+        && let Err(e) = check_handlebars_shape(text).and_then(|()| {
+            registry
+                .register_template_string("key", text)
+                .map_err(|e| format!("invalid handlebars template: {e}"))
+        })
     {
-        c.error(
-            TemplateErrorKind::Expression,
-            *offset,
-            &m.child("key"),
-            format!("invalid handlebars template: {e}"),
-        );
+        c.error(TemplateErrorKind::Expression, *offset, &m.child("key"), e);
     }
     if c.errors.len() != errors_before {
         return None;
@@ -764,6 +801,39 @@ mod tests {
                 system: None
             }
         );
+    }
+
+    #[test]
+    fn handlebars_templates_too_deep_or_long_are_refused_quickly() {
+        let template = |resource: &str| {
+            format!(
+                r#"{{"templateType": "CollectionFhir", "template": [{{"templateType": "HandlebarsFhir", "template": {{"typeName": "hr", "resource": "{resource}"}}}}]}}"#
+            )
+        };
+        let started = std::time::Instant::now();
+        let deep = format!("{}x{}", "{{#if a}}".repeat(2_000), "{{/if}}".repeat(2_000));
+        let errors = FhirMapping::parse(&template(&deep)).unwrap_err();
+        assert!(
+            errors[0].message.contains("nests blocks 2000 deep"),
+            "{errors:#?}"
+        );
+        let deeper = format!(
+            "{}x{}",
+            "{{#if a}}".repeat(20_000),
+            "{{/if}}".repeat(20_000)
+        );
+        assert!(FhirMapping::parse(&template(&deeper)).is_err());
+        let long = "x".repeat(MAX_HANDLEBARS_LEN + 1);
+        let errors = FhirMapping::parse(&template(&long)).unwrap_err();
+        assert!(errors[0].message.contains("bytes long"), "{errors:#?}");
+        assert!(started.elapsed() < std::time::Duration::from_secs(5));
+        let nested = format!(
+            "{}x{}",
+            "{{#if a}}".repeat(MAX_HANDLEBARS_NESTING),
+            "{{/if}}".repeat(MAX_HANDLEBARS_NESTING)
+        );
+        let parsed = FhirMapping::parse(&template(&nested));
+        assert!(parsed.is_ok(), "{parsed:#?}");
     }
 
     #[test]
