@@ -67,7 +67,8 @@ struct InputArgs {
     #[arg(long, value_name = "FILE")]
     message: Option<PathBuf>,
     /// A complete document to evaluate as is, normally an Event Hub envelope
-    /// {"Body", "Properties", "SystemProperties"}. `-` reads standard input.
+    /// {"Body", "Properties", "SystemProperties"}; a captured line with "BodyText" (a body that
+    /// is not JSON) is read as `iomt replay` reads it. `-` reads standard input.
     #[arg(long, value_name = "FILE")]
     event: Option<PathBuf>,
 }
@@ -318,7 +319,34 @@ fn load_input(args: &InputArgs) -> anyhow::Result<Result<Input, NormalizeError>>
             wrapped: true,
         }));
     }
-    Ok(parse_body(&bytes).map(|root| Input {
+    let root = match parse_body(&bytes) {
+        Ok(root) => root,
+        Err(e) => return Ok(Err(e)),
+    };
+    // A captured line whose body was not JSON (`BodyText`) is read as a replay reads it: its
+    // body is parsed, and what a replay dead-letters is a data error here too. Any other
+    // document is evaluated as it is.
+    if root.get("BodyText").is_some() {
+        let name = path.display().to_string();
+        return Ok(
+            match iomt_files::capture::jsonl_record(bytes.trim_ascii(), &name, 1) {
+                iomt_files::capture::Record::Event(e) => envelope(&e.event).map(|root| Input {
+                    root,
+                    ingestion: e.event.enqueued_time,
+                    wrapped: false,
+                }),
+                iomt_files::capture::Record::Bad(bad) => Err(NormalizeError {
+                    kind: iomt_normalize::ErrorKind::InvalidDataFormat,
+                    message: bad.reason,
+                    template: None,
+                    path: None,
+                    line: None,
+                    expression: None,
+                }),
+            },
+        );
+    }
+    Ok(Ok(Input {
         ingestion: envelope_enqueued_time(&root),
         root,
         wrapped: false,

@@ -468,3 +468,45 @@ fn validate_sees_handlebars_templates() {
         "{text}"
     );
 }
+
+#[test]
+fn captured_lines_read_as_a_replay_reads_them() {
+    let dir = tempfile::tempdir().unwrap();
+    let mapping = repo("mappings/heartrate/devicecontent.json");
+    // A poison message captured as text: the replay dead-letters it as not JSON.
+    let line = write(
+        &dir,
+        "poison.json",
+        br#"{"BodyText": "{\"heartRate\": 72, \"deviceId\": \"d\"", "Properties": {}, "SystemProperties": {}}"#,
+    );
+    let (code, out) = json_test(&mapping, "--event", &line);
+    assert_eq!(code, 1, "{out}");
+    assert_eq!(out["errors"][0]["kind"], "InvalidDataFormat", "{out}");
+    assert!(
+        out["errors"][0]["message"]
+            .as_str()
+            .unwrap()
+            .contains("not JSON"),
+        "{out}"
+    );
+    // A captured envelope with a JSON body matches as the replay would.
+    let good = write(
+        &dir,
+        "good.json",
+        br#"{"Body": {"heartRate": 72, "deviceId": "d", "measuredAt": "2026-11-20T08:15:30Z"}, "SystemProperties": {"x-opt-enqueued-time": "2026-11-20T08:15:31Z"}}"#,
+    );
+    let (code, out) = json_test(&mapping, "--event", &good);
+    assert_eq!(code, 0, "{out}");
+    assert_eq!(out["measurements"].as_array().unwrap().len(), 1, "{out}");
+    // A body with a byte order mark is refused, and the message says why.
+    let bom = write(&dir, "bom.json", b"\xEF\xBB\xBF{\"heartRate\": 72}");
+    let (code, out) = json_test(&mapping, "--message", &bom);
+    assert_eq!(code, 1, "{out}");
+    assert!(
+        out["errors"][0]["message"]
+            .as_str()
+            .unwrap()
+            .contains("byte order mark"),
+        "{out}"
+    );
+}

@@ -247,6 +247,14 @@ pub fn parse_body(body: &[u8]) -> Result<Value, NormalizeError> {
     if body.is_empty() {
         return Ok(Value::Null);
     }
+    // Newtonsoft does not skip a byte order mark either; say what it is rather than where
+    // parsing broke.
+    if body.starts_with(b"\xEF\xBB\xBF") {
+        return Err(data_error(
+            ErrorKind::InvalidDataFormat,
+            "invalid event message: the body starts with a UTF-8 byte order mark (EF BB BF), which is not JSON; send the body without it".to_owned(),
+        ));
+    }
     // serde_json's message carries the position ("at line 1 column 5"); the error's `line`
     // member is kept for template lines.
     serde_json::from_slice(body).map_err(|e| {
