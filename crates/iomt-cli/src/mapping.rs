@@ -163,11 +163,25 @@ pub(crate) struct Mappings {
 
 /// Reads and validates the device mapping and the optional FHIR mapping, collecting the
 /// errors of both files. An unreadable file is an `Err`; invalid templates are `Ok(Err(_))`.
+/// The largest mapping file loaded.
+const MAX_MAPPING_BYTES: u64 = 4 * 1024 * 1024;
+
 fn load_mappings(
     device: &Path,
     fhir: Option<&Path>,
 ) -> anyhow::Result<Result<Mappings, Vec<ReportedError>>> {
     let read = |path: &Path| {
+        // A mapping is a few kilobytes; a file far larger is a mistake, and reading and
+        // validating it would take memory in proportion.
+        let size = std::fs::metadata(path)
+            .with_context(|| format!("cannot read the mapping {}", path.display()))?
+            .len();
+        if size > MAX_MAPPING_BYTES {
+            anyhow::bail!(
+                "the mapping {} is {size} bytes; the limit is {MAX_MAPPING_BYTES} (4 MiB)",
+                path.display()
+            );
+        }
         std::fs::read_to_string(path)
             .with_context(|| format!("cannot read the mapping {}", path.display()))
     };

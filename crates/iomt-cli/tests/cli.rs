@@ -510,3 +510,19 @@ fn captured_lines_read_as_a_replay_reads_them() {
         "{out}"
     );
 }
+
+#[test]
+fn oversized_mapping_files_are_refused_before_reading() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut big = b"{\"templateType\": \"CollectionContent\", \"template\": [], \"x\": \"".to_vec();
+    big.extend(std::iter::repeat_n(b'x', 5 * 1024 * 1024));
+    big.extend(b"\"}");
+    let mapping = write(&dir, "big.json", &big);
+    let out = iomt(&["mapping", "validate", mapping.to_str().unwrap()]);
+    assert_eq!(out.status.code(), Some(2));
+    let said = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        said.contains("the limit is") && said.contains("big.json"),
+        "{said}"
+    );
+}

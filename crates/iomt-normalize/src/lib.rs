@@ -33,6 +33,11 @@ use serde_json::{Map, Value};
 /// Largest event body accepted: the Event Hubs Standard/Premium event size limit.
 pub const MAX_BODY_BYTES: usize = 1024 * 1024;
 
+/// The most measurements one event may produce. A 1 MiB body can hold a quarter of a million
+/// array elements, and a template matching each would flood the group stage from one event;
+/// such an event is refused whole.
+pub const MAX_MEASUREMENTS_PER_EVENT: usize = 10_000;
+
 /// What the normalize stage made of one event.
 #[derive(Debug, Clone, Default, PartialEq)]
 pub struct Output {
@@ -192,6 +197,21 @@ impl Normalizer {
         };
         for template in &self.mapping.templates {
             eval.template(template, ingestion_time, trace, &mut out);
+            if out.measurements.len() > MAX_MEASUREMENTS_PER_EVENT {
+                let produced = out.measurements.len();
+                out.measurements.clear();
+                out.errors.push(NormalizeError {
+                    kind: ErrorKind::EventTooLarge,
+                    message: format!(
+                        "the event produced {produced} measurements or more, over the limit of {MAX_MEASUREMENTS_PER_EVENT} per event"
+                    ),
+                    template: None,
+                    path: None,
+                    line: None,
+                    expression: None,
+                });
+                break;
+            }
         }
         out
     }

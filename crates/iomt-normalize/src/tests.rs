@@ -290,3 +290,22 @@ fn owned_normalization_matches_and_gives_the_properties_back() {
     assert_eq!(n.normalize_owned(&mut e), expected);
     assert_eq!(e, before);
 }
+
+#[test]
+fn an_event_producing_too_many_measurements_is_refused_whole() {
+    let n = mapping(hr_template());
+    let reading = r#"{"heartRate":"78","endDate":"2023-03-13T22:46:01Z","deviceId":"d"}"#;
+    let many = |count: usize| format!("[{}]", vec![reading; count].join(","));
+    let out = n.normalize_event(&event(&many(MAX_MEASUREMENTS_PER_EVENT)));
+    assert!(out.errors.is_empty());
+    assert_eq!(out.measurements.len(), MAX_MEASUREMENTS_PER_EVENT);
+    let out = n.normalize_event(&event(&many(MAX_MEASUREMENTS_PER_EVENT + 1)));
+    assert!(out.measurements.is_empty());
+    assert_eq!(out.errors.len(), 1);
+    assert_eq!(out.errors[0].kind, ErrorKind::EventTooLarge);
+    assert!(
+        out.errors[0].message.contains("limit of 10000"),
+        "{:?}",
+        out.errors
+    );
+}

@@ -576,6 +576,16 @@ impl Config {
             (None, None) => unreachable!("validate() requires a checkpoint store"),
         }
         .map_err(|e| error("checkpoints", e.to_string()))?;
+        let endpoint = checkpoints.container_url().as_str();
+        if iomt_core::is_insecure_remote(endpoint) {
+            if !c.allow_insecure_http {
+                return Err(error(
+                    "checkpoints",
+                    "a plain http:// Blob endpoint on a host that is not loopback is refused: use https://, or set checkpoints.allow_insecure_http = true",
+                ));
+            }
+            tracing::warn!(container = %iomt_core::redact_url(endpoint), "plain http:// to a remote Blob endpoint (checkpoints.allow_insecure_http)");
+        }
         let internal_hub = match role {
             Role::Normalize => Some(hub_settings(&self.internal_hub, "internal_hub")?),
             Role::All | Role::Convert | Role::Events => None,
@@ -748,6 +758,31 @@ mod tests {
             "Endpoint=sb://x/;SharedAccessKeyName=k;SharedAccessKey=v",
         ),
     ];
+
+    #[test]
+    fn plain_http_blob_endpoints_must_be_loopback_or_allowed() {
+        let remote = [
+            DEVICE_HUB[1],
+            DEVICE_HUB[2],
+            (
+                "IOMT__CHECKPOINTS__CONTAINER_URL",
+                "http://storage.example.org/checkpoints?sv=1&sig=x",
+            ),
+        ];
+        let errors = load(&remote).compile(Purpose::Run).unwrap_err();
+        assert!(
+            errors[0].message.contains("allow_insecure_http"),
+            "{errors:?}"
+        );
+        let allowed = [
+            &remote[..],
+            &[("IOMT__CHECKPOINTS__ALLOW_INSECURE_HTTP", "true")],
+        ]
+        .concat();
+        assert!(load(&allowed).compile(Purpose::Run).is_ok());
+        // Azurite on loopback, as in the tests.
+        assert!(load(&DEVICE_HUB).compile(Purpose::Run).is_ok());
+    }
 
     #[test]
     fn each_role_needs_the_hubs_it_reads_and_writes() {

@@ -148,6 +148,9 @@ pub struct Checkpoints {
     pub container_url: Option<String>,
     /// The container, with a connection string.
     pub container: String,
+    /// Allows a plain `http://` Blob endpoint on a host that is not loopback (refused
+    /// otherwise: keys, SAS and ownership records would cross the network in clear text).
+    pub allow_insecure_http: bool,
 }
 
 impl Default for Checkpoints {
@@ -156,6 +159,7 @@ impl Default for Checkpoints {
             connection_string: None,
             container_url: None,
             container: "iomt-checkpoints".to_owned(),
+            allow_insecure_http: false,
         }
     }
 }
