@@ -143,3 +143,36 @@ python3 "$conformance/run.py" --iomt "$repo/target/debug/iomt"
 
 step "iomt's own MedTech cases (tests/medtech-cases, same runner)"
 python3 "$conformance/run.py" --iomt "$repo/target/debug/iomt" --cases "$repo/tests/medtech-cases"
+
+# A bounded libFuzzer run of every target (fuzz/README.md has the long run): IOMT_FUZZ_SECONDS
+# per target (default 10; 0 skips the step). Installs the nightly toolchain and cargo-fuzz
+# when they are missing.
+fuzz_smoke() {
+  local seconds=${IOMT_FUZZ_SECONDS:-10}
+  if [[ "$seconds" == 0 ]]; then
+    echo "skipped (IOMT_FUZZ_SECONDS=0)"
+    return
+  fi
+  if ! cargo +nightly --version > /dev/null 2>&1; then
+    rustup toolchain install nightly --profile minimal
+  fi
+  if ! cargo fuzz --version > /dev/null 2>&1; then
+    cargo install cargo-fuzz --locked
+  fi
+  (
+    cd "$repo"
+    cargo +nightly fuzz build
+    for target in $(cargo +nightly fuzz list); do
+      mkdir -p "fuzz/corpus/$target"
+      echo "fuzzing $target for ${seconds}s"
+      if ! cargo +nightly fuzz run "$target" "fuzz/corpus/$target" "fuzz/seeds/$target" -- \
+        -max_total_time="$seconds" -rss_limit_mb=2048 2>&1 | tail -n 3; then
+        echo "fuzz target $target failed; a crashing input is in fuzz/artifacts/$target" >&2
+        exit 1
+      fi
+    done
+  )
+}
+
+step "Fuzz smoke run (cargo-fuzz)"
+fuzz_smoke
