@@ -41,6 +41,10 @@ struct Cli {
         default_value = "text"
     )]
     log_format: LogFormat,
+    /// Lets debug logs (`RUST_LOG=debug`) carry patient data, such as the start of a FHIR
+    /// server's error page, for a diagnosis. Info and warn logs never do.
+    #[arg(long, global = true, env = "IOMT_LOG_PHI")]
+    log_phi: bool,
 }
 
 /// How logs are written.
@@ -139,6 +143,7 @@ fn init_tracing(format: LogFormat) {
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
+    iomt_core::set_log_phi(cli.log_phi);
     let code = match cli.command {
         Command::Mapping(cmd) => mapping::run(cmd),
         Command::Replay(args) => {

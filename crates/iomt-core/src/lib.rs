@@ -19,7 +19,7 @@ pub use backoff::Backoff;
 pub use event::DeviceEvent;
 pub use json_date::{DateKind, JsonDate};
 pub use measurement::{Measurement, MeasurementGroup, MeasurementProperty};
-pub use redact::{Secret, is_insecure_remote, redact_url};
+pub use redact::{Secret, is_insecure_remote, log_phi, redact_url, set_log_phi};
 pub use source::{BadRecord, SourceEvent};
 pub use time::Timestamp;
 pub use written::{Action, Written};

@@ -26,6 +26,19 @@ pub fn redact_url(url: &str) -> String {
     out
 }
 
+static LOG_PHI: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
+
+/// Allows debug logs to carry patient data (response bodies, search values) for a diagnosis;
+/// off unless the operator asks (`iomt --log-phi`). Info and warn logs never carry it.
+pub fn set_log_phi(allowed: bool) {
+    LOG_PHI.store(allowed, std::sync::atomic::Ordering::Relaxed);
+}
+
+/// Whether debug logs may carry patient data (see [`set_log_phi`]).
+pub fn log_phi() -> bool {
+    LOG_PHI.load(std::sync::atomic::Ordering::Relaxed)
+}
+
 /// Whether `url` is plain `http://` to a host other than a loopback address (`localhost`,
 /// `127.0.0.0/8`, `::1`): anything sent there, credentials and patient data included, can be
 /// read on the way.

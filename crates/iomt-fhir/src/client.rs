@@ -468,8 +468,10 @@ impl FhirClient {
             };
         }
         if status.is_server_error() {
-            // An error page may echo the request: its start is for debugging only.
-            tracing::debug!(%status, body = %body_excerpt(&bytes), "fhir server error");
+            // An error page may echo the request: its start is logged only when asked for.
+            if iomt_core::log_phi() {
+                tracing::debug!(%status, body = %body_excerpt(&bytes), "fhir server error");
+            }
             return Attempt::Retry {
                 after: None,
                 outage: Outage::Unavailable(status.as_u16()),
