@@ -316,7 +316,15 @@ pub fn read_capture_avro<R: Read>(
         source_name: name.to_owned(),
         message: e.to_string(),
     };
-    let records = apache_avro::Reader::new(reader).map_err(avro_error)?;
+    // The header is checked before apache-avro reads it: it sizes its metadata map from the
+    // header's first count, so a few hostile bytes made it ask for gigabytes.
+    let mut reader = reader;
+    let header = read_avro_header(&mut reader).map_err(|message| CaptureError::Avro {
+        source_name: name.to_owned(),
+        message,
+    })?;
+    let records =
+        apache_avro::Reader::new(std::io::Cursor::new(header).chain(reader)).map_err(avro_error)?;
     let (name, partition) = (name.to_owned(), partition.to_owned());
     Ok(records.enumerate().map(move |(index, value)| {
         let value = value.map_err(|e| CaptureError::Avro {
@@ -325,6 +333,68 @@ pub fn read_capture_avro<R: Read>(
         })?;
         Ok(capture_record(value, &name, &partition, index as i64 + 1))
     }))
+}
+
+/// Metadata entries an Avro container header may have (Capture writes two).
+const MAX_AVRO_METADATA_ENTRIES: i64 = 64;
+/// Bytes a key or value of the header's metadata may have (the schema is the largest).
+const MAX_AVRO_METADATA_BYTES: i64 = 1024 * 1024;
+
+/// Reads and checks an Avro object container header (magic, metadata map, sync marker), and
+/// returns its bytes for the Avro reader.
+fn read_avro_header<R: Read>(reader: &mut R) -> Result<Vec<u8>, String> {
+    let mut header = Vec::new();
+    let take = |reader: &mut R, n: usize, header: &mut Vec<u8>| -> Result<(), String> {
+        let start = header.len();
+        header.resize(start + n, 0);
+        reader
+            .read_exact(&mut header[start..])
+            .map_err(|e| format!("the file ends inside its Avro header ({e})"))
+    };
+    take(reader, 4, &mut header)?;
+    if header != b"Obj\x01" {
+        return Err("not an Avro object container file (no Obj 1 magic)".to_owned());
+    }
+    let long = |reader: &mut R, header: &mut Vec<u8>| -> Result<i64, String> {
+        let mut value: u64 = 0;
+        for shift in (0..70).step_by(7) {
+            take(reader, 1, header)?;
+            let byte = header[header.len() - 1];
+            value |= u64::from(byte & 0x7f) << shift.min(63);
+            if byte & 0x80 == 0 {
+                return Ok(((value >> 1) as i64) ^ -((value & 1) as i64));
+            }
+        }
+        Err("an Avro header number is longer than 10 bytes".to_owned())
+    };
+    let mut entries = 0;
+    loop {
+        let mut count = long(reader, &mut header)?;
+        if count == 0 {
+            break;
+        }
+        if count < 0 {
+            count = count.checked_neg().ok_or("a negative Avro block count")?;
+            long(reader, &mut header)?; // the block's size in bytes
+        }
+        entries += count;
+        if entries > MAX_AVRO_METADATA_ENTRIES {
+            return Err(format!(
+                "the Avro header declares {entries} metadata entries or more; at most {MAX_AVRO_METADATA_ENTRIES} are read"
+            ));
+        }
+        for _ in 0..count * 2 {
+            let len = long(reader, &mut header)?;
+            if !(0..=MAX_AVRO_METADATA_BYTES).contains(&len) {
+                return Err(format!(
+                    "an Avro header metadata item of {len} bytes (at most {MAX_AVRO_METADATA_BYTES})"
+                ));
+            }
+            take(reader, len as usize, &mut header)?;
+        }
+    }
+    take(reader, 16, &mut header)?; // the sync marker
+    Ok(header)
 }
 
 fn capture_record(value: Avro, name: &str, partition: &str, record_number: i64) -> Record {
@@ -498,6 +568,20 @@ mod tests {
         };
         assert!(bad.payload.len() <= KEPT_OF_LONG_LINE);
         assert!(matches!(records[1], Record::Event(_)));
+    }
+
+    #[test]
+    fn hostile_avro_headers_are_refused_before_any_allocation() {
+        // Found by the capture fuzz target: a metadata count of hundreds of millions made the
+        // Avro reader allocate 21 GB.
+        let evil = b"Obj\x01\xff\xff\xff\x78-oection-device-id\xff\xff\xff\x008ion\">\"1\"}";
+        let Err(error) = read_capture_avro(&evil[..], "evil.avro", "0") else {
+            panic!("a hostile header was read");
+        };
+        assert!(error.to_string().contains("metadata entries"), "{error}");
+        for bad in [&b"Obj"[..], b"Obj\x02", b"Obj\x01\x02\x7f\x7f\x7f"] {
+            assert!(read_capture_avro(bad, "bad.avro", "0").is_err());
+        }
     }
 
     #[test]
