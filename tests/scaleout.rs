@@ -16,9 +16,10 @@ use std::time::{Duration, Instant};
 use iomt_eventhubs::blob::BlobCheckpointStore;
 use iomt_eventhubs_broker::{BrokerConfig, BrokerHandle, HubConfig};
 use iomt_tests::eventhubs::{
-    NAMESPACE, hub_section, keda_lag, partition_lag, send, storage_connection_string, toml_string,
+    NAMESPACE, export_dead_letters, hub_section, keda_lag, partition_lag, send,
+    storage_connection_string, toml_string,
 };
-use iomt_tests::golden::{Capture, Server, capture_dir, check_server, read_json_lines, rng};
+use iomt_tests::golden::{Capture, Server, capture_dir, check_server, rng};
 use iomt_tests::{IomtProcess, Scratch};
 use serde_json::Value;
 
@@ -91,12 +92,16 @@ checkpoint_interval = "200ms"
 [checkpoints]
 connection_string = {storage}
 container = {container}
+
+[dead_letters]
+container = {dead_letters}
 "#,
         device_mapping = path(capture.join("devicecontent.json")),
         fhir_mapping = path(capture.join("fhirmapping.json")),
         fhir_url = toml_string(fhir_url),
         storage = toml_string(&storage_connection_string()),
         container = toml_string(container),
+        dead_letters = toml_string(&format!("{container}-dl")),
     );
     let file = dir.join("iomt.toml");
     std::fs::write(&file, config).unwrap();
@@ -359,16 +364,22 @@ fn scale_out(start: Start) {
     // The FHIR server holds what the oracle expects, each Observation once.
     check_server(&server, &capture, &mut rng);
 
-    // Every dead letter is in the dead-letter file of some process, the killed one's included;
-    // at least once, as a replayed event is dead-lettered again.
+    // Every dead letter is in the shared dead-letter container, the killed process's included,
+    // and a replayed event dead-lettered again is read once.
     let mut distinct: BTreeMap<String, BTreeSet<String>> = BTreeMap::new();
-    for r in (0..PROCESSES).flat_map(|i| dead_letters(dir, i)) {
+    let records = export_dead_letters(&config, dir);
+    for r in &records {
         let kind = r["kind"].as_str().unwrap().to_owned();
         distinct
             .entry(kind)
             .or_default()
-            .insert(dead_letter_identity(&r));
+            .insert(dead_letter_identity(r));
     }
+    assert_eq!(
+        records.len(),
+        distinct.values().map(BTreeSet::len).sum::<usize>(),
+        "each dead letter once"
+    );
     let distinct: BTreeMap<String, usize> =
         distinct.into_iter().map(|(k, s)| (k, s.len())).collect();
     assert_eq!(
@@ -417,15 +428,5 @@ fn settle(
             by_owner(&owners)
         );
         std::thread::sleep(Duration::from_millis(100));
-    }
-}
-
-/// The dead letters of process `i` (`scaleout-{i}`).
-fn dead_letters(dir: &Path, i: usize) -> Vec<Value> {
-    let path = dir.join(format!("scaleout-{i}")).join("deadletter.jsonl");
-    if path.exists() {
-        read_json_lines(&path)
-    } else {
-        Vec::new()
     }
 }

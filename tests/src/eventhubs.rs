@@ -146,3 +146,29 @@ pub fn hub_section(
         toml_string(ownership_expiry),
     )
 }
+
+/// The dead letters in the container a configuration names (cluster mode), read as an
+/// operator reads them: with `iomt deadletter export`, each item once.
+pub fn export_dead_letters(config: &std::path::Path, dir: &std::path::Path) -> Vec<Value> {
+    let out = dir.join("exported-dead-letters.jsonl");
+    let mut cmd = std::process::Command::new(crate::iomt());
+    cmd.arg("deadletter")
+        .arg("export")
+        .arg("--config")
+        .arg(config)
+        .arg("--out")
+        .arg(&out);
+    for (key, _) in std::env::vars_os() {
+        if key.to_string_lossy().starts_with("IOMT") {
+            cmd.env_remove(key);
+        }
+    }
+    let output = cmd.output().expect("iomt runs");
+    assert!(
+        output.status.success(),
+        "iomt deadletter export: {}\n{}",
+        output.status,
+        String::from_utf8_lossy(&output.stderr)
+    );
+    crate::golden::read_json_lines(&out)
+}

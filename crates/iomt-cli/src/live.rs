@@ -60,7 +60,7 @@ pub(crate) fn run(args: &LiveArgs) -> anyhow::Result<u8> {
         Err(code) => return Ok(code),
     };
     let (metrics, sink) = (assembled.metrics.clone(), assembled.sink.clone());
-    let dead_letter_file = assembled.dead_letter_file.clone();
+    let dead_letters = assembled.dead_letters.describe();
     let started = Instant::now();
     let outcome = runtime()?.block_on(iomt_runtime::run::live(
         &config,
@@ -84,7 +84,7 @@ pub(crate) fn run(args: &LiveArgs) -> anyhow::Result<u8> {
         &metrics.summary(),
         started,
         &output,
-        &dead_letter_file,
+        &dead_letters,
     );
     report_events(outcome.report.events.as_ref());
     Ok(if outcome.source_failed.is_some() {

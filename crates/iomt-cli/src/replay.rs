@@ -65,7 +65,7 @@ pub(crate) fn run(args: &ReplayArgs) -> anyhow::Result<u8> {
         Ok(p) => p,
         Err(code) => return Ok(code),
     };
-    let dead_letter_file = prepared.dead_letter_file.clone();
+    let dead_letters = prepared.dead_letters.describe();
     let (metrics, sink) = (prepared.metrics.clone(), prepared.sink.clone());
     let started = Instant::now();
     let bar = progress_bar(args.no_progress);
@@ -115,7 +115,7 @@ pub(crate) fn run(args: &ReplayArgs) -> anyhow::Result<u8> {
         &metrics.summary(),
         started,
         &output,
-        &dead_letter_file,
+        &dead_letters,
     );
     report_events(outcome.report.events.as_ref());
     if !outcome.complete {

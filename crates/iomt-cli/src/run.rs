@@ -1,12 +1,12 @@
 //! What every command that runs the pipeline shares: its arguments, loading the configuration
 //! and templates, and the summary printed at the end.
 
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
 use anyhow::Context as _;
 use clap::{Args, ValueEnum};
-use iomt_runtime::config::{IdentityModeKind, Role};
+use iomt_runtime::config::{DeadLetterTarget, IdentityModeKind, Role};
 use iomt_runtime::{
     Assembled, Compiled, Config, ConfigError, ConfiguredSink, Purpose, Sink as _, Summary, assemble,
 };
@@ -193,9 +193,11 @@ pub(crate) fn prepare_compiled(
     let Some(fhir) = mappings.fhir else {
         anyhow::bail!("the FHIR mapping did not load");
     };
-    let dead_letter_file = dead_letter_file.unwrap_or_else(|| config.dead_letter_file());
-    let mut assembled = match assemble(&config, mappings.device, fhir, partitions, dead_letter_file)
-    {
+    let dead_letters = match dead_letter_file {
+        Some(file) => DeadLetterTarget::File(file),
+        None => config.dead_letters.clone(),
+    };
+    let mut assembled = match assemble(&config, mappings.device, fhir, partitions, &dead_letters) {
         Ok(a) => a,
         Err(e) => return Ok(Err(report_config_errors(&[e]))),
     };
@@ -304,14 +306,11 @@ pub(crate) fn print_summary(
     summary: &Summary,
     started: Instant,
     output: &str,
-    dead_letter_file: &Path,
+    dead_letters: &str,
 ) {
     let text = match format {
-        OutputFormat::Text => summary_text(summary, started, output, dead_letter_file),
-        OutputFormat::Json => format!(
-            "{}\n",
-            summary_json(summary, started, output, dead_letter_file)
-        ),
+        OutputFormat::Text => summary_text(summary, started, output, dead_letters),
+        OutputFormat::Json => format!("{}\n", summary_json(summary, started, output, dead_letters)),
     };
     // A closed stdout (`iomt replay … | head`) is not an error of the run.
     std::io::Write::write_all(&mut std::io::stdout(), text.as_bytes()).ok();
@@ -322,7 +321,7 @@ fn summary_json(
     summary: &Summary,
     started: Instant,
     output: &str,
-    dead_letter_file: &Path,
+    dead_letters: &str,
 ) -> serde_json::Value {
     let seconds = started.elapsed().as_secs_f64();
     let dead: u64 = summary.dead_letters.values().sum();
@@ -342,7 +341,7 @@ fn summary_json(
         "dropped": summary.dropped,
         "deadLetters": {
             "total": dead,
-            "file": dead_letter_file.display().to_string(),
+            "file": dead_letters,
             "byKind": summary.dead_letters.iter().map(|((stage, kind), n)| {
                 serde_json::json!({"stage": stage, "kind": kind, "count": n})
             }).collect::<Vec<_>>(),
@@ -362,12 +361,7 @@ fn summary_json(
     })
 }
 
-fn summary_text(
-    summary: &Summary,
-    started: Instant,
-    output: &str,
-    dead_letter_file: &Path,
-) -> String {
+fn summary_text(summary: &Summary, started: Instant, output: &str, dead_letters: &str) -> String {
     use std::fmt::Write as _;
     let mut out = String::new();
     let secs = started.elapsed().as_secs_f64();
@@ -432,7 +426,7 @@ fn summary_text(
             out,
             "  dead-lettered  {} -> {}",
             thousands(dead),
-            dead_letter_file.display()
+            dead_letters
         )
         .ok();
         for ((stage, kind), n) in &summary.dead_letters {

@@ -222,6 +222,101 @@ fn dead_letters_replay_once_the_template_is_fixed() {
     assert_eq!(retry.lines().count(), 8);
 }
 
+/// Cluster mode keeps dead letters in a Blob container (Azurite here, started by
+/// `tests/run.sh`). A run that dead-letters the same items again (here a second run from
+/// scratch, as after a crash that lost its checkpoint) adds blobs, but an export and a replay
+/// read each item once.
+#[test]
+fn dead_letters_in_a_blob_container_are_read_once_and_replayed() {
+    let azurite = std::env::var("IOMT_TEST_AZURITE_URL")
+        .expect("IOMT_TEST_AZURITE_URL is not set: run tests/run.sh, which starts Azurite");
+    let dir = tempfile::tempdir().unwrap();
+    let container = format!("dl-{:08x}", std::process::id() ^ 0x5eed_0000);
+    std::fs::write(
+        dir.path().join("iomt.toml"),
+        format!(
+            "[checkpoints]\nconnection_string = \"DefaultEndpointsProtocol=http;AccountName=devstoreaccount1;AccountKey=Eby8vdM02xNOcqFlqUwJPLlmEtlCDXJ1OUzFT50uSRZ6IFsuFq2UVErCz4I6tq/K1SZFPTOtr/KBHBeksoGMGw==;BlobEndpoint={azurite};\"\n\
+             [dead_letters]\nstore = \"blob\"\ncontainer = \"{container}\"\n"
+        ),
+    )
+    .unwrap();
+    let (device, fhir) = (
+        repo("examples/capture/devicecontent.json"),
+        repo("examples/capture/fhirmapping.json"),
+    );
+    let (device, fhir) = (device.to_str().unwrap(), fhir.to_str().unwrap());
+    let capture = repo("examples/capture/wearables.jsonl");
+    for state in ["first", "again"] {
+        let out = iomt(
+            &[
+                &["replay", capture.to_str().unwrap(), "--config", "iomt.toml"][..],
+                &["--out", "out", "--state-dir", state],
+                &mapping_args(device, fhir)[..],
+            ]
+            .concat(),
+            dir.path(),
+        );
+        let stdout = text(&out.stdout);
+        assert_eq!(out.status.code(), Some(0), "{stdout}{}", text(&out.stderr));
+        assert!(
+            stdout.contains(&format!("dead-lettered  12 -> {azurite}/{container}")),
+            "{stdout}"
+        );
+        assert!(!dir.path().join(state).join("deadletter.jsonl").exists());
+    }
+    let out = iomt(
+        &[
+            "deadletter",
+            "export",
+            "--config",
+            "iomt.toml",
+            "--out",
+            "exported.jsonl",
+        ],
+        dir.path(),
+    );
+    assert_eq!(out.status.code(), Some(0), "{}", text(&out.stderr));
+    let exported = std::fs::read_to_string(dir.path().join("exported.jsonl")).unwrap();
+    let mut kinds = std::collections::BTreeMap::<String, usize>::new();
+    for line in exported.lines() {
+        let record: serde_json::Value = serde_json::from_str(line).unwrap();
+        *kinds
+            .entry(record["kind"].as_str().unwrap().to_owned())
+            .or_default() += 1;
+    }
+    assert_eq!(
+        kinds,
+        [
+            ("IncompatibleDataException".to_owned(), 3),
+            ("InvalidDataFormatException".to_owned(), 5),
+            ("TemplateNotFoundException".to_owned(), 4)
+        ]
+        .into(),
+        "{exported}"
+    );
+
+    // Replayed from the container: the same 12, which fail again into the local retry file.
+    let out = iomt(
+        &[
+            &["deadletter", "replay", "--blob", "--config", "iomt.toml"][..],
+            &["--out", "out", "--state-dir", "retry"],
+            &["--device-mapping", device, "--fhir-mapping", fhir],
+        ]
+        .concat(),
+        dir.path(),
+    );
+    let stdout = text(&out.stdout);
+    assert_eq!(out.status.code(), Some(1), "{stdout}{}", text(&out.stderr));
+    assert!(
+        stdout.starts_with(&format!(
+            "12 dead-letter records from {azurite}/{container}"
+        )),
+        "{stdout}"
+    );
+    let retry = std::fs::read_to_string(dir.path().join("retry/deadletter.retry.jsonl")).unwrap();
+    assert_eq!(retry.lines().count(), 12);
+}
+
 #[test]
 fn config_check_lists_every_problem() {
     let dir = tempfile::tempdir().unwrap();

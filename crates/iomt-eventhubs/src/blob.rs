@@ -30,6 +30,7 @@
 
 mod auth;
 mod client;
+mod container;
 mod error;
 mod xml;
 
@@ -44,6 +45,7 @@ pub use auth::{
     StorageConnectionString, TOKEN_REFRESH_MARGIN,
 };
 pub use client::BlobStoreOptions;
+pub use container::BlobContainer;
 pub use error::{BlobError, OWNERSHIP_LOST_CODE, is_ownership_lost};
 
 use client::{BlobClient, BlobProperties, Condition};
@@ -133,10 +135,7 @@ impl BlobCheckpointStore {
     /// `https://acct.blob.core.windows.net/checkpoints` or, for Azurite,
     /// `http://127.0.0.1:10000/devstoreaccount1/checkpoints`.
     pub fn new(container_url: &str, auth: BlobAuth) -> Result<Self, BlobError> {
-        Ok(Self {
-            client: BlobClient::new(container_url, auth, BlobStoreOptions::default())?,
-            owner_id: None,
-        })
+        BlobContainer::new(container_url, auth).map(Self::on)
     }
 
     /// A store on `container` of the account a storage connection string names.
@@ -144,18 +143,28 @@ impl BlobCheckpointStore {
         connection_string: &str,
         container: &str,
     ) -> Result<Self, BlobError> {
-        let parsed = StorageConnectionString::parse(connection_string)?;
-        let endpoint = parsed.blob_endpoint.as_str().trim_end_matches('/');
-        Self::new(&format!("{endpoint}/{container}"), parsed.auth)
+        BlobContainer::from_connection_string(connection_string, container).map(Self::on)
     }
 
     /// A store on a container URL that carries its SAS, as the portal's "Generate SAS" shows it
     /// (`https://acct.blob.core.windows.net/checkpoints?sv=…&sig=…`).
     pub fn from_sas_url(container_sas_url: &str) -> Result<Self, BlobError> {
-        let (url, sas) = container_sas_url.split_once('?').ok_or_else(|| {
-            BlobError::Config("the container SAS URL has no query string".to_owned())
-        })?;
-        Self::new(url, BlobAuth::sas(sas)?)
+        BlobContainer::from_sas_url(container_sas_url).map(Self::on)
+    }
+
+    /// A store on `container`.
+    pub fn on(container: BlobContainer) -> Self {
+        Self {
+            client: container.client,
+            owner_id: None,
+        }
+    }
+
+    /// The container the store writes to.
+    pub fn container(&self) -> BlobContainer {
+        BlobContainer {
+            client: self.client.clone(),
+        }
     }
 
     /// Fences checkpoint writes: each one first checks that `owner_id` still holds the

@@ -161,8 +161,9 @@ impl DeadLetter {
     }
 
     /// What identifies the item across runs: the same input position and payload give the
-    /// same key, so a rerun does not write the record again.
-    fn key(&self) -> u64 {
+    /// same key, so a rerun does not write the record again, and a reader of several batches
+    /// can drop the copies a crash left.
+    pub fn key(&self) -> u64 {
         use std::hash::{Hash, Hasher};
         // SipHash with fixed keys: stable within and across runs of one build.
         let mut h = std::hash::DefaultHasher::new();
@@ -335,17 +336,7 @@ impl DeadLetterWriter {
     /// Appends the records not yet in the file and makes them durable before returning.
     /// Returns how many were new.
     pub fn write(&mut self, records: &[DeadLetter]) -> std::io::Result<usize> {
-        let mut text = String::new();
-        let mut keys = Vec::new();
-        for r in records {
-            let key = r.key();
-            if self.written.contains(&key) || keys.contains(&key) {
-                continue;
-            }
-            keys.push(key);
-            text.push_str(&r.to_json().to_string());
-            text.push('\n');
-        }
+        let (text, keys) = encode_new(records, &self.written);
         if keys.is_empty() {
             return Ok(0);
         }
@@ -361,26 +352,62 @@ impl DeadLetterWriter {
     }
 }
 
+/// The JSON Lines of the records whose keys are neither in `written` nor repeated, and
+/// their keys: what a writer appends.
+pub fn encode_new(records: &[DeadLetter], written: &HashSet<u64>) -> (String, Vec<u64>) {
+    let mut text = String::new();
+    let mut keys = Vec::new();
+    for r in records {
+        let key = r.key();
+        if written.contains(&key) || keys.contains(&key) {
+            continue;
+        }
+        keys.push(key);
+        text.push_str(&r.to_json().to_string());
+        text.push('\n');
+    }
+    (text, keys)
+}
+
 /// Reads every record of a dead-letter file; lines that are not records are reported by line
 /// number.
 pub fn read_dead_letters(path: &Path) -> std::io::Result<(Vec<DeadLetter>, Vec<usize>)> {
     let reader = BufReader::new(File::open(path)?);
     let (mut records, mut unreadable) = (Vec::new(), Vec::new());
     for (i, line) in reader.lines().enumerate() {
-        let line = line?;
-        if line.trim().is_empty() {
-            continue;
-        }
-        match serde_json::from_str::<Value>(&line)
-            .ok()
-            .as_ref()
-            .and_then(DeadLetter::from_json)
-        {
-            Some(r) => records.push(r),
-            None => unreadable.push(i + 1),
+        match parse_line(&line?) {
+            Some(Some(r)) => records.push(r),
+            Some(None) => unreadable.push(i + 1),
+            None => {}
         }
     }
     Ok((records, unreadable))
+}
+
+/// [`read_dead_letters`] for text already read (a blob).
+pub fn parse_dead_letters(text: &str) -> (Vec<DeadLetter>, Vec<usize>) {
+    let (mut records, mut unreadable) = (Vec::new(), Vec::new());
+    for (i, line) in text.lines().enumerate() {
+        match parse_line(line) {
+            Some(Some(r)) => records.push(r),
+            Some(None) => unreadable.push(i + 1),
+            None => {}
+        }
+    }
+    (records, unreadable)
+}
+
+/// A line's record: `None` for a blank line, `Some(None)` for a line that is not a record.
+fn parse_line(line: &str) -> Option<Option<DeadLetter>> {
+    if line.trim().is_empty() {
+        return None;
+    }
+    Some(
+        serde_json::from_str::<Value>(line)
+            .ok()
+            .as_ref()
+            .and_then(DeadLetter::from_json),
+    )
 }
 
 #[cfg(test)]

@@ -2,20 +2,19 @@
 //! with its identity resolver and writer, or the embedded store), the dead-letter file, the
 //! metrics and the state directory's lock.
 
-use std::path::PathBuf;
 use std::sync::Arc;
 
 use iomt_core::{MeasurementGroup, Written};
 use iomt_fhir::{IdentityResolver, ObservationWriter};
-use iomt_files::deadletter::DeadLetterWriter;
 use iomt_normalize::Normalizer;
 use iomt_store::EmbeddedStore;
 use iomt_templates::device::DeviceMapping;
 use iomt_templates::fhir::FhirMapping;
 
-use crate::config::{Compiled, ConfigError, Target};
+use crate::config::{Compiled, ConfigError, DeadLetterTarget, Target};
 use crate::convert::Converter;
 use crate::events::EventService;
+use crate::pipeline::DeadLetterStore;
 use crate::sink::{Sink, SinkError};
 use crate::store::{Embedded, FhirStore};
 use crate::{Metrics, Pipeline, PipelineConfig};
@@ -72,10 +71,8 @@ pub struct Assembled {
     pub sink: Arc<ConfiguredSink>,
     /// Its metrics.
     pub metrics: Arc<Metrics>,
-    /// The dead-letter file, opened.
-    pub dead_letters: DeadLetterWriter,
-    /// Where dead letters go.
-    pub dead_letter_file: PathBuf,
+    /// The dead-letter store, opened.
+    pub dead_letters: DeadLetterStore,
     /// The tuning in effect.
     pub config: PipelineConfig,
     /// Identifies the destination (FHIR URL or output directory), so that a checkpoint is
@@ -115,14 +112,14 @@ fn lock_state_dir(dir: &std::path::Path) -> Result<std::fs::File, ConfigError> {
 }
 
 /// Builds the pipeline a compiled configuration describes, over compiled templates.
-/// `partitions` names the source partitions; dead letters go to `dead_letter_file` (normally
-/// [`Compiled::dead_letter_file`]).
+/// `partitions` names the source partitions; dead letters go to `dead_letters` (normally
+/// [`Compiled::dead_letters`]).
 pub fn assemble(
     config: &Compiled,
     device: DeviceMapping,
     fhir: FhirMapping,
     partitions: Vec<String>,
-    dead_letter_file: PathBuf,
+    dead_letters: &DeadLetterTarget,
 ) -> Result<Assembled, ConfigError> {
     let state_lock = lock_state_dir(&config.state_dir)?;
     let mapping = Arc::new(fhir);
@@ -167,9 +164,9 @@ pub fn assemble(
             )
         }
     };
-    let dead_letters = DeadLetterWriter::open(&dead_letter_file).map_err(|e| ConfigError {
+    let dead_letters = DeadLetterStore::open(dead_letters).map_err(|e| ConfigError {
         origin: "output.state_dir".into(),
-        message: format!("cannot open {}: {e}", dead_letter_file.display()),
+        message: format!("cannot open {dead_letters}: {e}"),
     })?;
     let sink = Arc::new(sink);
     let metrics = Arc::new(Metrics::new());
@@ -188,7 +185,6 @@ pub fn assemble(
         sink,
         metrics,
         dead_letters,
-        dead_letter_file,
         config: config.pipeline.clone(),
         target,
         state_lock,

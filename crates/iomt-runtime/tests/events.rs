@@ -289,3 +289,67 @@ async fn a_gone_endpoint_disables_only_its_subscription_and_keeps_its_checkpoint
     assert_eq!(state["disabled"], "UndeliverableDueToHttpGone");
     assert!(!endpoint.attempts.lock().unwrap().contains_key("third"));
 }
+
+/// In cluster mode a subscription's dead letters go to the dead-letter container (Azurite
+/// here, started by `tests/run.sh`), under `events/<subscription>/`, as a pod's disk goes with
+/// the pod.
+#[tokio::test]
+async fn dead_letters_of_a_subscription_go_to_the_container_in_cluster_mode() {
+    let azurite = std::env::var("IOMT_TEST_AZURITE_URL")
+        .expect("IOMT_TEST_AZURITE_URL is not set: run tests/run.sh, which starts Azurite");
+    let dir = tempfile::tempdir().unwrap();
+    let clock = Arc::new(ManualClock {
+        base: Instant::now(),
+        offset: Mutex::default(),
+    });
+    let endpoint = Arc::new(Endpoint {
+        script: HashMap::from([("refused".to_owned(), vec![(400, None)])]),
+        attempts: Mutex::default(),
+        clock: clock.clone(),
+    });
+    let url = serve(endpoint.clone()).await;
+    let mut config = config(dir.path(), &url);
+    config.checkpoints.connection_string = Some(format!(
+        "DefaultEndpointsProtocol=http;AccountName=devstoreaccount1;AccountKey={};BlobEndpoint={azurite};",
+        iomt_eventhubs::blob::DEVELOPMENT_ACCOUNT_KEY
+    ));
+    config.dead_letters.store = iomt_runtime::config::DeadLetterStoreKind::Blob;
+    config.dead_letters.container = format!("events-dl-{:08x}", fastrand::u32(..));
+    let compiled = config.compile(Purpose::Replay).unwrap();
+    let iomt_runtime::config::DeadLetterTarget::Blob(container) = compiled.dead_letters.clone()
+    else {
+        panic!("{:?}", compiled.dead_letters);
+    };
+    let store = EmbeddedStore::open(&dir.path().join("store")).unwrap();
+    store
+        .put(patient("refused"), Some(Expect::Absent), false)
+        .await
+        .unwrap();
+    let service = EventService::build_with_clock(&compiled, Arc::new(Metrics::new()), clock)
+        .unwrap()
+        .1
+        .unwrap();
+    let (stop_tx, stop) = watch::channel(false);
+    let running = service.spawn(stop);
+    let mut names = Vec::new();
+    for _ in 0..1000 {
+        names = container.names("events/hook/").await.unwrap_or_default();
+        if !names.is_empty() {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    stop_tx.send_replace(true);
+    let report = running.await.unwrap();
+    assert_eq!(report.subscriptions[0].1, 1, "the event is finished");
+    assert_eq!(names.len(), 1, "{names:?}");
+    let text = container.read_text(&names[0]).await.unwrap().unwrap();
+    let dead: Value = serde_json::from_str(text.trim()).unwrap();
+    assert_eq!(dead["data"]["resourceFhirId"], "refused");
+    assert_eq!(dead["deadletterreason"], "UndeliverableDueToHttpBadRequest");
+    assert!(
+        !dir.path()
+            .join("state/events/hook.deadletter.jsonl")
+            .exists()
+    );
+}

@@ -1,5 +1,6 @@
-//! The five Blob REST operations the checkpoint store needs (Create Container, Get Blob
-//! Properties, Put Blob, Set Blob Metadata, List Blobs), each authorized and retried.
+//! The six Blob REST operations the checkpoint store and the dead-letter container need (Create
+//! Container, Get Blob Properties, Get Blob, Put Blob, Set Blob Metadata, List Blobs), each
+//! authorized and retried.
 //!
 //! Hand-written over `reqwest` because no `azure_storage_blob` release resolves next to
 //! `azure_messaging_eventhubs` 0.16 (each needs a different `azure_core` 1.x), and because the
@@ -144,6 +145,10 @@ impl BlobClient {
         &self.container
     }
 
+    pub(crate) fn auth(&self) -> &BlobAuth {
+        &self.auth
+    }
+
     fn blob_url(&self, name: &str) -> Url {
         let mut url = self.container.clone();
         // Each `/`-separated part is its own path segment, so the `/`s reach the service
@@ -226,6 +231,18 @@ impl BlobClient {
         metadata: &[(&str, &str)],
         condition: Condition<'_>,
     ) -> Result<BlobProperties, BlobError> {
+        self.put_blob(name, Vec::new(), metadata, condition).await
+    }
+
+    /// Creates (or, without a condition, replaces) a block blob holding `body`, in one
+    /// request. Returns the new ETag and last-modified time.
+    pub(crate) async fn put_blob(
+        &self,
+        name: &str,
+        body: Vec<u8>,
+        metadata: &[(&str, &str)],
+        condition: Condition<'_>,
+    ) -> Result<BlobProperties, BlobError> {
         const OPERATION: &str = "Put Blob";
         let metadata = metadata_headers(metadata)?;
         let answer = self
@@ -234,14 +251,33 @@ impl BlobClient {
                     .http
                     .request(Method::PUT, self.blob_url(name))
                     .header("x-ms-blob-type", "BlockBlob")
-                    .header(CONTENT_LENGTH, "0")
+                    .header(CONTENT_LENGTH, body.len().to_string())
                     .headers(metadata.clone())
-                    .body(Vec::new());
+                    .body(body.clone());
                 with_condition(request, condition)
             })
             .await?;
         match answer.status {
             201 => Ok(written(&answer)),
+            _ => Err(status_error(OPERATION, self.resource(name), &answer)),
+        }
+    }
+
+    /// Reads a blob's content as text. `Ok(None)` when it does not exist.
+    pub(crate) async fn get_text(&self, name: &str) -> Result<Option<String>, BlobError> {
+        const OPERATION: &str = "Get Blob";
+        let answer = self
+            .send(OPERATION, &self.resource(name), || {
+                self.http.request(Method::GET, self.blob_url(name))
+            })
+            .await?;
+        match answer.status {
+            200 => Ok(Some(answer.body)),
+            404 if header(&answer.headers, "x-ms-error-code").as_deref()
+                == Some("BlobNotFound") =>
+            {
+                Ok(None)
+            }
             _ => Err(status_error(OPERATION, self.resource(name), &answer)),
         }
     }
@@ -361,7 +397,9 @@ impl BlobClient {
                     })
                 }
                 Err(error) => Err(error),
-            };
+            }
+            // The URL may carry the SAS: no message names it (the resource does).
+            .map_err(reqwest::Error::without_url);
             let retry_after = match &outcome {
                 Ok(answer) if is_retryable_status(answer.status) => {
                     Some(retry_after(&answer.headers))

@@ -7,13 +7,16 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use azure_core::credentials::TokenCredential;
-use iomt_eventhubs::blob::{BlobAuth, BlobCheckpointStore};
+use iomt_eventhubs::blob::{BlobAuth, BlobCheckpointStore, BlobContainer};
 use iomt_eventhubs::{EventHubSettings, EventHubsAuth};
 use iomt_fhir::{
     Auth, EntraCredential, FhirClient, FhirClientConfig, IdentityConfig, IdentityMode,
 };
 
-use super::{AuthKind, Config, ConfigError, IdentityModeKind, Role, Source, StartAtKind, error};
+use super::{
+    AuthKind, Config, ConfigError, DeadLetterStoreKind, IdentityModeKind, Role, Source,
+    StartAtKind, error,
+};
 use crate::PipelineConfig;
 use crate::source::eventhubs::{Carries, ProcessorSettings, StartAt};
 
@@ -43,6 +46,8 @@ pub struct Compiled {
     pub target: Target,
     /// Dead letters, checkpoints of replays and the process lock.
     pub state_dir: PathBuf,
+    /// Where the pipeline's dead letters go.
+    pub dead_letters: DeadLetterTarget,
     /// Where `/metrics`, `/healthz` and `/readyz` are served.
     pub metrics_addr: Option<SocketAddr>,
     /// For `iomt run`: the hubs and the checkpoint store.
@@ -121,10 +126,21 @@ pub struct Live {
     pub internal_hub: Option<EventHubSettings>,
 }
 
-impl Compiled {
-    /// The dead-letter file.
-    pub fn dead_letter_file(&self) -> PathBuf {
-        self.state_dir.join("deadletter.jsonl")
+/// Where the pipeline's dead letters go.
+#[derive(Debug, Clone)]
+pub enum DeadLetterTarget {
+    /// A JSON Lines file, synced before the checkpoint passes.
+    File(PathBuf),
+    /// A Blob container, each batch a blob written before the checkpoint passes.
+    Blob(BlobContainer),
+}
+
+impl std::fmt::Display for DeadLetterTarget {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            DeadLetterTarget::File(path) => write!(f, "{}", path.display()),
+            DeadLetterTarget::Blob(container) => write!(f, "{}", container.url()),
+        }
     }
 }
 
@@ -443,6 +459,9 @@ impl Config {
         let Some(event_log) = event_log else {
             return Err(errors);
         };
+        let Some(dead_letters) = keep(self.dead_letter_target(purpose), &mut errors) else {
+            return Err(errors);
+        };
         let events = self.compiled_events(&target);
         Ok(Compiled {
             events,
@@ -453,6 +472,7 @@ impl Config {
             pipeline,
             target,
             state_dir: self.output.state_dir.clone(),
+            dead_letters,
             metrics_addr: self.output.metrics_addr,
             live,
         })
@@ -606,6 +626,75 @@ impl Config {
             checkpoints,
             internal_hub,
         })
+    }
+}
+
+impl Config {
+    /// Where dead letters go (the pipeline's, and the subscriptions' that name no file): with
+    /// `auto`, a Blob container for `iomt run` (in the checkpoints' account), the local file
+    /// for replays. An events role reading a Kafka log may have no Blob storage at all: then
+    /// the file.
+    fn dead_letter_target(&self, purpose: Purpose) -> Result<DeadLetterTarget, ConfigError> {
+        let d = &self.dead_letters;
+        let c = &self.checkpoints;
+        let has_blob =
+            d.container_url.is_some() || c.connection_string.is_some() || c.container_url.is_some();
+        let blob = match d.store {
+            DeadLetterStoreKind::File => false,
+            DeadLetterStoreKind::Blob => true,
+            DeadLetterStoreKind::Auto => purpose == Purpose::Run && has_blob,
+        };
+        if !blob {
+            return Ok(DeadLetterTarget::File(
+                self.output.state_dir.join("deadletter.jsonl"),
+            ));
+        }
+        self.dead_letter_container().map(DeadLetterTarget::Blob)
+    }
+
+    /// The Blob container of dead letters: `dead_letters.container_url`, or
+    /// `dead_letters.container` in the account of `[checkpoints]`.
+    pub fn dead_letter_container(&self) -> Result<BlobContainer, ConfigError> {
+        let d = &self.dead_letters;
+        let fail = |e: iomt_eventhubs::blob::BlobError| error("dead_letters", e.to_string());
+        let c = &self.checkpoints;
+        let container = match (&d.container_url, &c.connection_string, &c.container_url) {
+            (Some(url), _, _) if url.contains('?') => BlobContainer::from_sas_url(url),
+            (Some(url), _, _) => BlobContainer::new(
+                url,
+                BlobAuth::token(entra(&self.source, "dead_letters.container_url")?),
+            ),
+            (None, Some(cs), _) => BlobContainer::from_connection_string(cs, &d.container),
+            (None, None, Some(url)) => {
+                let checkpoints = if url.contains('?') {
+                    BlobContainer::from_sas_url(url)
+                } else {
+                    BlobContainer::new(
+                        url,
+                        BlobAuth::token(entra(&self.source, "checkpoints.container_url")?),
+                    )
+                };
+                checkpoints.and_then(|c| c.sibling(&d.container))
+            }
+            (None, None, None) => {
+                return Err(error(
+                    "dead_letters",
+                    "a Blob store needs dead_letters.container_url or a [checkpoints] container; or set dead_letters.store = \"file\"",
+                ));
+            }
+        }
+        .map_err(fail)?;
+        let endpoint = container.url().as_str();
+        if iomt_core::is_insecure_remote(endpoint) {
+            if !(d.allow_insecure_http || (c.allow_insecure_http && d.container_url.is_none())) {
+                return Err(error(
+                    "dead_letters",
+                    "a plain http:// Blob endpoint on a host that is not loopback is refused: use https://, or set dead_letters.allow_insecure_http = true",
+                ));
+            }
+            tracing::warn!(container = %iomt_core::redact_url(endpoint), "plain http:// to a remote Blob endpoint for dead letters");
+        }
+        Ok(container)
     }
 }
 
@@ -900,10 +989,69 @@ mod tests {
         assert_eq!(url, "http://127.0.0.1:1/fhir");
         assert_eq!(identity.mode, IdentityMode::Create);
         assert_eq!(compiled.pipeline.group.max_events(), 10);
-        assert_eq!(
-            compiled.dead_letter_file(),
-            PathBuf::from(".iomt/deadletter.jsonl")
+        assert!(
+            matches!(&compiled.dead_letters, DeadLetterTarget::File(f) if f == &PathBuf::from(".iomt/deadletter.jsonl")),
+            "{:?}",
+            compiled.dead_letters
         );
+    }
+
+    #[test]
+    fn dead_letters_of_iomt_run_go_to_a_container_of_the_checkpoint_account() {
+        let blob =
+            |pairs: &[(&str, &str)], purpose| match load(&[DEVICE_HUB.as_slice(), pairs].concat())
+                .compile(purpose)
+                .map(|c| c.dead_letters)
+            {
+                Ok(DeadLetterTarget::Blob(c)) => Ok(Some(c.url().to_string())),
+                Ok(DeadLetterTarget::File(_)) => Ok(None),
+                Err(e) => Err(e),
+            };
+        assert_eq!(
+            blob(&[], Purpose::Run).unwrap().as_deref(),
+            Some("http://127.0.0.1:10000/devstoreaccount1/iomt-dead-letters")
+        );
+        assert_eq!(blob(&[], Purpose::Replay).unwrap(), None);
+        assert_eq!(
+            blob(&[("IOMT__DEAD_LETTERS__STORE", "file")], Purpose::Run).unwrap(),
+            None
+        );
+        assert_eq!(
+            blob(&[("IOMT__DEAD_LETTERS__CONTAINER", "poison")], Purpose::Run)
+                .unwrap()
+                .as_deref(),
+            Some("http://127.0.0.1:10000/devstoreaccount1/poison")
+        );
+        // A container of its own, with its SAS, which no URL shown carries.
+        assert_eq!(
+            blob(
+                &[(
+                    "IOMT__DEAD_LETTERS__CONTAINER_URL",
+                    "https://dl.blob.core.windows.net/letters?sv=1&sig=secret"
+                )],
+                Purpose::Run
+            )
+            .unwrap()
+            .as_deref(),
+            Some("https://dl.blob.core.windows.net/letters")
+        );
+        // Plain http:// to a remote host is refused unless allowed.
+        let remote = [(
+            "IOMT__DEAD_LETTERS__CONTAINER_URL",
+            "http://dl.example.org/letters?sv=1&sig=secret",
+        )];
+        let errors = blob(&remote, Purpose::Run).unwrap_err();
+        assert_eq!(origins(&errors), ["dead_letters"]);
+        let allowed = [
+            remote[0],
+            ("IOMT__DEAD_LETTERS__ALLOW_INSECURE_HTTP", "true"),
+        ];
+        assert!(blob(&allowed, Purpose::Run).unwrap().is_some());
+        // Asked for, a Blob store needs a container.
+        let errors = load(&[("IOMT__DEAD_LETTERS__STORE", "blob")])
+            .compile(Purpose::Replay)
+            .unwrap_err();
+        assert_eq!(origins(&errors), ["dead_letters"]);
     }
 
     #[test]

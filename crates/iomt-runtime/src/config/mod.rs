@@ -28,7 +28,7 @@ use serde::{Deserialize, Serialize};
 mod compile;
 mod events;
 
-pub use compile::{Compiled, CompiledEvents, EventLog, Live, Purpose, Target};
+pub use compile::{Compiled, CompiledEvents, DeadLetterTarget, EventLog, Live, Purpose, Target};
 pub(crate) use compile::{hub_settings, token_credential};
 pub use events::{Destination, Events, KafkaLog, Subscription};
 
@@ -60,6 +60,8 @@ pub struct Config {
     pub event_log: Source,
     /// Where `iomt run` keeps checkpoints and partition ownership.
     pub checkpoints: Checkpoints,
+    /// Where items that cannot be processed go.
+    pub dead_letters: DeadLetters,
     /// What change events say about their publisher.
     pub events: Events,
     /// `[[subscriptions]]`: who receives change events, and how.
@@ -162,6 +164,48 @@ impl Default for Checkpoints {
             allow_insecure_http: false,
         }
     }
+}
+
+/// `[dead_letters]`: where items that cannot be processed go. In cluster mode they go to a
+/// Blob container, because a pod removed by KEDA takes its local disk with it, and a persistent
+/// volume does not fit a Deployment of many replicas.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct DeadLetters {
+    /// `auto`: a Blob container for `iomt run`, the file for replays; `file`:
+    /// `output.state_dir/deadletter.jsonl`; `blob`: a Blob container.
+    pub store: DeadLetterStoreKind,
+    /// The container, in the account of `[checkpoints]` and with its key or Entra identity.
+    pub container: String,
+    /// A container URL of its own instead: with a SAS in its query, or without one to use the
+    /// `[source]` Entra identity (role: Storage Blob Data Contributor).
+    pub container_url: Option<String>,
+    /// Allows a plain `http://` `container_url` on a host that is not loopback.
+    pub allow_insecure_http: bool,
+}
+
+impl Default for DeadLetters {
+    fn default() -> Self {
+        Self {
+            store: DeadLetterStoreKind::Auto,
+            container: "iomt-dead-letters".to_owned(),
+            container_url: None,
+            allow_insecure_http: false,
+        }
+    }
+}
+
+/// `dead_letters.store`.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum DeadLetterStoreKind {
+    /// A Blob container for `iomt run`, the local file otherwise.
+    #[default]
+    Auto,
+    /// The local JSON Lines file.
+    File,
+    /// A Blob container.
+    Blob,
 }
 
 /// `[templates]`.
@@ -432,7 +476,7 @@ fn env_value(raw: &str) -> toml::Value {
 }
 
 /// The sections, in the order they are printed.
-const SECTIONS: [&str; 11] = [
+const SECTIONS: [&str; 12] = [
     "templates",
     "fhir",
     "identity",
@@ -443,6 +487,7 @@ const SECTIONS: [&str; 11] = [
     "internal_hub",
     "event_log",
     "checkpoints",
+    "dead_letters",
     "events",
 ];
 
@@ -597,6 +642,7 @@ impl Config {
             internal_hub: section("internal_hub", take("internal_hub"), &mut errors),
             event_log: section("event_log", take("event_log"), &mut errors),
             checkpoints: section("checkpoints", take("checkpoints"), &mut errors),
+            dead_letters: section("dead_letters", take("dead_letters"), &mut errors),
             events: section("events", take("events"), &mut errors),
             subscriptions,
         };
@@ -632,11 +678,16 @@ impl Config {
         if let Some(url) = &mut shown.fhir.url {
             *url = iomt_core::redact_url(url);
         }
-        if let Some(url) = &mut shown.checkpoints.container_url
-            && let Some(at) = url.find('?')
-        {
-            // The query of a container URL is its SAS.
-            url.replace_range(at.., "?***");
+        for url in [
+            &mut shown.checkpoints.container_url,
+            &mut shown.dead_letters.container_url,
+        ] {
+            if let Some(url) = url
+                && let Some(at) = url.find('?')
+            {
+                // The query of a container URL is its SAS.
+                url.replace_range(at.., "?***");
+            }
         }
         for subscription in &mut shown.subscriptions {
             subscription.mask_secrets();

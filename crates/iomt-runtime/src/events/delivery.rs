@@ -151,7 +151,7 @@ pub(crate) struct Subscription {
     pub(crate) retry: RetryPolicy,
     pub(crate) max_in_flight: usize,
     pub(crate) destination: Destination,
-    pub(crate) dead_letter_file: PathBuf,
+    pub(crate) dead_letters: EventDeadLetters,
     pub(crate) state_file: PathBuf,
 }
 
@@ -574,7 +574,7 @@ impl Subscription {
         }
         if !dead.is_empty() {
             let lines: Vec<&Value> = dead.iter().map(|(v, _, _)| v).collect();
-            match append_lines(&self.dead_letter_file, &lines) {
+            match self.dead_letters.write(&lines).await {
                 Ok(()) => {
                     for (_, reason, i) in &dead {
                         cx.metrics.event_dead_lettered(&self.name, reason);
@@ -583,7 +583,7 @@ impl Subscription {
                 }
                 // The events stay in the window and are tried again; nothing moves past them.
                 Err(e) => {
-                    tracing::error!(subscription = %self.name, file = %self.dead_letter_file.display(), error = %e, "cannot write dead letters; retrying the events");
+                    tracing::error!(subscription = %self.name, store = %self.dead_letters, error = %e, "cannot write dead letters; retrying the events");
                     for (_, _, i) in &dead {
                         if let Some(p) = window[*i].pending.as_mut() {
                             p.due = now + Duration::from_secs(10);
@@ -600,6 +600,53 @@ impl Subscription {
             return true;
         }
         false
+    }
+}
+
+/// Where a subscription's dead letters go.
+#[derive(Debug)]
+pub(crate) enum EventDeadLetters {
+    /// A JSON Lines file, synced before the events are let go.
+    File(PathBuf),
+    /// A Blob container (cluster mode): each batch one blob under `prefix`, written before the
+    /// events are let go.
+    Blob {
+        container: Box<crate::pipeline::BlobContainer>,
+        prefix: String,
+    },
+}
+
+impl std::fmt::Display for EventDeadLetters {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Self::File(path) => write!(f, "{}", path.display()),
+            Self::Blob { container, prefix } => write!(f, "{}/{prefix}", container.url()),
+        }
+    }
+}
+
+impl EventDeadLetters {
+    async fn write(&self, lines: &[&Value]) -> Result<(), String> {
+        match self {
+            Self::File(path) => append_lines(path, lines).map_err(|e| e.to_string()),
+            Self::Blob { container, prefix } => {
+                let mut text = Vec::new();
+                for line in lines {
+                    serde_json::to_writer(&mut text, line).map_err(|e| e.to_string())?;
+                    text.push(b'\n');
+                }
+                // Named after its content: the same batch written again is the same blob.
+                let name = format!(
+                    "{prefix}{}",
+                    crate::pipeline::batch_name(Timestamp::now(), &text)
+                );
+                let put = async {
+                    container.ensure().await?;
+                    container.put_once(&name, text).await
+                };
+                put.await.map(drop).map_err(|e| e.to_string())
+            }
+        }
     }
 }
 

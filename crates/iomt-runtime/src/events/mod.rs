@@ -22,8 +22,10 @@ use tokio::sync::watch;
 use tokio::task::JoinHandle;
 
 use crate::Metrics;
-use crate::config::{Compiled, CompiledEvents, ConfigError, Role, Target};
-use delivery::{Clock, Context, Ended, Feed, Log, Resources, Subscription, TokioClock};
+use crate::config::{Compiled, CompiledEvents, ConfigError, DeadLetterTarget, Role, Target};
+use delivery::{
+    Clock, Context, Ended, EventDeadLetters, Feed, Log, Resources, Subscription, TokioClock,
+};
 use destination::Destination;
 use remote_log::RemoteLog;
 
@@ -255,10 +257,17 @@ fn subscriptions(
             retry: s.retry,
             max_in_flight: s.max_in_flight,
             destination,
-            dead_letter_file: s
-                .dead_letter
-                .clone()
-                .unwrap_or_else(|| dead_letter_file(&dir, &s.name)),
+            // In cluster mode, with the pipeline's, in the dead-letter container.
+            dead_letters: match (&s.dead_letter, &config.dead_letters) {
+                (Some(file), _) => EventDeadLetters::File(file.clone()),
+                (None, DeadLetterTarget::Blob(container)) => EventDeadLetters::Blob {
+                    container: Box::new(container.clone()),
+                    prefix: format!("events/{}/", s.name),
+                },
+                (None, DeadLetterTarget::File(_)) => {
+                    EventDeadLetters::File(dead_letter_file(&dir, &s.name))
+                }
+            },
             state_file: dir.join(format!("{}.json", s.name)),
         });
     }

@@ -23,7 +23,6 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use iomt_core::Timestamp;
-use iomt_files::deadletter::DeadLetterWriter;
 use iomt_group::GroupConfig;
 use iomt_normalize::Normalizer;
 use iomt_templates::fhir::FhirMapping;
@@ -38,6 +37,10 @@ use crate::source::{Acks, CheckpointStore, Origin, Partitions, SourceItem};
 
 mod checkpoint;
 mod deadletters;
+
+pub(crate) use deadletters::batch_name;
+pub use deadletters::{BlobDeadLetters, DeadLetterStore, read_blob_dead_letters};
+pub use iomt_eventhubs::blob::BlobContainer;
 mod group;
 mod normalize;
 
@@ -206,7 +209,7 @@ impl<S: Sink> Pipeline<S> {
         input: mpsc::Receiver<Vec<SourceItem>>,
         mut producer: P,
         consumers: Vec<C>,
-        dead_letters: DeadLetterWriter,
+        dead_letters: impl Into<DeadLetterStore>,
         checkpoints: K,
         shutdown: impl Future<Output = ()> + Send,
     ) -> Report<K>
@@ -220,7 +223,7 @@ impl<S: Sink> Pipeline<S> {
         let (dl_tx, dl_rx) = mpsc::channel::<DeadLetters>(64);
         let (finish_tx, finish_rx) = oneshot::channel();
 
-        let dl_task = tokio::spawn(dead_letter_task(dl_rx, dead_letters, shared.clone()));
+        let dl_task = tokio::spawn(dead_letter_task(dl_rx, dead_letters.into(), shared.clone()));
         let checkpoint_task = tokio::spawn(checkpoint_task(shared.clone(), checkpoints, finish_rx));
         let mut stages = JoinSet::new();
         if let Some(deliveries) = producer.deliveries() {

@@ -1,12 +1,13 @@
-//! A dead-letter file as a source, for `iomt deadletter replay`: each record re-enters the way
+//! A dead-letter file or container as a source, for `iomt deadletter replay`: each record re-enters the way
 //! it first entered. An input record that could not be read is read again, a device event is
 //! normalized again, a measurement is converted again (skipping the device mapping).
 
 use std::path::Path;
 
 use iomt_core::Measurement;
+use iomt_eventhubs::blob::{BlobContainer, BlobError};
 use iomt_files::capture::{Record, jsonl_record};
-use iomt_files::deadletter::{Entry, read_dead_letters};
+use iomt_files::deadletter::{DeadLetter, Entry, read_dead_letters};
 use tokio::sync::{mpsc, watch};
 
 use super::{Input, Origin, Source, SourceItem};
@@ -20,8 +21,8 @@ pub struct DeadLetterSource {
 /// What reading a dead-letter file found besides items.
 #[derive(Debug, Clone, Default)]
 pub struct Unusable {
-    /// Lines that are not dead-letter records, by number.
-    pub unreadable_lines: Vec<usize>,
+    /// Lines that are not dead-letter records: `line N` in a file, `blob:N` in a container.
+    pub unreadable: Vec<String>,
     /// Records that cannot be re-submitted, and why.
     pub cannot_resubmit: Vec<String>,
 }
@@ -29,7 +30,20 @@ pub struct Unusable {
 impl DeadLetterSource {
     /// Reads a dead-letter file; records are numbered from 1 in one partition.
     pub fn read(path: &Path) -> std::io::Result<(Self, usize, Unusable)> {
-        let (records, unreadable_lines) = read_dead_letters(path)?;
+        let (records, unreadable) = read_dead_letters(path)?;
+        let unreadable = unreadable.iter().map(|n| format!("line {n}")).collect();
+        Ok(Self::from_records(&records, unreadable))
+    }
+
+    /// Reads every dead letter of a container (cluster mode), each item once.
+    pub async fn read_blob(
+        container: &BlobContainer,
+    ) -> Result<(Self, usize, Unusable), BlobError> {
+        let (records, unreadable) = crate::pipeline::read_blob_dead_letters(container).await?;
+        Ok(Self::from_records(&records, unreadable))
+    }
+
+    fn from_records(records: &[DeadLetter], unreadable: Vec<String>) -> (Self, usize, Unusable) {
         let mut items = Vec::with_capacity(records.len());
         let mut cannot_resubmit = Vec::new();
         for (i, record) in records.iter().enumerate() {
@@ -66,10 +80,10 @@ impl DeadLetterSource {
             });
         }
         let unusable = Unusable {
-            unreadable_lines,
+            unreadable,
             cannot_resubmit,
         };
-        Ok((Self { items }, records.len(), unusable))
+        (Self { items }, records.len(), unusable)
     }
 }
 
