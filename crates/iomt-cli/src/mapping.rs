@@ -10,8 +10,8 @@ use clap::{Args, Subcommand};
 use iomt_convert::{ConvertError, ResourceIds, convert_window, observation_groups};
 use iomt_core::{DeviceEvent, Measurement, MeasurementGroup, Timestamp};
 use iomt_normalize::{
-    MAX_BODY_BYTES, NormalizeError, Normalizer, Output, Trace, envelope, envelope_enqueued_time,
-    explain, parse_body,
+    NormalizeError, Normalizer, Output, Trace, envelope, envelope_enqueued_time, explain,
+    parse_body,
 };
 use iomt_templates::TemplateError;
 use iomt_templates::device::{ContentTemplate, DeviceMapping};
@@ -88,6 +88,13 @@ pub(crate) struct ValidateArgs {
 }
 
 pub(crate) fn run(cmd: MappingCommand) -> anyhow::Result<u8> {
+    // The debugger holds templates and messages to the limits a run would: those of
+    // `IOMT_CONFIG` and `IOMT__LIMITS__*`, when they read (a configuration with other
+    // problems is not this command's concern).
+    let config = std::env::var_os("IOMT_CONFIG").map(std::path::PathBuf::from);
+    if let Ok(c) = iomt_runtime::Config::load(config.as_deref(), std::env::vars()) {
+        iomt_core::set_limits(c.limits);
+    }
     match cmd {
         MappingCommand::Test(args) => test(&args),
         MappingCommand::Validate(args) => validate(&args),
@@ -141,17 +148,16 @@ fn print_report(
 }
 
 fn read_input(path: &Path) -> std::io::Result<Vec<u8>> {
+    // Never read more than one byte past the limit: the size check needs no more.
+    let most = iomt_core::limits().message_bytes as u64 + 1;
     if path == Path::new("-") {
         let mut buf = Vec::new();
-        std::io::stdin()
-            .take(MAX_BODY_BYTES as u64 + 1)
-            .read_to_end(&mut buf)?;
+        std::io::stdin().take(most).read_to_end(&mut buf)?;
         return Ok(buf);
     }
     let file = std::fs::File::open(path)?;
     let mut buf = Vec::new();
-    // Never read more than one byte past the limit: the size check needs no more.
-    file.take(MAX_BODY_BYTES as u64 + 1).read_to_end(&mut buf)?;
+    file.take(most).read_to_end(&mut buf)?;
     Ok(buf)
 }
 
@@ -163,9 +169,6 @@ pub(crate) struct Mappings {
 
 /// Reads and validates the device mapping and the optional FHIR mapping, collecting the
 /// errors of both files. An unreadable file is an `Err`; invalid templates are `Ok(Err(_))`.
-/// The largest mapping file loaded.
-const MAX_MAPPING_BYTES: u64 = 4 * 1024 * 1024;
-
 fn load_mappings(
     device: &Path,
     fhir: Option<&Path>,
@@ -176,9 +179,10 @@ fn load_mappings(
         let size = std::fs::metadata(path)
             .with_context(|| format!("cannot read the mapping {}", path.display()))?
             .len();
-        if size > MAX_MAPPING_BYTES {
+        let most = iomt_core::limits().template_file_bytes as u64;
+        if size > most {
             anyhow::bail!(
-                "the mapping {} is {size} bytes; the limit is {MAX_MAPPING_BYTES} (4 MiB)",
+                "the mapping {} is {size} bytes; the limit is {most} (limits.template_file_bytes)",
                 path.display()
             );
         }

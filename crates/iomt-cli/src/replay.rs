@@ -33,9 +33,9 @@ pub(crate) struct ReplayArgs {
     #[arg(long)]
     no_progress: bool,
     /// JSON Lines records longer than this many bytes are dead-lettered (keeping their first
-    /// 64 KiB) instead of read.
-    #[arg(long, value_name = "BYTES", default_value_t = iomt_files::capture::MAX_LINE_BYTES)]
-    max_line_bytes: usize,
+    /// 64 KiB) instead of read; default: `limits.message_bytes` (1 MiB).
+    #[arg(long, value_name = "BYTES")]
+    max_line_bytes: Option<usize>,
 }
 
 fn progress_bar(hidden: bool) -> indicatif::ProgressBar {
@@ -81,7 +81,9 @@ pub(crate) fn run(args: &ReplayArgs) -> anyhow::Result<u8> {
         inputs,
         resume_after: 0,
         speed: args.speed,
-        max_line_bytes: args.max_line_bytes,
+        max_line_bytes: args
+            .max_line_bytes
+            .unwrap_or(iomt_core::limits().message_bytes),
         progress: progress.clone(),
     };
     let outcome = runtime()?.block_on(async {

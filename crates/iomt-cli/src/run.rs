@@ -126,6 +126,8 @@ impl RunArgs {
         g.max_wait = self.max_wait.unwrap_or(g.max_wait);
         let p = &mut config.pipeline;
         p.drain_deadline = self.drain_deadline.unwrap_or(p.drain_deadline);
+        // Before any template is loaded: the limits bound what loading accepts.
+        iomt_core::set_limits(config.limits);
         Ok(config)
     }
 

@@ -112,7 +112,7 @@ fn oversized_and_deeply_nested_messages_are_refused() {
         out["errors"][0]["message"]
             .as_str()
             .unwrap()
-            .contains("1 MiB")
+            .contains("over the limit of 1048576 bytes (limits.message_bytes)")
     );
 
     let deep = write(
@@ -523,6 +523,91 @@ fn oversized_mapping_files_are_refused_before_reading() {
     let said = String::from_utf8_lossy(&out.stderr);
     assert!(
         said.contains("the limit is") && said.contains("big.json"),
+        "{said}"
+    );
+}
+
+/// Every limit can be moved (`[limits]`, `IOMT__LIMITS__*`), and the message names the key;
+/// the ones that guard the stack cannot be raised past their ceiling.
+#[test]
+fn limits_are_configurable_and_named_in_errors() {
+    let dir = tempfile::tempdir().unwrap();
+    let with = |pairs: &[(&str, &str)], args: &[&str]| {
+        Command::new(env!("CARGO_BIN_EXE_iomt"))
+            .args(args)
+            .envs(pairs.iter().copied())
+            .env("NO_COLOR", "1")
+            .env_remove("IOMT_CONFIG")
+            .output()
+            .unwrap()
+    };
+    let heartrate = repo("mappings/heartrate/devicecontent.json");
+    let heartrate = heartrate.to_str().unwrap();
+    // A 40-byte message is over a 20-byte limit.
+    let message = write(&dir, "m.json", br#"{"heartRate": 70, "deviceId": "d1"}"#);
+    let out = with(
+        &[("IOMT__LIMITS__MESSAGE_BYTES", "20")],
+        &[
+            "mapping",
+            "test",
+            "--device-mapping",
+            heartrate,
+            "--message",
+            message.to_str().unwrap(),
+        ],
+    );
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert_eq!(out.status.code(), Some(1), "{stdout}");
+    assert!(stdout.contains("(limits.message_bytes)"), "{stdout}");
+
+    // Expressions nested three deep, over a limit of two.
+    let nested = write(
+        &dir,
+        "nested.json",
+        br#"{"templateType": "CollectionContent", "template": [{"templateType": "JsonPathContent",
+            "template": {"typeName": "hr", "typeMatchExpression": "$..[?(@.a[0][1])]",
+            "deviceIdExpression": "$.d", "timestampExpression": "$.t",
+            "values": [{"valueName": "v", "valueExpression": "$.v", "required": true}]}}]}"#,
+    );
+    let validate = ["mapping", "validate", nested.to_str().unwrap()];
+    assert_eq!(with(&[], &validate).status.code(), Some(0));
+    let out = with(&[("IOMT__LIMITS__EXPRESSION_NESTING", "2")], &validate);
+    let said = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert_eq!(out.status.code(), Some(2), "{said}");
+    assert!(said.contains("limits.expression_nesting"), "{said}");
+    assert!(said.contains("typeMatchExpression"), "{said}");
+
+    // The template file size.
+    let out = with(&[("IOMT__LIMITS__TEMPLATE_FILE_BYTES", "100")], &validate);
+    let said = String::from_utf8_lossy(&out.stderr);
+    assert!(said.contains("limits.template_file_bytes"), "{said}");
+
+    // Past the ceiling, or zero, the configuration is refused.
+    let out = with(
+        &[
+            ("IOMT__LIMITS__EXPRESSION_NESTING", "10000"),
+            ("IOMT__LIMITS__MEASUREMENTS_PER_EVENT", "0"),
+        ],
+        &[
+            "config",
+            "check",
+            "--device-mapping",
+            heartrate,
+            "--fhir-mapping",
+            repo("mappings/heartrate/fhirmapping.json")
+                .to_str()
+                .unwrap(),
+        ],
+    );
+    let said = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(2), "{said}");
+    assert!(
+        said.contains("limits.expression_nesting")
+            && said.contains("limits.measurements_per_event"),
         "{said}"
     );
 }

@@ -30,12 +30,13 @@ use iomt_templates::expr::{Expression, ExpressionKind, Scope, Token};
 use serde::Serialize;
 use serde_json::{Map, Value};
 
-/// Largest event body accepted: the Event Hubs Standard/Premium event size limit.
+/// Largest event body accepted by default (`limits.message_bytes`): the Event Hubs
+/// Standard/Premium event size limit.
 pub const MAX_BODY_BYTES: usize = 1024 * 1024;
 
-/// The most measurements one event may produce. A 1 MiB body can hold a quarter of a million
-/// array elements, and a template matching each would flood the group stage from one event;
-/// such an event is refused whole.
+/// The most measurements one event may produce by default (`limits.measurements_per_event`).
+/// A 1 MiB body can hold a quarter of a million array elements, and a template matching each
+/// would flood the group stage from one event; such an event is refused whole.
 pub const MAX_MEASUREMENTS_PER_EVENT: usize = 10_000;
 
 /// What the normalize stage made of one event.
@@ -195,15 +196,16 @@ impl Normalizer {
             root,
             keys: OnceCell::new(),
         };
+        let most = iomt_core::limits().measurements_per_event;
         for template in &self.mapping.templates {
             eval.template(template, ingestion_time, trace, &mut out);
-            if out.measurements.len() > MAX_MEASUREMENTS_PER_EVENT {
+            if out.measurements.len() > most {
                 let produced = out.measurements.len();
                 out.measurements.clear();
                 out.errors.push(NormalizeError {
                     kind: ErrorKind::EventTooLarge,
                     message: format!(
-                        "the event produced {produced} measurements or more, over the limit of {MAX_MEASUREMENTS_PER_EVENT} per event"
+                        "the event produced {produced} measurements or more, over the limit of {most} per event (limits.measurements_per_event)"
                     ),
                     template: None,
                     path: None,
@@ -243,7 +245,7 @@ pub fn envelope_enqueued_time(root: &Value) -> Option<Timestamp> {
         .and_then(|s| Timestamp::parse(s).ok())
 }
 
-/// Parses a body: empty is `null`, more than [`MAX_BODY_BYTES`] or invalid JSON is an error
+/// Parses a body: empty is `null`, more than `limits.message_bytes` or invalid JSON is an error
 /// that says where the JSON broke. Nesting deeper than 128 levels is refused by the parser, so
 /// hostile input cannot exhaust the stack.
 pub fn parse_body(body: &[u8]) -> Result<Value, NormalizeError> {
@@ -255,11 +257,12 @@ pub fn parse_body(body: &[u8]) -> Result<Value, NormalizeError> {
         line: None,
         expression: None,
     };
-    if body.len() > MAX_BODY_BYTES {
+    let most = iomt_core::limits().message_bytes;
+    if body.len() > most {
         return Err(data_error(
             ErrorKind::EventTooLarge,
             format!(
-                "the event body is {} bytes, over the limit of {MAX_BODY_BYTES} bytes (1 MiB)",
+                "the event body is {} bytes, over the limit of {most} bytes (limits.message_bytes)",
                 body.len()
             ),
         ));

@@ -196,19 +196,17 @@ impl HandlebarsTemplate {
     }
 }
 
-/// The longest handlebars template loaded.
-pub const MAX_HANDLEBARS_LEN: usize = 64 * 1024;
-/// The deepest nesting of handlebars blocks (`{{#if}}…{{/if}}`): the parser and the renderer
-/// recurse into blocks, and their cost grows faster than the nesting.
-pub const MAX_HANDLEBARS_NESTING: usize = 32;
-
 /// Refuses handlebars templates too long or too deeply nested to load quickly and render on a
-/// thread's stack.
+/// thread's stack (`limits.handlebars_bytes`, `limits.handlebars_nesting`): the parser and the
+/// renderer recurse into blocks (`{{#if}}…{{/if}}`), and their cost grows faster than the
+/// nesting.
 fn check_handlebars_shape(text: &str) -> Result<(), String> {
-    if text.len() > MAX_HANDLEBARS_LEN {
+    let limits = iomt_core::limits();
+    if text.len() > limits.handlebars_bytes {
         return Err(format!(
-            "the handlebars template is {} bytes long; the limit is {MAX_HANDLEBARS_LEN}",
-            text.len()
+            "the handlebars template is {} bytes long; the limit is {} (limits.handlebars_bytes)",
+            text.len(),
+            limits.handlebars_bytes
         ));
     }
     let (mut depth, mut deepest) = (0usize, 0usize);
@@ -222,9 +220,10 @@ fn check_handlebars_shape(text: &str) -> Result<(), String> {
             _ => {}
         }
     }
-    if deepest > MAX_HANDLEBARS_NESTING {
+    if deepest > limits.handlebars_nesting {
         return Err(format!(
-            "the handlebars template nests blocks {deepest} deep; the limit is {MAX_HANDLEBARS_NESTING}"
+            "the handlebars template nests blocks {deepest} deep; the limit is {} (limits.handlebars_nesting)",
+            limits.handlebars_nesting
         ));
     }
     Ok(())
@@ -823,14 +822,14 @@ mod tests {
             "{{/if}}".repeat(20_000)
         );
         assert!(FhirMapping::parse(&template(&deeper)).is_err());
-        let long = "x".repeat(MAX_HANDLEBARS_LEN + 1);
+        let long = "x".repeat(iomt_core::Limits::default().handlebars_bytes + 1);
         let errors = FhirMapping::parse(&template(&long)).unwrap_err();
         assert!(errors[0].message.contains("bytes long"), "{errors:#?}");
         assert!(started.elapsed() < std::time::Duration::from_secs(5));
         let nested = format!(
             "{}x{}",
-            "{{#if a}}".repeat(MAX_HANDLEBARS_NESTING),
-            "{{/if}}".repeat(MAX_HANDLEBARS_NESTING)
+            "{{#if a}}".repeat(iomt_core::Limits::default().handlebars_nesting),
+            "{{/if}}".repeat(iomt_core::Limits::default().handlebars_nesting)
         );
         let parsed = FhirMapping::parse(&template(&nested));
         assert!(parsed.is_ok(), "{parsed:#?}");

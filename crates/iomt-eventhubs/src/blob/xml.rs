@@ -2,8 +2,11 @@
 //!
 //! Only the few fields the checkpoint store needs are read; everything else in the document is
 //! ignored, so newer service versions that add elements do not break it.
+//!
+//! It needs no Azure SDK type (`time`'s date is the one `azure_core::time` re-exports), so the
+//! fuzz targets (`fuzz/fuzz_targets/blob_xml.rs`) include this file alone.
 
-use azure_core::time::OffsetDateTime;
+use time::OffsetDateTime;
 
 /// One blob of a List Blobs page.
 #[derive(Clone, Debug, Default, PartialEq)]

@@ -173,6 +173,9 @@ impl Config {
             "templates.fhir_mapping",
             "is required (or --fhir-mapping)",
         );
+        for (key, message) in self.limits.problems() {
+            check(false, &format!("limits.{key}"), &message);
+        }
         if let Some(url) = &self.fhir.url {
             let valid = reqwest_like_url(url);
             check(valid, "fhir.url", "must be an http:// or https:// URL");

@@ -62,6 +62,8 @@ pub struct Config {
     pub checkpoints: Checkpoints,
     /// Where items that cannot be processed go.
     pub dead_letters: DeadLetters,
+    /// What iomt accepts: message, template and expression sizes.
+    pub limits: iomt_core::Limits,
     /// What change events say about their publisher.
     pub events: Events,
     /// `[[subscriptions]]`: who receives change events, and how.
@@ -476,7 +478,7 @@ fn env_value(raw: &str) -> toml::Value {
 }
 
 /// The sections, in the order they are printed.
-const SECTIONS: [&str; 12] = [
+const SECTIONS: [&str; 13] = [
     "templates",
     "fhir",
     "identity",
@@ -488,6 +490,7 @@ const SECTIONS: [&str; 12] = [
     "event_log",
     "checkpoints",
     "dead_letters",
+    "limits",
     "events",
 ];
 
@@ -643,6 +646,7 @@ impl Config {
             event_log: section("event_log", take("event_log"), &mut errors),
             checkpoints: section("checkpoints", take("checkpoints"), &mut errors),
             dead_letters: section("dead_letters", take("dead_letters"), &mut errors),
+            limits: section("limits", take("limits"), &mut errors),
             events: section("events", take("events"), &mut errors),
             subscriptions,
         };

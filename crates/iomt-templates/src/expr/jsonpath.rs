@@ -160,6 +160,7 @@ impl JsonPath {
             expression: source.to_owned(),
             reason,
         };
+        super::jmespath::check_shape(source, false).map_err(error)?;
         let rfc = newtonsoft::to_rfc9535(source).map_err(|e| error(e.0))?;
         let parsed = jsonpath_rust::parser::parse_json_path(&rfc)
             .map_err(|e| error(describe_parse_error(&e)))?;

@@ -35,22 +35,18 @@ use self::functions::Function;
 use super::jsonpath::Scope;
 use super::token::Token;
 
-/// The longest expression compiled; longer ones are refused before parsing.
-pub const MAX_EXPRESSION_LEN: usize = 16 * 1024;
-/// The deepest nesting of parentheses, brackets and braces.
-pub const MAX_NESTING: usize = 32;
-/// The most operators (`.`, `|`, `&&`, `||`, comparisons, function commas) in one expression.
-/// With the nesting limit, this bounds the depth of the parsed tree, which the parser, the
-/// compiler and evaluation all walk recursively: deeper trees would overflow a thread's stack.
-pub const MAX_OPERATORS: usize = 128;
-
-/// Refuses expressions too long or too deep to parse and evaluate on a thread's stack;
-/// literals (`'…'`, `"…"`, `` `…` ``) count toward the length only.
-fn check_shape(source: &str) -> Result<(), String> {
-    if source.len() > MAX_EXPRESSION_LEN {
+/// Refuses expressions too long or too deep to parse and evaluate on a thread's stack
+/// ([`iomt_core::Limits`]: `expression_bytes`, `expression_nesting`, and
+/// `expression_operators`, which with the nesting bounds the depth of the parsed tree that the
+/// parser, the compiler and evaluation all walk recursively); literals (`'…'`, `"…"`,
+/// `` `…` ``) count toward the length only. JSONPath is held to the length and nesting.
+pub(crate) fn check_shape(source: &str, count_operators: bool) -> Result<(), String> {
+    let limits = iomt_core::limits();
+    if source.len() > limits.expression_bytes {
         return Err(format!(
-            "is {} bytes long; the limit is {MAX_EXPRESSION_LEN}",
-            source.len()
+            "is {} bytes long; the limit is {} (limits.expression_bytes)",
+            source.len(),
+            limits.expression_bytes
         ));
     }
     let (mut depth, mut deepest, mut operators) = (0usize, 0usize, 0usize);
@@ -79,14 +75,16 @@ fn check_shape(source: &str) -> Result<(), String> {
             _ => {}
         }
     }
-    if deepest > MAX_NESTING {
+    if deepest > limits.expression_nesting {
         return Err(format!(
-            "nests {deepest} levels deep; the limit is {MAX_NESTING}"
+            "nests {deepest} levels deep; the limit is {} (limits.expression_nesting)",
+            limits.expression_nesting
         ));
     }
-    if operators > MAX_OPERATORS {
+    if count_operators && operators > limits.expression_operators {
         return Err(format!(
-            "has {operators} operators; the limit is {MAX_OPERATORS}"
+            "has {operators} operators; the limit is {} (limits.expression_operators)",
+            limits.expression_operators
         ));
     }
     Ok(())
@@ -188,7 +186,7 @@ impl JmesPath {
             expression: excerpt(source),
             reason,
         };
-        check_shape(source).map_err(error)?;
+        check_shape(source, true).map_err(error)?;
         let parsed = jmespath::parse(source).map_err(|e| {
             error(match &e.reason {
                 jmespath::ErrorReason::Parse(p) => {

@@ -254,15 +254,18 @@ fn expressions_too_long_or_deep_are_refused_before_parsing() {
 fn expressions_at_the_limits_compile_and_run_on_a_small_stack() {
     let deep = format!(
         "{}a{}",
-        "not_null(".repeat(MAX_NESTING),
-        ")".repeat(MAX_NESTING)
+        "not_null(".repeat(iomt_core::Limits::default().expression_nesting),
+        ")".repeat(iomt_core::Limits::default().expression_nesting)
     );
-    let long = format!("a{}", ".a".repeat(MAX_OPERATORS));
+    let long = format!(
+        "a{}",
+        ".a".repeat(iomt_core::Limits::default().expression_operators)
+    );
     let both = format!(
         "{}a{}{}",
-        "not_null(".repeat(MAX_NESTING),
-        ".a".repeat(MAX_OPERATORS - 1),
-        ")".repeat(MAX_NESTING)
+        "not_null(".repeat(iomt_core::Limits::default().expression_nesting),
+        ".a".repeat(iomt_core::Limits::default().expression_operators - 1),
+        ")".repeat(iomt_core::Limits::default().expression_nesting)
     );
     // Tokio's worker threads have 2 MiB stacks.
     let on_small_stack = |expr: String, data: Value, expected: Value| {
