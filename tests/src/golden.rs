@@ -580,3 +580,122 @@ pub fn rng() -> fastrand::Rng {
     eprintln!("IOMT_TEST_SEED={seed}");
     fastrand::Rng::with_seed(seed)
 }
+
+/// Every field of a dead-letter record.
+const DEAD_LETTER_FIELDS: [&str; 11] = [
+    "stage",
+    "partition",
+    "sequenceNumber",
+    "source",
+    "kind",
+    "message",
+    "template",
+    "time",
+    "payload",
+    "properties",
+    "systemProperties",
+];
+
+/// Checks dead-letter records against the capture and the oracle's counts per kind, each
+/// expected item exactly once (also after crashes: an item processed again is not written
+/// again). Each record is identified by where it came from: the capture line (normalize stage)
+/// or the measurement (convert stage).
+pub fn check_dead_letters(records: &[Value], capture: &Capture) {
+    let source_prefix = format!("{}:", capture.path.display());
+    let mut distinct: BTreeMap<String, BTreeSet<String>> = BTreeMap::new();
+    let mut total: BTreeMap<String, usize> = BTreeMap::new();
+    for r in records {
+        for field in DEAD_LETTER_FIELDS {
+            assert!(r.get(field).is_some(), "dead letter without {field}: {r}");
+        }
+        let kind = r["kind"].as_str().unwrap().to_owned();
+        assert!(
+            capture.dead_letters.contains_key(&kind),
+            "unexpected dead letter {r}"
+        );
+        assert!(r["message"].as_str().is_some_and(|m| !m.is_empty()), "{r}");
+        assert!(r["time"].is_string(), "{r}");
+        let payload = &r["payload"];
+        let identity = match r["stage"].as_str() {
+            Some("normalize") => {
+                let source = r["source"].as_str().unwrap_or_default();
+                let line: usize = source
+                    .strip_prefix(&source_prefix)
+                    .and_then(|n| n.parse().ok())
+                    .unwrap_or_else(|| panic!("source {source:?} is not {source_prefix}<line>"));
+                let event = capture
+                    .record_at_line(line)
+                    .unwrap_or_else(|| panic!("{source}: no such line"));
+                assert_eq!(r["partition"], event["Partition"], "{source}: partition");
+                let sequence = &event["SystemProperties"]["x-opt-sequence-number"];
+                assert_eq!(&r["sequenceNumber"], sequence, "{source}: sequence number");
+                assert_eq!(r["systemProperties"], event["SystemProperties"], "{source}");
+                assert_eq!(r["properties"], event["Properties"], "{source}");
+                if let Some(text) = event.get("BodyText") {
+                    assert_eq!(kind, "InvalidDataFormatException", "{source}");
+                    assert_eq!(payload["text"], *text, "{source}: payload");
+                } else {
+                    assert_ne!(kind, "InvalidDataFormatException", "{source}");
+                    assert_eq!(payload["json"], event["Body"], "{source}: payload");
+                }
+                source.to_owned()
+            }
+            Some("convert") => {
+                // A measurement whose type has no FHIR template.
+                assert_eq!(kind, "TemplateNotFoundException", "{r}");
+                let m = &payload["json"];
+                let type_name = m["type"].as_str().unwrap_or_else(|| panic!("payload {r}"));
+                assert!(
+                    fhir_template(type_name).is_none(),
+                    "{type_name} has a template"
+                );
+                assert!(
+                    m["deviceId"].is_string() && m["occurrenceTimeUtc"].is_string(),
+                    "{r}"
+                );
+                assert!(
+                    m["properties"].as_array().is_some_and(|p| !p.is_empty()),
+                    "{r}"
+                );
+                format!(
+                    "{} {} {}",
+                    m["deviceId"], m["occurrenceTimeUtc"], m["properties"]
+                )
+            }
+            other => panic!("dead letter of stage {other:?}: {r}"),
+        };
+        *total.entry(kind.clone()).or_default() += 1;
+        distinct.entry(kind).or_default().insert(identity);
+    }
+    let distinct: BTreeMap<String, usize> =
+        distinct.into_iter().map(|(k, s)| (k, s.len())).collect();
+    assert_eq!(
+        distinct, capture.dead_letters,
+        "distinct dead letters per kind"
+    );
+    assert_eq!(total, capture.dead_letters, "dead letters per kind");
+}
+
+/// Resources by id, without what a write stamps (`meta`, `issued`).
+pub fn content(resources: &[Value]) -> BTreeMap<String, Value> {
+    resources
+        .iter()
+        .map(|r| {
+            let mut r = r.clone();
+            let m = r.as_object_mut().unwrap();
+            m.remove("meta");
+            m.remove("issued");
+            (m["id"].as_str().unwrap().to_owned(), r)
+        })
+        .collect()
+}
+
+/// Checks two sets of resources are the same but for `meta` and `issued`, naming the first
+/// difference.
+pub fn assert_same_content(what: &str, before: &[Value], after: &[Value]) {
+    let (before, after) = (content(before), content(after));
+    let ids: BTreeSet<&String> = before.keys().chain(after.keys()).collect();
+    for id in ids {
+        assert!(before.get(id) == after.get(id), "{what}/{id} changed");
+    }
+}

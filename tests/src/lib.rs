@@ -4,6 +4,7 @@
 
 pub mod eventhubs;
 pub mod events;
+pub mod faults;
 pub mod golden;
 pub mod replay;
 

@@ -191,3 +191,152 @@ impl Drop for Running {
         }
     }
 }
+
+/// What a campaign of kills did.
+#[derive(Debug, Default)]
+pub struct Campaign {
+    /// Runs started.
+    pub runs: usize,
+    /// Runs killed with SIGKILL.
+    pub killed: usize,
+    /// Runs that resumed after a checkpoint.
+    pub resumed: usize,
+    /// Events read over all runs (the killed ones as their metrics said just before the kill).
+    pub events_read: u64,
+}
+
+/// Kills `replay` with SIGKILL `kills` times, each time at a random moment up to `max_delay`
+/// after its checkpoint moved (so that part of the output is durable and part is not, and the
+/// next run resumes), then lets it finish. The checkpoint is committed every 100 ms rather than every 2 s, as
+/// otherwise it moves only at the very end of a run this short. A run that finishes before its
+/// kill makes the next one be killed sooner; after `2 × kills + 3` runs it is left to finish.
+/// Each run serves `/metrics`, read just before its kill, to count the events read twice.
+pub fn kill_campaign(
+    replay: &mut Replay,
+    kills: usize,
+    max_delay: std::time::Duration,
+    rng: &mut fastrand::Rng,
+) -> Campaign {
+    replay
+        .env
+        .push(("IOMT__PIPELINE__CHECKPOINT_INTERVAL".into(), "100ms".into()));
+    replay.args.extend(["--summary".into(), "json".into()]);
+    let mut max_delay = max_delay;
+    let mut c = Campaign::default();
+    loop {
+        c.runs += 1;
+        let port = free_port();
+        replay
+            .env
+            .retain(|(k, _)| k != "IOMT__OUTPUT__METRICS_ADDR");
+        replay.env.push((
+            "IOMT__OUTPUT__METRICS_ADDR".into(),
+            format!("127.0.0.1:{port}"),
+        ));
+        let before = replay.checkpoint();
+        let resumes = before.is_some_and(Checkpoint::resumes);
+        let from = before.filter(|c| c.resumes()).map_or(0, |c| c.position);
+        let mut run = Running::start(replay, c.runs);
+        let started = Instant::now();
+        let kill = c.killed < kills && c.runs <= 2 * kills + 3;
+        let mut status = None;
+        let mut read = 0;
+        if kill {
+            // Wait for the checkpoint to move past where this run started, then a random delay.
+            let moved = |c: Checkpoint| !c.complete && c.position > from;
+            while status.is_none() && !replay.checkpoint().is_some_and(moved) {
+                let waited = started.elapsed();
+                assert!(
+                    waited < std::time::Duration::from_secs(300),
+                    "run {}: no progress",
+                    c.runs
+                );
+                std::thread::sleep(std::time::Duration::from_millis(5));
+                status = run.exited();
+            }
+            let until = Instant::now() + max_delay.mul_f64(rng.f64());
+            while status.is_none() && Instant::now() < until {
+                std::thread::sleep(std::time::Duration::from_millis(5));
+                status = run.exited();
+            }
+            if status.is_none() {
+                read = events_read(port).unwrap_or(0);
+            }
+        }
+        let (status, stderr) = match status {
+            Some(status) => (status, run.stderr()),
+            None if kill => run.kill(),
+            None => run.wait(),
+        };
+        let elapsed = started.elapsed().as_secs_f64();
+        assert_eq!(
+            stderr.contains("resuming"),
+            resumes,
+            "run {} after checkpoint {before:?}:\n{stderr}",
+            c.runs
+        );
+        c.resumed += usize::from(resumes);
+        if status.success() {
+            let stdout =
+                std::fs::read_to_string(replay.cwd.join(format!("run-{}.stdout", c.runs))).unwrap();
+            let summary: Value = serde_json::from_str(&stdout).unwrap_or_default();
+            c.events_read += summary["events"].as_u64().unwrap_or(0);
+            eprintln!(
+                "run {}: finished in {elapsed:.2} s (resumed: {resumes})",
+                c.runs
+            );
+            if !kill {
+                break;
+            }
+            // It finished before its kill: kill the next one (which starts over) sooner.
+            max_delay /= 2;
+        } else {
+            // Killed; a run that fails on its own fails the test here.
+            assert!(
+                kill && status.code().is_none(),
+                "run {}: {status}\n{stderr}",
+                c.runs
+            );
+            c.killed += 1;
+            c.events_read += read;
+            let after = replay.checkpoint();
+            eprintln!(
+                "run {}: killed after {elapsed:.2} s, {read} events read (resumed: {resumes}); \
+                 checkpoint {before:?} -> {after:?}",
+                c.runs
+            );
+        }
+    }
+    eprintln!(
+        "{} runs, {} killed, {} resumed",
+        c.runs, c.killed, c.resumed
+    );
+    if c.resumed == 0 {
+        eprintln!("warning: no run was killed mid-way; the resume path went untested");
+    }
+    assert_eq!(replay.checkpoint().map(|c| c.complete), Some(true));
+    c
+}
+
+/// A free loopback port.
+pub fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+/// `DeviceEvent_total` from the `/metrics` a process serves on `port`.
+pub fn events_read(port: u16) -> Option<u64> {
+    use std::io::{Read, Write};
+    let mut stream = std::net::TcpStream::connect(("127.0.0.1", port)).ok()?;
+    stream
+        .write_all(b"GET /metrics HTTP/1.0\r\nHost: 127.0.0.1\r\n\r\n")
+        .ok()?;
+    let mut text = String::new();
+    stream.read_to_string(&mut text).ok()?;
+    text.lines()
+        .find_map(|l| l.strip_prefix("DeviceEvent_total "))
+        .and_then(|n| n.trim().parse().ok())
+}
