@@ -11,8 +11,18 @@
 //   POST /__faults   body: [{"status": 429, "headers": {...}, "body": "...", "delayMs": 0}, ...]
 //                    queues faults; each of the next FHIR requests consumes one instead of
 //                    being served (a fault with only delayMs delays the real response).
-//   POST /__reset    forgets every resource and queued fault.
+//   POST /__reset    forgets every resource, history entry, history setting and queued fault.
 //   GET  /__stats    {"requests": n, "byMethod": {...}, "lastAuthorization": ...} since the last reset.
+//   POST /__history  body: {"enabled": bool, "system": bool} switches history off (no history
+//                    interaction in /metadata, 404 on _history) or down to type level only;
+//                    body: {"entries": [...]} appends raw history entries (a late arrival with an
+//                    old lastUpdated, a delete without a resource, an entry without a request).
+//
+// Medplum's router serves instance history only. The wrapper keeps a change log of every write
+// and serves system and type history from it (`GET [base]/_history`, `GET [base]/Type/_history`)
+// with `_since` and `_count`, newest first with offset paging and `next` links, as the spec and
+// HAPI do: a write between two page reads shifts the pages, so an entry comes twice. It also
+// serves /metadata, which the router does not.
 import http from 'node:http';
 import {
   badRequest,
@@ -40,6 +50,11 @@ const router = new FhirRouter();
 let repo = new MemoryRepository();
 let faults = [];
 let stats = { requests: 0, byMethod: {} };
+// The change log: {resourceType, id, versionId, lastUpdated, method?, created?, resource?}, in the order
+// the writes became visible (not necessarily of lastUpdated: see /__history).
+let history = [];
+let historySettings = { enabled: true, system: true };
+const HISTORY_TYPES = ['Patient', 'Device', 'Observation', 'Encounter', 'Consent'];
 
 function send(res, status, body, headers = {}) {
   const text = typeof body === 'string' ? body : JSON.stringify(body);
@@ -62,6 +77,16 @@ async function control(req, res, path) {
     repo = new MemoryRepository();
     faults = [];
     stats = { requests: 0, byMethod: {} };
+    history = [];
+    historySettings = { enabled: true, system: true };
+    return send(res, 204, '');
+  }
+  if (req.method === 'POST' && path === '/__history') {
+    const body = JSON.parse((await readBody(req)) || '{}');
+    for (const key of ['enabled', 'system']) {
+      if (typeof body[key] === 'boolean') historySettings[key] = body[key];
+    }
+    for (const entry of body.entries ?? []) history.push(entry);
     return send(res, 204, '');
   }
   if (req.method === 'GET' && path === '/__stats') {
@@ -102,6 +127,9 @@ async function fhir(req, res, url) {
     query[key] = key in query ? [].concat(query[key], value) : value;
   }
   const path = url.pathname.slice(BASE.length) || '/';
+  if (req.method === 'GET' && path === '/metadata') return send(res, 200, capabilities());
+  const historyMatch = req.method === 'GET' && path.match(/^\/(?:([A-Z][A-Za-z]+)\/)?_history$/);
+  if (historyMatch) return sendHistory(res, url, historyMatch[1]);
   // Medplum answers 200 to a PUT that creates; FHIR says 201, and iomt relies on it to tell
   // a create from a replacement of a resource another writer created meanwhile.
   let creates = false;
@@ -115,6 +143,7 @@ async function fhir(req, res, url) {
   );
   let status = getStatus(outcome);
   if (creates && status === 200) status = 201;
+  if (isOk(outcome)) await record(req.method, type, id, rest, resource, body, status === 201);
   const headers = {};
   const meta = resource?.meta;
   if (meta?.versionId) headers.ETag = `W/"${meta.versionId}"`;
@@ -123,6 +152,88 @@ async function fhir(req, res, url) {
     headers.Location = `${BASE}/${resource.resourceType}/${resource.id}/_history/${meta?.versionId}`;
   }
   return send(res, status, isOk(outcome) ? (resource ?? outcome) : outcome, headers);
+}
+
+// What a successful write changed, into the change log. A delete names the version it
+// deleted, as iomt's own change events do.
+async function record(method, type, id, rest, resource, body, created) {
+  const now = () => new Date().toISOString();
+  const log = (r, m, c) => history.push({
+    resourceType: r.resourceType, id: r.id, versionId: r.meta?.versionId,
+    lastUpdated: r.meta?.lastUpdated ?? now(), method: m, created: c, resource: r,
+  });
+  if (method === 'DELETE' && type && id && rest === undefined) {
+    const last = [...history].reverse().find((e) => e.resourceType === type && e.id === id);
+    history.push({ resourceType: type, id, versionId: last?.versionId ?? '1', lastUpdated: now(), method });
+  } else if ((method === 'POST' || method === 'PUT' || method === 'PATCH') && resource?.resourceType === 'Bundle'
+      && body?.resourceType === 'Bundle') {
+    // A batch or transaction: each entry the server wrote.
+    (resource.entry ?? []).forEach((e, i) => {
+      const m = body.entry?.[i]?.request?.method ?? 'PUT';
+      if (e.resource?.meta?.versionId && m !== 'GET') log(e.resource, m, String(e.response?.status).startsWith('201'));
+    });
+  } else if ((method === 'POST' || method === 'PUT' || method === 'PATCH') && resource?.meta?.versionId) {
+    log(resource, method, created);
+  }
+}
+
+function capabilities() {
+  const historyType = historySettings.enabled ? [{ code: 'history-type' }] : [];
+  return {
+    resourceType: 'CapabilityStatement', status: 'active', kind: 'instance', fhirVersion: '4.0.1',
+    format: ['json'], date: '2026-01-01',
+    rest: [{
+      mode: 'server',
+      interaction: historySettings.enabled && historySettings.system ? [{ code: 'history-system' }] : [],
+      resource: HISTORY_TYPES.map((t) => ({
+        type: t,
+        interaction: [{ code: 'read' }, { code: 'vread' }, { code: 'update' }, { code: 'create' },
+          { code: 'delete' }, { code: 'search-type' }, { code: 'history-instance' }, ...historyType],
+      })),
+    }],
+  };
+}
+
+// System or type history: newest first, `_since` inclusive, `_count` (default 100, at most
+// 1000) entries per page from `_offset`.
+function sendHistory(res, url, type) {
+  if (!historySettings.enabled || (!type && !historySettings.system)) {
+    return send(res, 404, { resourceType: 'OperationOutcome',
+      issue: [{ severity: 'error', code: 'not-supported', diagnostics: 'history is not enabled' }] });
+  }
+  const since = url.searchParams.get('_since');
+  const sinceMs = since ? Date.parse(since) : -Infinity;
+  if (Number.isNaN(sinceMs)) return send(res, 400, badRequest(`_since ${since} is not an instant`));
+  const count = Math.min(Number(url.searchParams.get('_count') ?? 100) || 100, 1000);
+  const offset = Number(url.searchParams.get('_offset') ?? 0) || 0;
+  const matching = history
+    .map((e, order) => ({ e, order }))
+    .filter(({ e }) => (!type || e.resourceType === type) && Date.parse(e.lastUpdated) >= sinceMs)
+    .sort((a, b) => Date.parse(b.e.lastUpdated) - Date.parse(a.e.lastUpdated) || b.order - a.order)
+    .map(({ e }) => e);
+  const page = matching.slice(offset, offset + count);
+  const self = `http://${url.host}${url.pathname}`;
+  const link = [{ relation: 'self', url: `${self}${url.search}` }];
+  if (offset + count < matching.length) {
+    const next = new URLSearchParams(url.searchParams);
+    next.set('_offset', String(offset + count));
+    next.set('_count', String(count));
+    link.push({ relation: 'next', url: `${self}?${next}` });
+  }
+  const entry = page.map((e) => {
+    const out = {};
+    if (e.resource) out.fullUrl = `http://${url.host}${BASE}/${e.resourceType}/${e.id}`;
+    if (e.resource) out.resource = e.resource;
+    if (e.method) {
+      out.request = { method: e.method, url: e.method === 'POST' ? e.resourceType : `${e.resourceType}/${e.id}` };
+    }
+    out.response = {
+      status: e.method === 'DELETE' ? '204' : e.created ? '201' : '200',
+      etag: `W/"${e.versionId}"`, lastModified: e.lastUpdated,
+    };
+    return out;
+  });
+  return send(res, 200, { resourceType: 'Bundle', type: 'history', link, entry });
 }
 
 const server = http.createServer(async (req, res) => {

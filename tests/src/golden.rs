@@ -482,6 +482,46 @@ impl Server {
         assert!(status.is_success(), "reset: {status}");
     }
 
+    /// `POST` to a test-only control endpoint (`/__history`, `/__faults`), which must succeed.
+    pub fn control(&self, path: &str, body: &Value) {
+        let status = self.rt.block_on(async {
+            let response = self
+                .http
+                .post(self.control_url(path))
+                .header("content-type", "application/json")
+                .body(body.to_string())
+                .send()
+                .await;
+            response.expect("the FHIR test server answers").status()
+        });
+        assert!(status.is_success(), "{path}: {status}");
+    }
+
+    /// A write (`PUT`, `POST`, `DELETE`) of `path` under the base, retried while the server
+    /// answers 429 or 503: its status and answer.
+    pub fn write(&self, method: reqwest::Method, path: &str, body: Option<&Value>) -> (u16, Value) {
+        let url = format!("{}/{path}", self.base);
+        self.rt.block_on(async {
+            loop {
+                let mut request = self
+                    .http
+                    .request(method.clone(), &url)
+                    .header("content-type", "application/fhir+json");
+                if let Some(body) = body {
+                    request = request.body(body.to_string());
+                }
+                let response = request.send().await.expect("the FHIR test server answers");
+                let status = response.status().as_u16();
+                if status == 429 || status == 503 {
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                    continue;
+                }
+                let text = response.text().await.unwrap_or_default();
+                return (status, serde_json::from_str(&text).unwrap_or(Value::Null));
+            }
+        })
+    }
+
     /// `GET {base}/{query}`, which must succeed, as JSON.
     pub fn get(&self, query: &str) -> Value {
         let url = format!("{}/{query}", self.base);

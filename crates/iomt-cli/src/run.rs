@@ -40,6 +40,8 @@ pub(crate) enum RoleArg {
     Convert,
     /// Read [event_log], deliver change events to the subscriptions.
     Events,
+    /// Read the FHIR server's history ([change_feed]), append its changes to the event log.
+    Changes,
 }
 
 impl From<RoleArg> for Role {
@@ -49,6 +51,7 @@ impl From<RoleArg> for Role {
             RoleArg::Normalize => Role::Normalize,
             RoleArg::Convert => Role::Convert,
             RoleArg::Events => Role::Events,
+            RoleArg::Changes => Role::Changes,
         }
     }
 }

@@ -47,7 +47,7 @@ impl ChangeKind {
         }
     }
 
-    fn name(self) -> &'static str {
+    pub(crate) fn name(self) -> &'static str {
         match self {
             ChangeKind::Created => "Created",
             ChangeKind::Updated => "Updated",

@@ -2,11 +2,13 @@
 //! creates, updates or deletes ([`event`]), the formats a subscription can receive it in
 //! ([`format`]), subscription filters with Event Grid's semantics ([`filter`]), Event Grid's
 //! delivery retry policy ([`retry`]), Standard Webhooks signatures ([`webhook`]) and Event
-//! Grid's dead-letter records ([`deadletter`]).
+//! Grid's dead-letter records ([`deadletter`]), and the change feed read from a FHIR server's
+//! `_history` ([`changefeed`]).
 //!
 //! The event log, the subscriptions' checkpoints and the destinations are I/O and live in
 //! `iomt-runtime`.
 
+pub mod changefeed;
 pub mod deadletter;
 pub mod event;
 pub mod filter;

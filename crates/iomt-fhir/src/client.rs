@@ -490,7 +490,19 @@ impl FhirClient {
         body: Option<&Value>,
         if_match: Option<&str>,
     ) -> Result<(StatusCode, header::HeaderMap, Vec<u8>), FhirError> {
-        let url = self.url(path);
+        self.send_to(method, self.url(path), path, body, if_match)
+            .await
+    }
+
+    /// [`Self::send`] to a whole URL; `path` names the request in logs.
+    async fn send_to(
+        &self,
+        method: Method,
+        url: String,
+        path: &str,
+        body: Option<&Value>,
+        if_match: Option<&str>,
+    ) -> Result<(StatusCode, header::HeaderMap, Vec<u8>), FhirError> {
         let body = body.map(|b| serde_json::to_vec(b).unwrap_or_default());
         let mut attempt = 0;
         loop {
@@ -643,6 +655,35 @@ impl FhirClient {
             .await?;
         let created = status == StatusCode::CREATED;
         versioned(status, &headers, &body).map(|written| (written, created))
+    }
+
+    /// `GET` of a path under the base (`metadata`, `_history?_since=…`) or of a whole URL the
+    /// server handed out (a `next` link, followed exactly as given): the JSON answer and the
+    /// server's clock (its `Date` header), which the change feed reckons with instead of the
+    /// local one. A whole URL must be on the base URL's origin: the request carries the
+    /// credentials.
+    pub async fn get_json(&self, target: &str) -> Result<(Value, Option<SystemTime>), FhirError> {
+        let (url, path) = if target.starts_with("http://") || target.starts_with("https://") {
+            let origin = |u: &str| {
+                reqwest::Url::parse(u)
+                    .ok()
+                    .map(|u| u.origin().ascii_serialization())
+            };
+            if origin(target).is_none() || origin(target) != origin(&self.config.base_url) {
+                return Err(FhirError::InvalidResponse(
+                    "a link leads away from the FHIR server's origin; not followed".into(),
+                ));
+            }
+            (target.to_owned(), "link")
+        } else {
+            (self.url(target), target)
+        };
+        let (status, headers, body) = self.send_to(Method::GET, url, path, None, None).await?;
+        let date = headers
+            .get(header::DATE)
+            .and_then(|v| v.to_str().ok())
+            .and_then(|d| httpdate::parse_http_date(d).ok());
+        Ok((versioned(status, &headers, &body)?.resource, date))
     }
 
     /// `GET {type}/{id}/_history`: the latest `count` versions, newest first.

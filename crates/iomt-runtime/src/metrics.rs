@@ -113,6 +113,11 @@ struct EventMetrics {
     /// Totals for the summary.
     delivered_total: Counter,
     dead_lettered_total: Counter,
+    /// The change feed (`--role changes`).
+    feed_changes: Counter,
+    feed_late_arrivals: Counter,
+    feed_skipped: Counter,
+    feed_lag_seconds: Gauge,
     /// Commit-to-acknowledgement latency with exact percentiles.
     latency_hdr: Mutex<Option<Hdr<u64>>>,
 }
@@ -169,6 +174,10 @@ impl Metrics {
                 delivered_total: Counter::default(),
                 dead_lettered_total: Counter::default(),
                 latency_hdr: Mutex::default(),
+                feed_changes: Counter::default(),
+                feed_late_arrivals: Counter::default(),
+                feed_skipped: Counter::default(),
+                feed_lag_seconds: Gauge::default(),
             },
         };
         registry.register("DeviceEvent", "Device events read", m.device_event.clone());
@@ -235,6 +244,26 @@ impl Metrics {
         );
         let e = &m.events;
         registry.register(
+            "FhirChanges",
+            "Changes the change feed read from the FHIR server's history and appended to the event log",
+            e.feed_changes.clone(),
+        );
+        registry.register(
+            "ChangeFeedLateArrivals",
+            "Changes caught only thanks to the overlap: older than the watermark when read. A steady rise means settle + overlap is thin for the server's longest transactions",
+            e.feed_late_arrivals.clone(),
+        );
+        registry.register(
+            "ChangeFeedSkippedEntries",
+            "History entries that name no resource, version or time, and cannot be placed",
+            e.feed_skipped.clone(),
+        );
+        registry.register(
+            "ChangeFeedLagSeconds",
+            "How far the change feed's watermark is behind the server's clock",
+            e.feed_lag_seconds.clone(),
+        );
+        registry.register(
             "DeliverySuccessCount",
             "Change events delivered, per subscription",
             e.delivered.clone(),
@@ -287,6 +316,16 @@ impl Metrics {
     }
 
     /// One event delivered, `latency_ms` after its write.
+    /// A change feed cycle: changes appended, late arrivals among them, entries skipped, and
+    /// the watermark's lag behind the server's clock.
+    pub(crate) fn feed_cycle(&self, changes: usize, late: usize, skipped: usize, lag_seconds: i64) {
+        let e = &self.events;
+        e.feed_changes.inc_by(changes as u64);
+        e.feed_late_arrivals.inc_by(late as u64);
+        e.feed_skipped.inc_by(skipped as u64);
+        e.feed_lag_seconds.set(lag_seconds);
+    }
+
     pub(crate) fn event_delivered(&self, subscription: &str, latency_ms: Option<u64>) {
         self.events
             .delivered
@@ -458,6 +497,8 @@ impl Metrics {
             retries: self.retries.get(),
             latency_ms: (p50, p99, max),
             events_delivered: self.events.delivered_total.get(),
+            feed_changes: self.events.feed_changes.get(),
+            feed_late_arrivals: self.events.feed_late_arrivals.get(),
             events_dead_lettered: self.events.dead_lettered_total.get(),
             event_latency_ms: self.events.latency_hdr.lock().ok().and_then(|h| {
                 h.as_ref()
@@ -494,6 +535,10 @@ pub struct Summary {
     pub latency_ms: (u64, u64, u64),
     /// Change events delivered, all subscriptions together.
     pub events_delivered: u64,
+    /// Changes the change feed appended, and late arrivals among them.
+    pub feed_changes: u64,
+    /// See [`Metrics::feed_cycle`].
+    pub feed_late_arrivals: u64,
     /// Change events dead-lettered.
     pub events_dead_lettered: u64,
     /// Write-to-delivery latency of change events in milliseconds (p50, p99, max), when any

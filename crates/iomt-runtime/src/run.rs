@@ -310,6 +310,82 @@ pub struct EventsOutcome {
     pub source_failed: Option<String>,
 }
 
+/// How the changes role ended.
+#[derive(Debug)]
+pub struct ChangesOutcome {
+    /// What the feed read and appended.
+    pub feed: crate::source::changefeed::FeedReport,
+    /// The in-process delivery, when the event log is local.
+    pub events: Option<crate::events::EventsReport>,
+}
+
+/// Runs the changes role until `shutdown`: the FHIR server's history is read into the event
+/// log (the local one, whose subscriptions this process delivers, or the cluster's, which the
+/// events role delivers), and the feed's checkpoint follows what the log took.
+pub async fn changes_role(
+    config: &Compiled,
+    metrics: Arc<crate::Metrics>,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+) -> Result<ChangesOutcome, RunError> {
+    use crate::config::Target;
+    use crate::source::changefeed::{FeedCheckpoint, run_feed};
+
+    let Target::Fhir { client, .. } = &config.target else {
+        return Err(RunError::Config(ConfigError {
+            origin: "fhir.url".into(),
+            message: "the changes role reads this server's history".into(),
+        }));
+    };
+    let health = Arc::new(crate::Health::default());
+    if let Some(addr) = config.metrics_addr {
+        let bound = crate::serve(addr, metrics.clone(), health.clone())
+            .await
+            .map_err(|error| RunError::Metrics { addr, error })?;
+        tracing::info!(%bound, "serving /metrics, /healthz and /readyz");
+    }
+    let (outbox, service) = crate::events::EventService::build(config, metrics.clone())?;
+    if matches!(outbox, crate::events::Outbox::None) {
+        return Err(RunError::Config(ConfigError {
+            origin: "subscriptions".into(),
+            message: "the changes role needs an event log: [[subscriptions]], or [event_log] / events.kafka_log in cluster mode".into(),
+        }));
+    }
+    let (stop_tx, stop) = watch::channel(false);
+    let delivery = service.map(|s| s.spawn(stop.clone()));
+    health.set_ready(true);
+    let feed = tokio::spawn({
+        let (client, settings) = (client.clone(), config.change_feed.clone());
+        let checkpoint = FeedCheckpoint::in_dir(&config.state_dir);
+        let metrics = metrics.clone();
+        let stop = stop.clone();
+        async move { run_feed(client, &settings, checkpoint, outbox, metrics, stop).await }
+    });
+    tokio::spawn(async move {
+        shutdown.await;
+        stop_tx.send_replace(true);
+    });
+    let feed = match feed.await {
+        Ok(Ok(report)) => report,
+        Ok(Err(e)) => {
+            return Err(RunError::Config(ConfigError {
+                origin: "change_feed".into(),
+                message: e.to_string(),
+            }));
+        }
+        Err(e) => {
+            return Err(RunError::Config(ConfigError {
+                origin: "change_feed".into(),
+                message: format!("the feed failed: {e}"),
+            }));
+        }
+    };
+    let events = match delivery {
+        Some(task) => task.await.ok(),
+        None => None,
+    };
+    Ok(ChangesOutcome { feed, events })
+}
+
 /// Runs the events role until `shutdown` or until a reader of the event log gives up: every
 /// subscription reads the event log (an Event Hub or a Kafka topic) in its own consumer group,
 /// its partitions shared among the events pods (through the checkpoint container, or the

@@ -5,9 +5,10 @@
 //! ([`EventLog`]), which a run writing to a FHIR server appends to after each write and before
 //! its checkpoint moves (the outbox). [`ChangeReader`] reads either.
 //!
-//! The local log keeps one row per resource version: a write redone after a crash comes back
-//! unchanged from the server, and appending its version again is a no-op unless the crash lost
-//! the first append. So the delivery service sees every version once.
+//! The local log keeps one row per resource version (and one per deletion, which on some
+//! servers names the version it deleted): a write redone after a crash comes back unchanged
+//! from the server, and appending its version again is a no-op unless the crash lost the first
+//! append. So the delivery service sees every version once.
 
 use std::path::{Path, PathBuf};
 use std::sync::{Mutex, PoisonError};
@@ -28,9 +29,28 @@ const LOG_SCHEMA: &str = "
         version TEXT NOT NULL,
         last_updated TEXT NOT NULL,
         action TEXT NOT NULL,
-        identity INTEGER NOT NULL,
-        UNIQUE (type, id, version)
+        identity INTEGER NOT NULL
     );
+    CREATE UNIQUE INDEX IF NOT EXISTS changes_version
+        ON changes (type, id, version, action = 'Deleted');
+";
+
+/// Logs written before deletions had rows of their own kept one row per version in a table
+/// constraint; they are rebuilt without it, positions kept.
+const LOG_MIGRATION: &str = "
+    ALTER TABLE changes RENAME TO changes_before_deletions;
+    CREATE TABLE changes (
+        seq INTEGER PRIMARY KEY AUTOINCREMENT,
+        type TEXT NOT NULL,
+        id TEXT NOT NULL,
+        version TEXT NOT NULL,
+        last_updated TEXT NOT NULL,
+        action TEXT NOT NULL,
+        identity INTEGER NOT NULL
+    );
+    INSERT INTO changes SELECT seq, type, id, version, last_updated, action, identity
+        FROM changes_before_deletions;
+    DROP TABLE changes_before_deletions;
 ";
 
 /// The outbox of runs that write to a FHIR server.
@@ -48,7 +68,21 @@ impl EventLog {
             message: e.to_string(),
         })?;
         let path = dir.join(EVENT_LOG);
-        let conn = connect(&path)?;
+        let mut conn = connect(&path)?;
+        let old: Option<String> = conn
+            .query_row(
+                "SELECT sql FROM sqlite_master WHERE type = 'table' AND name = 'changes'",
+                [],
+                |row| row.get(0),
+            )
+            .optional()
+            .map_err(database_error(&path))?;
+        if old.is_some_and(|sql| sql.contains("UNIQUE (type, id, version)")) {
+            let tx = conn.transaction().map_err(database_error(&path))?;
+            tx.execute_batch(LOG_MIGRATION)
+                .map_err(database_error(&path))?;
+            tx.commit().map_err(database_error(&path))?;
+        }
         conn.execute_batch(LOG_SCHEMA)
             .map_err(database_error(&path))?;
         Ok(Self {
@@ -77,7 +111,8 @@ impl EventLog {
                     // and consumers read gaps in positions as lost events.
                     "INSERT INTO changes (type, id, version, last_updated, action, identity) \
                      SELECT ?1, ?2, ?3, ?4, ?5, ?6 WHERE NOT EXISTS \
-                     (SELECT 1 FROM changes WHERE type = ?1 AND id = ?2 AND version = ?3)",
+                     (SELECT 1 FROM changes WHERE type = ?1 AND id = ?2 AND version = ?3 \
+                     AND (action = 'Deleted') = (?5 = 'Deleted'))",
                 )
                 .map_err(database_error(&self.path))?;
             for w in written {
@@ -260,5 +295,43 @@ mod tests {
         assert_eq!(reader.changes(2, 10).unwrap().len(), 1);
         assert_eq!(reader.last().unwrap(), 3);
         assert_eq!(reader.version("Observation", "a", "1").unwrap(), None);
+    }
+
+    /// A deletion that names the version it deleted is a change of its own, logged once; a log
+    /// of an earlier release, which kept one row per version, is rebuilt with its positions.
+    #[test]
+    fn a_deletion_of_a_logged_version_is_logged_and_old_logs_are_migrated() {
+        let dir = tempfile::tempdir().unwrap();
+        {
+            let conn = Connection::open(dir.path().join(EVENT_LOG)).unwrap();
+            conn.execute_batch(
+                "CREATE TABLE changes (seq INTEGER PRIMARY KEY AUTOINCREMENT, type TEXT NOT NULL, \
+                 id TEXT NOT NULL, version TEXT NOT NULL, last_updated TEXT NOT NULL, \
+                 action TEXT NOT NULL, identity INTEGER NOT NULL, UNIQUE (type, id, version));
+                 INSERT INTO changes VALUES (5, 'Observation', 'a', '1', '2024-01-01T00:00:00Z', 'Created', 0);",
+            )
+            .unwrap();
+        }
+        let log = EventLog::open(dir.path()).unwrap();
+        assert_eq!(
+            log.append(&[written("a", "1", Action::Deleted)]).unwrap(),
+            1
+        );
+        assert_eq!(
+            log.append(&[written("a", "1", Action::Deleted)]).unwrap(),
+            0
+        );
+        assert_eq!(
+            log.append(&[written("a", "1", Action::Unchanged)]).unwrap(),
+            0
+        );
+        let reader = ChangeReader::event_log(dir.path()).unwrap();
+        let seen: Vec<(i64, Action)> = reader
+            .changes(0, 10)
+            .unwrap()
+            .iter()
+            .map(|c| (c.seq, c.written.action))
+            .collect();
+        assert_eq!(seen, [(5, Action::Created), (6, Action::Deleted)]);
     }
 }

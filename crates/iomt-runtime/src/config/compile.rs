@@ -48,6 +48,8 @@ pub struct Compiled {
     pub state_dir: PathBuf,
     /// Where the pipeline's dead letters go.
     pub dead_letters: DeadLetterTarget,
+    /// How the changes role reads the FHIR server's history.
+    pub change_feed: super::ChangeFeed,
     /// Where `/metrics`, `/healthz` and `/readyz` are served.
     pub metrics_addr: Option<SocketAddr>,
     /// For `iomt run`: the hubs and the checkpoint store.
@@ -164,12 +166,12 @@ impl Config {
             }
         };
         check(
-            self.templates.device_mapping.is_some() || role == Role::Events,
+            self.templates.device_mapping.is_some() || matches!(role, Role::Events | Role::Changes),
             "templates.device_mapping",
             "is required (or --device-mapping)",
         );
         check(
-            self.templates.fhir_mapping.is_some() || role == Role::Events,
+            self.templates.fhir_mapping.is_some() || matches!(role, Role::Events | Role::Changes),
             "templates.fhir_mapping",
             "is required (or --fhir-mapping)",
         );
@@ -252,7 +254,8 @@ impl Config {
             self.run_errors(role, &mut errors);
         }
         // Writers append to the event log wherever it is configured.
-        if self.event_log.hub.is_some() && matches!(role, Role::All | Role::Convert) {
+        if self.event_log.hub.is_some() && matches!(role, Role::All | Role::Convert | Role::Changes)
+        {
             hub_errors(&self.event_log, "event_log", false, &mut errors);
         }
         if let Some(log) = &self.events.kafka_log {
@@ -401,6 +404,23 @@ impl Config {
 
     /// What `iomt run` needs: the hubs its role reads and writes, and a checkpoint store.
     fn run_errors(&self, role: Role, errors: &mut Vec<ConfigError>) {
+        if role == Role::Changes {
+            let f = &self.change_feed;
+            if self.fhir.url.is_none() {
+                errors.push(error(
+                    "fhir.url",
+                    "the changes role reads this server's history",
+                ));
+            }
+            if !(1..=10_000).contains(&f.page_size) {
+                errors.push(error("change_feed.page_size", "must be 1 to 10000"));
+            }
+            if f.poll_interval < Duration::from_millis(100) {
+                errors.push(error("change_feed.poll_interval", "must be at least 100ms"));
+            }
+            // Its checkpoint is a file in the state directory.
+            return;
+        }
         if role == Role::Events {
             if self.events.kafka_log.is_none() {
                 hub_errors(&self.event_log, "event_log", true, errors);
@@ -447,6 +467,8 @@ impl Config {
             Purpose::Replay => Some(None),
             // A Kafka event log is all the events role reads.
             Purpose::Run if role == Role::Events && self.events.kafka_log.is_some() => Some(None),
+            // The changes role reads no hub.
+            Purpose::Run if role == Role::Changes => Some(None),
             Purpose::Run => keep(self.live(role), &mut errors).map(Some),
         };
         let (Some(pipeline), Some(target), Some(live)) = (pipeline, target, live) else {
@@ -476,6 +498,7 @@ impl Config {
             target,
             state_dir: self.output.state_dir.clone(),
             dead_letters,
+            change_feed: self.change_feed.clone(),
             metrics_addr: self.output.metrics_addr,
             live,
         })
@@ -586,7 +609,8 @@ impl Config {
             Role::All | Role::Normalize => ("source", &self.source, Carries::DeviceEvents),
             Role::Convert => ("internal_hub", &self.internal_hub, Carries::Measurements),
             // Event log records are read as raw bodies.
-            Role::Events => ("event_log", &self.event_log, Carries::DeviceEvents),
+            // The changes role reads no hub (see `compile`).
+            Role::Events | Role::Changes => ("event_log", &self.event_log, Carries::DeviceEvents),
         };
         let c = &self.checkpoints;
         let checkpoints = match (&c.connection_string, &c.container_url) {
@@ -611,7 +635,7 @@ impl Config {
         }
         let internal_hub = match role {
             Role::Normalize => Some(hub_settings(&self.internal_hub, "internal_hub")?),
-            Role::All | Role::Convert | Role::Events => None,
+            Role::All | Role::Convert | Role::Events | Role::Changes => None,
         };
         Ok(Live {
             source: hub_settings(s, key)?,

@@ -64,6 +64,8 @@ pub struct Config {
     pub dead_letters: DeadLetters,
     /// What iomt accepts: message, template and expression sizes.
     pub limits: iomt_core::Limits,
+    /// How the changes role reads the FHIR server's history.
+    pub change_feed: ChangeFeed,
     /// What change events say about their publisher.
     pub events: Events,
     /// `[[subscriptions]]`: who receives change events, and how.
@@ -193,6 +195,45 @@ impl Default for DeadLetters {
             container: "iomt-dead-letters".to_owned(),
             container_url: None,
             allow_insecure_http: false,
+        }
+    }
+}
+
+/// `[change_feed]`: how `iomt run --role changes` tails the FHIR server's history. See
+/// `iomt_events::changefeed` for what settle and overlap guarantee.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct ChangeFeed {
+    /// Changes younger than this, by the server's clock, wait for the next cycle: their
+    /// transaction may still be committing.
+    #[serde(with = "humantime_serde")]
+    pub settle: Duration,
+    /// How far below the watermark each cycle reads again, for changes that became visible
+    /// late with an older `lastUpdated`. Nothing is missed while the longest transaction plus
+    /// the server's clock skew stays under settle + overlap.
+    #[serde(with = "humantime_serde")]
+    pub overlap: Duration,
+    /// How often the history is read.
+    #[serde(with = "humantime_serde")]
+    pub poll_interval: Duration,
+    /// Entries per history page (`_count`).
+    pub page_size: usize,
+    /// Read these types' histories (`Type/_history`) instead of the system history; empty:
+    /// the system history, or, on a server without one, every type with a type history.
+    pub resource_types: Vec<String>,
+    /// Where a feed without a checkpoint starts: the whole history, or now.
+    pub start_at: StartAtKind,
+}
+
+impl Default for ChangeFeed {
+    fn default() -> Self {
+        Self {
+            settle: Duration::from_secs(5),
+            overlap: Duration::from_secs(60),
+            poll_interval: Duration::from_secs(1),
+            page_size: 1000,
+            resource_types: Vec::new(),
+            start_at: StartAtKind::Earliest,
         }
     }
 }
@@ -373,6 +414,9 @@ pub enum Role {
     Convert,
     /// `[event_log]` to the subscriptions: change event delivery only.
     Events,
+    /// The FHIR server's history to the event log: a change feed of every resource the server
+    /// holds (`[change_feed]`), delivered in process or by the events role.
+    Changes,
 }
 
 impl Role {
@@ -382,6 +426,7 @@ impl Role {
             Role::All | Role::Normalize => "source",
             Role::Convert => "internal_hub",
             Role::Events => "event_log",
+            Role::Changes => "fhir",
         }
     }
 }
@@ -478,7 +523,7 @@ fn env_value(raw: &str) -> toml::Value {
 }
 
 /// The sections, in the order they are printed.
-const SECTIONS: [&str; 13] = [
+const SECTIONS: [&str; 14] = [
     "templates",
     "fhir",
     "identity",
@@ -491,6 +536,7 @@ const SECTIONS: [&str; 13] = [
     "checkpoints",
     "dead_letters",
     "limits",
+    "change_feed",
     "events",
 ];
 
@@ -647,6 +693,7 @@ impl Config {
             checkpoints: section("checkpoints", take("checkpoints"), &mut errors),
             dead_letters: section("dead_letters", take("dead_letters"), &mut errors),
             limits: section("limits", take("limits"), &mut errors),
+            change_feed: section("change_feed", take("change_feed"), &mut errors),
             events: section("events", take("events"), &mut errors),
             subscriptions,
         };

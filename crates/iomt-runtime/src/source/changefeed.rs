@@ -1,0 +1,359 @@
+//! A FHIR server's history as a source of change events (`iomt run --role changes`): each
+//! cycle reads the system history (or each type's) since the tail's watermark, publishes what
+//! the tailing algorithm ([`iomt_events::changefeed`]) lets through to the event log, and only
+//! then checkpoints the watermark and the seen set.
+//!
+//! The same change read twice (a page shifted by a write, a cycle re-run after a crash) is the
+//! same event: its id is derived from the resource version and the kind, as for the events of
+//! iomt's own writes.
+
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::{Duration, SystemTime};
+
+use iomt_core::{Backoff, Timestamp};
+use iomt_events::changefeed::{Cycle, FeedEntry, Tail, TailSettings, TailState, read_history_page};
+use iomt_fhir::{FhirClient, FhirError};
+use serde_json::Value;
+use tokio::sync::watch;
+
+use crate::Metrics;
+use crate::config::{ChangeFeed, StartAtKind};
+use crate::events::{Outbox, OutboxError};
+
+/// Why the feed cannot run.
+#[derive(Debug, thiserror::Error)]
+pub enum FeedError {
+    /// The server offers no history the feed can read.
+    #[error("{0}")]
+    NoHistory(String),
+    /// The checkpoint file cannot be read or written.
+    #[error("the change feed checkpoint {path}: {message}")]
+    Checkpoint {
+        /// The file.
+        path: PathBuf,
+        /// What went wrong.
+        message: String,
+    },
+    /// The capability statement could not be read.
+    #[error("reading the FHIR server's capabilities: {0}")]
+    Metadata(#[source] FhirError),
+}
+
+/// How a feed ended.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct FeedReport {
+    /// Cycles completed.
+    pub cycles: u64,
+    /// Changes appended to the event log.
+    pub changes: u64,
+    /// Late arrivals among them.
+    pub late_arrivals: u64,
+    /// The watermark checkpointed last.
+    pub watermark: Option<String>,
+}
+
+/// What the feed reads: the system history, or these types' histories.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Scope {
+    /// `[base]/_history`.
+    System,
+    /// `[base]/Type/_history` for each.
+    Types(Vec<String>),
+}
+
+impl Scope {
+    /// What the server's capability statement offers for the configured types: the system
+    /// history when no types are named and the server has it; else each type's history, which
+    /// the server must offer for every type named.
+    pub fn from_capabilities(statement: &Value, wanted: &[String]) -> Result<Self, FeedError> {
+        let rest = statement
+            .pointer("/rest")
+            .and_then(Value::as_array)
+            .and_then(|r| r.iter().find(|r| r["mode"] == "server"));
+        let has = |interactions: Option<&Value>, code: &str| {
+            interactions
+                .and_then(Value::as_array)
+                .is_some_and(|list| list.iter().any(|i| i["code"] == code))
+        };
+        let system = rest.is_some_and(|r| has(r.get("interaction"), "history-system"));
+        let typed: Vec<String> = rest
+            .and_then(|r| r.get("resource"))
+            .and_then(Value::as_array)
+            .into_iter()
+            .flatten()
+            .filter(|r| has(r.get("interaction"), "history-type"))
+            .filter_map(|r| r["type"].as_str().map(str::to_owned))
+            .collect();
+        if wanted.is_empty() {
+            if system {
+                return Ok(Scope::System);
+            }
+            if typed.is_empty() {
+                return Err(FeedError::NoHistory(
+                    "the FHIR server's capability statement offers neither the system history \
+                     (history-system) nor any type history (history-type): it has no change \
+                     feed to read"
+                        .to_owned(),
+                ));
+            }
+            return Ok(Scope::Types(typed));
+        }
+        let missing: Vec<&String> = wanted.iter().filter(|t| !typed.contains(t)).collect();
+        if !missing.is_empty() {
+            return Err(FeedError::NoHistory(format!(
+                "the FHIR server offers no type history (history-type) for {missing:?} \
+                 (change_feed.resource_types)"
+            )));
+        }
+        Ok(Scope::Types(wanted.to_vec()))
+    }
+
+    /// The first page of each history to read after `since`.
+    fn first_pages(&self, since: Option<Timestamp>, count: usize) -> Vec<String> {
+        let query = match since {
+            // At millisecond precision, which every server reads.
+            Some(t) => format!("_since={}&_count={count}", millis(t)),
+            None => format!("_count={count}"),
+        };
+        match self {
+            Scope::System => vec![format!("_history?{query}")],
+            Scope::Types(types) => types
+                .iter()
+                .map(|t| format!("{t}/_history?{query}"))
+                .collect(),
+        }
+    }
+}
+
+/// An instant as `2026-01-01T00:00:00.000Z`.
+fn millis(t: Timestamp) -> String {
+    t.as_datetime().format("%Y-%m-%dT%H:%M:%S%.3fZ").to_string()
+}
+
+/// The feed's checkpoint: a JSON file, replaced atomically.
+#[derive(Debug, Clone)]
+pub struct FeedCheckpoint {
+    path: PathBuf,
+}
+
+impl FeedCheckpoint {
+    /// The checkpoint in `state_dir`.
+    pub fn in_dir(state_dir: &Path) -> Self {
+        Self {
+            path: state_dir.join("changefeed.json"),
+        }
+    }
+
+    fn fail(&self, message: impl ToString) -> FeedError {
+        FeedError::Checkpoint {
+            path: self.path.clone(),
+            message: message.to_string(),
+        }
+    }
+
+    /// The state saved last; a fresh one when there is none.
+    pub fn load(&self) -> Result<TailState, FeedError> {
+        match std::fs::read(&self.path) {
+            Ok(bytes) => serde_json::from_slice(&bytes).map_err(|e| self.fail(e)),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(TailState::default()),
+            Err(e) => Err(self.fail(e)),
+        }
+    }
+
+    fn save(&self, state: &TailState) -> Result<(), FeedError> {
+        let text = serde_json::to_vec(state).map_err(|e| self.fail(e))?;
+        let tmp = self.path.with_extension("json.tmp");
+        if let Some(dir) = self.path.parent() {
+            std::fs::create_dir_all(dir).map_err(|e| self.fail(e))?;
+        }
+        let write = || -> std::io::Result<()> {
+            let mut file = std::fs::File::create(&tmp)?;
+            std::io::Write::write_all(&mut file, &text)?;
+            file.sync_all()?;
+            std::fs::rename(&tmp, &self.path)
+        };
+        write().map_err(|e| self.fail(e))
+    }
+}
+
+/// Reads every page of one cycle; the server's time when the cycle began, and the changes.
+async fn read_cycle(
+    client: &FhirClient,
+    scope: &Scope,
+    since: Option<Timestamp>,
+    page_size: usize,
+) -> Result<(Option<Timestamp>, Vec<FeedEntry>, usize), String> {
+    let mut server_time = None;
+    let mut entries = Vec::new();
+    let mut skipped = 0;
+    for first in scope.first_pages(since, page_size) {
+        let mut next = Some(first);
+        let mut pages = 0usize;
+        while let Some(target) = next.take() {
+            let (bundle, date) = client
+                .get_json(&target)
+                .await
+                .map_err(|e| format!("reading the history: {e}"))?;
+            if server_time.is_none() {
+                server_time = date.map(system_time);
+            }
+            let page = read_history_page(&bundle).map_err(|e| format!("a history page: {e}"))?;
+            if !page.skipped.is_empty() {
+                tracing::warn!(
+                    entries = page.skipped.len(),
+                    first = %page.skipped[0],
+                    "history entries that cannot be placed were skipped"
+                );
+            }
+            skipped += page.skipped.len();
+            entries.extend(page.entries);
+            pages += 1;
+            // A server whose `next` links loop would page forever.
+            if pages > 1_000_000 {
+                return Err("the history has over a million pages in one cycle".into());
+            }
+            next = page.next;
+        }
+    }
+    Ok((server_time, entries, skipped))
+}
+
+fn system_time(t: SystemTime) -> Timestamp {
+    let millis = t
+        .duration_since(SystemTime::UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as i64);
+    Timestamp::from_unix_millis(millis).unwrap_or_else(Timestamp::now)
+}
+
+/// Runs the feed until `stop` turns true: cycle, append, checkpoint, wait.
+pub async fn run_feed(
+    client: FhirClient,
+    settings: &ChangeFeed,
+    checkpoint: FeedCheckpoint,
+    outbox: Outbox,
+    metrics: Arc<Metrics>,
+    mut stop: watch::Receiver<bool>,
+) -> Result<FeedReport, FeedError> {
+    let (statement, _) = client
+        .get_json("metadata")
+        .await
+        .map_err(FeedError::Metadata)?;
+    let scope = Scope::from_capabilities(&statement, &settings.resource_types)?;
+    tracing::info!(scope = ?scope, "reading the FHIR server's history");
+    let tail_settings = TailSettings {
+        settle: settings.settle,
+        overlap: settings.overlap,
+    };
+    let state = checkpoint.load()?;
+    let mut tail = Tail::new(tail_settings, &state).map_err(|e| checkpoint.fail(e))?;
+    let mut report = FeedReport {
+        watermark: state.watermark.clone(),
+        ..FeedReport::default()
+    };
+    let mut backoff = Backoff::new(Duration::from_millis(500), Duration::from_secs(30));
+    let mut fresh = state.watermark.is_none();
+    while !*stop.borrow() {
+        let wait = match cycle(
+            &client, &scope, settings, &mut tail, fresh, &outbox, &metrics,
+        )
+        .await
+        {
+            Ok(c) => {
+                fresh = false;
+                backoff.reset();
+                checkpoint.save(&tail.state())?;
+                report.cycles += 1;
+                report.changes += c.entries.len() as u64;
+                report.late_arrivals += c.late_arrivals as u64;
+                report.watermark = tail.state().watermark;
+                settings.poll_interval
+            }
+            Err(e) => {
+                tracing::warn!(error = %e, "change feed cycle failed; trying again");
+                backoff.next_delay()
+            }
+        };
+        tokio::select! {
+            _ = tokio::time::sleep(wait) => {}
+            _ = stop.changed() => {}
+        }
+    }
+    Ok(report)
+}
+
+/// One cycle: read, select, append; the tail commits once the event log took the changes.
+async fn cycle(
+    client: &FhirClient,
+    scope: &Scope,
+    settings: &ChangeFeed,
+    tail: &mut Tail,
+    fresh: bool,
+    outbox: &Outbox,
+    metrics: &Metrics,
+) -> Result<Cycle, String> {
+    let (server_time, entries, skipped) =
+        read_cycle(client, scope, tail.since(), settings.page_size).await?;
+    let Some(server_time) = server_time else {
+        return Err("the FHIR server sends no Date header: the feed reckons with its clock".into());
+    };
+    if fresh && settings.start_at == StartAtKind::Latest {
+        tail.start_at(server_time);
+        let cycle = tail.cycle(server_time, Vec::new());
+        tail.commit(&cycle);
+        return Ok(cycle);
+    }
+    let cycle = tail.cycle(server_time, entries);
+    let written: Vec<_> = cycle.entries.iter().map(FeedEntry::to_written).collect();
+    outbox
+        .append(&written)
+        .await
+        .map_err(|e: OutboxError| format!("appending to the event log: {e}"))?;
+    tail.commit(&cycle);
+    let lag = (server_time.unix_millis() - cycle.upper.unix_millis()) / 1000;
+    metrics.feed_cycle(cycle.entries.len(), cycle.late_arrivals, skipped, lag);
+    if cycle.late_arrivals > 0 {
+        tracing::info!(
+            late = cycle.late_arrivals,
+            "changes older than the watermark were caught by the overlap"
+        );
+    }
+    Ok(cycle)
+}
+
+#[cfg(test)]
+mod tests {
+    use serde_json::json;
+
+    use super::*;
+
+    #[test]
+    fn the_scope_follows_the_capability_statement() {
+        let statement = |system: bool, types: &[&str]| {
+            json!({"resourceType": "CapabilityStatement", "rest": [{"mode": "server",
+                "interaction": if system { json!([{"code": "history-system"}]) } else { json!([]) },
+                "resource": types.iter().map(|t| json!({"type": t,
+                    "interaction": [{"code": "read"}, {"code": "history-type"}]})).collect::<Vec<_>>()}]})
+        };
+        assert_eq!(
+            Scope::from_capabilities(&statement(true, &["Patient"]), &[]).unwrap(),
+            Scope::System
+        );
+        assert_eq!(
+            Scope::from_capabilities(&statement(false, &["Patient", "Device"]), &[]).unwrap(),
+            Scope::Types(vec!["Patient".into(), "Device".into()])
+        );
+        let wanted = vec!["Consent".to_owned()];
+        let err = Scope::from_capabilities(&statement(true, &["Patient"]), &wanted).unwrap_err();
+        assert!(err.to_string().contains("Consent"), "{err}");
+        let err = Scope::from_capabilities(&statement(false, &[]), &[]).unwrap_err();
+        assert!(err.to_string().contains("history-system"), "{err}");
+        assert_eq!(
+            Scope::Types(vec!["Patient".into()]).first_pages(
+                Some(Timestamp::parse("2026-01-01T00:00:00.1234567Z").unwrap()),
+                50
+            ),
+            ["Patient/_history?_since=2026-01-01T00:00:00.123Z&_count=50"]
+        );
+    }
+}

@@ -1,0 +1,316 @@
+//! The change feed (`iomt run --role changes`) against the FHIR test server, whose wrapper
+//! serves system and type history from a change log (newest first, offset paging) and lets
+//! the test inject the hard cases: many entries at one instant, a late arrival with an older
+//! `lastUpdated`, a delete without a resource, an entry without a request, 429 answers, writes
+//! between page reads, and history switched off. Each change must arrive exactly once after
+//! deduplication by event id, with the feed killed with SIGKILL at random moments.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+
+use iomt_tests::eventhubs::toml_string;
+use iomt_tests::golden::{Server, read_json_lines, rng};
+use iomt_tests::replay::serial;
+use iomt_tests::{IomtProcess, Scratch};
+use reqwest::Method;
+use serde_json::{Value, json};
+
+/// A change: kind, type, id, version.
+type Change = (String, String, String, String);
+
+fn write_config(dir: &Path, server: &Server, extra: &str) -> PathBuf {
+    let config = format!(
+        "[fhir]\nurl = {}\n\n[pipeline]\nrole = \"changes\"\n\n\
+         [change_feed]\nsettle = \"1s\"\noverlap = \"15s\"\npoll_interval = \"200ms\"\npage_size = 7\n{extra}\n\
+         [output]\nstate_dir = {}\n\n[events]\npoll_interval = \"200ms\"\n\n\
+         [[subscriptions]]\nname = \"all\"\ndestination = {{ kind = \"ndjson\", path = {} }}\n",
+        toml_string(&server.base),
+        toml_string(dir.join("state").to_str().unwrap()),
+        toml_string(dir.join("events.ndjson").to_str().unwrap()),
+    );
+    let path = dir.join("iomt.toml");
+    std::fs::write(&path, config).unwrap();
+    path
+}
+
+fn start(dir: &Path, config: &Path, n: usize) -> IomtProcess {
+    IomtProcess::start(
+        dir,
+        &format!("feed-{n}"),
+        ["run", "--config", config.to_str().unwrap()],
+        "info",
+    )
+}
+
+/// The delivered events: each distinct id with its change, and how many were delivered.
+fn delivered(dir: &Path) -> (BTreeMap<String, Change>, usize) {
+    let path = dir.join("events.ndjson");
+    if !path.exists() {
+        return (BTreeMap::new(), 0);
+    }
+    let events = read_json_lines(&path);
+    let mut by_id = BTreeMap::new();
+    for e in &events {
+        let kind = e["type"]
+            .as_str()
+            .unwrap()
+            .trim_start_matches("Microsoft.HealthcareApis.FhirResource")
+            .to_owned();
+        let d = &e["data"];
+        let change = (
+            kind,
+            d["resourceType"].as_str().unwrap().to_owned(),
+            d["resourceFhirId"].as_str().unwrap().to_owned(),
+            // A number when it is one, as Azure sends it.
+            match &d["resourceVersionId"] {
+                Value::String(v) => v.clone(),
+                v => v.to_string(),
+            },
+        );
+        let id = e["id"].as_str().unwrap().to_owned();
+        if let Some(before) = by_id.insert(id.clone(), change.clone()) {
+            assert_eq!(before, change, "event {id} names two changes");
+        }
+    }
+    (by_id, events.len())
+}
+
+/// Writes a resource; its change.
+fn put(server: &Server, resource: &Value) -> Change {
+    let path = format!(
+        "{}/{}",
+        resource["resourceType"].as_str().unwrap(),
+        resource["id"].as_str().unwrap()
+    );
+    let (status, answer) = server.write(Method::PUT, &path, Some(resource));
+    assert!(
+        status == 200 || status == 201,
+        "PUT {path}: {status} {answer}"
+    );
+    (
+        if status == 201 { "Created" } else { "Updated" }.to_owned(),
+        answer["resourceType"].as_str().unwrap().to_owned(),
+        answer["id"].as_str().unwrap().to_owned(),
+        answer["meta"]["versionId"].as_str().unwrap().to_owned(),
+    )
+}
+
+/// The instant `seconds` ago.
+fn now_minus(seconds: f64) -> String {
+    minus(iomt_core::Timestamp::now(), seconds)
+}
+
+fn minus(t: iomt_core::Timestamp, seconds: f64) -> String {
+    let millis = t.unix_millis() - (seconds * 1000.0) as i64;
+    iomt_core::Timestamp::from_unix_millis(millis)
+        .unwrap()
+        .to_string()
+}
+
+/// The watermark the feed checkpointed last.
+fn watermark(dir: &Path) -> Option<String> {
+    let text = std::fs::read_to_string(dir.join("state/changefeed.json")).ok()?;
+    serde_json::from_str::<Value>(&text).ok()?["watermark"]
+        .as_str()
+        .map(str::to_owned)
+}
+
+#[test]
+fn every_change_arrives_once_through_the_hard_cases_and_kills() {
+    let _serial = serial();
+    let server = Server::from_env();
+    let mut rng = rng();
+    let scratch = Scratch::new(env!("CARGO_TARGET_TMPDIR"), "changefeed");
+    let dir = scratch.path();
+    server.reset();
+    let config = write_config(dir, &server, "");
+    let mut expected: BTreeSet<Change> = BTreeSet::new();
+
+    // History before the feed starts (it reads from the beginning).
+    for i in 0..20 {
+        expected.insert(put(
+            &server,
+            &json!({"resourceType": "Patient", "id": format!("p{i}"), "active": true}),
+        ));
+    }
+    // Thirty changes at one instant, a delete without a resource, an entry without a request.
+    let instant = now_minus(0.5);
+    let mut injected = Vec::new();
+    for i in 0..30 {
+        let id = format!("same-{i:02}");
+        injected.push(
+            json!({"resourceType": "Observation", "id": id, "versionId": "1",
+            "lastUpdated": instant, "method": "PUT", "created": true,
+            "resource": {"resourceType": "Observation", "id": id, "status": "final",
+                "code": {"text": "x"}, "meta": {"versionId": "1", "lastUpdated": instant}}}),
+        );
+        expected.insert(("Created".into(), "Observation".into(), id, "1".into()));
+    }
+    injected.push(
+        json!({"resourceType": "Patient", "id": "gone", "versionId": "3",
+        "lastUpdated": now_minus(0.4), "method": "DELETE"}),
+    );
+    expected.insert((
+        "Deleted".into(),
+        "Patient".into(),
+        "gone".into(),
+        "3".into(),
+    ));
+    let at = now_minus(0.3);
+    injected.push(json!({"resourceType": "Device", "id": "quiet", "versionId": "2", "lastUpdated": at,
+        "resource": {"resourceType": "Device", "id": "quiet", "meta": {"versionId": "2", "lastUpdated": at}}}));
+    expected.insert((
+        "Updated".into(),
+        "Device".into(),
+        "quiet".into(),
+        "2".into(),
+    ));
+    server.control("/__history", &json!({"entries": injected}));
+
+    // Writes while the feed runs (they shift the pages it reads), 429s now and then, and
+    // SIGKILL at random moments.
+    let kills = 3;
+    let mut runs = 1;
+    let mut feed = start(dir, &config, runs);
+    let mut last_version: BTreeMap<String, String> = BTreeMap::new();
+    for round in 0..kills + 1 {
+        for i in 0..25 {
+            let n = rng.usize(0..20);
+            let id = format!("p{n}");
+            if rng.u8(0..10) == 0 {
+                server.control(
+                    "/__faults",
+                    &json!([{"status": 429, "headers": {"Retry-After": "0"}}]),
+                );
+            }
+            let change = if rng.u8(0..6) == 0 && last_version.contains_key(&id) {
+                let (status, answer) = server.write(Method::DELETE, &format!("Patient/{id}"), None);
+                assert!(status < 300, "DELETE: {status} {answer}");
+                let version = last_version.remove(&id).unwrap();
+                ("Deleted".to_owned(), "Patient".to_owned(), id, version)
+            } else {
+                let c = put(
+                    &server,
+                    &json!({"resourceType": "Patient", "id": id,
+                    "name": [{"family": format!("r{round}-{i}")}]}),
+                );
+                last_version.insert(c.2.clone(), c.3.clone());
+                c
+            };
+            expected.insert(change);
+            std::thread::sleep(Duration::from_millis(rng.u64(0..40)));
+        }
+        if round < kills {
+            feed.assert_running();
+            drop(feed); // SIGKILL
+            runs += 1;
+            feed = start(dir, &config, runs);
+        }
+    }
+
+    // A late arrival: a change that becomes visible after the watermark passed its time.
+    let deadline = Instant::now() + Duration::from_secs(60);
+    let mark = loop {
+        if let Some(w) = watermark(dir) {
+            break w;
+        }
+        assert!(Instant::now() < deadline, "the feed never checkpointed");
+        std::thread::sleep(Duration::from_millis(100));
+    };
+    let before_mark = minus(iomt_core::Timestamp::parse(&mark).unwrap(), 3.0);
+    server.control(
+        "/__history",
+        &json!({"entries": [{"resourceType": "Encounter", "id": "late",
+        "versionId": "1", "lastUpdated": before_mark, "method": "POST", "created": true,
+        "resource": {"resourceType": "Encounter", "id": "late", "status": "finished",
+            "class": {"code": "AMB"}, "meta": {"versionId": "1", "lastUpdated": before_mark}}}]}),
+    );
+    expected.insert((
+        "Created".into(),
+        "Encounter".into(),
+        "late".into(),
+        "1".into(),
+    ));
+
+    // Everything arrives; then the feed is stopped.
+    loop {
+        feed.assert_running();
+        let (by_id, _) = delivered(dir);
+        let got: BTreeSet<Change> = by_id.values().cloned().collect();
+        if expected.is_subset(&got) {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "missing after 60 s: {:?}",
+            expected.difference(&got).take(5).collect::<Vec<_>>()
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    std::thread::sleep(Duration::from_secs(1));
+    let summary = feed.terminate(Duration::from_secs(30));
+    let (by_id, total) = delivered(dir);
+    let got: BTreeSet<Change> = by_id.values().cloned().collect();
+    assert_eq!(got, expected, "exactly the changes made, none more");
+    assert_eq!(by_id.len(), expected.len(), "one event id per change");
+    assert!(summary.contains("late arrivals"), "{summary}");
+    let late: u64 = summary
+        .split(" late arrivals")
+        .next()
+        .and_then(|s| s.rsplit('(').next())
+        .and_then(|n| n.trim().parse().ok())
+        .unwrap_or(0);
+    assert!(late >= 1, "the late arrival was counted: {summary}");
+    eprintln!(
+        "change feed: {} changes, {total} events delivered ({} more than once, across {} kills); {late} late arrival(s)",
+        expected.len(),
+        total - by_id.len(),
+        kills
+    );
+}
+
+#[test]
+fn a_server_without_history_is_refused_and_type_history_is_used_without_system_history() {
+    let _serial = serial();
+    let server = Server::from_env();
+    let scratch = Scratch::new(env!("CARGO_TARGET_TMPDIR"), "changefeed-capabilities");
+    let dir = scratch.path();
+    server.reset();
+    let config = write_config(dir, &server, "");
+
+    server.control("/__history", &json!({"enabled": false}));
+    let mut feed = start(dir, &config, 1);
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let status = loop {
+        if let Some(status) = feed.child.try_wait().unwrap() {
+            break status;
+        }
+        assert!(Instant::now() < deadline, "the feed did not give up");
+        std::thread::sleep(Duration::from_millis(50));
+    };
+    let stderr = feed.log("stderr");
+    assert_eq!(status.code(), Some(2), "{stderr}");
+    assert!(
+        stderr.contains("history-system") && stderr.contains("history-type"),
+        "{stderr}"
+    );
+
+    // Type history only: the feed reads each type's.
+    server.control("/__history", &json!({"enabled": true, "system": false}));
+    let change = put(&server, &json!({"resourceType": "Device", "id": "typed"}));
+    let mut feed = start(dir, &config, 2);
+    loop {
+        feed.assert_running();
+        if delivered(dir).0.values().any(|c| *c == change) {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline + Duration::from_secs(30),
+            "not delivered"
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    feed.terminate(Duration::from_secs(30));
+    server.reset();
+}
