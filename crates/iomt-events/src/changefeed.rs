@@ -128,7 +128,7 @@ fn read_entry(entry: &Value) -> Result<FeedEntry, String> {
     let resource = entry.get("resource").filter(|r| r.is_object());
     let method = text(entry, "/request/method").map(|m| m.to_ascii_uppercase());
     // Type, id and version from every place that may hold them, in order of trust.
-    let mut parts = Vec::new();
+    let mut parts: Vec<Parts> = Vec::new();
     if let Some(r) = resource {
         parts.push((
             text(r, "/resourceType"),
@@ -148,9 +148,7 @@ fn read_entry(entry: &Value) -> Result<FeedEntry, String> {
     }
     let etag_version = text(entry, "/response/etag")
         .map(|e| e.trim_start_matches("W/").trim_matches('"').to_owned());
-    let first = |pick: fn(&(Option<String>, Option<String>, Option<String>)) -> Option<String>| {
-        parts.iter().find_map(pick)
-    };
+    let first = |pick: fn(&Parts) -> Option<String>| parts.iter().find_map(pick);
     let resource_type = first(|p| p.0.clone()).ok_or("names no resource type")?;
     let id = first(|p| p.1.clone()).ok_or("names no resource id")?;
     let version_id = first(|p| p.2.clone())
@@ -183,9 +181,12 @@ fn read_entry(entry: &Value) -> Result<FeedEntry, String> {
     })
 }
 
+/// What a place in an entry says of the change: type, id and version, where it says them.
+type Parts = (Option<String>, Option<String>, Option<String>);
+
 /// Type, id and version of a reference (`…/Type/id`, `…/Type/id/_history/N`); a search URL
 /// (`Type?…`, a conditional create) names the type only.
-fn reference_parts(url: &str) -> (Option<String>, Option<String>, Option<String>) {
+fn reference_parts(url: &str) -> Parts {
     let path = url.split(['?', '#']).next().unwrap_or_default();
     let segments: Vec<&str> = path.split('/').filter(|s| !s.is_empty()).collect();
     let is_type = |s: &str| s.chars().next().is_some_and(|c| c.is_ascii_uppercase());
@@ -492,7 +493,7 @@ mod tests {
             vec![entry("a", "1", "2026-01-01T00:00:05Z")],
         );
         assert!(cycle.entries.is_empty());
-        let mut later = restored.clone();
+        let mut later = restored;
         later.commit(&cycle);
         later.commit(&later.cycle(t("2026-01-01T00:01:00Z"), vec![]));
         assert!(later.state().seen.is_empty());
