@@ -9,7 +9,7 @@ use std::collections::{BTreeMap, BTreeSet};
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
-use iomt_tests::eventhubs::toml_string;
+use iomt_tests::eventhubs::{storage_connection_string, toml_string};
 use iomt_tests::golden::{Server, read_json_lines, rng};
 use iomt_tests::replay::serial;
 use iomt_tests::{IomtProcess, Scratch};
@@ -296,8 +296,19 @@ fn a_server_without_history_is_refused_and_type_history_is_used_without_system_h
         "{stderr}"
     );
 
-    // Type history only: the feed reads each type's.
+    // Type history only: the feed reads each type's. With a checkpoint container (cluster
+    // mode), its checkpoint is a blob there.
     server.control("/__history", &json!({"enabled": true, "system": false}));
+    let container = format!("feed-{:08x}", fastrand::u32(..));
+    let config = write_config(
+        dir,
+        &server,
+        &format!(
+            "\n[checkpoints]\nconnection_string = {}\ncontainer = {}\n",
+            toml_string(&storage_connection_string()),
+            toml_string(&container)
+        ),
+    );
     let change = put(&server, &json!({"resourceType": "Device", "id": "typed"}));
     let mut feed = start(dir, &config, 2);
     loop {
@@ -313,4 +324,20 @@ fn a_server_without_history_is_refused_and_type_history_is_used_without_system_h
     }
     feed.terminate(Duration::from_secs(30));
     server.reset();
+    let blobs = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap()
+        .block_on(async {
+            iomt_eventhubs::blob::BlobContainer::from_connection_string(
+                &storage_connection_string(),
+                &container,
+            )
+            .unwrap()
+            .names("changefeed/")
+            .await
+            .unwrap()
+        });
+    assert_eq!(blobs.len(), 1, "{blobs:?}");
+    assert!(!dir.join("state/changefeed.json").exists());
 }

@@ -303,9 +303,12 @@ impl Tail {
         let upper = before(server_time, self.settings.settle);
         // The watermark never moves back, even if the server's clock does.
         let upper = self.watermark.map_or(upper, |w| upper.max(w));
+        // Below `since` lies what earlier cycles published and no longer remember: a server
+        // that ignores `_since` must not make it published again.
+        let since = self.since();
         let mut keep: Vec<(Key, FeedEntry)> = entries
             .into_iter()
-            .filter(|e| e.last_updated < upper)
+            .filter(|e| e.last_updated < upper && since.is_none_or(|s| e.last_updated >= s))
             .map(|e| (e.key(), e))
             .filter(|(k, _)| !self.seen.contains(k))
             .collect();
@@ -497,6 +500,12 @@ mod tests {
         later.commit(&cycle);
         later.commit(&later.cycle(t("2026-01-01T00:01:00Z"), vec![]));
         assert!(later.state().seen.is_empty());
+        // A server that ignores `_since` sends what is below it again: it is not republished.
+        let old = later.cycle(
+            t("2026-01-01T00:01:01Z"),
+            vec![entry("a", "1", "2026-01-01T00:00:05Z")],
+        );
+        assert!(old.entries.is_empty());
     }
 
     #[test]

@@ -355,7 +355,12 @@ pub async fn changes_role(
     health.set_ready(true);
     let feed = tokio::spawn({
         let (client, settings) = (client.clone(), config.change_feed.clone());
-        let checkpoint = FeedCheckpoint::in_dir(&config.state_dir);
+        let checkpoint = match (&config.change_feed_checkpoints, &config.target) {
+            (Some(container), Target::Fhir { url, .. }) => {
+                FeedCheckpoint::in_container(container.clone(), url)
+            }
+            _ => FeedCheckpoint::in_dir(&config.state_dir),
+        };
         let metrics = metrics.clone();
         let stop = stop.clone();
         async move { run_feed(client, &settings, checkpoint, outbox, metrics, stop).await }

@@ -64,6 +64,8 @@ pub(crate) enum Condition<'a> {
     IfMatch(&'a str),
     /// Only if the blob does not exist yet.
     IfNoneExists,
+    /// Whatever is there.
+    Always,
 }
 
 /// The properties of a blob that the store reads.
@@ -460,6 +462,7 @@ fn with_condition(request: RequestBuilder, condition: Condition<'_>) -> RequestB
     match condition {
         Condition::IfMatch(etag) => request.header(IF_MATCH, etag),
         Condition::IfNoneExists => request.header(IF_NONE_MATCH, "*"),
+        Condition::Always => request,
     }
 }
 

@@ -96,6 +96,15 @@ impl BlobContainer {
         }
     }
 
+    /// Writes `body` as the blob `name`, replacing what is there: a state blob (a change
+    /// feed's checkpoint) that one writer owns.
+    pub async fn replace(&self, name: &str, body: Vec<u8>) -> Result<(), BlobError> {
+        self.client
+            .put_blob(name, body, &[], Condition::Always)
+            .await
+            .map(drop)
+    }
+
     /// The names of the blobs whose names start with `prefix`, in name order.
     pub async fn names(&self, prefix: &str) -> Result<Vec<String>, BlobError> {
         let mut names: Vec<String> = self

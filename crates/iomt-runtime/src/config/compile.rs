@@ -50,6 +50,9 @@ pub struct Compiled {
     pub dead_letters: DeadLetterTarget,
     /// How the changes role reads the FHIR server's history.
     pub change_feed: super::ChangeFeed,
+    /// Where the changes role checkpoints, in cluster mode: the `[checkpoints]` container
+    /// (else a file in the state directory).
+    pub change_feed_checkpoints: Option<BlobContainer>,
     /// Where `/metrics`, `/healthz` and `/readyz` are served.
     pub metrics_addr: Option<SocketAddr>,
     /// For `iomt run`: the hubs and the checkpoint store.
@@ -487,6 +490,13 @@ impl Config {
         let Some(dead_letters) = keep(self.dead_letter_target(purpose), &mut errors) else {
             return Err(errors);
         };
+        let change_feed_checkpoints = match role {
+            Role::Changes => keep(self.checkpoint_container(), &mut errors),
+            _ => Some(None),
+        };
+        let Some(change_feed_checkpoints) = change_feed_checkpoints else {
+            return Err(errors);
+        };
         let events = self.compiled_events(&target);
         Ok(Compiled {
             events,
@@ -499,6 +509,7 @@ impl Config {
             state_dir: self.output.state_dir.clone(),
             dead_letters,
             change_feed: self.change_feed.clone(),
+            change_feed_checkpoints,
             metrics_addr: self.output.metrics_addr,
             live,
         })
@@ -677,6 +688,29 @@ impl Config {
             ));
         }
         self.dead_letter_container().map(DeadLetterTarget::Blob)
+    }
+
+    /// The `[checkpoints]` container, when one is configured (SAS, key or the `[source]`
+    /// Entra identity), held to the plain-HTTP rule.
+    fn checkpoint_container(&self) -> Result<Option<BlobContainer>, ConfigError> {
+        let c = &self.checkpoints;
+        let container = match (&c.connection_string, &c.container_url) {
+            (Some(cs), _) => BlobContainer::from_connection_string(cs, &c.container),
+            (None, Some(url)) if url.contains('?') => BlobContainer::from_sas_url(url),
+            (None, Some(url)) => BlobContainer::new(
+                url,
+                BlobAuth::token(entra(&self.source, "checkpoints.container_url")?),
+            ),
+            (None, None) => return Ok(None),
+        }
+        .map_err(|e| error("checkpoints", e.to_string()))?;
+        if iomt_core::is_insecure_remote(container.url().as_str()) && !c.allow_insecure_http {
+            return Err(error(
+                "checkpoints",
+                "a plain http:// Blob endpoint on a host that is not loopback is refused: use https://, or set checkpoints.allow_insecure_http = true",
+            ));
+        }
+        Ok(Some(container))
     }
 
     /// The Blob container of dead letters: `dead_letters.container_url`, or

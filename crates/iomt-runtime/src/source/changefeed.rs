@@ -131,49 +131,96 @@ fn millis(t: Timestamp) -> String {
     t.as_datetime().format("%Y-%m-%dT%H:%M:%S%.3fZ").to_string()
 }
 
-/// The feed's checkpoint: a JSON file, replaced atomically.
+/// The feed's checkpoint: a JSON file replaced atomically, or, in cluster mode, a blob of the
+/// checkpoint container (a pod's disk goes with the pod).
 #[derive(Debug, Clone)]
-pub struct FeedCheckpoint {
-    path: PathBuf,
+pub enum FeedCheckpoint {
+    /// `{state_dir}/changefeed.json`.
+    File(PathBuf),
+    /// A blob named after the FHIR server.
+    Blob {
+        /// The `[checkpoints]` container.
+        container: Box<crate::pipeline::BlobContainer>,
+        /// `changefeed/<host>-<hash of the URL>.json`.
+        name: String,
+    },
 }
 
 impl FeedCheckpoint {
     /// The checkpoint in `state_dir`.
     pub fn in_dir(state_dir: &Path) -> Self {
-        Self {
-            path: state_dir.join("changefeed.json"),
+        Self::File(state_dir.join("changefeed.json"))
+    }
+
+    /// The checkpoint of the feed of `fhir_url` in `container`.
+    pub fn in_container(container: crate::pipeline::BlobContainer, fhir_url: &str) -> Self {
+        use std::hash::{Hash, Hasher};
+        let mut h = std::hash::DefaultHasher::new();
+        fhir_url.hash(&mut h);
+        let host = reqwest::Url::parse(fhir_url)
+            .ok()
+            .and_then(|u| u.host_str().map(str::to_owned))
+            .unwrap_or_else(|| "fhir".to_owned());
+        Self::Blob {
+            container: Box::new(container),
+            name: format!("changefeed/{host}-{:016x}.json", h.finish()),
         }
     }
 
     fn fail(&self, message: impl ToString) -> FeedError {
         FeedError::Checkpoint {
-            path: self.path.clone(),
+            path: match self {
+                Self::File(path) => path.clone(),
+                Self::Blob { container, name } => {
+                    PathBuf::from(format!("{}/{name}", container.url()))
+                }
+            },
             message: message.to_string(),
         }
     }
 
     /// The state saved last; a fresh one when there is none.
-    pub fn load(&self) -> Result<TailState, FeedError> {
-        match std::fs::read(&self.path) {
-            Ok(bytes) => serde_json::from_slice(&bytes).map_err(|e| self.fail(e)),
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(TailState::default()),
-            Err(e) => Err(self.fail(e)),
-        }
+    pub async fn load(&self) -> Result<TailState, FeedError> {
+        let bytes = match self {
+            Self::File(path) => match std::fs::read(path) {
+                Ok(bytes) => bytes,
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+                    return Ok(TailState::default());
+                }
+                Err(e) => return Err(self.fail(e)),
+            },
+            Self::Blob { container, name } => {
+                container.ensure().await.map_err(|e| self.fail(e))?;
+                match container.read_text(name).await.map_err(|e| self.fail(e))? {
+                    Some(text) => text.into_bytes(),
+                    None => return Ok(TailState::default()),
+                }
+            }
+        };
+        serde_json::from_slice(&bytes).map_err(|e| self.fail(e))
     }
 
-    fn save(&self, state: &TailState) -> Result<(), FeedError> {
+    async fn save(&self, state: &TailState) -> Result<(), FeedError> {
         let text = serde_json::to_vec(state).map_err(|e| self.fail(e))?;
-        let tmp = self.path.with_extension("json.tmp");
-        if let Some(dir) = self.path.parent() {
-            std::fs::create_dir_all(dir).map_err(|e| self.fail(e))?;
+        match self {
+            Self::File(path) => {
+                let tmp = path.with_extension("json.tmp");
+                let write = || -> std::io::Result<()> {
+                    if let Some(dir) = path.parent() {
+                        std::fs::create_dir_all(dir)?;
+                    }
+                    let mut file = std::fs::File::create(&tmp)?;
+                    std::io::Write::write_all(&mut file, &text)?;
+                    file.sync_all()?;
+                    std::fs::rename(&tmp, path)
+                };
+                write().map_err(|e| self.fail(e))
+            }
+            Self::Blob { container, name } => container
+                .replace(name, text)
+                .await
+                .map_err(|e| self.fail(e)),
         }
-        let write = || -> std::io::Result<()> {
-            let mut file = std::fs::File::create(&tmp)?;
-            std::io::Write::write_all(&mut file, &text)?;
-            file.sync_all()?;
-            std::fs::rename(&tmp, &self.path)
-        };
-        write().map_err(|e| self.fail(e))
     }
 }
 
@@ -245,7 +292,7 @@ pub async fn run_feed(
         settle: settings.settle,
         overlap: settings.overlap,
     };
-    let state = checkpoint.load()?;
+    let state = checkpoint.load().await?;
     let mut tail = Tail::new(tail_settings, &state).map_err(|e| checkpoint.fail(e))?;
     let mut report = FeedReport {
         watermark: state.watermark.clone(),
@@ -262,7 +309,11 @@ pub async fn run_feed(
             Ok(c) => {
                 fresh = false;
                 backoff.reset();
-                checkpoint.save(&tail.state())?;
+                // A checkpoint that cannot be written is retried with the next cycle: the
+                // changes are in the event log, and re-reading them is harmless.
+                if let Err(e) = checkpoint.save(&tail.state()).await {
+                    tracing::warn!(error = %e, "cannot write the change feed checkpoint");
+                }
                 report.cycles += 1;
                 report.changes += c.entries.len() as u64;
                 report.late_arrivals += c.late_arrivals as u64;
