@@ -421,7 +421,8 @@ impl Config {
             if f.poll_interval < Duration::from_millis(100) {
                 errors.push(error("change_feed.poll_interval", "must be at least 100ms"));
             }
-            // Its checkpoint is a file in the state directory.
+            // Its checkpoint is a blob of [checkpoints] when set, else a file in the state
+            // directory.
             return;
         }
         if role == Role::Events {
@@ -717,34 +718,24 @@ impl Config {
     /// `dead_letters.container` in the account of `[checkpoints]`.
     pub fn dead_letter_container(&self) -> Result<BlobContainer, ConfigError> {
         let d = &self.dead_letters;
-        let fail = |e: iomt_eventhubs::blob::BlobError| error("dead_letters", e.to_string());
         let c = &self.checkpoints;
-        let container = match (&d.container_url, &c.connection_string, &c.container_url) {
-            (Some(url), _, _) if url.contains('?') => BlobContainer::from_sas_url(url),
-            (Some(url), _, _) => BlobContainer::new(
+        let container = match &d.container_url {
+            Some(url) if url.contains('?') => BlobContainer::from_sas_url(url),
+            Some(url) => BlobContainer::new(
                 url,
                 BlobAuth::token(entra(&self.source, "dead_letters.container_url")?),
             ),
-            (None, Some(cs), _) => BlobContainer::from_connection_string(cs, &d.container),
-            (None, None, Some(url)) => {
-                let checkpoints = if url.contains('?') {
-                    BlobContainer::from_sas_url(url)
-                } else {
-                    BlobContainer::new(
-                        url,
-                        BlobAuth::token(entra(&self.source, "checkpoints.container_url")?),
-                    )
-                };
-                checkpoints.and_then(|c| c.sibling(&d.container))
-            }
-            (None, None, None) => {
-                return Err(error(
-                    "dead_letters",
-                    "a Blob store needs dead_letters.container_url or a [checkpoints] container; or set dead_letters.store = \"file\"",
-                ));
-            }
+            None => match self.checkpoint_container()? {
+                Some(checkpoints) => checkpoints.sibling(&d.container),
+                None => {
+                    return Err(error(
+                        "dead_letters",
+                        "a Blob store needs dead_letters.container_url or a [checkpoints] container; or set dead_letters.store = \"file\"",
+                    ));
+                }
+            },
         }
-        .map_err(fail)?;
+        .map_err(|e| error("dead_letters", e.to_string()))?;
         let endpoint = container.url().as_str();
         if iomt_core::is_insecure_remote(endpoint) {
             if !(d.allow_insecure_http || (c.allow_insecure_http && d.container_url.is_none())) {

@@ -635,7 +635,7 @@ impl EventDeadLetters {
                     serde_json::to_writer(&mut text, line).map_err(|e| e.to_string())?;
                     text.push(b'\n');
                 }
-                // Named after its content: the same batch written again is the same blob.
+                // Named after its time and content; a reader keys records by event id.
                 let name = format!(
                     "{prefix}{}",
                     crate::pipeline::batch_name(Timestamp::now(), &text)

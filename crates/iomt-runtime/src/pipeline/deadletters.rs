@@ -192,7 +192,9 @@ impl BlobDeadLetters {
             self.container.ensure().await?;
             self.ensured = true;
         }
-        let name = format!("{PIPELINE_PREFIX}{}", batch_name(Timestamp::now(), &keys));
+        // The batch's own time, so that a retry of it lands on the same blob.
+        let time = records.first().map_or_else(Timestamp::now, |r| r.time);
+        let name = format!("{PIPELINE_PREFIX}{}", batch_name(time, &keys));
         self.container.put_once(&name, text.into_bytes()).await?;
         if self.written.len() + keys.len() > REMEMBERED_KEYS {
             self.written.clear();
@@ -206,9 +208,8 @@ impl BlobDeadLetters {
 /// under `events/<subscription>/`.
 const PIPELINE_PREFIX: &str = "pipeline/";
 
-/// A batch's blob name: the time it was written (so names sort by time and a day can be
-/// listed by prefix), then a hash of what identifies its records (so the same batch written
-/// again gets the same name).
+/// A batch's blob name: its time (so names sort by time and a day can be listed by prefix),
+/// then a hash of what identifies its records (so the same batch retried gets the same name).
 pub(crate) fn batch_name(time: Timestamp, identity: &(impl std::hash::Hash + ?Sized)) -> String {
     use std::hash::Hasher;
     let mut h = std::hash::DefaultHasher::new();
