@@ -341,3 +341,123 @@ fn a_server_without_history_is_refused_and_type_history_is_used_without_system_h
     assert_eq!(blobs.len(), 1, "{blobs:?}");
     assert!(!dir.join("state/changefeed.json").exists());
 }
+
+/// A Bulk Data export folder (manifest, resource files and a `deleted` file) published with
+/// `iomt export --from`: every change arrives once, the deletions as deletions, and a second
+/// run of the same export adds nothing.
+#[test]
+fn a_bulk_data_export_is_published_complete_and_once() {
+    let scratch = Scratch::new(env!("CARGO_TARGET_TMPDIR"), "bulk-export");
+    let dir = scratch.path();
+    let export = dir.join("export");
+    std::fs::create_dir_all(&export).unwrap();
+    let lines = |values: Vec<Value>| values.iter().map(|v| format!("{v}\n")).collect::<String>();
+    let at = "2026-11-01T10:00:00.000Z";
+    std::fs::write(
+        export.join("Patient.ndjson"),
+        lines(
+            (0..3)
+                .map(|i| {
+                    json!({"resourceType": "Patient", "id": format!("p{i}"),
+                    "meta": {"versionId": (i + 1).to_string(), "lastUpdated": at}})
+                })
+                .collect(),
+        ),
+    )
+    .unwrap();
+    std::fs::write(
+        export.join("Observation.ndjson"),
+        lines(
+            (0..2)
+                .map(|i| {
+                    json!({"resourceType": "Observation", "id": format!("o{i}"), "status": "final",
+                    "code": {"text": "x"}, "meta": {"versionId": "1", "lastUpdated": at}})
+                })
+                .collect(),
+        ),
+    )
+    .unwrap();
+    std::fs::write(
+        export.join("deleted-Patient.ndjson"),
+        lines(vec![
+            json!({"resourceType": "Bundle", "type": "transaction", "entry": [
+            {"request": {"method": "DELETE", "url": "Patient/p9"}}]}),
+        ]),
+    )
+    .unwrap();
+    std::fs::write(
+        export.join("manifest.json"),
+        json!({"transactionTime": "2026-11-02T00:00:00Z", "request": "https://fhir.example.org/$export?_since=2026-10-01",
+            "requiresAccessToken": true,
+            "output": [{"type": "Patient", "url": "https://files.example.org/x/Patient.ndjson"},
+                       {"type": "Observation", "url": "https://files.example.org/x/Observation.ndjson"}],
+            "deleted": [{"type": "Bundle", "url": "https://files.example.org/x/deleted-Patient.ndjson"}],
+            "error": []})
+        .to_string(),
+    )
+    .unwrap();
+    let config = dir.join("iomt.toml");
+    std::fs::write(
+        &config,
+        format!(
+            "[output]\nstate_dir = {}\n\n[events]\ndrain_deadline = \"10s\"\n\n\
+             [[subscriptions]]\nname = \"all\"\ndestination = {{ kind = \"ndjson\", path = {} }}\n",
+            toml_string(dir.join("state").to_str().unwrap()),
+            toml_string(dir.join("events.ndjson").to_str().unwrap()),
+        ),
+    )
+    .unwrap();
+    let expected: BTreeSet<Change> = [
+        ("Created", "Patient", "p0", "1"),
+        ("Updated", "Patient", "p1", "2"),
+        ("Updated", "Patient", "p2", "3"),
+        ("Created", "Observation", "o0", "1"),
+        ("Created", "Observation", "o1", "1"),
+        ("Deleted", "Patient", "p9", "0"),
+    ]
+    .into_iter()
+    .map(|(a, b, c, d)| (a.into(), b.into(), c.into(), d.into()))
+    .collect();
+    for run in 0..2 {
+        let output = std::process::Command::new(iomt_tests::iomt())
+            .args(["export", "--from"])
+            .arg(&export)
+            .arg("--config")
+            .arg(&config)
+            .arg("--status")
+            .arg(dir.join("status.jsonl"))
+            .env_remove("IOMT_CONFIG")
+            .output()
+            .unwrap();
+        let stdout = String::from_utf8_lossy(&output.stdout);
+        assert!(
+            output.status.success(),
+            "{stdout}{}",
+            String::from_utf8_lossy(&output.stderr)
+        );
+        assert!(
+            stdout.contains("exported 6 changes (1 deletions"),
+            "{stdout}"
+        );
+        let (by_id, total) = delivered(dir);
+        let got: BTreeSet<Change> = by_id.values().cloned().collect();
+        assert_eq!(got, expected, "run {run}");
+        assert_eq!(total, 6, "run {run}: nothing delivered twice");
+    }
+    let status = read_json_lines(&dir.join("status.jsonl"));
+    let types: Vec<&str> = status.iter().map(|e| e["type"].as_str().unwrap()).collect();
+    assert_eq!(
+        types,
+        [
+            "iomt.bulkexport.started",
+            "iomt.bulkexport.completed",
+            "iomt.bulkexport.started",
+            "iomt.bulkexport.completed"
+        ]
+    );
+    assert_eq!(status[1]["data"]["deletions"], 1);
+    assert_eq!(
+        status[1]["id"], status[3]["id"],
+        "status event ids are deterministic"
+    );
+}

@@ -1,5 +1,5 @@
 //! A change feed read from any FHIR server's history, without I/O: reading a `_history` Bundle
-//! page into changes, and the tailing algorithm that decides which of them to publish so that
+//! page (or the lines of a Bulk Data export) into changes, and the tailing algorithm that decides which of them to publish so that
 //! none is missed and none published twice (`../shared/docs/change-feed.md` §3).
 //!
 //! A server stamps `lastUpdated` when a transaction begins, not when it commits, so a change
@@ -199,6 +199,73 @@ fn reference_parts(url: &str) -> Parts {
         [.., t] if is_type(t) && url.contains('?') => (Some((*t).to_owned()), None, None),
         _ => (None, None, None),
     }
+}
+
+/// The change a FHIR Bulk Data export line names: the resource's current version, created at
+/// version `1`, else updated (an export says no more).
+pub fn exported_resource(resource: &Value) -> Result<FeedEntry, String> {
+    let text = |pointer: &str| resource.pointer(pointer).and_then(Value::as_str);
+    let resource_type = text("/resourceType").ok_or("the line is not a resource")?;
+    let id = text("/id").ok_or("the resource has no id")?;
+    let version_id = text("/meta/versionId").unwrap_or("0");
+    let time = text("/meta/lastUpdated").ok_or("the resource has no meta.lastUpdated")?;
+    let last_updated =
+        Timestamp::parse(time).map_err(|_| format!("lastUpdated {time:?} is not an instant"))?;
+    Ok(FeedEntry {
+        resource_type: resource_type.to_owned(),
+        id: id.to_owned(),
+        version_id: version_id.to_owned(),
+        last_updated,
+        kind: if version_id == "1" {
+            ChangeKind::Created
+        } else {
+            ChangeKind::Updated
+        },
+    })
+}
+
+/// The deletions a line of a Bulk Data export's `deleted` files names: a Bundle whose entries
+/// are `DELETE` requests (`Type/id`), at the export's `transactionTime` (the entries carry no
+/// time of their own); a version from an ETag when one is given, else `0`.
+pub fn exported_deletions(
+    bundle: &Value,
+    transaction_time: Timestamp,
+) -> Result<Vec<FeedEntry>, String> {
+    if bundle.get("resourceType").and_then(Value::as_str) != Some("Bundle") {
+        return Err("a line of a deleted file is not a Bundle".to_owned());
+    }
+    let mut out = Vec::new();
+    for (i, entry) in bundle
+        .get("entry")
+        .and_then(Value::as_array)
+        .into_iter()
+        .flatten()
+        .enumerate()
+    {
+        let method = entry.pointer("/request/method").and_then(Value::as_str);
+        if !method.is_some_and(|m| m.eq_ignore_ascii_case("DELETE")) {
+            return Err(format!("entry {i} is not a DELETE request"));
+        }
+        let url = entry
+            .pointer("/request/url")
+            .and_then(Value::as_str)
+            .unwrap_or_default();
+        let (Some(resource_type), Some(id), version) = reference_parts(url) else {
+            return Err(format!("entry {i}: {url:?} names no Type/id"));
+        };
+        let etag = entry
+            .pointer("/response/etag")
+            .and_then(Value::as_str)
+            .map(|e| e.trim_start_matches("W/").trim_matches('"').to_owned());
+        out.push(FeedEntry {
+            resource_type,
+            id,
+            version_id: version.or(etag).unwrap_or_else(|| "0".to_owned()),
+            last_updated: transaction_time,
+            kind: ChangeKind::Deleted,
+        });
+    }
+    Ok(out)
 }
 
 /// The settle and overlap intervals of a tail.
@@ -506,6 +573,40 @@ mod tests {
             vec![entry("a", "1", "2026-01-01T00:00:05Z")],
         );
         assert!(old.entries.is_empty());
+    }
+
+    #[test]
+    fn bulk_data_lines() {
+        let p = exported_resource(&json!({"resourceType": "Patient", "id": "p1",
+            "meta": {"versionId": "4", "lastUpdated": "2026-01-01T00:00:00Z"}}))
+        .unwrap();
+        assert_eq!((p.kind, p.version_id.as_str()), (ChangeKind::Updated, "4"));
+        assert!(exported_resource(&json!({"resourceType": "Patient", "id": "p1"})).is_err());
+        let at = t("2026-02-01T00:00:00Z");
+        let gone = exported_deletions(
+            &json!({"resourceType": "Bundle", "type": "transaction", "entry": [
+                {"request": {"method": "DELETE", "url": "Patient/p2"}},
+                {"request": {"method": "DELETE", "url": "Observation/o9"}, "response": {"etag": "W/\"3\""}}]}),
+            at,
+        )
+        .unwrap();
+        let seen: Vec<(&str, &str, &str)> = gone
+            .iter()
+            .map(|e| {
+                (
+                    e.resource_type.as_str(),
+                    e.id.as_str(),
+                    e.version_id.as_str(),
+                )
+            })
+            .collect();
+        assert_eq!(seen, [("Patient", "p2", "0"), ("Observation", "o9", "3")]);
+        assert!(
+            gone.iter()
+                .all(|e| e.kind == ChangeKind::Deleted && e.last_updated == at)
+        );
+        let put = json!({"resourceType": "Bundle", "entry": [{"request": {"method": "PUT", "url": "Patient/p"}}]});
+        assert!(exported_deletions(&put, at).is_err());
     }
 
     #[test]

@@ -391,6 +391,48 @@ pub async fn changes_role(
     Ok(ChangesOutcome { feed, events })
 }
 
+/// How `iomt export --from` ended.
+#[derive(Debug)]
+pub struct ExportOutcome {
+    /// What was published.
+    pub bulk: crate::source::bulk::BulkReport,
+    /// The in-process delivery, when the event log is local.
+    pub events: Option<crate::events::EventsReport>,
+}
+
+/// Publishes a Bulk Data export's changes to the event log, then, when the log is local,
+/// delivers them to the subscriptions within the events' drain deadline (what is left is
+/// delivered by the next run on the same state directory).
+pub async fn export_bulk(
+    config: &Compiled,
+    input: &crate::source::bulk::BulkInput,
+    metrics: Arc<crate::Metrics>,
+) -> Result<ExportOutcome, RunError> {
+    let fail = |origin: &str, message: String| {
+        RunError::Config(ConfigError {
+            origin: origin.into(),
+            message,
+        })
+    };
+    let (outbox, service) = crate::events::EventService::build_log(config, metrics)?;
+    if matches!(outbox, crate::events::Outbox::None) {
+        return Err(fail(
+            "subscriptions",
+            "an export needs an event log: [[subscriptions]], or [event_log] / events.kafka_log in cluster mode".into(),
+        ));
+    }
+    let (stop_tx, stop) = watch::channel(false);
+    let delivery = service.map(|s| s.spawn(stop));
+    let published = input.publish(&outbox, 1000).await;
+    stop_tx.send_replace(true);
+    let events = match delivery {
+        Some(task) => task.await.ok(),
+        None => None,
+    };
+    let bulk = published.map_err(|e| fail("export", e.to_string()))?;
+    Ok(ExportOutcome { bulk, events })
+}
+
 /// Runs the events role until `shutdown` or until a reader of the event log gives up: every
 /// subscription reads the event log (an Event Hub or a Kafka topic) in its own consumer group,
 /// its partitions shared among the events pods (through the checkpoint container, or the

@@ -29,6 +29,9 @@ pub enum Purpose {
     /// `iomt run` in the configured role: also the hubs it reads and writes, and the checkpoint
     /// store.
     Run,
+    /// `iomt export --from`: changes published to the event log and its subscriptions; no
+    /// templates, no hub.
+    Export,
 }
 
 /// A configuration validated and turned into what each part of a run takes.
@@ -150,11 +153,13 @@ impl std::fmt::Display for DeadLetterTarget {
 }
 
 impl Config {
-    /// The stages a job runs: a replay runs them all.
+    /// The stages a job runs: a replay runs them all; an export, like the changes role,
+    /// publishes changes it did not write.
     fn role_for(&self, purpose: Purpose) -> Role {
         match purpose {
             Purpose::Replay => Role::All,
             Purpose::Run => self.pipeline.role,
+            Purpose::Export => Role::Changes,
         }
     }
 
@@ -468,7 +473,7 @@ impl Config {
         let pipeline = keep(self.pipeline_config(), &mut errors);
         let target = keep(self.target(role), &mut errors);
         let live = match purpose {
-            Purpose::Replay => Some(None),
+            Purpose::Replay | Purpose::Export => Some(None),
             // A Kafka event log is all the events role reads.
             Purpose::Run if role == Role::Events && self.events.kafka_log.is_some() => Some(None),
             // The changes role reads no hub.
@@ -564,7 +569,7 @@ impl Config {
         let identity = &self.identity;
         Ok(match &self.fhir.url {
             _ if role == Role::Normalize => Target::InternalHub,
-            None if role == Role::Events => Target::Nothing,
+            None if matches!(role, Role::Events | Role::Changes) => Target::Nothing,
             Some(url) => Target::Fhir {
                 url: url.clone(),
                 client: self.fhir_client(url)?,

@@ -143,12 +143,9 @@ impl EventService {
                 )
             }
             Target::Fhir { client, .. } => {
-                let log =
-                    EventLog::open(&config.state_dir).map_err(|e| fail("output.state_dir", &e))?;
-                let reader = ChangeReader::event_log(&config.state_dir)
-                    .map_err(|e| fail("output.state_dir", &e))?;
+                let (log, reader) = local_log(config)?;
                 (
-                    Outbox::Local(Arc::new(log), wake_tx),
+                    Outbox::Local(log, wake_tx),
                     reader,
                     Some(Resources::Fhir(client.clone())),
                 )
@@ -161,6 +158,39 @@ impl EventService {
             wake,
         };
         Ok((outbox, Some(service)))
+    }
+
+    /// The outbox and delivery of a run that publishes changes it did not write (`iomt
+    /// export`): the cluster's event log, or the local one in the state directory whatever the
+    /// run's target, delivered in process; full-resource events read versions from `fhir.url`
+    /// when it is set.
+    pub fn build_log(
+        config: &Compiled,
+        metrics: Arc<Metrics>,
+    ) -> Result<(Outbox, Option<EventService>), ConfigError> {
+        if let Some(log) = &config.event_log {
+            let log = RemoteLog::new(log).map_err(|e| ConfigError {
+                origin: "event log".into(),
+                message: e.to_string(),
+            })?;
+            return Ok((Outbox::Remote(Arc::new(log)), None));
+        }
+        let Some(events) = &config.events else {
+            return Ok((Outbox::None, None));
+        };
+        let (log, reader) = local_log(config)?;
+        let (wake_tx, wake) = watch::channel(0);
+        let resources = match &config.target {
+            Target::Fhir { client, .. } => Some(Resources::Fhir(client.clone())),
+            _ => None,
+        };
+        let service = EventService {
+            subscriptions: subscriptions(config, events)?,
+            context: context(events, resources, metrics, Arc::new(TokioClock)),
+            log: Log::new(reader),
+            wake,
+        };
+        Ok((Outbox::Local(log, wake_tx), Some(service)))
     }
 
     /// Delivers until `stop` turns true, then drains within the drain deadline.
@@ -179,6 +209,17 @@ impl EventService {
             .collect();
         tokio::spawn(report(tasks))
     }
+}
+
+/// The local event log in the state directory, and a reader of it.
+fn local_log(config: &Compiled) -> Result<(Arc<EventLog>, ChangeReader), ConfigError> {
+    let fail = |e: StoreError| ConfigError {
+        origin: "output.state_dir".into(),
+        message: e.to_string(),
+    };
+    let log = EventLog::open(&config.state_dir).map_err(fail)?;
+    let reader = ChangeReader::event_log(&config.state_dir).map_err(fail)?;
+    Ok((Arc::new(log), reader))
 }
 
 /// The events role's subscriptions: each reads the event log hub through its own consumer

@@ -11,6 +11,7 @@
 //! event log of change events in cluster mode).
 
 mod acks;
+pub mod bulk;
 pub mod changefeed;
 pub mod checkpoint;
 pub mod deadletters;
