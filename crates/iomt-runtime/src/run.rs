@@ -350,6 +350,16 @@ pub async fn changes_role(
             message: "the changes role needs an event log: [[subscriptions]], or [event_log] / events.kafka_log in cluster mode".into(),
         }));
     }
+    let bell = Arc::new(tokio::sync::Notify::new());
+    if let Some(addr) = config.change_feed.doorbell_addr {
+        let bound = crate::source::changefeed::serve_doorbell(addr, bell.clone())
+            .await
+            .map_err(|e| ConfigError {
+                origin: "change_feed.doorbell_addr".into(),
+                message: format!("cannot listen on {addr}: {e}"),
+            })?;
+        tracing::info!(%bound, "the change feed's doorbell listens on POST /notify");
+    }
     let (stop_tx, stop) = watch::channel(false);
     let delivery = service.map(|s| s.spawn(stop.clone()));
     health.set_ready(true);
@@ -363,7 +373,7 @@ pub async fn changes_role(
         };
         let metrics = metrics.clone();
         let stop = stop.clone();
-        async move { run_feed(client, &settings, checkpoint, outbox, metrics, stop).await }
+        async move { run_feed(client, &settings, checkpoint, outbox, metrics, bell, stop).await }
     });
     tokio::spawn(async move {
         shutdown.await;

@@ -223,6 +223,25 @@ pub struct ChangeFeed {
     pub resource_types: Vec<String>,
     /// Where a feed without a checkpoint starts: the whole history, or now.
     pub start_at: StartAtKind,
+    /// On a server without any history interaction: `none` (refuse, naming what is missing)
+    /// or `last-updated-search` (search each type by `_lastUpdated` instead, which cannot see
+    /// deletions nor versions overwritten between two polls).
+    pub fallback: FeedFallback,
+    /// Where to listen for R4 Subscriptions Backport `id-only` rest-hook notifications
+    /// (`POST /notify`), each of which starts a cycle at once; the poll stays the source of
+    /// truth. None: poll only.
+    pub doorbell_addr: Option<SocketAddr>,
+}
+
+/// `change_feed.fallback`.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum FeedFallback {
+    /// No history, no feed: refuse.
+    #[default]
+    None,
+    /// Search each type by `_lastUpdated`.
+    LastUpdatedSearch,
 }
 
 impl Default for ChangeFeed {
@@ -234,6 +253,8 @@ impl Default for ChangeFeed {
             page_size: 1000,
             resource_types: Vec::new(),
             start_at: StartAtKind::Earliest,
+            fallback: FeedFallback::None,
+            doorbell_addr: None,
         }
     }
 }

@@ -18,7 +18,7 @@ use serde_json::Value;
 use tokio::sync::watch;
 
 use crate::Metrics;
-use crate::config::{ChangeFeed, StartAtKind};
+use crate::config::{ChangeFeed, FeedFallback, StartAtKind};
 use crate::events::{Outbox, OutboxError};
 
 /// Why the feed cannot run.
@@ -53,20 +53,27 @@ pub struct FeedReport {
     pub watermark: Option<String>,
 }
 
-/// What the feed reads: the system history, or these types' histories.
+/// What the feed reads: the system history, these types' histories, or (the fallback) these
+/// types' searches by `_lastUpdated`.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Scope {
     /// `[base]/_history`.
     System,
     /// `[base]/Type/_history` for each.
     Types(Vec<String>),
+    /// `[base]/Type?_lastUpdated=ge…&_sort=_lastUpdated` for each: current versions only.
+    Search(Vec<String>),
 }
 
 impl Scope {
     /// What the server's capability statement offers for the configured types: the system
     /// history when no types are named and the server has it; else each type's history, which
     /// the server must offer for every type named.
-    pub fn from_capabilities(statement: &Value, wanted: &[String]) -> Result<Self, FeedError> {
+    pub fn from_capabilities(
+        statement: &Value,
+        wanted: &[String],
+        fallback: FeedFallback,
+    ) -> Result<Self, FeedError> {
         let rest = statement
             .pointer("/rest")
             .and_then(Value::as_array)
@@ -85,6 +92,26 @@ impl Scope {
             .filter(|r| has(r.get("interaction"), "history-type"))
             .filter_map(|r| r["type"].as_str().map(str::to_owned))
             .collect();
+        if !system && typed.is_empty() && fallback == FeedFallback::LastUpdatedSearch {
+            let searchable: Vec<String> = rest
+                .and_then(|r| r.get("resource"))
+                .and_then(Value::as_array)
+                .into_iter()
+                .flatten()
+                .filter(|r| has(r.get("interaction"), "search-type"))
+                .filter_map(|r| r["type"].as_str().map(str::to_owned))
+                .filter(|t| wanted.is_empty() || wanted.contains(t))
+                .collect();
+            if searchable.is_empty() {
+                return Err(FeedError::NoHistory(
+                    "the FHIR server offers no history and no type search (search-type) to fall back on".to_owned(),
+                ));
+            }
+            tracing::warn!(
+                "no history on this FHIR server: searching by _lastUpdated, which misses deletions and versions overwritten between polls"
+            );
+            return Ok(Scope::Search(searchable));
+        }
         if wanted.is_empty() {
             if system {
                 return Ok(Scope::System);
@@ -93,7 +120,8 @@ impl Scope {
                 return Err(FeedError::NoHistory(
                     "the FHIR server's capability statement offers neither the system history \
                      (history-system) nor any type history (history-type): it has no change \
-                     feed to read"
+                     feed to read (change_feed.fallback = \"last-updated-search\" searches by \
+                     _lastUpdated instead, without deletions)"
                         .to_owned(),
                 ));
             }
@@ -122,6 +150,18 @@ impl Scope {
                 .iter()
                 .map(|t| format!("{t}/_history?{query}"))
                 .collect(),
+            Scope::Search(types) => {
+                let since = since.map(|t| format!("_lastUpdated=ge{}&", millis(t)));
+                types
+                    .iter()
+                    .map(|t| {
+                        format!(
+                            "{t}?{}_sort=_lastUpdated&_count={count}",
+                            since.as_deref().unwrap_or_default()
+                        )
+                    })
+                    .collect()
+            }
         }
     }
 }
@@ -273,20 +313,50 @@ fn system_time(t: SystemTime) -> Timestamp {
     Timestamp::from_unix_millis(millis).unwrap_or_else(Timestamp::now)
 }
 
-/// Runs the feed until `stop` turns true: cycle, append, checkpoint, wait.
+/// Serves the doorbell: `POST /notify` (a Subscriptions Backport `id-only` rest-hook
+/// notification, or any POST) rings `bell`, which starts a cycle at once. The notification's
+/// content is not read: the history is the source of truth.
+pub async fn serve_doorbell(
+    addr: std::net::SocketAddr,
+    bell: Arc<tokio::sync::Notify>,
+) -> std::io::Result<std::net::SocketAddr> {
+    use axum::routing::post;
+    let app = axum::Router::new().route(
+        "/notify",
+        post(move || {
+            let bell = bell.clone();
+            async move {
+                bell.notify_one();
+                axum::http::StatusCode::OK
+            }
+        }),
+    );
+    let listener = tokio::net::TcpListener::bind(addr).await?;
+    let bound = listener.local_addr()?;
+    tokio::spawn(async move {
+        if let Err(e) = axum::serve(listener, app).await {
+            tracing::error!(error = %e, "the change feed doorbell stopped");
+        }
+    });
+    Ok(bound)
+}
+
+/// Runs the feed until `stop` turns true: cycle, append, checkpoint, wait for the poll
+/// interval or the doorbell.
 pub async fn run_feed(
     client: FhirClient,
     settings: &ChangeFeed,
     checkpoint: FeedCheckpoint,
     outbox: Outbox,
     metrics: Arc<Metrics>,
+    bell: Arc<tokio::sync::Notify>,
     mut stop: watch::Receiver<bool>,
 ) -> Result<FeedReport, FeedError> {
     let (statement, _) = client
         .get_json("metadata")
         .await
         .map_err(FeedError::Metadata)?;
-    let scope = Scope::from_capabilities(&statement, &settings.resource_types)?;
+    let scope = Scope::from_capabilities(&statement, &settings.resource_types, settings.fallback)?;
     tracing::info!(scope = ?scope, "reading the FHIR server's history");
     let tail_settings = TailSettings {
         settle: settings.settle,
@@ -327,6 +397,7 @@ pub async fn run_feed(
         };
         tokio::select! {
             _ = tokio::time::sleep(wait) => {}
+            _ = bell.notified() => {}
             _ = stop.changed() => {}
         }
     }
@@ -387,18 +458,38 @@ mod tests {
                     "interaction": [{"code": "read"}, {"code": "history-type"}]})).collect::<Vec<_>>()}]})
         };
         assert_eq!(
-            Scope::from_capabilities(&statement(true, &["Patient"]), &[]).unwrap(),
+            Scope::from_capabilities(&statement(true, &["Patient"]), &[], FeedFallback::None)
+                .unwrap(),
             Scope::System
         );
         assert_eq!(
-            Scope::from_capabilities(&statement(false, &["Patient", "Device"]), &[]).unwrap(),
+            Scope::from_capabilities(
+                &statement(false, &["Patient", "Device"]),
+                &[],
+                FeedFallback::None
+            )
+            .unwrap(),
             Scope::Types(vec!["Patient".into(), "Device".into()])
         );
         let wanted = vec!["Consent".to_owned()];
-        let err = Scope::from_capabilities(&statement(true, &["Patient"]), &wanted).unwrap_err();
+        let err =
+            Scope::from_capabilities(&statement(true, &["Patient"]), &wanted, FeedFallback::None)
+                .unwrap_err();
         assert!(err.to_string().contains("Consent"), "{err}");
-        let err = Scope::from_capabilities(&statement(false, &[]), &[]).unwrap_err();
+        let err =
+            Scope::from_capabilities(&statement(false, &[]), &[], FeedFallback::None).unwrap_err();
         assert!(err.to_string().contains("history-system"), "{err}");
+        // Without history, the fallback searches the types that can be searched.
+        let searchable = json!({"resourceType": "CapabilityStatement", "rest": [{"mode": "server",
+            "resource": [{"type": "Consent", "interaction": [{"code": "search-type"}]},
+                         {"type": "Binary", "interaction": [{"code": "read"}]}]}]});
+        let scope =
+            Scope::from_capabilities(&searchable, &[], FeedFallback::LastUpdatedSearch).unwrap();
+        assert_eq!(scope, Scope::Search(vec!["Consent".into()]));
+        assert_eq!(
+            scope.first_pages(Some(Timestamp::parse("2026-01-01T00:00:00Z").unwrap()), 10),
+            ["Consent?_lastUpdated=ge2026-01-01T00:00:00.000Z&_sort=_lastUpdated&_count=10"]
+        );
         assert_eq!(
             Scope::Types(vec!["Patient".into()]).first_pages(
                 Some(Timestamp::parse("2026-01-01T00:00:00.1234567Z").unwrap()),
