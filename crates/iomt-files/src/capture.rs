@@ -133,7 +133,7 @@ impl<R: BufRead> JsonLines<R> {
             if available.is_empty() {
                 return Ok((length > 0).then_some(length));
             }
-            let (chunk, used, done) = match available.iter().position(|&b| b == b'\n') {
+            let (chunk, used, done) = match memchr::memchr(b'\n', available) {
                 Some(i) => (&available[..i], i + 1, true),
                 None => (available, available.len(), false),
             };
