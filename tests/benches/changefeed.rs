@@ -77,9 +77,11 @@ fn answer(v: &Value) -> Answer {
 }
 
 async fn metadata() -> Answer {
-    answer(&json!({"resourceType": "CapabilityStatement", "status": "active",
+    answer(
+        &json!({"resourceType": "CapabilityStatement", "status": "active",
         "kind": "instance", "fhirVersion": "4.0.1", "format": ["json"],
-        "rest": [{"mode": "server", "interaction": [{"code": "history-system"}]}]}))
+        "rest": [{"mode": "server", "interaction": [{"code": "history-system"}]}]}),
+    )
 }
 
 async fn serve_history(State((history, base)): State<(History, String)>, uri: Uri) -> Answer {
@@ -232,7 +234,9 @@ fn main() {
         std::thread::sleep(Duration::from_millis(20));
         let now = now_ms();
         delivered(&out, &mut seen, &mut |e| {
-            if let Some(t) = e["time"].as_str().and_then(|t| iomt_core::Timestamp::parse(t).ok())
+            if let Some(t) = e["time"]
+                .as_str()
+                .and_then(|t| iomt_core::Timestamp::parse(t).ok())
             {
                 latencies.push(now - t.unix_millis());
             }
