@@ -217,7 +217,6 @@ fn main() {
     // Steady rate: 500 changes/s for 20 s, each committed as it is added.
     let mut latencies = Vec::new();
     let adding = {
-        let history = history.clone();
         std::thread::spawn(move || {
             let begin = Instant::now();
             for i in 0..10_000usize {
