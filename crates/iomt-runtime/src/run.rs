@@ -330,7 +330,7 @@ pub async fn changes_role(
     use crate::config::Target;
     use crate::source::changefeed::{FeedCheckpoint, run_feed};
 
-    let Target::Fhir { client, .. } = &config.target else {
+    let Target::Fhir { client, url, .. } = &config.target else {
         return Err(RunError::Config(ConfigError {
             origin: "fhir.url".into(),
             message: "the changes role reads this server's history".into(),
@@ -365,11 +365,9 @@ pub async fn changes_role(
     health.set_ready(true);
     let feed = tokio::spawn({
         let (client, settings) = (client.clone(), config.change_feed.clone());
-        let checkpoint = match (&config.change_feed_checkpoints, &config.target) {
-            (Some(container), Target::Fhir { url, .. }) => {
-                FeedCheckpoint::in_container(container.clone(), url)
-            }
-            _ => FeedCheckpoint::in_dir(&config.state_dir),
+        let checkpoint = match &config.change_feed_checkpoints {
+            Some(container) => FeedCheckpoint::in_container(container.clone(), url),
+            None => FeedCheckpoint::in_dir(&config.state_dir),
         };
         let metrics = metrics.clone();
         let stop = stop.clone();

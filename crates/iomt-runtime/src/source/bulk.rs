@@ -67,9 +67,11 @@ impl BulkInput {
     /// The files of `paths`: NDJSON files, or folders of them (with or without a manifest).
     pub fn read(paths: &[PathBuf]) -> Result<Self, BulkError> {
         let mut input = Self::default();
+        // Files no manifest lists, which their content classifies.
+        let mut unlisted = Vec::new();
         for path in paths {
             if !path.is_dir() {
-                input.files.push(path.clone());
+                unlisted.push(path.clone());
                 continue;
             }
             let manifest = path.join("manifest.json");
@@ -83,13 +85,12 @@ impl BulkInput {
                 .filter(|p| p.extension().is_some_and(|x| x == "ndjson"))
                 .collect();
             files.sort();
-            input.files.extend(files);
+            unlisted.extend(files);
         }
         // Without a manifest, a file of Bundles holds deletions.
-        let (deleted, files): (Vec<PathBuf>, Vec<PathBuf>) = std::mem::take(&mut input.files)
-            .into_iter()
-            .partition(|f| first_line_is_bundle(f));
-        input.files = files;
+        let (deleted, files): (Vec<PathBuf>, Vec<PathBuf>) =
+            unlisted.into_iter().partition(|f| first_line_is_bundle(f));
+        input.files.extend(files);
         input.deleted.extend(deleted);
         input.deleted.sort();
         input.deleted.dedup();
