@@ -69,6 +69,21 @@ fn check(args: &CheckArgs) -> anyhow::Result<u8> {
 
 /// What the checked job reads and writes.
 fn describe(config: &Compiled) -> String {
+    if let (iomt_runtime::config::Role::Changes, Target::Fhir { url, .. }) =
+        (config.role, &config.target)
+    {
+        let log = match &config.event_log {
+            Some(iomt_runtime::config::EventLog::Hub(hub)) => format!("event log hub {}", hub.hub),
+            Some(iomt_runtime::config::EventLog::Kafka(kafka)) => {
+                format!("event log topic {}", kafka.topic)
+            }
+            None => "the local event log".to_owned(),
+        };
+        return format!(
+            "role Changes reads the history of FHIR server {} into {log}",
+            iomt_core::redact_url(url)
+        );
+    }
     let output = match (&config.target, &config.live) {
         (Target::InternalHub, Some(live)) => match &live.internal_hub {
             Some(hub) => format!("internal hub {}", hub.hub),
