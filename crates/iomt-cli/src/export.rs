@@ -6,7 +6,7 @@ use std::time::Instant;
 
 use anyhow::Context as _;
 use clap::{ArgGroup, Args};
-use iomt_runtime::source::bulk::{BulkInput, status_event};
+use iomt_runtime::source::bulk::{BulkInput, append_status, status_event};
 use iomt_runtime::{Config, Purpose};
 
 use crate::run::{report_config_errors, report_events, runtime};
@@ -87,15 +87,8 @@ fn publish(args: &ExportArgs) -> anyhow::Result<u8> {
         let Some(file) = &args.status else {
             return Ok(());
         };
-        let mut line = status_event(&source, &export, state, data).to_string();
-        line.push('\n');
-        let mut f = std::fs::OpenOptions::new()
-            .create(true)
-            .append(true)
-            .open(file)
-            .with_context(|| format!("cannot write {}", file.display()))?;
-        std::io::Write::write_all(&mut f, line.as_bytes())?;
-        Ok(())
+        append_status(file, &status_event(&source, &export, state, data))
+            .with_context(|| format!("cannot write {}", file.display()))
     };
     status("started", serde_json::json!({"inputs": args.from}))?;
     let started = Instant::now();

@@ -6,7 +6,7 @@
 //! They are set once per process, before templates are loaded, from the configuration
 //! ([`set_limits`]); the stages read them where they check ([`limits`]).
 
-use std::sync::RwLock;
+use std::sync::atomic::{AtomicUsize, Ordering};
 
 use serde::{Deserialize, Serialize};
 
@@ -35,20 +35,49 @@ pub struct Limits {
 
 impl Default for Limits {
     fn default() -> Self {
-        Self {
-            message_bytes: 1024 * 1024,
-            template_file_bytes: 4 * 1024 * 1024,
-            expression_bytes: 16 * 1024,
-            expression_nesting: 32,
-            expression_operators: 128,
-            handlebars_bytes: 64 * 1024,
-            handlebars_nesting: 32,
-            measurements_per_event: 10_000,
-        }
+        Self::DEFAULT
     }
 }
 
 impl Limits {
+    /// The limits of a process that sets none.
+    pub const DEFAULT: Self = Self {
+        message_bytes: 1024 * 1024,
+        template_file_bytes: 4 * 1024 * 1024,
+        expression_bytes: 16 * 1024,
+        expression_nesting: 32,
+        expression_operators: 128,
+        handlebars_bytes: 64 * 1024,
+        handlebars_nesting: 32,
+        measurements_per_event: 10_000,
+    };
+
+    const fn to_array(self) -> [usize; 8] {
+        [
+            self.message_bytes,
+            self.template_file_bytes,
+            self.expression_bytes,
+            self.expression_nesting,
+            self.expression_operators,
+            self.handlebars_bytes,
+            self.handlebars_nesting,
+            self.measurements_per_event,
+        ]
+    }
+
+    fn from_array(a: [usize; 8]) -> Self {
+        Self {
+            message_bytes: a[0],
+            template_file_bytes: a[1],
+            expression_bytes: a[2],
+            expression_nesting: a[3],
+            expression_operators: a[4],
+            handlebars_bytes: a[5],
+            handlebars_nesting: a[6],
+            measurements_per_event: a[7],
+        }
+    }
+
     /// The ceilings of the limits that guard a thread's stack (2 MiB for a worker), with
     /// room to spare: `(key, ceiling)`.
     pub const CEILINGS: [(&'static str, usize); 3] = [
@@ -88,16 +117,21 @@ impl Limits {
     }
 }
 
-static CURRENT: RwLock<Limits> = RwLock::new(Limits {
-    message_bytes: 1024 * 1024,
-    template_file_bytes: 4 * 1024 * 1024,
-    expression_bytes: 16 * 1024,
-    expression_nesting: 32,
-    expression_operators: 128,
-    handlebars_bytes: 64 * 1024,
-    handlebars_nesting: 32,
-    measurements_per_event: 10_000,
-});
+/// The limits in effect, one atomic each: the normalize stage reads them for every event, so
+/// a read is a few plain loads rather than a lock.
+static CURRENT: [AtomicUsize; 8] = {
+    const D: [usize; 8] = Limits::DEFAULT.to_array();
+    [
+        AtomicUsize::new(D[0]),
+        AtomicUsize::new(D[1]),
+        AtomicUsize::new(D[2]),
+        AtomicUsize::new(D[3]),
+        AtomicUsize::new(D[4]),
+        AtomicUsize::new(D[5]),
+        AtomicUsize::new(D[6]),
+        AtomicUsize::new(D[7]),
+    ]
+};
 
 /// Sets the limits of this process; a limit over its ceiling is held at the ceiling.
 pub fn set_limits(limits: Limits) {
@@ -110,16 +144,14 @@ pub fn set_limits(limits: Limits) {
         };
         *value = (*value).clamp(1, ceiling);
     }
-    *CURRENT
-        .write()
-        .unwrap_or_else(std::sync::PoisonError::into_inner) = held;
+    for (slot, value) in CURRENT.iter().zip(held.to_array()) {
+        slot.store(value, Ordering::Relaxed);
+    }
 }
 
 /// The limits in effect.
 pub fn limits() -> Limits {
-    *CURRENT
-        .read()
-        .unwrap_or_else(std::sync::PoisonError::into_inner)
+    Limits::from_array(CURRENT.each_ref().map(|slot| slot.load(Ordering::Relaxed)))
 }
 
 #[cfg(test)]

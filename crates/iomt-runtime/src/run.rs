@@ -41,6 +41,21 @@ pub enum RunError {
     Files(#[from] FilesError),
 }
 
+/// Serves `/metrics`, `/healthz` and `/readyz` when the configuration names an address.
+async fn serve_metrics(
+    config: &Compiled,
+    metrics: &Arc<crate::Metrics>,
+    health: Arc<crate::Health>,
+) -> Result<(), RunError> {
+    if let Some(addr) = config.metrics_addr {
+        let bound = crate::serve(addr, metrics.clone(), health)
+            .await
+            .map_err(|error| RunError::Metrics { addr, error })?;
+        tracing::info!(%bound, "serving /metrics, /healthz and /readyz");
+    }
+    Ok(())
+}
+
 /// Runs an assembled pipeline over the items of `input`: on the in-process hub, or, with an
 /// internal-hub producer (the normalize role), only up to that hub.
 pub async fn run_pipeline<K: CheckpointStore>(
@@ -51,13 +66,7 @@ pub async fn run_pipeline<K: CheckpointStore>(
     internal_hub: Option<EventHubsProducer>,
     shutdown: impl Future<Output = ()> + Send,
 ) -> Result<Report<K>, RunError> {
-    if let Some(addr) = config.metrics_addr {
-        let health = prepared.pipeline.health();
-        let bound = crate::serve(addr, prepared.metrics.clone(), health)
-            .await
-            .map_err(|error| RunError::Metrics { addr, error })?;
-        tracing::info!(%bound, "serving /metrics, /healthz and /readyz");
-    }
+    serve_metrics(config, &prepared.metrics, prepared.pipeline.health()).await?;
     let (pipeline, dead_letters) = (prepared.pipeline, prepared.dead_letters);
     let (stop_events, events_stop) = watch::channel(false);
     let events = prepared.events.map(|service| service.spawn(events_stop));
@@ -337,12 +346,7 @@ pub async fn changes_role(
         }));
     };
     let health = Arc::new(crate::Health::default());
-    if let Some(addr) = config.metrics_addr {
-        let bound = crate::serve(addr, metrics.clone(), health.clone())
-            .await
-            .map_err(|error| RunError::Metrics { addr, error })?;
-        tracing::info!(%bound, "serving /metrics, /healthz and /readyz");
-    }
+    serve_metrics(config, &metrics, health.clone()).await?;
     let (outbox, service) = crate::events::EventService::build(config, metrics.clone())?;
     if matches!(outbox, crate::events::Outbox::None) {
         return Err(RunError::Config(ConfigError {
@@ -469,12 +473,7 @@ pub async fn events_role(
         ));
     };
     let health = Arc::new(crate::Health::default());
-    if let Some(addr) = config.metrics_addr {
-        let bound = crate::serve(addr, metrics.clone(), health.clone())
-            .await
-            .map_err(|error| RunError::Metrics { addr, error })?;
-        tracing::info!(%bound, "serving /metrics, /healthz and /readyz");
-    }
+    serve_metrics(config, &metrics, health.clone()).await?;
     // An Event Hub log: ownership and checkpoints in the checkpoint container.
     let hub = match (log, &config.live) {
         (EventLog::Hub(_), Some(live)) => {

@@ -36,23 +36,13 @@ const LOG_SCHEMA: &str = "
 ";
 
 /// Logs written before deletions had rows of their own kept one row per version in a table
-/// constraint; they are rebuilt without it, positions kept.
-const LOG_MIGRATION: &str = "
-    ALTER TABLE changes RENAME TO changes_before_deletions;
-    CREATE TABLE changes (
-        seq INTEGER PRIMARY KEY AUTOINCREMENT,
-        type TEXT NOT NULL,
-        id TEXT NOT NULL,
-        version TEXT NOT NULL,
-        last_updated TEXT NOT NULL,
-        action TEXT NOT NULL,
-        identity INTEGER NOT NULL
-    );
+/// constraint: the table is renamed, [`LOG_SCHEMA`] creates the new one, and the rows move over,
+/// positions kept.
+const LOG_MIGRATION_COPY: &str = "
     INSERT INTO changes SELECT seq, type, id, version, last_updated, action, identity
         FROM changes_before_deletions;
     DROP TABLE changes_before_deletions;
 ";
-
 /// The outbox of runs that write to a FHIR server.
 #[derive(Debug)]
 pub struct EventLog {
@@ -79,7 +69,9 @@ impl EventLog {
             .map_err(database_error(&path))?;
         if old.is_some_and(|sql| sql.contains("UNIQUE (type, id, version)")) {
             let tx = conn.transaction().map_err(database_error(&path))?;
-            tx.execute_batch(LOG_MIGRATION)
+            tx.execute_batch("ALTER TABLE changes RENAME TO changes_before_deletions;")
+                .and_then(|()| tx.execute_batch(LOG_SCHEMA))
+                .and_then(|()| tx.execute_batch(LOG_MIGRATION_COPY))
                 .map_err(database_error(&path))?;
             tx.commit().map_err(database_error(&path))?;
         }

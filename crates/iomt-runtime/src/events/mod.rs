@@ -117,11 +117,7 @@ impl EventService {
             return Ok((Outbox::None, None));
         }
         if let Some(log) = &config.event_log {
-            let log = RemoteLog::new(log).map_err(|e| ConfigError {
-                origin: "event log".into(),
-                message: e.to_string(),
-            })?;
-            return Ok((Outbox::Remote(Arc::new(log)), None));
+            return Ok((remote_outbox(log)?, None));
         }
         let Some(events) = &config.events else {
             return Ok((Outbox::None, None));
@@ -169,11 +165,7 @@ impl EventService {
         metrics: Arc<Metrics>,
     ) -> Result<(Outbox, Option<EventService>), ConfigError> {
         if let Some(log) = &config.event_log {
-            let log = RemoteLog::new(log).map_err(|e| ConfigError {
-                origin: "event log".into(),
-                message: e.to_string(),
-            })?;
-            return Ok((Outbox::Remote(Arc::new(log)), None));
+            return Ok((remote_outbox(log)?, None));
         }
         let Some(events) = &config.events else {
             return Ok((Outbox::None, None));
@@ -209,6 +201,15 @@ impl EventService {
             .collect();
         tokio::spawn(report(tasks))
     }
+}
+
+/// The outbox of cluster mode: the event log hub or topic.
+fn remote_outbox(log: &crate::config::EventLog) -> Result<Outbox, ConfigError> {
+    let log = RemoteLog::new(log).map_err(|e| ConfigError {
+        origin: "event log".into(),
+        message: e.to_string(),
+    })?;
+    Ok(Outbox::Remote(Arc::new(log)))
 }
 
 /// The local event log in the state directory, and a reader of it.

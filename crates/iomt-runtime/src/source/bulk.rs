@@ -263,3 +263,15 @@ pub fn status_event(source: &str, export: &str, state: &str, data: Value) -> Val
         "data": data,
     })
 }
+
+/// Appends a status event to a JSON Lines file (`iomt export --status`).
+pub fn append_status(file: &Path, event: &Value) -> std::io::Result<()> {
+    use std::io::Write as _;
+    let mut line = event.to_string();
+    line.push('\n');
+    std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(file)?
+        .write_all(line.as_bytes())
+}
