@@ -278,10 +278,14 @@ async fn read_cycle(
         let mut next = Some(first);
         let mut pages = 0usize;
         while let Some(target) = next.take() {
-            let (bundle, date) = client
-                .get_json(&target)
-                .await
-                .map_err(|e| format!("reading the history: {e}"))?;
+            let (bundle, date) = client.get_json(&target).await.map_err(|e| {
+                // An error may quote the server's answer, which can hold patient data: the
+                // warning names the kind, the details go to debug logs when allowed.
+                if iomt_core::log_phi() {
+                    tracing::debug!(error = %e, "history read failed");
+                }
+                format!("reading the history failed ({})", e.metric_name())
+            })?;
             if server_time.is_none() {
                 server_time = date.map(system_time);
             }
