@@ -74,6 +74,24 @@ start_azurite() {
   echo "Azurite ready at $IOMT_TEST_AZURITE_URL"
 }
 
+# A Cosmos DB (NoSQL API) compatible server (npm @vercel/cosmosdb-server behind
+# tests/cosmos/server.mjs) on a free loopback port, in memory, over plain HTTP, for the Cosmos DB
+# destination tests.
+start_cosmos() {
+  if [[ -n "${IOMT_TEST_COSMOS_URL:-}" ]]; then
+    echo "using the Cosmos DB server at $IOMT_TEST_COSMOS_URL"
+    return
+  fi
+  (cd tests/cosmos && npm ci --no-audit --no-fund --loglevel=error)
+  local port
+  port=${IOMT_TEST_COSMOS_PORT:-$(free_port)}
+  node tests/cosmos/server.mjs "$port" > "$repo/target/cosmos.log" 2>&1 &
+  pids+=("$!")
+  export IOMT_TEST_COSMOS_URL="http://127.0.0.1:$port"
+  await_ready "Cosmos DB test server" "$!" "$repo/target/cosmos.log" -sf "$IOMT_TEST_COSMOS_URL/"
+  echo "Cosmos DB test server ready at $IOMT_TEST_COSMOS_URL"
+}
+
 # The tests' Python tools (tests/python): the webhook receiver's Standard Webhooks library, a
 # Kafka client, and Tansu, the Kafka-compatible broker.
 setup_python_tools() {
@@ -123,6 +141,9 @@ start_fhir_server
 
 step "Azurite"
 start_azurite
+
+step "Cosmos DB test server"
+start_cosmos
 
 step "Python test tools"
 setup_python_tools

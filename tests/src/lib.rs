@@ -2,6 +2,7 @@
 //! binary and its processes, the repository root, and scratch directories; the capture's oracle and the checks
 //! against it ([`golden`]); live Event Hubs runs ([`eventhubs`]).
 
+pub mod cosmos;
 pub mod eventhubs;
 pub mod events;
 pub mod faults;

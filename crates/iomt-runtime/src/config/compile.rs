@@ -329,17 +329,12 @@ impl Config {
                     allow_insecure_http,
                     ..
                 } => {
-                    if !reqwest_like_url(url) {
-                        errors.push(error(
-                            format!("{at}.destination.url"),
-                            "must be an http:// or https:// URL",
-                        ));
-                    } else if iomt_core::is_insecure_remote(url) && !allow_insecure_http {
-                        errors.push(error(
-                            format!("{at}.destination.url"),
-                            "plain http:// to a host that is not loopback is refused: use https://, or set allow_insecure_http = true in the destination",
-                        ));
-                    }
+                    url_errors(
+                        &format!("{at}.destination.url"),
+                        url,
+                        *allow_insecure_http,
+                        errors,
+                    );
                     if let Some(secret) = secret
                         && let Err(e) = secret.parse::<iomt_events::webhook::Secret>()
                     {
@@ -364,17 +359,12 @@ impl Config {
                     allow_insecure_http,
                     ..
                 } => {
-                    if !reqwest_like_url(endpoint) {
-                        errors.push(error(
-                            format!("{at}.destination.endpoint"),
-                            "must be an http:// or https:// URL",
-                        ));
-                    } else if iomt_core::is_insecure_remote(endpoint) && !allow_insecure_http {
-                        errors.push(error(
-                            format!("{at}.destination.endpoint"),
-                            "plain http:// to a host that is not loopback is refused: use https://, or set allow_insecure_http = true in the destination",
-                        ));
-                    }
+                    url_errors(
+                        &format!("{at}.destination.endpoint"),
+                        endpoint,
+                        *allow_insecure_http,
+                        errors,
+                    );
                     if !matches!(
                         s.format,
                         iomt_events::Format::EventGrid | iomt_events::Format::Cloudevents
@@ -384,21 +374,58 @@ impl Config {
                             "an Event Grid topic takes event-grid or cloudevents",
                         ));
                     }
-                    let entra = entra_credential(*auth, tenant_id, client_id, client_secret);
-                    if key.is_none() && entra.is_none() {
+                    entra_errors(
+                        &format!("{at}.destination"),
+                        key.is_some(),
+                        *auth,
+                        tenant_id,
+                        client_id,
+                        client_secret,
+                        errors,
+                    );
+                }
+                super::Destination::Cosmos {
+                    endpoint,
+                    database,
+                    container,
+                    key,
+                    auth,
+                    tenant_id,
+                    client_id,
+                    client_secret,
+                    allow_insecure_http,
+                    ..
+                } => {
+                    let at_endpoint = format!("{at}.destination.endpoint");
+                    url_errors(&at_endpoint, endpoint, *allow_insecure_http, errors);
+                    if s.format != iomt_events::Format::FullResource {
                         errors.push(error(
-                            format!("{at}.destination"),
-                            "needs a key, or an auth naming an Entra identity",
+                            format!("{at}.format"),
+                            "a Cosmos DB container holds resources: set format = \"full-resource\"",
                         ));
                     }
-                    if *auth == AuthKind::ClientSecret
-                        && (tenant_id.is_none() || client_id.is_none() || client_secret.is_none())
+                    for (name, value) in [("database", database), ("container", container)] {
+                        if value.is_empty() || value.contains(['/', '\\', '?', '#']) {
+                            errors.push(error(
+                                format!("{at}.destination.{name}"),
+                                "must be a non-empty name without '/', '\\', '?' or '#'",
+                            ));
+                        }
+                    }
+                    if let Some(key) = key
+                        && let Err(e) = crate::events::cosmos::MasterKey::new(key)
                     {
-                        errors.push(error(
-                            format!("{at}.destination"),
-                            "auth = \"client-secret\" needs tenant_id, client_id and client_secret",
-                        ));
+                        errors.push(error(format!("{at}.destination.key"), e));
                     }
+                    entra_errors(
+                        &format!("{at}.destination"),
+                        key.is_some(),
+                        *auth,
+                        tenant_id,
+                        client_id,
+                        client_secret,
+                        errors,
+                    );
                 }
                 super::Destination::EventHubs { .. } => {
                     if let Some(hub) = s.destination.event_hub() {
@@ -864,6 +891,44 @@ fn hub_errors(s: &Source, key: &str, read: bool, errors: &mut Vec<ConfigError>) 
     // Every check of a quiet partition is a management call.
     if read && s.stall_after < Duration::from_secs(1) {
         errors.push(error(at("stall_after"), "must be at least 1s"));
+    }
+}
+
+/// A destination's URL: http(s), and https to hosts that are not loopback unless allowed.
+fn url_errors(at: &str, url: &str, allow_insecure_http: bool, errors: &mut Vec<ConfigError>) {
+    if !reqwest_like_url(url) {
+        errors.push(error(at, "must be an http:// or https:// URL"));
+    } else if iomt_core::is_insecure_remote(url) && !allow_insecure_http {
+        errors.push(error(
+            at,
+            "plain http:// to a host that is not loopback is refused: use https://, or set allow_insecure_http = true in the destination",
+        ));
+    }
+}
+
+/// A destination's credentials: a key, or a complete Entra identity.
+fn entra_errors(
+    at: &str,
+    has_key: bool,
+    auth: AuthKind,
+    tenant_id: &Option<String>,
+    client_id: &Option<String>,
+    client_secret: &Option<String>,
+    errors: &mut Vec<ConfigError>,
+) {
+    if !has_key && entra_credential(auth, tenant_id, client_id, client_secret).is_none() {
+        errors.push(error(
+            at,
+            "needs a key, or an auth naming an Entra identity",
+        ));
+    }
+    if auth == AuthKind::ClientSecret
+        && (tenant_id.is_none() || client_id.is_none() || client_secret.is_none())
+    {
+        errors.push(error(
+            at,
+            "auth = \"client-secret\" needs tenant_id, client_id and client_secret",
+        ));
     }
 }
 

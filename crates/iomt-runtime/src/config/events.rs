@@ -227,6 +227,70 @@ pub enum Destination {
         #[serde(default)]
         allow_insecure_http: bool,
     },
+    /// A Cosmos DB (NoSQL API) container that holds the latest version of each resource as a
+    /// document (format full-resource). Document ids are `Type_id` (Cosmos ids cannot hold
+    /// `/`); an older version never replaces a newer one.
+    Cosmos {
+        /// The account endpoint, `https://<account>.documents.azure.com:443/`.
+        endpoint: String,
+        /// The database.
+        database: String,
+        /// The container; its partition key path must be one top-level property, for example
+        /// `/partitionKey` or `/resourceType`.
+        container: String,
+        /// A primary or secondary key of the account (master-key signatures); otherwise `auth`
+        /// names an Entra identity (role: Cosmos DB Built-in Data Contributor).
+        #[serde(default)]
+        key: Option<String>,
+        /// `workload-identity`, `managed-identity` or `client-secret` without a key.
+        #[serde(default)]
+        auth: AuthKind,
+        /// Entra tenant, for `client-secret`.
+        #[serde(default)]
+        tenant_id: Option<String>,
+        /// Entra client id.
+        #[serde(default)]
+        client_id: Option<String>,
+        /// Entra client secret.
+        #[serde(default)]
+        client_secret: Option<String>,
+        /// What the partition key holds [default: resource-type].
+        #[serde(default)]
+        partition_key: CosmosPartition,
+        /// What a delete does to the document [default: remove].
+        #[serde(default)]
+        on_delete: CosmosDelete,
+        /// How long to wait for an answer.
+        #[serde(default = "default_timeout", with = "humantime_serde")]
+        timeout: Duration,
+        /// Allows plain `http://` to a host that is not loopback (refused otherwise).
+        #[serde(default)]
+        allow_insecure_http: bool,
+    },
+}
+
+/// The partition key value of a Cosmos DB document.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum CosmosPartition {
+    /// The resource type: `Observation`.
+    #[default]
+    ResourceType,
+    /// The patient compartment: `Patient/{id}` for a Patient and for resources whose
+    /// `subject`, `patient` or `beneficiary` names a Patient; the resource type otherwise.
+    Patient,
+}
+
+/// What a delete does to a Cosmos DB document.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum CosmosDelete {
+    /// Removes the document.
+    #[default]
+    Remove,
+    /// Replaces it with a tombstone (`deleted: true`, the version, no content), which also
+    /// keeps a late older version from coming back.
+    Mark,
 }
 
 impl Destination {
@@ -242,6 +306,11 @@ impl Destination {
             Destination::EventGrid { endpoint, .. } => {
                 format!("Event Grid topic {}", iomt_core::redact_url(endpoint))
             }
+            Destination::Cosmos {
+                database,
+                container,
+                ..
+            } => format!("Cosmos DB container {database}/{container}"),
         }
     }
 
@@ -301,6 +370,9 @@ impl Subscription {
                 ..
             } => mask([connection_string, client_secret]),
             Destination::EventGrid {
+                key, client_secret, ..
+            }
+            | Destination::Cosmos {
                 key, client_secret, ..
             } => mask([key, client_secret]),
             Destination::Kafka { properties, .. } => mask_properties(properties),

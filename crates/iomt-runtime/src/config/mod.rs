@@ -30,7 +30,7 @@ mod events;
 
 pub use compile::{Compiled, CompiledEvents, DeadLetterTarget, EventLog, Live, Purpose, Target};
 pub(crate) use compile::{hub_settings, token_credential};
-pub use events::{Destination, Events, KafkaLog, Subscription};
+pub use events::{CosmosDelete, CosmosPartition, Destination, Events, KafkaLog, Subscription};
 
 /// The environment prefix of overrides.
 pub const ENV_PREFIX: &str = "IOMT__";
@@ -979,6 +979,58 @@ destination = { kind = "kafka", brokers = "127.0.0.1:9092", topic = "fhir", prop
             (log.brokers.as_str(), log.topic.as_str()),
             ("k:9092", "changes")
         );
+    }
+
+    #[test]
+    fn cosmos_destinations_are_checked_and_print_without_their_key() {
+        let dir = tempfile::tempdir().unwrap();
+        let file = dir.path().join("iomt.toml");
+        std::fs::write(
+            &file,
+            r#"
+[[subscriptions]]
+name = "good"
+format = "full-resource"
+destination = { kind = "cosmos", endpoint = "https://acct.documents.azure.com:443/", database = "fhir", container = "resources", key = "c2VjcmV0a2V5", partition_key = "patient", on_delete = "mark" }
+
+[[subscriptions]]
+name = "bad"
+destination = { kind = "cosmos", endpoint = "http://acct.example:443/", database = "a/b", container = "", key = "not base64!" }
+
+[[subscriptions]]
+name = "nokey"
+format = "full-resource"
+destination = { kind = "cosmos", endpoint = "https://acct.documents.azure.com/", database = "fhir", container = "c" }
+"#,
+        )
+        .unwrap();
+        let config = Config::load(Some(&file), []).unwrap();
+        let printed = config.to_toml();
+        assert!(!printed.contains("c2VjcmV0a2V5"), "{printed}");
+        assert_eq!(
+            config.subscriptions[0].destination.describe(),
+            "Cosmos DB container fhir/resources"
+        );
+        let errors = config.validate(Purpose::Replay);
+        let found: Vec<(&str, &str)> = errors
+            .iter()
+            .filter(|e| e.origin.starts_with("subscriptions"))
+            .map(|e| (e.origin.as_str(), e.message.as_str()))
+            .collect();
+        let origins: Vec<&str> = found.iter().map(|(o, _)| *o).collect();
+        assert_eq!(
+            origins,
+            [
+                "subscriptions[1] (bad).destination.endpoint",
+                "subscriptions[1] (bad).format",
+                "subscriptions[1] (bad).destination.database",
+                "subscriptions[1] (bad).destination.container",
+                "subscriptions[1] (bad).destination.key",
+                "subscriptions[2] (nokey).destination",
+            ],
+            "{found:?}"
+        );
+        assert!(!format!("{found:?}").contains("not base64!"), "{found:?}");
     }
 
     #[test]

@@ -517,6 +517,8 @@ impl Subscription {
                     resource.as_ref(),
                 ),
                 earlier_attempts: p.attempts,
+                event: p.event.clone(),
+                resource,
             });
         }
         let results = self.destination.deliver(&batch).await;

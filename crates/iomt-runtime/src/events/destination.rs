@@ -1,6 +1,6 @@
 //! Where a subscription's events go: a JSON Lines file, a webhook (Standard Webhooks
-//! signatures, Event Grid and CloudEvents handshakes and headers), a Kafka topic or an Event
-//! Hub.
+//! signatures, Event Grid and CloudEvents handshakes and headers), a Kafka topic, an Event
+//! Hub, an Event Grid topic or a Cosmos DB container ([`super::cosmos`]).
 
 use std::io::Write as _;
 use std::path::PathBuf;
@@ -25,6 +25,10 @@ pub(crate) struct Outgoing {
     pub(crate) rendered: Rendered,
     /// Attempts made before this one.
     pub(crate) earlier_attempts: u32,
+    /// The change.
+    pub(crate) event: iomt_events::ChangeEvent,
+    /// The version's resource, for formats that carry it; `None` when it could not be read.
+    pub(crate) resource: Option<serde_json::Value>,
 }
 
 /// Why a destination cannot be set up or validated.
@@ -46,6 +50,7 @@ pub(crate) enum Destination {
     Kafka(Box<Kafka>),
     EventHubs(Box<EventHubs>),
     EventGrid(Box<EventGrid>),
+    Cosmos(Box<super::cosmos::Cosmos>),
 }
 
 impl Destination {
@@ -116,6 +121,41 @@ impl Destination {
                     format,
                 }))
             }
+            DestinationConfig::Cosmos {
+                endpoint,
+                database,
+                container,
+                key,
+                auth,
+                tenant_id,
+                client_id,
+                client_secret,
+                partition_key,
+                on_delete,
+                timeout,
+                allow_insecure_http,
+            } => {
+                warn_if_insecure(name, endpoint, *allow_insecure_http);
+                let credential = match key {
+                    Some(_) => None,
+                    None => {
+                        crate::config::token_credential(*auth, tenant_id, client_id, client_secret)
+                            .map_err(DestinationError::Config)?
+                    }
+                };
+                Destination::Cosmos(Box::new(super::cosmos::Cosmos::new(
+                    super::cosmos::Settings {
+                        endpoint,
+                        database,
+                        container,
+                        key: key.as_deref(),
+                        credential,
+                        partition: *partition_key,
+                        on_delete: *on_delete,
+                        client: http_client(*timeout)?,
+                    },
+                )?))
+            }
             DestinationConfig::EventHubs { timeout, .. } => {
                 let hub = config.event_hub().unwrap_or_default();
                 let settings = crate::config::hub_settings(&hub, "destination")
@@ -136,6 +176,7 @@ impl Destination {
             Destination::Webhook(w) => w.handshake(source).await,
             // Opening the hub: a hub that cannot be opened is retried like a handshake.
             Destination::EventHubs(h) => h.producer().await.map(|_| ()),
+            Destination::Cosmos(c) => c.handshake().await,
         }
     }
 
@@ -149,6 +190,7 @@ impl Destination {
             Destination::Kafka(k) => k.deliver(batch).await,
             Destination::EventHubs(h) => h.deliver(batch).await,
             Destination::EventGrid(g) => g.deliver(batch).await,
+            Destination::Cosmos(c) => c.deliver(batch).await,
         }
     }
 }

@@ -9,6 +9,7 @@
 //! the FHIR write and the append re-runs the write; it comes back unchanged, and the append of
 //! the version it names repairs the log.
 
+pub(crate) mod cosmos;
 pub mod delivery;
 pub(crate) mod destination;
 pub mod remote_log;
