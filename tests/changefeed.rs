@@ -462,6 +462,146 @@ fn a_bulk_data_export_is_published_complete_and_once() {
     );
 }
 
+/// `iomt export --server` runs a Bulk Data export on the FHIR server: kicks it off with
+/// `Prefer: respond-async`, polls its status URL as told, downloads its files next to a
+/// manifest naming them, and publishes every current version once, with the resources
+/// deleted since `_since` as deletions; a second export adds no event.
+#[test]
+fn an_export_run_by_the_server_is_downloaded_and_published_once() {
+    let _serial = serial();
+    let server = Server::from_env();
+    let scratch = Scratch::new(env!("CARGO_TARGET_TMPDIR"), "server-export");
+    let dir = scratch.path();
+    server.reset();
+    let since = now_minus(60.0);
+    for i in 0..3 {
+        put(
+            &server,
+            &json!({"resourceType": "Patient", "id": format!("p{i}")}),
+        );
+    }
+    for i in 0..3 {
+        put(
+            &server,
+            &json!({"resourceType": "Observation", "id": format!("o{i}"), "status": "final",
+                    "code": {"text": "x"}, "subject": {"reference": "Patient/p0"}}),
+        );
+    }
+    put(
+        &server,
+        &json!({"resourceType": "Patient", "id": "p1", "active": true}),
+    );
+    put(&server, &json!({"resourceType": "Device", "id": "d1"}));
+    let (status, _) = server.write(Method::DELETE, "Observation/o2", None);
+    assert!(status < 300, "DELETE: {status}");
+
+    let mut expected: BTreeSet<(String, String, String)> = BTreeSet::new();
+    for t in ["Patient", "Observation"] {
+        for r in server.all(t) {
+            let (id, version) = (r["id"].as_str().unwrap(), r["meta"]["versionId"].as_str());
+            expected.insert((t.to_owned(), id.to_owned(), version.unwrap().to_owned()));
+        }
+    }
+    assert_eq!(expected.len(), 5);
+    expected.insert(("Observation".into(), "o2".into(), "0".into()));
+    let config = dir.join("iomt.toml");
+    std::fs::write(
+        &config,
+        format!(
+            "[fhir]\nurl = {}\n\n[output]\nstate_dir = {}\n\n[events]\ndrain_deadline = \"10s\"\n\n\
+             [[subscriptions]]\nname = \"all\"\ndestination = {{ kind = \"ndjson\", path = {} }}\n",
+            toml_string(&server.base),
+            toml_string(dir.join("state").to_str().unwrap()),
+            toml_string(dir.join("events.ndjson").to_str().unwrap()),
+        ),
+    )
+    .unwrap();
+    for run in 0..2 {
+        let output = std::process::Command::new(iomt_tests::iomt())
+            .args([
+                "export",
+                "--server",
+                "--type",
+                "Patient,Observation",
+                "--since",
+                &since,
+            ])
+            .arg("--config")
+            .arg(&config)
+            .arg("--status")
+            .arg(dir.join("status.jsonl"))
+            .env_remove("IOMT_CONFIG")
+            .output()
+            .unwrap();
+        let stdout = String::from_utf8_lossy(&output.stdout);
+        assert!(
+            output.status.success(),
+            "{stdout}{}",
+            String::from_utf8_lossy(&output.stderr)
+        );
+        assert!(
+            stdout.contains("exported 6 changes (1 deletions"),
+            "{stdout}"
+        );
+        let (by_id, total) = delivered(dir);
+        let got: BTreeSet<(String, String, String)> = by_id
+            .values()
+            .map(|(kind, t, id, v)| {
+                assert_eq!(kind == "Deleted", id == "o2", "{kind} {t}/{id}");
+                (t.clone(), id.clone(), v.clone())
+            })
+            .collect();
+        assert_eq!(got, expected, "run {run}");
+        assert_eq!(total, 6, "run {run}: nothing delivered twice");
+    }
+    // The downloads: the files and a manifest naming them where they are.
+    let exports: Vec<PathBuf> = std::fs::read_dir(dir.join("state/exports"))
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .collect();
+    assert_eq!(exports.len(), 2, "{exports:?}");
+    let manifest: Value =
+        serde_json::from_str(&std::fs::read_to_string(exports[0].join("manifest.json")).unwrap())
+            .unwrap();
+    for entry in manifest["output"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .chain(manifest["deleted"].as_array().unwrap())
+    {
+        assert!(
+            exports[0].join(entry["url"].as_str().unwrap()).is_file(),
+            "{manifest}"
+        );
+    }
+    let status = read_json_lines(&dir.join("status.jsonl"));
+    let types: Vec<&str> = status.iter().map(|e| e["type"].as_str().unwrap()).collect();
+    assert_eq!(
+        types,
+        [
+            "iomt.bulkexport.started",
+            "iomt.bulkexport.completed",
+            "iomt.bulkexport.started",
+            "iomt.bulkexport.completed"
+        ]
+    );
+    assert!(
+        status[0]["subject"].as_str().unwrap().contains("/__bulk/0"),
+        "{}",
+        status[0]
+    );
+    assert!(
+        status[0]["data"]["request"]
+            .as_str()
+            .unwrap()
+            .contains("_since=")
+    );
+    assert_ne!(
+        status[0]["id"], status[2]["id"],
+        "two exports, two status events"
+    );
+}
+
 /// Without any history, `fallback = "last-updated-search"` searches each type by
 /// `_lastUpdated`; and the doorbell (`POST /notify`) starts a cycle at once, long before the
 /// next poll.

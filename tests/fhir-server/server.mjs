@@ -13,6 +13,8 @@
 //                    being served (a fault with only delayMs delays the real response).
 //   POST /__reset    forgets every resource, history entry, history setting and queued fault.
 //   GET  /__stats    {"requests": n, "byMethod": {...}, "lastAuthorization": ...} since the last reset.
+//   GET  /__bulk/N, GET /__bulk/N/FILE, DELETE /__bulk/N
+//                    the status URL and files of the Nth `$export` (see below).
 //   POST /__history  body: {"enabled": bool, "system": bool} switches history off (no history
 //                    interaction in /metadata, 404 on _history) or down to type level only;
 //                    body: {"entries": [...]} appends raw history entries (a late arrival with an
@@ -23,6 +25,12 @@
 // with `_since` and `_count`, newest first with offset paging and `next` links, as the spec and
 // HAPI do: a write between two page reads shifts the pages, so an entry comes twice. It also
 // serves /metadata, which the router does not.
+//
+// Bulk Data export (`GET [base]/$export`, `Patient/$export`, `Group/ID/$export`, which all export
+// every resource here) with `Prefer: respond-async`, `_type` and `_since`, from the change log:
+// each resource's current version, and with `_since` the resources deleted since, as the
+// manifest's `deleted` files of DELETE Bundles. The status URL answers 202 (Retry-After: 1) on
+// its first poll, then the manifest (requiresAccessToken: true, one file per type).
 import http from 'node:http';
 import {
   badRequest,
@@ -54,6 +62,8 @@ let stats = { requests: 0, byMethod: {} };
 // the writes became visible (not necessarily of lastUpdated: see /__history).
 let history = [];
 let historySettings = { enabled: true, system: true };
+// The `$export` jobs: {polls, manifest, files: {name: text}}, by number.
+let exports = [];
 const HISTORY_TYPES = ['Patient', 'Device', 'Observation', 'Encounter', 'Consent'];
 
 function send(res, status, body, headers = {}) {
@@ -79,6 +89,7 @@ async function control(req, res, path) {
     stats = { requests: 0, byMethod: {} };
     history = [];
     historySettings = { enabled: true, system: true };
+    exports = [];
     return send(res, 204, '');
   }
   if (req.method === 'POST' && path === '/__history') {
@@ -89,6 +100,8 @@ async function control(req, res, path) {
     for (const entry of body.entries ?? []) history.push(entry);
     return send(res, 204, '');
   }
+  const bulk = path.match(/^\/__bulk\/(\d+)(?:\/([\w.-]+))?$/);
+  if (bulk && exports[Number(bulk[1])]) return bulkJob(req, res, exports[Number(bulk[1])], bulk[2]);
   if (req.method === 'GET' && path === '/__stats') {
     return send(res, 200, stats, { 'Content-Type': 'application/json' });
   }
@@ -128,6 +141,9 @@ async function fhir(req, res, url) {
   }
   const path = url.pathname.slice(BASE.length) || '/';
   if (req.method === 'GET' && path === '/metadata') return send(res, 200, capabilities());
+  if (req.method === 'GET' && /^\/(?:(?:Patient|Group\/[^/]+)\/)?\$export$/.test(path)) {
+    return kickOff(req, res, url);
+  }
   const historyMatch = req.method === 'GET' && path.match(/^\/(?:([A-Z][A-Za-z]+)\/)?_history$/);
   if (historyMatch) return sendHistory(res, url, historyMatch[1]);
   // Medplum answers 200 to a PUT that creates; FHIR says 201, and iomt relies on it to tell
@@ -234,6 +250,65 @@ function sendHistory(res, url, type) {
     return out;
   });
   return send(res, 200, { resourceType: 'Bundle', type: 'history', link, entry });
+}
+
+// A `$export` kick-off: the job's snapshot of the change log, and its status URL.
+function kickOff(req, res, url) {
+  if (!String(req.headers.prefer ?? '').includes('respond-async')) {
+    return send(res, 400, badRequest('$export needs Prefer: respond-async'));
+  }
+  const since = url.searchParams.get('_since');
+  const sinceMs = since ? Date.parse(since) : -Infinity;
+  if (Number.isNaN(sinceMs)) return send(res, 400, badRequest(`_since ${since} is not an instant`));
+  const types = url.searchParams.get('_type')?.split(',').filter(Boolean);
+  const current = new Map();
+  for (const e of history) current.set(`${e.resourceType}/${e.id}`, e);
+  const output = new Map();
+  const deleted = [];
+  for (const e of current.values()) {
+    if ((types && !types.includes(e.resourceType)) || Date.parse(e.lastUpdated) < sinceMs) continue;
+    if (e.method === 'DELETE') {
+      if (since) deleted.push(e);
+    } else if (e.resource) {
+      output.set(e.resourceType, [...(output.get(e.resourceType) ?? []), e.resource]);
+    }
+  }
+  const n = exports.length;
+  const root = `http://${url.host}/__bulk/${n}`;
+  const files = {};
+  const manifest = {
+    transactionTime: new Date().toISOString(), request: url.href, requiresAccessToken: true,
+    output: [], deleted: [], error: [],
+  };
+  for (const [type, resources] of output) {
+    files[`${type}.ndjson`] = resources.map((r) => `${JSON.stringify(r)}\n`).join('');
+    manifest.output.push({ type, url: `${root}/${type}.ndjson`, count: resources.length });
+  }
+  if (deleted.length > 0) {
+    files['deleted.ndjson'] = deleted.map((e) => `${JSON.stringify({
+      resourceType: 'Bundle', type: 'transaction',
+      entry: [{ request: { method: 'DELETE', url: `${e.resourceType}/${e.id}` } }],
+    })}\n`).join('');
+    manifest.deleted.push({ type: 'Bundle', url: `${root}/deleted.ndjson`, count: deleted.length });
+  }
+  exports.push({ polls: 0, manifest, files });
+  return send(res, 202, '', { 'Content-Location': root });
+}
+
+// A `$export` job's status URL (202 on the first poll), its files, and its deletion.
+function bulkJob(req, res, job, file) {
+  if (req.method === 'DELETE' && !file) {
+    job.files = {};
+    return send(res, 202, '');
+  }
+  if (req.method !== 'GET') return send(res, 405, '');
+  if (!file) {
+    job.polls += 1;
+    if (job.polls === 1) return send(res, 202, '', { 'Retry-After': '1', 'X-Progress': 'exporting' });
+    return send(res, 200, job.manifest, { 'Content-Type': 'application/json' });
+  }
+  if (!(file in job.files)) return send(res, 404, '');
+  return send(res, 200, job.files[file], { 'Content-Type': 'application/fhir+ndjson' });
 }
 
 const server = http.createServer(async (req, res) => {

@@ -334,8 +334,8 @@ impl Versioned {
 /// A FHIR R4 REST client.
 #[derive(Debug, Clone)]
 pub struct FhirClient {
-    http: reqwest::Client,
-    config: Arc<FhirClientConfig>,
+    pub(crate) http: reqwest::Client,
+    pub(crate) config: Arc<FhirClientConfig>,
     slots: Arc<Semaphore>,
     token: Arc<tokio::sync::Mutex<Option<BearerToken>>>,
 }
@@ -378,7 +378,7 @@ impl FhirClient {
     }
 
     /// The `Authorization` value, from the token cache when it is still fresh.
-    async fn authorization(&self) -> Result<Option<String>, String> {
+    pub(crate) async fn authorization(&self) -> Result<Option<String>, String> {
         match &self.config.auth {
             Auth::None => Ok(None),
             Auth::Bearer(token) => Ok(Some(format!("Bearer {}", token.expose()))),
@@ -402,7 +402,7 @@ impl FhirClient {
         method: &Method,
         url: &str,
         body: Option<&[u8]>,
-        if_match: Option<&str>,
+        headers: &[(header::HeaderName, &str)],
     ) -> Attempt {
         let Ok(_slot) = self.slots.acquire().await else {
             return Attempt::Retry {
@@ -431,8 +431,8 @@ impl FhirClient {
                 .header(header::CONTENT_TYPE, "application/fhir+json")
                 .body(body.to_vec());
         }
-        if let Some(etag) = if_match {
-            req = req.header(header::IF_MATCH, etag);
+        for (name, value) in headers {
+            req = req.header(name, *value);
         }
         let response = match req.send().await {
             Ok(r) => r,
@@ -490,24 +490,28 @@ impl FhirClient {
         body: Option<&Value>,
         if_match: Option<&str>,
     ) -> Result<(StatusCode, header::HeaderMap, Vec<u8>), FhirError> {
-        self.send_to(method, self.url(path), path, body, if_match)
+        let if_match: Vec<(header::HeaderName, &str)> = if_match
+            .map(|e| (header::IF_MATCH, e))
+            .into_iter()
+            .collect();
+        self.send_to(method, self.url(path), path, body, &if_match)
             .await
     }
 
-    /// [`Self::send`] to a whole URL; `path` names the request in logs.
-    async fn send_to(
+    /// [`Self::send`] to a whole URL, with more headers; `path` names the request in logs.
+    pub(crate) async fn send_to(
         &self,
         method: Method,
         url: String,
         path: &str,
         body: Option<&Value>,
-        if_match: Option<&str>,
+        headers: &[(header::HeaderName, &str)],
     ) -> Result<(StatusCode, header::HeaderMap, Vec<u8>), FhirError> {
         let body = body.map(|b| serde_json::to_vec(b).unwrap_or_default());
         let mut attempt = 0;
         loop {
             attempt += 1;
-            match self.attempt(&method, &url, body.as_deref(), if_match).await {
+            match self.attempt(&method, &url, body.as_deref(), headers).await {
                 Attempt::Done(status, headers, bytes) => return Ok((status, headers, bytes)),
                 Attempt::Retry {
                     after,
@@ -534,7 +538,7 @@ impl FhirClient {
     }
 
     /// The wait before retry number `attempt`.
-    fn backoff(&self, attempt: u32) -> Duration {
+    pub(crate) fn backoff(&self, attempt: u32) -> Duration {
         iomt_core::Backoff::new(self.config.backoff_base, self.config.backoff_cap).delay(attempt)
     }
 
@@ -663,27 +667,37 @@ impl FhirClient {
     /// local one. A whole URL must be on the base URL's origin: the request carries the
     /// credentials.
     pub async fn get_json(&self, target: &str) -> Result<(Value, Option<SystemTime>), FhirError> {
-        let (url, path) = if target.starts_with("http://") || target.starts_with("https://") {
-            let origin = |u: &str| {
-                reqwest::Url::parse(u)
-                    .ok()
-                    .map(|u| u.origin().ascii_serialization())
-            };
-            if origin(target).is_none() || origin(target) != origin(&self.config.base_url) {
-                return Err(FhirError::InvalidResponse(
-                    "a link leads away from the FHIR server's origin; not followed".into(),
-                ));
-            }
-            (target.to_owned(), "link")
-        } else {
-            (self.url(target), target)
-        };
-        let (status, headers, body) = self.send_to(Method::GET, url, path, None, None).await?;
+        let (url, path) = self.target(target)?;
+        let (status, headers, body) = self.send_to(Method::GET, url, path, None, &[]).await?;
         let date = headers
             .get(header::DATE)
             .and_then(|v| v.to_str().ok())
             .and_then(|d| httpdate::parse_http_date(d).ok());
         Ok((versioned(status, &headers, &body)?.resource, date))
+    }
+
+    /// The URL of a path under the base, or a whole URL the server handed out, which must be
+    /// on the base URL's origin (the request carries the credentials); and its name in logs.
+    pub(crate) fn target<'a>(&self, target: &'a str) -> Result<(String, &'a str), FhirError> {
+        if !(target.starts_with("http://") || target.starts_with("https://")) {
+            return Ok((self.url(target), target));
+        }
+        if !self.same_origin(target) {
+            return Err(FhirError::InvalidResponse(
+                "a link leads away from the FHIR server's origin; not followed".into(),
+            ));
+        }
+        Ok((target.to_owned(), "link"))
+    }
+
+    /// Whether a whole URL is on the base URL's origin.
+    pub(crate) fn same_origin(&self, url: &str) -> bool {
+        let origin = |u: &str| {
+            reqwest::Url::parse(u)
+                .ok()
+                .map(|u| u.origin().ascii_serialization())
+        };
+        origin(url).is_some() && origin(url) == origin(&self.config.base_url)
     }
 
     /// `GET {type}/{id}/_history`: the latest `count` versions, newest first.
@@ -706,7 +720,7 @@ impl FhirClient {
 }
 
 /// Classifies a final response and reads its resource.
-fn versioned(
+pub(crate) fn versioned(
     status: StatusCode,
     headers: &header::HeaderMap,
     body: &[u8],
@@ -833,7 +847,7 @@ fn body_excerpt(body: &[u8]) -> String {
 }
 
 /// `Retry-After` as seconds or an HTTP date.
-fn retry_after(headers: &header::HeaderMap) -> Option<Duration> {
+pub(crate) fn retry_after(headers: &header::HeaderMap) -> Option<Duration> {
     let value = headers.get(header::RETRY_AFTER)?.to_str().ok()?.trim();
     if let Ok(secs) = value.parse::<u64>() {
         return Some(Duration::from_secs(secs));

@@ -14,10 +14,12 @@
 //! measurement names an encounter), and in Create mode the creates.
 #![deny(missing_docs)]
 
+pub mod bulk;
 pub mod client;
 pub mod identity;
 pub mod writer;
 
+pub use bulk::ExportStatus;
 pub use client::{
     Auth, BearerToken, EntraCredential, FhirClient, FhirClientConfig, FhirError, Outage,
     TokenSource, Versioned,

@@ -1,6 +1,7 @@
-//! A FHIR Bulk Data export as a source of change events (`iomt export --from`): every resource
-//! of its NDJSON files becomes the event of its current version, and the `deleted` files' DELETE
-//! entries become deletions, appended to the event log in batches.
+//! A FHIR Bulk Data export as a source of change events (`iomt export --from`, or `--server`
+//! for one iomt starts on the FHIR server and downloads): every resource of its NDJSON files
+//! becomes the event of its current version, and the `deleted` files' DELETE entries become
+//! deletions, appended to the event log in batches.
 //!
 //! A folder may hold the export's `manifest.json` (its `transactionTime` dates the deletions, and
 //! its `deleted` list names the deleted files); without one, `*.ndjson` files are read, and a
@@ -30,6 +31,127 @@ pub enum BulkError {
     /// The event log refused the changes.
     #[error("appending to the event log: {0}")]
     Outbox(String),
+    /// The FHIR server's export failed, or could not be run or downloaded.
+    #[error("the server's export: {0}")]
+    Server(String),
+}
+
+/// An export for the FHIR server to run (`$export`).
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct ServerExport {
+    /// Export a group's patients (`Group/{id}/$export`).
+    pub group: Option<String>,
+    /// Export every patient's compartment (`Patient/$export`) rather than the whole system.
+    pub patients: bool,
+    /// `_type`: the resource types [default: the server's choice, usually all].
+    pub types: Vec<String>,
+    /// `_since`: only resources changed after this instant, and the ones deleted since (the
+    /// manifest's `deleted` files, published as deletions).
+    pub since: Option<String>,
+}
+
+impl ServerExport {
+    /// The kick-off request: path and query under the FHIR base.
+    pub fn kickoff(&self) -> String {
+        use percent_encoding::{NON_ALPHANUMERIC, utf8_percent_encode};
+        let mut path = match (&self.group, self.patients) {
+            (Some(group), _) => format!(
+                "Group/{}/$export",
+                utf8_percent_encode(group, NON_ALPHANUMERIC)
+            ),
+            (None, true) => "Patient/$export".to_owned(),
+            (None, false) => "$export".to_owned(),
+        };
+        let mut query = vec!["_outputFormat=application%2Ffhir%2Bndjson".to_owned()];
+        if !self.types.is_empty() {
+            let types = self.types.join(",");
+            query.push(format!(
+                "_type={}",
+                utf8_percent_encode(&types, NON_ALPHANUMERIC)
+            ));
+        }
+        if let Some(since) = &self.since {
+            query.push(format!(
+                "_since={}",
+                utf8_percent_encode(since, NON_ALPHANUMERIC)
+            ));
+        }
+        path.push('?');
+        path.push_str(&query.join("&"));
+        path
+    }
+}
+
+/// Runs an export on the FHIR server: kicks it off, polls its status as the server asks
+/// (`Retry-After`, between 0.2 s and 2 min; 2 s without one), downloads its output and
+/// deleted files into `dir` with a manifest naming them there, and asks the server to clean
+/// up. `started` gets the status URL once the server accepted the export. The export is then
+/// read like a folder given to `--from`.
+pub async fn fetch(
+    client: &iomt_fhir::FhirClient,
+    export: &ServerExport,
+    dir: &Path,
+    started: impl FnOnce(&str),
+) -> Result<BulkInput, BulkError> {
+    let server = |e: iomt_fhir::FhirError| BulkError::Server(e.to_string());
+    let status_url = client
+        .export_kickoff(&export.kickoff())
+        .await
+        .map_err(server)?;
+    started(&status_url);
+    let manifest = loop {
+        match client.export_status(&status_url).await.map_err(server)? {
+            iomt_fhir::ExportStatus::Complete(manifest) => break manifest,
+            iomt_fhir::ExportStatus::InProgress {
+                retry_after,
+                progress,
+            } => {
+                tracing::debug!(progress, "the server's export is running");
+                let wait = retry_after.unwrap_or(std::time::Duration::from_secs(2));
+                tokio::time::sleep(wait.clamp(
+                    std::time::Duration::from_millis(200),
+                    std::time::Duration::from_secs(120),
+                ))
+                .await;
+            }
+        }
+    };
+    std::fs::create_dir_all(dir).map_err(|e| read_error(dir, e))?;
+    let with_token = manifest["requiresAccessToken"].as_bool().unwrap_or(false);
+    let mut local = manifest.clone();
+    for (key, prefix) in [("output", "output"), ("deleted", "deleted")] {
+        let Some(files) = local[key].as_array_mut() else {
+            continue;
+        };
+        for (i, entry) in files.iter_mut().enumerate() {
+            let url = entry["url"].as_str().unwrap_or_default().to_owned();
+            // Types are letters; anything else is left out of the file name.
+            let kind: String = entry["type"]
+                .as_str()
+                .unwrap_or_default()
+                .chars()
+                .filter(char::is_ascii_alphabetic)
+                .collect();
+            let name = format!("{prefix}-{i:04}-{kind}.ndjson");
+            client
+                .export_download(&url, with_token, &dir.join(&name))
+                .await
+                .map_err(server)?;
+            entry["url"] = Value::String(name);
+        }
+    }
+    let errors = manifest["error"].as_array().map_or(0, Vec::len);
+    if errors > 0 {
+        tracing::warn!(
+            files = errors,
+            "the server's export lists error files (OperationOutcomes), which are not downloaded"
+        );
+    }
+    let text = serde_json::to_vec_pretty(&local).unwrap_or_default();
+    let path = dir.join("manifest.json");
+    std::fs::write(&path, text).map_err(|e| read_error(&path, e))?;
+    client.export_forget(&status_url).await;
+    BulkInput::read(&[dir.to_owned()])
 }
 
 /// What an export holds.
@@ -274,4 +396,33 @@ pub fn append_status(file: &Path, event: &Value) -> std::io::Result<()> {
         .append(true)
         .open(file)?
         .write_all(line.as_bytes())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_kickoff_names_the_level_types_and_since_encoded() {
+        assert_eq!(
+            ServerExport::default().kickoff(),
+            "$export?_outputFormat=application%2Ffhir%2Bndjson"
+        );
+        let export = ServerExport {
+            group: Some("g 1".into()),
+            patients: false,
+            types: vec!["Patient".into(), "Observation".into()],
+            since: Some("2026-11-01T00:00:00+01:00".into()),
+        };
+        assert_eq!(
+            export.kickoff(),
+            "Group/g%201/$export?_outputFormat=application%2Ffhir%2Bndjson\
+             &_type=Patient%2CObservation&_since=2026%2D11%2D01T00%3A00%3A00%2B01%3A00"
+        );
+        let patients = ServerExport {
+            patients: true,
+            ..Default::default()
+        };
+        assert!(patients.kickoff().starts_with("Patient/$export?"));
+    }
 }
