@@ -154,6 +154,13 @@ start_tansu
 step "cargo test"
 cargo test --workspace --locked
 
+step "Kubernetes manifests"
+# Every overlay renders, validates offline (Kubernetes and vendored CRD schemas), passes the
+# Checkov scan, and its configuration passes `iomt config check`.
+"$IOMT_TEST_PYTHON" -m pip install --quiet --disable-pip-version-check -r tests/deploy/requirements.txt
+cargo build --quiet --locked -p iomt-cli --bin iomt
+"$IOMT_TEST_PYTHON" tests/deploy/check.py "$repo/target/debug/iomt"
+
 step "MedTech conformance suite"
 if [[ ! -f "$conformance/run.py" ]]; then
   echo "conformance suite not found at $conformance (set IOMT_CONFORMANCE)" >&2
