@@ -38,6 +38,32 @@ pub(crate) enum MappingCommand {
     /// Check a device mapping (and a FHIR mapping) and list every error with its line and JSON
     /// path.
     Validate(ValidateArgs),
+    /// Write the device and FHIR mappings of a MedTech service exported from Azure (an ARM or
+    /// Bicep-compiled resource, an ARM template, or `az healthcareapis workspace iot-connector
+    /// show` / `fhir-destination show` output) as the two template files, and check them.
+    ///
+    /// Exit code 0 when both were written and are valid, 2 otherwise.
+    Import(ImportArgs),
+}
+
+#[derive(Debug, Args)]
+pub(crate) struct ImportArgs {
+    /// Exported JSON files (a connector and its FHIR destination may come in two); `-` reads
+    /// standard input.
+    #[arg(required = true, value_name = "FILE")]
+    exports: Vec<PathBuf>,
+    /// Where to write devicecontent.json and fhirmapping.json.
+    #[arg(long, value_name = "DIR", default_value = ".")]
+    out: PathBuf,
+    /// With several connectors in the exports: the one whose resource name contains this.
+    #[arg(long, value_name = "NAME")]
+    name: Option<String>,
+    /// Replace existing files.
+    #[arg(long)]
+    force: bool,
+    /// Colour in text output.
+    #[arg(long, value_enum, default_value_t = ColorChoice::Auto)]
+    color: ColorChoice,
 }
 
 #[derive(Debug, Args)]
@@ -98,6 +124,7 @@ pub(crate) fn run(cmd: MappingCommand) -> anyhow::Result<u8> {
     match cmd {
         MappingCommand::Test(args) => test(&args),
         MappingCommand::Validate(args) => validate(&args),
+        MappingCommand::Import(args) => import(&args),
     }
 }
 
@@ -286,6 +313,129 @@ fn validate(args: &ValidateArgs) -> anyhow::Result<u8> {
         }
     }
     Ok(0)
+}
+
+fn import(args: &ImportArgs) -> anyhow::Result<u8> {
+    use iomt_templates::export::{FoundMapping, find_mappings};
+    let palette = Palette::new(args.color);
+    let fail = |message: String| {
+        eprintln!("{} {message}", paint(palette.bad, "error:"));
+        Ok(EXIT_INVALID_TEMPLATE)
+    };
+    let (mut device, mut fhir): (Vec<FoundMapping>, Vec<FoundMapping>) = (Vec::new(), Vec::new());
+    // An export holds both templates and little else: twice a template file's limit.
+    let most = 2 * iomt_core::limits().template_file_bytes;
+    for path in &args.exports {
+        let mut text = Vec::new();
+        let reader: Box<dyn Read> = if path == Path::new("-") {
+            Box::new(std::io::stdin())
+        } else {
+            Box::new(
+                std::fs::File::open(path)
+                    .with_context(|| format!("cannot read {}", path.display()))?,
+            )
+        };
+        reader
+            .take(most as u64 + 1)
+            .read_to_end(&mut text)
+            .with_context(|| format!("cannot read {}", path.display()))?;
+        if text.len() > most {
+            return fail(format!("{}: larger than {most} bytes", path.display()));
+        }
+        let doc: Value = match serde_json::from_slice(&text) {
+            Ok(doc) => doc,
+            Err(e) => return fail(format!("{}: not JSON: {e}", path.display())),
+        };
+        match find_mappings(&doc) {
+            Ok(found) => {
+                device.extend(found.device);
+                fhir.extend(found.fhir);
+            }
+            Err(e) => return fail(format!("{}: {e}", path.display())),
+        }
+    }
+    let pick = |found: Vec<FoundMapping>, what: &str| -> Result<Option<FoundMapping>, String> {
+        let mut chosen: Vec<FoundMapping> = found
+            .into_iter()
+            .filter(|m| {
+                args.name
+                    .as_deref()
+                    .is_none_or(|n| m.name.as_deref().is_some_and(|name| name.contains(n)))
+            })
+            .collect();
+        match chosen.len() {
+            0 | 1 => Ok(chosen.pop()),
+            _ => Err(format!(
+                "{} {what} mappings found ({}): choose one with --name",
+                chosen.len(),
+                chosen
+                    .iter()
+                    .map(|m| m.name.clone().unwrap_or_else(|| m.path.clone()))
+                    .collect::<Vec<_>>()
+                    .join(", ")
+            )),
+        }
+    };
+    let (device, fhir) = match (pick(device, "device"), pick(fhir, "FHIR")) {
+        (Ok(Some(d)), Ok(Some(f))) => (d, f),
+        (Err(e), _) | (_, Err(e)) => return fail(e),
+        (Ok(None), _) => {
+            return fail(
+                "no device mapping found: export the iot-connector resource too".to_owned(),
+            );
+        }
+        (_, Ok(None)) => {
+            return fail(
+                "no FHIR mapping found: export the connector's fhir-destination resource too"
+                    .to_owned(),
+            );
+        }
+    };
+    std::fs::create_dir_all(&args.out)
+        .with_context(|| format!("cannot create {}", args.out.display()))?;
+    let files = [
+        (args.out.join("devicecontent.json"), &device),
+        (args.out.join("fhirmapping.json"), &fhir),
+    ];
+    for (file, _) in &files {
+        if file.exists() && !args.force {
+            return fail(format!(
+                "{} exists: choose another --out, or --force",
+                file.display()
+            ));
+        }
+    }
+    for (file, found) in &files {
+        let mut text = serde_json::to_string_pretty(&found.content)?;
+        text.push('\n');
+        std::fs::write(file, text).with_context(|| format!("cannot write {}", file.display()))?;
+        crate::outln!(
+            "wrote {} from {}{}",
+            file.display(),
+            found.path,
+            found
+                .name
+                .as_deref()
+                .map(|n| format!(" ({n})"))
+                .unwrap_or_default()
+        );
+    }
+    if let Some(mode) = &fhir.identity_resolution {
+        let iomt_mode = if mode.eq_ignore_ascii_case("create") {
+            "create"
+        } else {
+            "lookup"
+        };
+        crate::outln!(
+            "resourceIdentityResolutionType {mode}: set [identity] mode = \"{iomt_mode}\""
+        );
+    }
+    validate(&ValidateArgs {
+        device_mapping: files[0].0.clone(),
+        fhir_mapping: Some(files[1].0.clone()),
+        output: OutputFormat::Text,
+        color: args.color,
+    })
 }
 
 /// Reports every error of invalid mappings; the exit code says a template is invalid.

@@ -611,3 +611,101 @@ fn limits_are_configurable_and_named_in_errors() {
         "{said}"
     );
 }
+
+/// `mapping import` writes the two templates of a MedTech service as Azure exports it: an ARM
+/// template with the connector and its FHIR destination, or the az CLI's output of each, and
+/// `mapping validate` points an export given as a template at it.
+#[test]
+fn mapping_import_unwraps_medtech_exports() {
+    let dir = tempfile::tempdir().unwrap();
+    let read = |path: &str| -> Value {
+        serde_json::from_str(&std::fs::read_to_string(repo(path)).unwrap()).unwrap()
+    };
+    let (device, fhir) = (
+        read("mappings/heartrate/devicecontent.json"),
+        read("mappings/heartrate/fhirmapping.json"),
+    );
+    let arm = serde_json::json!({"resources": [
+        {"type": "Microsoft.HealthcareApis/workspaces/iotconnectors", "name": "ws/medtech",
+         "properties": {"deviceMapping": {"content": device}}},
+        {"type": "Microsoft.HealthcareApis/workspaces/iotconnectors/fhirdestinations",
+         "name": "ws/medtech/fhir",
+         "properties": {"resourceIdentityResolutionType": "Lookup", "fhirMapping": {"content": fhir}}}]});
+    let export = write(&dir, "arm.json", arm.to_string().as_bytes());
+    let out = dir.path().join("templates");
+    let run = iomt(&[
+        "mapping",
+        "import",
+        export.to_str().unwrap(),
+        "--out",
+        out.to_str().unwrap(),
+    ]);
+    let text = String::from_utf8_lossy(&run.stdout);
+    assert_eq!(run.status.code(), Some(0), "{text}");
+    assert!(text.contains("mode = \"lookup\""), "{text}");
+    let written = |name: &str| -> Value {
+        serde_json::from_str(&std::fs::read_to_string(out.join(name)).unwrap()).unwrap()
+    };
+    assert_eq!(written("devicecontent.json"), device);
+    assert_eq!(written("fhirmapping.json"), fhir);
+
+    // Written files are not replaced without --force.
+    let again = iomt(&[
+        "mapping",
+        "import",
+        export.to_str().unwrap(),
+        "--out",
+        out.to_str().unwrap(),
+    ]);
+    assert_eq!(again.status.code(), Some(2));
+    assert!(String::from_utf8_lossy(&again.stderr).contains("--force"));
+
+    // The az CLI's output: the connector and its FHIR destination, properties at the top and
+    // the FHIR mapping as JSON text.
+    let connector = write(
+        &dir,
+        "connector.json",
+        serde_json::json!({"name": "medtech", "deviceMapping": {"content": device}})
+            .to_string()
+            .as_bytes(),
+    );
+    let destination = write(
+        &dir,
+        "destination.json",
+        serde_json::json!({"name": "fhir", "resourceIdentityResolutionType": "Create",
+            "fhirMapping": {"content": fhir.to_string()}})
+        .to_string()
+        .as_bytes(),
+    );
+    let cli_out = dir.path().join("from-cli");
+    let run = iomt(&[
+        "mapping",
+        "import",
+        connector.to_str().unwrap(),
+        destination.to_str().unwrap(),
+        "--out",
+        cli_out.to_str().unwrap(),
+    ]);
+    let text = String::from_utf8_lossy(&run.stdout);
+    assert_eq!(run.status.code(), Some(0), "{text}");
+    assert!(text.contains("mode = \"create\""), "{text}");
+
+    // The export given as a template: one error that names the command.
+    let validate = iomt(&["mapping", "validate", export.to_str().unwrap()]);
+    let text = String::from_utf8_lossy(&validate.stdout);
+    assert_eq!(validate.status.code(), Some(2), "{text}");
+    assert!(text.contains("iomt mapping import"), "{text}");
+    assert!(!text.contains("unknown member"), "{text}");
+
+    // Not an export at all.
+    let other = write(&dir, "other.json", br#"{"a": 1}"#);
+    let run = iomt(&[
+        "mapping",
+        "import",
+        other.to_str().unwrap(),
+        "--out",
+        dir.path().join("x").to_str().unwrap(),
+    ]);
+    assert_eq!(run.status.code(), Some(2));
+    assert!(String::from_utf8_lossy(&run.stderr).contains("no deviceMapping.content"));
+}

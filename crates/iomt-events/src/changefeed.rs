@@ -300,6 +300,9 @@ pub struct Cycle {
     /// How many of them are older than the previous watermark: caught only thanks to the
     /// overlap. A steady count means the overlap (or the settle interval) is thin.
     pub late_arrivals: usize,
+    /// The oldest change read but held back as younger than the settle interval: it is
+    /// published by a cycle whose server time is past it plus the settle interval.
+    pub held_back: Option<Timestamp>,
 }
 
 /// The tailing algorithm's state.
@@ -308,6 +311,21 @@ pub struct Tail {
     settings: TailSettings,
     watermark: Option<Timestamp>,
     seen: BTreeSet<Key>,
+}
+
+/// The server's clock at a read. Its `Date` is dated to the second, and servers that cache it
+/// (hyper does) send one up to a second old; a change the server stamped proves its clock had
+/// passed that instant, so the newest stamp read counts too, but only up to two seconds past
+/// the `Date`: a stamp from a skewed node or an import with future times must not carry the
+/// watermark (and with it `_since`) past changes still to come.
+fn server_clock(date: Timestamp, entries: &[FeedEntry]) -> Timestamp {
+    let limit = date.unix_millis().saturating_add(2_000);
+    entries
+        .iter()
+        .map(|e| e.last_updated)
+        .filter(|t| t.unix_millis() <= limit)
+        .max()
+        .map_or(date, |newest| newest.max(date))
 }
 
 /// `time - duration`, at whole milliseconds (rounded down, so the window only widens):
@@ -367,12 +385,17 @@ impl Tail {
     /// time when the read began: the changes older than `server_time - settle` not yet
     /// published, in order.
     pub fn cycle(&self, server_time: Timestamp, entries: Vec<FeedEntry>) -> Cycle {
-        let upper = before(server_time, self.settings.settle);
+        let upper = before(server_clock(server_time, &entries), self.settings.settle);
         // The watermark never moves back, even if the server's clock does.
         let upper = self.watermark.map_or(upper, |w| upper.max(w));
         // Below `since` lies what earlier cycles published and no longer remember: a server
         // that ignores `_since` must not make it published again.
         let since = self.since();
+        let held_back = entries
+            .iter()
+            .filter(|e| e.last_updated >= upper)
+            .map(|e| e.last_updated)
+            .min();
         let mut keep: Vec<(Key, FeedEntry)> = entries
             .into_iter()
             .filter(|e| e.last_updated < upper && since.is_none_or(|s| e.last_updated >= s))
@@ -389,6 +412,7 @@ impl Tail {
             entries: keep.into_iter().map(|(_, e)| e).collect(),
             upper,
             late_arrivals,
+            held_back,
         }
     }
 
@@ -541,6 +565,7 @@ mod tests {
         let ids: Vec<&str> = cycle.entries.iter().map(|e| e.id.as_str()).collect();
         assert_eq!(ids, ["a", "b"], "ordered by time, then Type/id");
         assert_eq!(cycle.upper, t("2026-01-01T00:00:08Z"));
+        assert_eq!(cycle.held_back, Some(t("2026-01-01T00:00:09Z")));
         tail.commit(&cycle);
         assert_eq!(tail.since(), Some(t("2025-12-31T23:59:58Z")));
 
@@ -552,6 +577,7 @@ mod tests {
         let ids: Vec<&str> = cycle.entries.iter().map(|e| e.id.as_str()).collect();
         assert_eq!(ids, ["late", "c"]);
         assert_eq!(cycle.late_arrivals, 1);
+        assert_eq!(cycle.held_back, None);
         tail.commit(&cycle);
 
         // The state round-trips, and the seen set forgets what the reads can no longer return.
@@ -573,6 +599,24 @@ mod tests {
             vec![entry("a", "1", "2026-01-01T00:00:05Z")],
         );
         assert!(old.entries.is_empty());
+    }
+
+    #[test]
+    fn a_stamp_read_moves_the_server_clock_past_a_coarse_date_but_not_far() {
+        let tail = Tail::new(SETTINGS, &TailState::default()).unwrap();
+        // The Date says 10 s; a change stamped 11.5 s proves the clock is past it.
+        let read = vec![
+            entry("a", "1", "2026-01-01T00:00:09.000Z"),
+            entry("b", "1", "2026-01-01T00:00:11.500Z"),
+        ];
+        let cycle = tail.cycle(t("2026-01-01T00:00:10Z"), read);
+        assert_eq!(cycle.upper, t("2026-01-01T00:00:09.500Z"));
+        // A stamp far in the future (a skewed node, an import) does not move it.
+        let read = vec![entry("c", "1", "2026-01-01T01:00:00Z")];
+        let cycle = tail.cycle(t("2026-01-01T00:00:10Z"), read);
+        assert_eq!(cycle.upper, t("2026-01-01T00:00:08Z"));
+        assert!(cycle.entries.is_empty());
+        assert_eq!(cycle.held_back, Some(t("2026-01-01T01:00:00Z")));
     }
 
     #[test]

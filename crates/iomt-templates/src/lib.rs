@@ -9,10 +9,12 @@
 //! * [`fhir`]: FHIR mapping templates (`CollectionFhir`), which the convert stage applies.
 //! * [`expr`]: the expression languages, with Newtonsoft.Json's JSONPath dialect and MedTech's
 //!   JMESPath functions.
+//! * [`export`]: the templates inside Azure's exports of a MedTech service.
 #![deny(missing_docs)]
 
 pub mod device;
 mod error;
+pub mod export;
 pub mod expr;
 pub mod fhir;
 mod source;

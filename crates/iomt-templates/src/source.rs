@@ -286,6 +286,27 @@ impl<'s, 'a> Checker<'s, 'a> {
             );
             return &[];
         };
+        // What Azure exports (an ARM resource or template, or az CLI output) holds the
+        // templates a level or more down: say so, rather than list its members.
+        let export = obj.properties.iter().find(|p| {
+            ["properties", "resources", "deviceMapping", "fhirMapping"]
+                .iter()
+                .any(|k| k.eq_ignore_ascii_case(p.name.as_str()))
+        });
+        if let Some(member) = export
+            && !obj
+                .properties
+                .iter()
+                .any(|p| p.name.as_str().eq_ignore_ascii_case("templateType"))
+        {
+            self.error(
+                TemplateErrorKind::TemplateType,
+                member.range.start,
+                &format!("$.{}", member.name.as_str()),
+                "this is a MedTech service exported from Azure, not a template: write its templates with `iomt mapping import FILE`".to_owned(),
+            );
+            return &[];
+        }
         let m = self.members(obj, "$", &["templateType", "template"], &[]);
         let with_suffix = format!("{root_type}Template");
         let type_ok = match m.get("templateType") {

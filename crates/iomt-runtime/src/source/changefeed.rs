@@ -392,7 +392,7 @@ pub async fn run_feed(
                 report.changes += c.entries.len() as u64;
                 report.late_arrivals += c.late_arrivals as u64;
                 report.watermark = tail.state().watermark;
-                settings.poll_interval
+                next_cycle(&c, settings)
             }
             Err(e) => {
                 tracing::warn!(error = %e, "change feed cycle failed; trying again");
@@ -406,6 +406,24 @@ pub async fn run_feed(
         }
     }
     Ok(report)
+}
+
+/// When the next cycle runs: after the poll interval, or sooner when a change was held back
+/// as too young, at the moment the server's clock (dated to the second) lets it pass. The
+/// local clock only schedules that read; whether a change passes is decided by the server's.
+/// At least 200 ms apart, so a local clock ahead of the server's cannot make cycles spin.
+fn next_cycle(cycle: &Cycle, settings: &ChangeFeed) -> Duration {
+    let Some(young) = cycle.held_back else {
+        return settings.poll_interval;
+    };
+    let settle_ms = settings.settle.as_millis().min(i64::MAX as u128) as i64;
+    // The first whole second of server time after `young + settle`.
+    let due_ms = (young.unix_millis().saturating_add(settle_ms) / 1000 + 1) * 1000;
+    let wait_ms = due_ms.saturating_sub(Timestamp::now().unix_millis());
+    Duration::from_millis(wait_ms.max(0) as u64).clamp(
+        Duration::from_millis(200),
+        settings.poll_interval.max(Duration::from_millis(200)),
+    )
 }
 
 /// One cycle: read, select, append; the tail commits once the event log took the changes.
