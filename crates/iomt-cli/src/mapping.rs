@@ -89,12 +89,15 @@ pub(crate) struct TestArgs {
 #[group(required = true, multiple = false)]
 struct InputArgs {
     /// A message body; it is wrapped as {"Body": …, "Properties": {}, "SystemProperties": {}},
-    /// as the service wraps every event. `-` reads standard input.
+    /// as the service wraps every event. `-` reads standard input. A JSON Lines file (one
+    /// message per line) or a folder (`*.json` files, one message each, and `*.jsonl` files)
+    /// is a batch: a line per message and totals.
     #[arg(long, value_name = "FILE")]
     message: Option<PathBuf>,
     /// A complete document to evaluate as is, normally an Event Hub envelope
     /// {"Body", "Properties", "SystemProperties"}; a captured line with "BodyText" (a body that
-    /// is not JSON) is read as `iomt replay` reads it. `-` reads standard input.
+    /// is not JSON) is read as `iomt replay` reads it. `-` reads standard input. A JSON Lines
+    /// file (a capture) or a folder is a batch, as for --message.
     #[arg(long, value_name = "FILE")]
     event: Option<PathBuf>,
 }
@@ -476,49 +479,292 @@ fn load_input(args: &InputArgs) -> anyhow::Result<Result<Input, NormalizeError>>
         (None, None) => anyhow::bail!("pass --message or --event"),
     };
     let bytes = read_input(path).with_context(|| format!("cannot read {}", path.display()))?;
+    Ok(input_from(bytes, wrap, &path.display().to_string(), 1))
+}
+
+/// A message (`wrap`: a body to wrap as the service does) or a document to evaluate as is,
+/// read from `name` at `line`.
+fn input_from(
+    bytes: Vec<u8>,
+    wrap: bool,
+    name: &str,
+    line: usize,
+) -> Result<Input, NormalizeError> {
     if wrap {
         let event = DeviceEvent {
             body: bytes,
             ..DeviceEvent::default()
         };
-        return Ok(envelope(&event).map(|root| Input {
+        return envelope(&event).map(|root| Input {
             root,
             ingestion: None,
             wrapped: true,
-        }));
+        });
     }
-    let root = match parse_body(&bytes) {
-        Ok(root) => root,
-        Err(e) => return Ok(Err(e)),
-    };
+    let root = parse_body(&bytes)?;
     // A captured line whose body was not JSON (`BodyText`) is read as a replay reads it: its
     // body is parsed, and what a replay dead-letters is a data error here too. Any other
     // document is evaluated as it is.
     if root.get("BodyText").is_some() {
-        let name = path.display().to_string();
-        return Ok(
-            match iomt_files::capture::jsonl_record(bytes.trim_ascii(), &name, 1) {
-                iomt_files::capture::Record::Event(e) => envelope(&e.event).map(|root| Input {
-                    root,
-                    ingestion: e.event.enqueued_time,
-                    wrapped: false,
-                }),
-                iomt_files::capture::Record::Bad(bad) => Err(NormalizeError {
-                    kind: iomt_normalize::ErrorKind::InvalidDataFormat,
-                    message: bad.reason,
-                    template: None,
-                    path: None,
-                    line: None,
-                    expression: None,
-                }),
-            },
-        );
+        return match iomt_files::capture::jsonl_record(bytes.trim_ascii(), name, line as i64) {
+            iomt_files::capture::Record::Event(e) => envelope(&e.event).map(|root| Input {
+                root,
+                ingestion: e.event.enqueued_time,
+                wrapped: false,
+            }),
+            iomt_files::capture::Record::Bad(bad) => Err(NormalizeError {
+                kind: iomt_normalize::ErrorKind::InvalidDataFormat,
+                message: bad.reason,
+                template: None,
+                path: None,
+                line: None,
+                expression: None,
+            }),
+        };
     }
-    Ok(Ok(Input {
+    Ok(Input {
         ingestion: envelope_enqueued_time(&root),
         root,
         wrapped: false,
-    }))
+    })
+}
+
+/// The largest JSON Lines file `mapping test` reads as a batch.
+const MAX_BATCH_BYTES: u64 = 256 << 20;
+
+/// The messages of a batch: every `*.json` file of a folder (one message each) and every line
+/// of its `*.jsonl` / `*.ndjson` files, or every line of a JSON Lines file; `None` for a file
+/// holding one document (or that is not JSON at all: the single-message path reports it).
+fn batch(path: &Path) -> anyhow::Result<Option<Vec<BatchItem>>> {
+    if path == Path::new("-") {
+        return Ok(None);
+    }
+    let read = |file: &Path| -> anyhow::Result<Vec<u8>> {
+        let mut bytes = Vec::new();
+        std::fs::File::open(file)
+            .and_then(|f| f.take(MAX_BATCH_BYTES + 1).read_to_end(&mut bytes))
+            .with_context(|| format!("cannot read {}", file.display()))?;
+        anyhow::ensure!(
+            bytes.len() as u64 <= MAX_BATCH_BYTES,
+            "{} is larger than {MAX_BATCH_BYTES} bytes",
+            file.display()
+        );
+        Ok(bytes)
+    };
+    let lines = |file: &Path, bytes: &[u8]| -> Vec<BatchItem> {
+        bytes
+            .split(|b| *b == b'\n')
+            .enumerate()
+            .filter(|(_, l)| !l.trim_ascii().is_empty())
+            .map(|(i, l)| BatchItem {
+                file: file.display().to_string(),
+                line: Some(i + 1),
+                bytes: l.trim_ascii().to_vec(),
+            })
+            .collect()
+    };
+    if path.is_dir() {
+        let mut files: Vec<PathBuf> = std::fs::read_dir(path)
+            .with_context(|| format!("cannot read {}", path.display()))?
+            .filter_map(|e| e.ok().map(|e| e.path()))
+            .filter(|p| p.is_file())
+            .collect();
+        files.sort();
+        let mut items = Vec::new();
+        for file in files {
+            match file.extension().and_then(|e| e.to_str()) {
+                Some("json") => items.push(BatchItem {
+                    file: file.display().to_string(),
+                    line: None,
+                    bytes: read(&file)?,
+                }),
+                Some("jsonl" | "ndjson") => items.extend(lines(&file, &read(&file)?)),
+                _ => {}
+            }
+        }
+        return Ok(Some(items));
+    }
+    let bytes = read(path)?;
+    if serde_json::from_slice::<serde::de::IgnoredAny>(&bytes).is_ok() {
+        return Ok(None);
+    }
+    let items = lines(path, &bytes);
+    let first_is_json = items
+        .first()
+        .is_some_and(|i| serde_json::from_slice::<serde::de::IgnoredAny>(&i.bytes).is_ok());
+    Ok((items.len() > 1 && first_is_json).then_some(items))
+}
+
+/// One message of a batch: a file, or a line of one.
+struct BatchItem {
+    file: String,
+    line: Option<usize>,
+    bytes: Vec<u8>,
+}
+
+/// One message's outcome in a batch.
+#[derive(Debug, Serialize)]
+struct BatchRow {
+    source: String,
+    measurements: usize,
+    types: std::collections::BTreeMap<String, usize>,
+    observations: usize,
+    errors: Vec<ReportedError>,
+}
+
+/// Runs the mappings over every message of a batch: a table (or JSON) of each message's
+/// measurements and errors, and totals.
+fn test_batch(
+    args: &TestArgs,
+    palette: &Palette,
+    mappings: Mappings,
+    items: Vec<BatchItem>,
+    wrap: bool,
+) -> anyhow::Result<u8> {
+    let fhir = mappings.fhir;
+    let normalizer = Normalizer::new(mappings.device);
+    let rows: Vec<BatchRow> = items
+        .into_iter()
+        .map(|item| {
+            let source = match item.line {
+                Some(line) => format!("{}:{line}", item.file),
+                None => item.file.clone(),
+            };
+            let line = item.line.unwrap_or(1);
+            let input = match input_from(item.bytes, wrap, &item.file, line) {
+                Ok(input) => input,
+                Err(e) => {
+                    return BatchRow {
+                        source,
+                        measurements: 0,
+                        types: Default::default(),
+                        observations: 0,
+                        errors: vec![ReportedError::Data(e)],
+                    };
+                }
+            };
+            let output = normalizer.normalize_value(
+                &input.root,
+                input.ingestion,
+                &mut iomt_normalize::NoTrace,
+            );
+            let mut errors: Vec<ReportedError> =
+                output.errors.into_iter().map(ReportedError::Data).collect();
+            let observations = match &fhir {
+                Some(fhir) => convert(fhir, &output.measurements, &mut errors).len(),
+                None => 0,
+            };
+            let mut types = std::collections::BTreeMap::new();
+            for m in &output.measurements {
+                *types.entry(m.type_name.to_string()).or_default() += 1;
+            }
+            BatchRow {
+                source,
+                measurements: output.measurements.len(),
+                types,
+                observations,
+                errors,
+            }
+        })
+        .collect();
+    let failed = rows.iter().filter(|r| !r.errors.is_empty()).count();
+    let unmatched = rows
+        .iter()
+        .filter(|r| r.errors.is_empty() && r.measurements == 0)
+        .count();
+    let mut types = std::collections::BTreeMap::<&str, usize>::new();
+    for r in &rows {
+        for (t, n) in &r.types {
+            *types.entry(t).or_default() += n;
+        }
+    }
+    let measurements: usize = rows.iter().map(|r| r.measurements).sum();
+    let observations: usize = rows.iter().map(|r| r.observations).sum();
+    match args.output {
+        OutputFormat::Json => {
+            let report = serde_json::json!({
+                "messages": rows,
+                "totals": {"messages": rows.len(), "ok": rows.len() - failed - unmatched,
+                    "withErrors": failed, "unmatched": unmatched, "measurements": measurements,
+                    "observations": observations, "types": types},
+            });
+            crate::outln!("{}", serde_json::to_string_pretty(&report)?);
+        }
+        OutputFormat::Text => {
+            let width = rows
+                .iter()
+                .map(|r| r.source.len())
+                .max()
+                .unwrap_or(7)
+                .max(7);
+            let mut text = String::new();
+            writeln!(
+                text,
+                "{:<width$}  RESULT     MEASUREMENTS  DETAIL",
+                "MESSAGE"
+            )?;
+            for r in &rows {
+                let (result, detail) = match r.errors.first() {
+                    Some(e) => (
+                        paint(palette.bad, "error    "),
+                        format!(
+                            "{}{}",
+                            batch_error(e),
+                            if r.errors.len() > 1 {
+                                format!(" (+{} more)", r.errors.len() - 1)
+                            } else {
+                                String::new()
+                            }
+                        ),
+                    ),
+                    None if r.measurements == 0 => {
+                        (paint(palette.hint, "no match "), String::new())
+                    }
+                    None => (
+                        paint(palette.ok, "ok       "),
+                        r.types
+                            .iter()
+                            .map(|(t, n)| format!("{t} {n}"))
+                            .collect::<Vec<_>>()
+                            .join(", "),
+                    ),
+                };
+                writeln!(
+                    text,
+                    "{:<width$}  {result}  {:>12}  {detail}",
+                    r.source, r.measurements
+                )?;
+            }
+            writeln!(
+                text,
+                "\n{} message(s): {} ok, {} with errors, {} matched no template; {measurements} measurement(s){}",
+                rows.len(),
+                rows.len() - failed - unmatched,
+                failed,
+                unmatched,
+                if fhir.is_some() {
+                    format!(", {observations} observation(s)")
+                } else {
+                    String::new()
+                }
+            )?;
+            for (t, n) in &types {
+                writeln!(text, "  {t:<20} {n:>10}")?;
+            }
+            crate::print_out(&text);
+        }
+    }
+    Ok(if failed > 0 { EXIT_DATA_ERRORS } else { 0 })
+}
+
+/// An error in one line of the batch table.
+fn batch_error(error: &ReportedError) -> String {
+    match error {
+        ReportedError::Data(e) => format!("{:?}: {}", e.kind, e.message),
+        ReportedError::Convert { kind, message, .. } => format!("{kind}: {message}"),
+        ReportedError::Input { message } => message.clone(),
+        ReportedError::Template { file, error } => format!("{file}: {error}"),
+    }
 }
 
 /// Reports a file that cannot be read; JSON output still gets its one JSON object.
@@ -546,6 +792,16 @@ fn test(args: &TestArgs) -> anyhow::Result<u8> {
         Ok(m) => m,
         Err(code) => return Ok(code),
     };
+    let (path, wrap) = match (&args.input.message, &args.input.event) {
+        (Some(p), _) => (p, true),
+        (None, Some(p)) => (p, false),
+        (None, None) => anyhow::bail!("pass --message or --event"),
+    };
+    match batch(path) {
+        Ok(Some(items)) => return test_batch(args, &palette, mappings, items, wrap),
+        Ok(None) => {}
+        Err(e) => return unreadable(args.output, &e),
+    }
     let mapping = mappings.device;
     let loaded = match load_input(&args.input) {
         Ok(loaded) => loaded,

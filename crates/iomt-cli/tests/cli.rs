@@ -709,3 +709,77 @@ fn mapping_import_unwraps_medtech_exports() {
     assert_eq!(run.status.code(), Some(2));
     assert!(String::from_utf8_lossy(&run.stderr).contains("no deviceMapping.content"));
 }
+
+/// A JSON Lines file or a folder of messages is a batch: a line per message and totals, exit 1
+/// when any message did not fit.
+#[test]
+fn mapping_test_runs_a_batch_of_messages() {
+    let dir = tempfile::tempdir().unwrap();
+    let good = std::fs::read_to_string(repo("examples/messages/heartrate/watch.json")).unwrap();
+    let good: Value = serde_json::from_str(&good).unwrap();
+    let lines = format!(
+        "{good}\n\n{}\nnot json\n",
+        serde_json::json!({"unrelated": 1})
+    );
+    let file = write(&dir, "batch.jsonl", lines.as_bytes());
+    let mapping = repo("mappings/heartrate/devicecontent.json");
+    let fhir = repo("mappings/heartrate/fhirmapping.json");
+    let run = iomt(&[
+        "mapping",
+        "test",
+        "--device-mapping",
+        mapping.to_str().unwrap(),
+        "--fhir-mapping",
+        fhir.to_str().unwrap(),
+        "--message",
+        file.to_str().unwrap(),
+        "--color",
+        "never",
+    ]);
+    let text = String::from_utf8_lossy(&run.stdout);
+    assert_eq!(run.status.code(), Some(1), "{text}");
+    assert!(text.contains("batch.jsonl:1  ok"), "{text}");
+    assert!(text.contains("batch.jsonl:3  no match"), "{text}");
+    assert!(text.contains("batch.jsonl:4  error"), "{text}");
+    assert!(
+        text.contains("3 message(s): 1 ok, 1 with errors, 1 matched no template; 1 measurement(s), 1 observation(s)"),
+        "{text}"
+    );
+
+    // A folder: each .json file one message, JSON output with totals; all fit, exit 0.
+    let folder = dir.path().join("messages");
+    std::fs::create_dir(&folder).unwrap();
+    for i in 0..3 {
+        std::fs::write(
+            folder.join(format!("m{i}.json")),
+            serde_json::to_string_pretty(&good).unwrap(),
+        )
+        .unwrap();
+    }
+    std::fs::write(folder.join("readme.txt"), "not a message").unwrap();
+    let run = iomt(&[
+        "mapping",
+        "test",
+        "--device-mapping",
+        mapping.to_str().unwrap(),
+        "--message",
+        folder.to_str().unwrap(),
+        "--output",
+        "json",
+    ]);
+    assert_eq!(run.status.code(), Some(0));
+    let report: Value = serde_json::from_slice(&run.stdout).unwrap();
+    assert_eq!(report["totals"]["messages"], 3);
+    assert_eq!(report["totals"]["ok"], 3);
+    assert_eq!(report["totals"]["types"]["heartrate"], 3);
+
+    // One pretty-printed document over many lines is still one message.
+    let single = write(
+        &dir,
+        "single.json",
+        serde_json::to_string_pretty(&good).unwrap().as_bytes(),
+    );
+    let (code, report) = json_test(&mapping, "--message", &single);
+    assert_eq!(code, 0);
+    assert_eq!(report["measurements"].as_array().unwrap().len(), 1);
+}
