@@ -160,11 +160,17 @@ fn run_changes(config: &iomt_runtime::Compiled) -> anyhow::Result<u8> {
     Ok(0)
 }
 
-/// A run's outcome; `Err(code)` after printing a configuration problem it found.
+/// A run's outcome; `Err(code)` after printing a configuration problem it found (2), or a
+/// dependency it was stopped waiting for (1).
 fn ended<T>(outcome: Result<T, RunError>) -> anyhow::Result<Result<T, u8>> {
     match outcome {
         Ok(o) => Ok(Ok(o)),
         Err(RunError::Config(e)) => Ok(Err(report_config_errors(&[e]))),
+        // Stopped while a dependency was out of reach: not a configuration problem.
+        Err(e @ RunError::Stopped { .. }) => {
+            eprintln!("error: {e}");
+            Ok(Err(1))
+        }
         Err(e) => Err(e.into()),
     }
 }

@@ -471,3 +471,97 @@ fn sigterm_drains_and_the_next_run_resumes() {
     let expected = format!("{} events", 2000 - done);
     assert!(stdout.replace(',', "").starts_with(&expected), "{stdout}");
 }
+
+/// Status of `GET path` on `addr`, with a raw HTTP/1.0 request; `None` when nothing answers.
+fn http_status(addr: &str, path: &str) -> Option<u16> {
+    use std::io::Read;
+    let mut stream = std::net::TcpStream::connect(addr).ok()?;
+    stream
+        .set_read_timeout(Some(std::time::Duration::from_secs(5)))
+        .ok()?;
+    write!(stream, "GET {path} HTTP/1.0\r\nHost: {addr}\r\n\r\n").ok()?;
+    let mut answer = String::new();
+    stream.read_to_string(&mut answer).ok()?;
+    answer.split_whitespace().nth(1)?.parse().ok()
+}
+
+fn closed_port() -> u16 {
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    listener.local_addr().unwrap().port()
+}
+
+/// A dependency that cannot be reached at start (here the checkpoint container) is waited for:
+/// the process stays up, alive but not ready, says what it waits for, and stops on SIGTERM;
+/// it is not reported as an invalid configuration.
+#[test]
+fn an_unreachable_dependency_is_waited_for_not_reported_as_invalid() {
+    let dir = tempfile::tempdir().unwrap();
+    let metrics = format!("127.0.0.1:{}", closed_port());
+    let blob = closed_port();
+    std::fs::write(
+        dir.path().join("iomt.toml"),
+        format!(
+            "[templates]\ndevice_mapping = {:?}\nfhir_mapping = {:?}\n\n\
+             [source]\nhub = \"devicedata\"\n\
+             connection_string = \"Endpoint=sb://localhost/;SharedAccessKeyName=k;SharedAccessKey=a2V5;EntityPath=devicedata\"\n\
+             custom_endpoint = \"amqp://127.0.0.1:{}\"\n\n\
+             [checkpoints]\nconnection_string = \"DefaultEndpointsProtocol=http;AccountName=devstoreaccount1;AccountKey=a2V5;BlobEndpoint=http://127.0.0.1:{blob}/devstoreaccount1;\"\ncontainer = \"iomt\"\n\n\
+             [output]\nstate_dir = \"state\"\nmetrics_addr = \"{metrics}\"\n",
+            repo("examples/capture/devicecontent.json"),
+            repo("examples/capture/fhirmapping.json"),
+            closed_port(),
+        ),
+    )
+    .unwrap();
+    let mut child = Command::new(env!("CARGO_BIN_EXE_iomt"))
+        .args(["run", "--config", "iomt.toml"])
+        .current_dir(dir.path())
+        .env_remove("IOMT_CONFIG")
+        .env("RUST_LOG", "warn")
+        .stdout(Stdio::null())
+        .stderr(std::fs::File::create(dir.path().join("stderr")).unwrap())
+        .spawn()
+        .unwrap();
+    let started = std::time::Instant::now();
+    while http_status(&metrics, "/healthz") != Some(200) {
+        assert!(
+            child.try_wait().unwrap().is_none(),
+            "iomt exited: {}",
+            std::fs::read_to_string(dir.path().join("stderr")).unwrap()
+        );
+        assert!(
+            started.elapsed() < std::time::Duration::from_secs(20),
+            "/healthz never answered"
+        );
+        std::thread::sleep(std::time::Duration::from_millis(100));
+    }
+    std::thread::sleep(std::time::Duration::from_secs(3));
+    assert!(child.try_wait().unwrap().is_none(), "iomt gave up");
+    assert_eq!(http_status(&metrics, "/readyz"), Some(503));
+    let stderr = std::fs::read_to_string(dir.path().join("stderr")).unwrap();
+    assert!(
+        stderr.contains("cannot reach a dependency") && stderr.contains("checkpoints"),
+        "{stderr}"
+    );
+    assert!(!stderr.contains("configuration is invalid"), "{stderr}");
+    Command::new("kill")
+        .args(["-TERM", &child.id().to_string()])
+        .status()
+        .unwrap();
+    let status = loop {
+        if let Some(status) = child.try_wait().unwrap() {
+            break status;
+        }
+        assert!(
+            started.elapsed() < std::time::Duration::from_secs(40),
+            "SIGTERM did not stop it"
+        );
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    };
+    let stderr = std::fs::read_to_string(dir.path().join("stderr")).unwrap();
+    assert_eq!(status.code(), Some(1), "{stderr}");
+    assert!(
+        stderr.contains("stopped before checkpoints could be reached"),
+        "{stderr}"
+    );
+}

@@ -39,6 +39,14 @@ pub enum RunError {
     /// The captured traffic could not be read.
     #[error(transparent)]
     Files(#[from] FilesError),
+    /// Stopped while a dependency could still not be reached.
+    #[error("stopped before {what} could be reached; the last attempt: {last}")]
+    Stopped {
+        /// The dependency (`checkpoints`, `internal_hub`).
+        what: &'static str,
+        /// Why the last attempt failed.
+        last: String,
+    },
 }
 
 /// Serves `/metrics`, `/healthz` and `/readyz` when the configuration names an address.
@@ -47,13 +55,47 @@ async fn serve_metrics(
     metrics: &Arc<crate::Metrics>,
     health: Arc<crate::Health>,
 ) -> Result<(), RunError> {
-    if let Some(addr) = config.metrics_addr {
+    if let Some(addr) = config.metrics_addr
+        && health.serve_once()
+    {
         let bound = crate::serve(addr, metrics.clone(), health)
             .await
             .map_err(|error| RunError::Metrics { addr, error })?;
         tracing::info!(%bound, "serving /metrics, /healthz and /readyz");
     }
     Ok(())
+}
+
+/// Waits for a dependency the run cannot start without (the checkpoint container, the
+/// internal hub). At start an error there is most often one of reach (DNS, a network policy, a
+/// role assignment still propagating), not of configuration: it is tried again with a backoff
+/// (1 s to 1 min) while `/healthz` answers and `/readyz` does not, until it succeeds or the
+/// run is stopped.
+async fn reach<T, E, F>(
+    what: &'static str,
+    stop: &mut watch::Receiver<bool>,
+    mut attempt: impl FnMut() -> F,
+) -> Result<T, RunError>
+where
+    E: std::fmt::Display,
+    F: Future<Output = Result<T, E>>,
+{
+    let mut backoff = iomt_core::Backoff::new(
+        std::time::Duration::from_secs(1),
+        std::time::Duration::from_secs(60),
+    );
+    loop {
+        let last = match attempt().await {
+            Ok(value) => return Ok(value),
+            Err(e) => e.to_string(),
+        };
+        let wait = backoff.next_delay();
+        tracing::warn!(dependency = what, error = %last, wait_ms = wait.as_millis() as u64, "cannot reach a dependency; trying again");
+        tokio::select! {
+            () = tokio::time::sleep(wait) => {}
+            _ = stop.wait_for(|stopped| *stopped) => return Err(RunError::Stopped { what, last }),
+        }
+    }
 }
 
 /// Runs an assembled pipeline over the items of `input`: on the in-process hub, or, with an
@@ -265,29 +307,35 @@ pub async fn live(
             message: "was not compiled for `iomt run`".into(),
         }));
     };
+    // The endpoints answer from the start: alive, not ready until the pipeline runs.
+    serve_metrics(config, &prepared.metrics, prepared.pipeline.health()).await?;
+    let (stop_tx, mut stop) = watch::channel(false);
+    tokio::spawn(async move {
+        shutdown.await;
+        stop_tx.send_replace(true);
+    });
     // The owner id names the connections: the processor claims partitions under it, and
     // checkpoints are fenced with it.
     let mut settings = live.source.clone();
     settings.application_id = Some(owner_id.clone());
     let store = live.checkpoints.clone().with_owner(owner_id.clone());
-    store.ensure_container().await.map_err(|e| ConfigError {
-        origin: "checkpoints".into(),
-        message: e.to_string(),
-    })?;
+    reach("checkpoints", &mut stop, || store.ensure_container()).await?;
     let store = Arc::new(store);
     let internal_hub = match &live.internal_hub {
         Some(hub) => {
             let mut hub = hub.clone();
             hub.application_id = Some(owner_id.clone());
-            let producer = EventHubsProducer::open(hub, ProducerOptions::default())
-                .await
-                .map_err(|e| ConfigError {
-                    origin: "internal_hub".into(),
-                    message: e.to_string(),
-                })?;
+            let producer = reach("internal_hub", &mut stop, || {
+                EventHubsProducer::open(hub.clone(), ProducerOptions::default())
+            })
+            .await?;
             Some(producer)
         }
         None => None,
+    };
+    let shutdown = async move {
+        // Err: the sender is gone, which only happens once it has sent.
+        let _stopped = stop.wait_for(|stopped| *stopped).await;
     };
     tracing::info!(
         owner = %owner_id,
@@ -454,7 +502,7 @@ pub async fn events_role(
     config: &Compiled,
     owner_id: String,
     metrics: Arc<crate::Metrics>,
-    shutdown: impl Future<Output = ()> + Send + 'static,
+    stopped: impl Future<Output = ()> + Send + 'static,
 ) -> Result<EventsOutcome, RunError> {
     use crate::config::EventLog;
     use crate::source::Partitions;
@@ -474,14 +522,16 @@ pub async fn events_role(
     };
     let health = Arc::new(crate::Health::default());
     serve_metrics(config, &metrics, health.clone()).await?;
+    let (shutdown_tx, mut shutdown) = watch::channel(false);
+    tokio::spawn(async move {
+        stopped.await;
+        shutdown_tx.send_replace(true);
+    });
     // An Event Hub log: ownership and checkpoints in the checkpoint container.
     let hub = match (log, &config.live) {
         (EventLog::Hub(_), Some(live)) => {
             let store = live.checkpoints.clone().with_owner(owner_id.clone());
-            store
-                .ensure_container()
-                .await
-                .map_err(|e| fail("checkpoints", e.to_string()))?;
+            reach("checkpoints", &mut shutdown, || store.ensure_container()).await?;
             let store: Arc<dyn azure_messaging_eventhubs::CheckpointStore + Send + Sync> =
                 Arc::new(store);
             Some((live, store))
@@ -544,7 +594,7 @@ pub async fn events_role(
     }
     health.set_ready(true);
     let source_failed = tokio::select! {
-        () = shutdown => None,
+        _ = shutdown.wait_for(|stopped| *stopped) => None,
         Some(e) = failed.recv() => Some(e),
     };
     health.set_ready(false);

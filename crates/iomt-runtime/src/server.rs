@@ -18,9 +18,17 @@ use crate::metrics::Metrics;
 #[derive(Debug, Default)]
 pub struct Health {
     ready: AtomicBool,
+    served: AtomicBool,
 }
 
 impl Health {
+    /// Records that the endpoints serve this health; `false` if they already did (a live run
+    /// serves them before it waits for its dependencies, and the pipeline must not bind the
+    /// port again).
+    pub(crate) fn serve_once(&self) -> bool {
+        !self.served.swap(true, Ordering::Relaxed)
+    }
+
     /// Marks the pipeline ready (running) or not (starting, draining).
     pub fn set_ready(&self, ready: bool) {
         self.ready.store(ready, Ordering::Relaxed);

@@ -356,17 +356,39 @@ pub async fn run_feed(
     bell: Arc<tokio::sync::Notify>,
     mut stop: watch::Receiver<bool>,
 ) -> Result<FeedReport, FeedError> {
-    let (statement, _) = client
-        .get_json("metadata")
-        .await
-        .map_err(FeedError::Metadata)?;
+    // A server or checkpoint container that cannot be reached yet is waited for (with the
+    // client's own retries in each attempt); what it answers, it answers for good.
+    let mut backoff = Backoff::new(Duration::from_secs(1), Duration::from_secs(60));
+    let statement = loop {
+        match client.get_json("metadata").await {
+            Ok((statement, _)) => break statement,
+            Err(e @ FhirError::Unavailable { .. }) => {
+                tracing::warn!(error = %e, "cannot reach the FHIR server; trying again");
+            }
+            Err(e) => return Err(FeedError::Metadata(e)),
+        }
+        if !pause(backoff.next_delay(), &mut stop).await {
+            return Ok(FeedReport::default());
+        }
+    };
     let scope = Scope::from_capabilities(&statement, &settings.resource_types, settings.fallback)?;
     tracing::info!(scope = ?scope, "reading the FHIR server's history");
     let tail_settings = TailSettings {
         settle: settings.settle,
         overlap: settings.overlap,
     };
-    let state = checkpoint.load().await?;
+    let state = loop {
+        match checkpoint.load().await {
+            Ok(state) => break state,
+            Err(e) if matches!(checkpoint, FeedCheckpoint::Blob { .. }) => {
+                tracing::warn!(error = %e, "cannot read the change feed checkpoint; trying again");
+            }
+            Err(e) => return Err(e),
+        }
+        if !pause(backoff.next_delay(), &mut stop).await {
+            return Ok(FeedReport::default());
+        }
+    };
     let mut tail = Tail::new(tail_settings, &state).map_err(|e| checkpoint.fail(e))?;
     let mut report = FeedReport {
         watermark: state.watermark.clone(),
@@ -406,6 +428,14 @@ pub async fn run_feed(
         }
     }
     Ok(report)
+}
+
+/// Waits `wait`; `false` when the feed is stopped meanwhile.
+async fn pause(wait: Duration, stop: &mut watch::Receiver<bool>) -> bool {
+    tokio::select! {
+        () = tokio::time::sleep(wait) => true,
+        _ = stop.wait_for(|stopped| *stopped) => false,
+    }
 }
 
 /// When the next cycle runs: after the poll interval, or sooner when a change was held back
