@@ -11,9 +11,12 @@ For every overlay (each directory directly under deploy/kubernetes/overlays):
   4. `iomt config check` accepts each Deployment's configuration as the pod would see it: the
      rendered iomt.toml, templates and environment (envFrom and env, `$(VAR)` expanded).
 
+And the Grafana dashboard (deploy/grafana) queries only metrics iomt registers (or KEDA's).
+
 Exits non-zero with every problem listed.
 """
 
+import json
 import os
 import re
 import subprocess
@@ -30,6 +33,7 @@ REPO = Path(__file__).resolve().parents[2]
 OVERLAYS = REPO / "deploy" / "kubernetes" / "overlays"
 CRDS = Path(__file__).resolve().parent / "crds"
 CHECKOV_CONFIG = Path(__file__).resolve().parent / "checkov.yaml"
+DASHBOARD = REPO / "deploy" / "grafana" / "iomt-dashboard.json"
 KUBERNETES_VERSION = "1.32.0"
 
 
@@ -157,6 +161,34 @@ def config_check(iomt, objects, workdir):
     return problems
 
 
+def exported_metrics():
+    """The metric families iomt registers: the names given to the registry in
+    crates/iomt-runtime/src/metrics.rs and the process collector's (a family without samples
+    is not in /metrics, so the source is the complete list)."""
+    runtime = REPO / "crates" / "iomt-runtime" / "src"
+    names = set(re.findall(r'register\(\s*"([A-Za-z_][A-Za-z0-9_]*)"', (runtime / "metrics.rs").read_text()))
+    names |= set(re.findall(r'"(process_[a-z_]+)"', (runtime / "process.rs").read_text()))
+    return names
+
+
+def dashboard_check():
+    problems = []
+    try:
+        dashboard = json.loads(DASHBOARD.read_text())
+    except ValueError as e:
+        return [f"{DASHBOARD.name}: not JSON: {e}"]
+    families = exported_metrics()
+    for panel in dashboard.get("panels", []):
+        for target in panel.get("targets", []):
+            for name in re.findall(r"\b([A-Za-z_][A-Za-z0-9_]*)\{", target["expr"]):
+                if name.startswith("keda_"):
+                    continue
+                base = re.sub(r"_(total|bucket|sum|count)$", "", name)
+                if name not in families and base not in families:
+                    problems.append(f"{DASHBOARD.name}: panel {panel['title']!r} queries {name}, which iomt does not export")
+    return problems
+
+
 def main():
     if len(sys.argv) != 2:
         sys.exit(__doc__)
@@ -181,6 +213,11 @@ def main():
             for problem in problems:
                 print(f"  {problem}")
             failed |= bool(problems)
+        problems = dashboard_check()
+        print(f"{DASHBOARD.relative_to(REPO)}: {'ok' if not problems else 'FAILED'}")
+        for problem in problems:
+            print(f"  {problem}")
+        failed |= bool(problems)
     sys.exit(1 if failed else 0)
 
 

@@ -331,6 +331,13 @@ impl Versioned {
     }
 }
 
+/// Sees every HTTP request the client makes (each attempt of a retried one): metrics of
+/// requests by status and their latency. `status` is `None` when no answer came.
+pub trait RequestObserver: Send + Sync + std::fmt::Debug {
+    /// One request's method, status and time to its answer.
+    fn observe(&self, method: &Method, status: Option<u16>, elapsed: Duration);
+}
+
 /// A FHIR R4 REST client.
 #[derive(Debug, Clone)]
 pub struct FhirClient {
@@ -338,6 +345,7 @@ pub struct FhirClient {
     pub(crate) config: Arc<FhirClientConfig>,
     slots: Arc<Semaphore>,
     token: Arc<tokio::sync::Mutex<Option<BearerToken>>>,
+    observer: Option<Arc<dyn RequestObserver>>,
 }
 
 /// Tokens are renewed this long before they expire.
@@ -368,7 +376,15 @@ impl FhirClient {
             config: Arc::new(config),
             slots,
             token: Arc::default(),
+            observer: None,
         })
+    }
+
+    /// This client (sharing its connections, slots and token) reporting every request to
+    /// `observer`.
+    pub fn with_observer(mut self, observer: Arc<dyn RequestObserver>) -> Self {
+        self.observer = Some(observer);
+        self
     }
 
     /// The URL of `path` (`Type/id`, `Type?query`) under the base URL, with the base URL's
@@ -434,13 +450,23 @@ impl FhirClient {
         for (name, value) in headers {
             req = req.header(name, *value);
         }
+        let sent = std::time::Instant::now();
+        let observe = |status: Option<u16>| {
+            if let Some(observer) = &self.observer {
+                observer.observe(method, status, sent.elapsed());
+            }
+        };
         let response = match req.send().await {
             Ok(r) => r,
             // The error names the URL, whose query may hold a secret and whose search
             // values are patient data: it goes without.
-            Err(e) => return failed_request(e.without_url()),
+            Err(e) => {
+                observe(None);
+                return failed_request(e.without_url());
+            }
         };
         let status = response.status();
+        observe(Some(status.as_u16()));
         let headers = response.headers().clone();
         let bytes = match response.bytes().await {
             Ok(b) => b.to_vec(),

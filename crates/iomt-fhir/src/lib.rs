@@ -22,7 +22,7 @@ pub mod writer;
 pub use bulk::ExportStatus;
 pub use client::{
     Auth, BearerToken, EntraCredential, FhirClient, FhirClientConfig, FhirError, Outage,
-    TokenSource, Versioned,
+    RequestObserver, TokenSource, Versioned,
 };
 pub use identity::{IdentityConfig, IdentityError, IdentityMode, IdentityResolver, Resolved};
 pub use writer::{ObservationWriter, WriteError};

@@ -123,6 +123,7 @@ pub fn assemble(
 ) -> Result<Assembled, ConfigError> {
     let state_lock = lock_state_dir(&config.state_dir)?;
     let mapping = Arc::new(fhir);
+    let metrics = Arc::new(Metrics::new());
     let (sink, target) = match &config.target {
         Target::InternalHub => (ConfiguredSink::Nothing, "internal hub".to_owned()),
         Target::Nothing => (ConfiguredSink::Nothing, "nothing".to_owned()),
@@ -133,12 +134,10 @@ pub fn assemble(
             observation_cache_capacity,
             observation_cache_ttl,
         } => {
+            let client = client.clone().with_observer(metrics.clone());
             let identity = IdentityResolver::new(client.clone(), identity.clone());
-            let writer = ObservationWriter::new(
-                client.clone(),
-                *observation_cache_capacity,
-                *observation_cache_ttl,
-            );
+            let writer =
+                ObservationWriter::new(client, *observation_cache_capacity, *observation_cache_ttl);
             let store = FhirStore::new(identity, writer, url.clone());
             let sink = Converter::new(mapping.clone(), store);
             (
@@ -169,7 +168,6 @@ pub fn assemble(
         message: format!("cannot open {dead_letters}: {e}"),
     })?;
     let sink = Arc::new(sink);
-    let metrics = Arc::new(Metrics::new());
     let (outbox, events) = EventService::build(config, metrics.clone())?;
     let pipeline = Pipeline::new(
         config.pipeline.clone(),

@@ -31,6 +31,7 @@ pub mod events;
 pub mod assemble;
 pub mod config;
 pub mod metrics;
+mod process;
 pub mod run;
 pub mod server;
 

@@ -38,6 +38,28 @@ struct SavedLabels {
     resource_type: String,
 }
 
+/// Labels of FHIR requests.
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct FhirRequestLabels {
+    method: String,
+    /// The HTTP status, or `none` when no answer came (timeout, connection error).
+    status: String,
+}
+
+/// Label of the FHIR request latency.
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct MethodLabel {
+    method: String,
+}
+
+/// Labels of `iomt_build_info`.
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct BuildLabels {
+    version: String,
+}
+
+type HistogramFamily<L> = Family<L, Histogram, fn() -> Histogram>;
+
 /// Labels of event delivery counters.
 #[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct SubscriptionLabel {
@@ -97,6 +119,9 @@ pub struct Metrics {
     latency: Mutex<Hdr<u64>>,
     /// Change events, under Event Grid's metric names.
     events: EventMetrics,
+    /// Every FHIR request, by method and status, and its latency by method.
+    fhir_requests: Family<FhirRequestLabels, Counter>,
+    fhir_latency: HistogramFamily<MethodLabel>,
 }
 
 /// Change-event metrics, named after Event Grid's subscription metrics.
@@ -162,6 +187,8 @@ impl Metrics {
                 Hdr::new_with_bounds(1, 3_600_000, 3).unwrap_or_else(|_| Hdr::new(3).unwrap()),
             ),
             registry: Registry::default(),
+            fhir_requests: Family::default(),
+            fhir_latency: Family::new_with_constructor(|| Histogram::new(latency_buckets())),
             events: EventMetrics {
                 delivered: Family::default(),
                 failed_attempts: Family::default(),
@@ -303,6 +330,28 @@ impl Metrics {
             "Age of the oldest write whose events are not yet in the event log, in milliseconds",
             e.outbox_lag.clone(),
         );
+        registry.register(
+            "FhirRequest",
+            "FHIR requests (each attempt), by method and HTTP status (none: no answer)",
+            m.fhir_requests.clone(),
+        );
+        registry.register(
+            "FhirRequestLatencyMs",
+            "Time from a FHIR request to its answer, by method, in milliseconds",
+            m.fhir_latency.clone(),
+        );
+        let build: Family<BuildLabels, Gauge> = Family::default();
+        build
+            .get_or_create(&BuildLabels {
+                version: env!("CARGO_PKG_VERSION").to_owned(),
+            })
+            .set(1);
+        registry.register(
+            "iomt_build_info",
+            "The running build: 1, labelled with its version",
+            build,
+        );
+        registry.register_collector(Box::new(crate::process::ProcessCollector));
         Self { registry, ..m }
     }
 
@@ -544,4 +593,56 @@ pub struct Summary {
     /// Write-to-delivery latency of change events in milliseconds (p50, p99, max), when any
     /// was delivered.
     pub event_latency_ms: Option<(u64, u64, u64)>,
+}
+
+impl iomt_fhir::RequestObserver for Metrics {
+    fn observe(&self, method: &reqwest::Method, status: Option<u16>, elapsed: Duration) {
+        let method = method.as_str().to_owned();
+        self.fhir_requests
+            .get_or_create(&FhirRequestLabels {
+                method: method.clone(),
+                status: status.map_or_else(|| "none".to_owned(), |s| s.to_string()),
+            })
+            .inc();
+        self.fhir_latency
+            .get_or_create(&MethodLabel { method })
+            .observe(elapsed.as_secs_f64() * 1000.0);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use iomt_fhir::RequestObserver as _;
+
+    #[test]
+    fn fhir_requests_build_and_process_are_exported() {
+        let m = Metrics::new();
+        m.observe(&reqwest::Method::GET, Some(200), Duration::from_millis(12));
+        m.observe(&reqwest::Method::GET, Some(200), Duration::from_millis(40));
+        m.observe(&reqwest::Method::PUT, None, Duration::from_secs(30));
+        let text = m.encode();
+        for expected in [
+            r#"FhirRequest_total{method="GET",status="200"} 2"#,
+            r#"FhirRequest_total{method="PUT",status="none"} 1"#,
+            r#"FhirRequestLatencyMs_count{method="GET"} 2"#,
+            r#"FhirRequestLatencyMs_bucket{le="25.0",method="GET"} 1"#,
+            concat!(
+                r#"iomt_build_info{version=""#,
+                env!("CARGO_PKG_VERSION"),
+                r#""} 1"#
+            ),
+        ] {
+            assert!(text.contains(expected), "{expected} not in\n{text}");
+        }
+        #[cfg(target_os = "linux")]
+        for name in [
+            "process_cpu_seconds_total ",
+            "process_resident_memory_bytes ",
+            "process_open_fds ",
+            "process_start_time_seconds ",
+        ] {
+            assert!(text.contains(name), "{name} not in\n{text}");
+        }
+    }
 }

@@ -416,7 +416,8 @@ pub async fn changes_role(
     let delivery = service.map(|s| s.spawn(stop.clone()));
     health.set_ready(true);
     let feed = tokio::spawn({
-        let (client, settings) = (client.clone(), config.change_feed.clone());
+        let client = client.clone().with_observer(metrics.clone());
+        let settings = config.change_feed.clone();
         let checkpoint = match &config.change_feed_checkpoints {
             Some(container) => FeedCheckpoint::in_container(container.clone(), url),
             None => FeedCheckpoint::in_dir(&config.state_dir),

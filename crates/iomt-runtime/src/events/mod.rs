@@ -144,7 +144,9 @@ impl EventService {
                 (
                     Outbox::Local(log, wake_tx),
                     reader,
-                    Some(Resources::Fhir(client.clone())),
+                    Some(Resources::Fhir(
+                        client.clone().with_observer(metrics.clone()),
+                    )),
                 )
             }
         };
@@ -174,7 +176,9 @@ impl EventService {
         let (log, reader) = local_log(config)?;
         let (wake_tx, wake) = watch::channel(0);
         let resources = match &config.target {
-            Target::Fhir { client, .. } => Some(Resources::Fhir(client.clone())),
+            Target::Fhir { client, .. } => Some(Resources::Fhir(
+                client.clone().with_observer(metrics.clone()),
+            )),
             _ => None,
         };
         let service = EventService {
@@ -237,7 +241,9 @@ pub(crate) fn cluster_subscriptions(
         });
     };
     let resources = match &config.target {
-        Target::Fhir { client, .. } => Some(Resources::Fhir(client.clone())),
+        Target::Fhir { client, .. } => Some(Resources::Fhir(
+            client.clone().with_observer(metrics.clone()),
+        )),
         _ => None,
     };
     let groups = events.subscriptions.iter().map(|s| s.consumer_group());
