@@ -108,6 +108,10 @@ pub(crate) struct ValidateArgs {
     device_mapping: PathBuf,
     /// The FHIR mapping (a CollectionFhir document).
     fhir_mapping: Option<PathBuf>,
+    /// Accept device templates whose typeName no FHIR template takes (a warning then, not an
+    /// error): their measurements are dead-lettered at run time, as MedTech does.
+    #[arg(long)]
+    allow_unmapped_types: bool,
     /// Output format.
     #[arg(long, value_enum, default_value_t = OutputFormat::Text)]
     output: OutputFormat,
@@ -270,6 +274,22 @@ fn validate(args: &ValidateArgs) -> anyhow::Result<u8> {
         Ok(m) => m,
         Err(code) => return Ok(code),
     };
+    let unmapped = mappings
+        .fhir
+        .as_ref()
+        .map(|fhir| fhir.unmapped_types(&mappings.device))
+        .unwrap_or_default();
+    if !unmapped.is_empty() && !args.allow_unmapped_types {
+        let file = args.device_mapping.display().to_string();
+        let errors = unmapped
+            .into_iter()
+            .map(|error| ReportedError::Template {
+                file: file.clone(),
+                error,
+            })
+            .collect();
+        return invalid_mapping(args.output, &palette, errors);
+    }
     match args.output {
         OutputFormat::Json => print_json(&[], Vec::new())?,
         OutputFormat::Text => {
@@ -303,14 +323,8 @@ fn validate(args: &ValidateArgs) -> anyhow::Result<u8> {
                 for (index, kind, type_name, line) in listed {
                     crate::outln!("  template[{index}] {kind} '{type_name}' (line {line})");
                 }
-                for t in &mappings.device.templates {
-                    if fhir.lookup(&t.type_name).is_none() {
-                        crate::outln!(
-                            "  {} no FHIR template for device type '{}': its measurements would be dead-lettered",
-                            paint(palette.hint, "warning:"),
-                            t.type_name
-                        );
-                    }
+                for error in &unmapped {
+                    crate::outln!("  {} {error}", paint(palette.hint, "warning:"));
                 }
             }
         }
@@ -436,6 +450,7 @@ fn import(args: &ImportArgs) -> anyhow::Result<u8> {
     validate(&ValidateArgs {
         device_mapping: files[0].0.clone(),
         fhir_mapping: Some(files[1].0.clone()),
+        allow_unmapped_types: false,
         output: OutputFormat::Text,
         color: args.color,
     })

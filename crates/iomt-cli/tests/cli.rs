@@ -783,3 +783,36 @@ fn mapping_test_runs_a_batch_of_messages() {
     assert_eq!(code, 0);
     assert_eq!(report["measurements"].as_array().unwrap().len(), 1);
 }
+
+/// A device typeName that no FHIR template takes is an error of `mapping validate`, with the
+/// closest FHIR type name; `--allow-unmapped-types` makes it a warning.
+#[test]
+fn validate_refuses_an_unmapped_type_name_with_a_suggestion() {
+    let dir = tempfile::tempdir().unwrap();
+    let device = std::fs::read_to_string(repo("mappings/heartrate/devicecontent.json"))
+        .unwrap()
+        .replace("\"heartrate\"", "\"heartrates\"");
+    let device = write(&dir, "device.json", device.as_bytes());
+    let fhir = repo("mappings/heartrate/fhirmapping.json");
+    let args = [
+        "mapping",
+        "validate",
+        device.to_str().unwrap(),
+        fhir.to_str().unwrap(),
+    ];
+    let out = iomt(&args);
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert_eq!(out.status.code(), Some(2), "{text}");
+    assert!(
+        text.contains("no FHIR template takes typeName 'heartrates'; did you mean 'heartrate'?"),
+        "{text}"
+    );
+    let out = iomt(&[&args[..], &["--output", "json"]].concat());
+    let json: Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(json["errors"][0]["kind"], "unmappedType");
+    assert_eq!(json["errors"][0]["path"], "$.template[0].template.typeName");
+    let out = iomt(&[&args[..], &["--allow-unmapped-types"]].concat());
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert_eq!(out.status.code(), Some(0), "{text}");
+    assert!(text.contains("warning:"), "{text}");
+}

@@ -18,6 +18,9 @@ pub enum TemplateErrorKind {
     TemplateType,
     /// A JSONPath or JMESPath expression does not compile.
     Expression,
+    /// A device template's `typeName` that no FHIR template takes: every measurement of it
+    /// would be dead-lettered.
+    UnmappedType,
 }
 
 /// One problem in a mapping template file.

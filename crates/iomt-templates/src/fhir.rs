@@ -136,6 +136,41 @@ impl FhirMapping {
             .find(|t| t.type_name.eq_ignore_ascii_case(type_name))
     }
 
+    /// A `TemplateError` for each device template whose `typeName` no FHIR template takes (in
+    /// the device mapping's file), with the closest FHIR type name as a suggestion: MedTech
+    /// accepts such a pair and dead-letters every measurement of the type at run time.
+    pub fn unmapped_types(&self, device: &crate::device::DeviceMapping) -> Vec<TemplateError> {
+        let known: Vec<&str> = self
+            .templates
+            .iter()
+            .map(|t| t.type_name.as_ref())
+            .chain(self.handlebars.iter().map(|t| t.type_name.as_ref()))
+            .collect();
+        device
+            .templates
+            .iter()
+            .filter(|t| self.lookup(&t.type_name).is_none())
+            .map(|t| {
+                let hint = match crate::source::closest(&t.type_name, &known) {
+                    Some(k) => format!("; did you mean '{k}'?"),
+                    None if known.is_empty() => String::new(),
+                    None => format!("; the FHIR templates take: {}", known.join(", ")),
+                };
+                TemplateError {
+                    message: format!(
+                        "no FHIR template takes typeName '{}'{hint} (its measurements would all be dead-lettered)",
+                        t.type_name
+                    ),
+                    path: format!("$.template[{}].template.typeName", t.index),
+                    line: Some(t.line),
+                    column: None,
+                    template: Some(t.label()),
+                    kind: TemplateErrorKind::UnmappedType,
+                }
+            })
+            .collect()
+    }
+
     /// The template of either kind for a measurement type (case-insensitive).
     pub fn lookup(&self, type_name: &str) -> Option<FhirTemplate<'_>> {
         self.template(type_name)

@@ -440,7 +440,7 @@ impl<'s, 'a> Checker<'s, 'a> {
 }
 
 /// The known member an unknown one was most likely meant to be.
-fn closest<'k>(name: &str, known: &[&'k str]) -> Option<&'k str> {
+pub(crate) fn closest<'k>(name: &str, known: &[&'k str]) -> Option<&'k str> {
     let lower = name.to_ascii_lowercase();
     known
         .iter()
