@@ -342,6 +342,46 @@ fn a_server_without_history_is_refused_and_type_history_is_used_without_system_h
     assert!(!dir.join("state/changefeed.json").exists());
 }
 
+/// Runs `iomt export ARGS… --config CONFIG --status {dir}/status.jsonl`, which must succeed
+/// and publish 6 changes with 1 deletion; its summary.
+fn export_six_changes(dir: &Path, config: &Path, args: &[&str]) -> String {
+    let output = std::process::Command::new(iomt_tests::iomt())
+        .arg("export")
+        .args(args)
+        .arg("--config")
+        .arg(config)
+        .arg("--status")
+        .arg(dir.join("status.jsonl"))
+        .env_remove("IOMT_CONFIG")
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&output.stdout).into_owned();
+    assert!(
+        output.status.success(),
+        "{stdout}{}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    assert!(
+        stdout.contains("exported 6 changes (1 deletions"),
+        "{stdout}"
+    );
+    stdout
+}
+
+/// The status events two export runs appended: their types.
+fn assert_two_exports_reported(status: &[Value]) {
+    let types: Vec<&str> = status.iter().map(|e| e["type"].as_str().unwrap()).collect();
+    assert_eq!(
+        types,
+        [
+            "iomt.bulkexport.started",
+            "iomt.bulkexport.completed",
+            "iomt.bulkexport.started",
+            "iomt.bulkexport.completed"
+        ]
+    );
+}
+
 /// A Bulk Data export folder (manifest, resource files and a `deleted` file) published with
 /// `iomt export --from`: every change arrives once, the deletions as deletions, and a second
 /// run of the same export adds nothing.
@@ -419,42 +459,14 @@ fn a_bulk_data_export_is_published_complete_and_once() {
     .map(|(a, b, c, d)| (a.into(), b.into(), c.into(), d.into()))
     .collect();
     for run in 0..2 {
-        let output = std::process::Command::new(iomt_tests::iomt())
-            .args(["export", "--from"])
-            .arg(&export)
-            .arg("--config")
-            .arg(&config)
-            .arg("--status")
-            .arg(dir.join("status.jsonl"))
-            .env_remove("IOMT_CONFIG")
-            .output()
-            .unwrap();
-        let stdout = String::from_utf8_lossy(&output.stdout);
-        assert!(
-            output.status.success(),
-            "{stdout}{}",
-            String::from_utf8_lossy(&output.stderr)
-        );
-        assert!(
-            stdout.contains("exported 6 changes (1 deletions"),
-            "{stdout}"
-        );
+        export_six_changes(dir, &config, &["--from", export.to_str().unwrap()]);
         let (by_id, total) = delivered(dir);
         let got: BTreeSet<Change> = by_id.values().cloned().collect();
         assert_eq!(got, expected, "run {run}");
         assert_eq!(total, 6, "run {run}: nothing delivered twice");
     }
     let status = read_json_lines(&dir.join("status.jsonl"));
-    let types: Vec<&str> = status.iter().map(|e| e["type"].as_str().unwrap()).collect();
-    assert_eq!(
-        types,
-        [
-            "iomt.bulkexport.started",
-            "iomt.bulkexport.completed",
-            "iomt.bulkexport.started",
-            "iomt.bulkexport.completed"
-        ]
-    );
+    assert_two_exports_reported(&status);
     assert_eq!(status[1]["data"]["deletions"], 1);
     assert_eq!(
         status[1]["id"], status[3]["id"],
@@ -517,31 +529,16 @@ fn an_export_run_by_the_server_is_downloaded_and_published_once() {
     )
     .unwrap();
     for run in 0..2 {
-        let output = std::process::Command::new(iomt_tests::iomt())
-            .args([
-                "export",
+        export_six_changes(
+            dir,
+            &config,
+            &[
                 "--server",
                 "--type",
                 "Patient,Observation",
                 "--since",
                 &since,
-            ])
-            .arg("--config")
-            .arg(&config)
-            .arg("--status")
-            .arg(dir.join("status.jsonl"))
-            .env_remove("IOMT_CONFIG")
-            .output()
-            .unwrap();
-        let stdout = String::from_utf8_lossy(&output.stdout);
-        assert!(
-            output.status.success(),
-            "{stdout}{}",
-            String::from_utf8_lossy(&output.stderr)
-        );
-        assert!(
-            stdout.contains("exported 6 changes (1 deletions"),
-            "{stdout}"
+            ],
         );
         let (by_id, total) = delivered(dir);
         let got: BTreeSet<(String, String, String)> = by_id
@@ -575,16 +572,7 @@ fn an_export_run_by_the_server_is_downloaded_and_published_once() {
         );
     }
     let status = read_json_lines(&dir.join("status.jsonl"));
-    let types: Vec<&str> = status.iter().map(|e| e["type"].as_str().unwrap()).collect();
-    assert_eq!(
-        types,
-        [
-            "iomt.bulkexport.started",
-            "iomt.bulkexport.completed",
-            "iomt.bulkexport.started",
-            "iomt.bulkexport.completed"
-        ]
-    );
+    assert_two_exports_reported(&status);
     assert!(
         status[0]["subject"].as_str().unwrap().contains("/__bulk/0"),
         "{}",

@@ -14,13 +14,14 @@ use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
-use iomt_eventhubs::blob::BlobCheckpointStore;
-use iomt_eventhubs_broker::{BrokerConfig, BrokerHandle, HubConfig};
+use iomt_eventhubs_broker::{BrokerHandle, HubConfig};
+use iomt_tests::Scratch;
 use iomt_tests::cosmos::Cosmos;
-use iomt_tests::eventhubs::{hub_section, storage_connection_string, toml_string};
+use iomt_tests::eventhubs::{
+    Cluster, hub_section, start_role, storage_connection_string, toml_string,
+};
 use iomt_tests::golden::Server;
 use iomt_tests::replay::serial;
-use iomt_tests::{IomtProcess, Scratch};
 use reqwest::Method;
 use serde_json::{Value, json};
 
@@ -68,26 +69,6 @@ fn write_config(
     let path = dir.join("iomt.toml");
     std::fs::write(&path, config).unwrap();
     path
-}
-
-fn start_role(dir: &Path, config: &Path, role: &str) -> IomtProcess {
-    let state_dir = dir.join(role);
-    IomtProcess::start(
-        dir,
-        role,
-        [
-            "run",
-            "--role",
-            role,
-            "--owner-id",
-            role,
-            "--config",
-            config.to_str().unwrap(),
-            "--state-dir",
-            state_dir.to_str().unwrap(),
-        ],
-        "info,azure_messaging_eventhubs=warn,azure_core_amqp=warn",
-    )
 }
 
 fn put(server: &Server, resource: Value) -> Value {
@@ -200,21 +181,12 @@ fn fhir_changes_reach_cosmos_db_through_the_event_log_hub() {
                        "meta": {"versionId": "99", "lastUpdated": "2030-01-01T00:00:00Z"}});
     cosmos.create(BY_TYPE, "Observation", &newer);
 
-    let rt = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
-        .enable_all()
-        .build()
-        .unwrap();
-    let broker = rt
-        .block_on(BrokerHandle::start(BrokerConfig::new(vec![
-            HubConfig::new(EVENT_LOG, 2).unwrap(),
-        ])))
-        .unwrap();
-    let container = format!("cosmos-{:08x}", fastrand::u32(..));
-    let store =
-        BlobCheckpointStore::from_connection_string(&storage_connection_string(), &container)
-            .unwrap();
-    rt.block_on(store.ensure_container()).unwrap();
+    let Cluster {
+        rt: _,
+        broker,
+        store: _,
+        container,
+    } = Cluster::start(vec![HubConfig::new(EVENT_LOG, 2).unwrap()], "cosmos");
     let config = write_config(dir, &broker, &server, &cosmos, &container);
 
     // Before the roles start: patients, observations, updates, a move to another patient, a

@@ -15,10 +15,10 @@ use std::io::Write as _;
 use std::path::Path;
 use std::time::{Duration, Instant};
 
-use iomt_eventhubs::blob::BlobCheckpointStore;
-use iomt_eventhubs_broker::{BrokerConfig, BrokerHandle, HubConfig};
+use iomt_eventhubs_broker::HubConfig;
 use iomt_tests::eventhubs::{
-    export_dead_letters, hub_section, keda_lag, send, storage_connection_string, toml_string,
+    Cluster, export_dead_letters, hub_section, keda_lag, send, storage_connection_string,
+    toml_string,
 };
 use iomt_tests::faults::{FaultProxy, Faults};
 use iomt_tests::golden::{
@@ -99,21 +99,12 @@ fn event_hubs_run_killed_again_and_again_loses_nothing() {
         .map(str::to_owned)
         .collect();
     server.reset();
-    let rt = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
-        .enable_all()
-        .build()
-        .unwrap();
-    let broker = rt
-        .block_on(BrokerHandle::start(BrokerConfig::new(vec![
-            HubConfig::new(HUB, PARTITIONS).unwrap(),
-        ])))
-        .unwrap();
-    let container = format!("chaos-{:08x}", fastrand::u32(..));
-    let store =
-        BlobCheckpointStore::from_connection_string(&storage_connection_string(), &container)
-            .unwrap();
-    rt.block_on(store.ensure_container()).unwrap();
+    let Cluster {
+        rt,
+        broker,
+        store,
+        container,
+    } = Cluster::start(vec![HubConfig::new(HUB, PARTITIONS).unwrap()], "chaos");
     let config = dir.join("iomt.toml");
     std::fs::write(
         &config,

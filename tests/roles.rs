@@ -20,14 +20,14 @@ use std::collections::{BTreeMap, BTreeSet};
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
-use iomt_eventhubs::blob::BlobCheckpointStore;
-use iomt_eventhubs_broker::{BrokerConfig, BrokerHandle, HubConfig, StoredEvent};
+use iomt_eventhubs_broker::{BrokerHandle, HubConfig, StoredEvent};
+use iomt_tests::Scratch;
 use iomt_tests::eventhubs::{
-    export_dead_letters, hub_section, keda_lag, send, storage_connection_string, toml_string,
+    Cluster, export_dead_letters, hub_section, keda_lag, send, start_role,
+    storage_connection_string, toml_string,
 };
 use iomt_tests::events::{Version, announced, assert_each_version_under_one_id};
 use iomt_tests::golden::{Capture, Server, capture_dir, check_server, read_json_lines, rng};
-use iomt_tests::{IomtProcess, Scratch};
 use serde_json::Value;
 
 const DEVICE_HUB: &str = "devicedata";
@@ -72,28 +72,6 @@ fn write_config(dir: &Path, broker: &BrokerHandle, fhir_url: &str, container: &s
     let file = dir.join("iomt.toml");
     std::fs::write(&file, config).unwrap();
     file
-}
-
-/// Starts `iomt run --role ROLE`; its state (dead letters) is in `dir/ROLE`.
-fn start_role(dir: &Path, config: &Path, role: &str) -> IomtProcess {
-    let state_dir = dir.join(role);
-    let args = [
-        "run",
-        "--role",
-        role,
-        "--owner-id",
-        role,
-        "--config",
-        config.to_str().unwrap(),
-        "--state-dir",
-        state_dir.to_str().unwrap(),
-    ];
-    IomtProcess::start(
-        dir,
-        role,
-        args,
-        "info,azure_messaging_eventhubs=warn,azure_core_amqp=warn",
-    )
 }
 
 /// Checks the internal hub carries MedTech's normalized events: one PascalCase `Measurement`
@@ -213,24 +191,20 @@ fn normalize_and_convert_roles_over_the_internal_hub_fill_fhir() {
         .collect();
     server.reset();
 
-    let rt = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
-        .enable_all()
-        .build()
-        .unwrap();
-    let broker = rt
-        .block_on(BrokerHandle::start(BrokerConfig::new(vec![
+    let Cluster {
+        rt,
+        broker,
+        store,
+        container,
+    } = Cluster::start(
+        vec![
             HubConfig::new(DEVICE_HUB, 4).unwrap(),
             HubConfig::new(INTERNAL_HUB, 4).unwrap(),
             HubConfig::new(EVENT_LOG, 4).unwrap(),
             HubConfig::new(EVENTS_OUT, 2).unwrap(),
-        ])))
-        .unwrap();
-    let container = format!("roles-{:08x}", fastrand::u32(..));
-    let store =
-        BlobCheckpointStore::from_connection_string(&storage_connection_string(), &container)
-            .unwrap();
-    rt.block_on(store.ensure_container()).unwrap();
+        ],
+        "roles",
+    );
     let config = write_config(dir, &broker, &server.base, &container);
 
     // Half before the roles start, half while they run.

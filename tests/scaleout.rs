@@ -14,9 +14,9 @@ use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
 use iomt_eventhubs::blob::BlobCheckpointStore;
-use iomt_eventhubs_broker::{BrokerConfig, BrokerHandle, HubConfig};
+use iomt_eventhubs_broker::{BrokerHandle, HubConfig};
 use iomt_tests::eventhubs::{
-    NAMESPACE, export_dead_letters, hub_section, keda_lag, partition_lag, send,
+    Cluster, NAMESPACE, export_dead_letters, hub_section, keda_lag, partition_lag, send,
     storage_connection_string, toml_string,
 };
 use iomt_tests::golden::{Capture, Server, capture_dir, check_server, rng};
@@ -213,21 +213,12 @@ fn scale_out(start: Start) {
     assert_eq!(lines.len(), capture.records.len());
     server.reset();
 
-    let rt = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
-        .enable_all()
-        .build()
-        .unwrap();
-    let broker = rt
-        .block_on(BrokerHandle::start(BrokerConfig::new(vec![
-            HubConfig::new(HUB, PARTITIONS).unwrap(),
-        ])))
-        .unwrap();
-    let container = format!("scaleout-{:08x}", fastrand::u32(..));
-    let store =
-        BlobCheckpointStore::from_connection_string(&storage_connection_string(), &container)
-            .unwrap();
-    rt.block_on(store.ensure_container()).unwrap();
+    let Cluster {
+        rt,
+        broker,
+        store,
+        container,
+    } = Cluster::start(vec![HubConfig::new(HUB, PARTITIONS).unwrap()], "scaleout");
     let config = write_config(dir, &broker, &server.base, &container);
 
     // The events come in two parts: a third first, the rest just before the kill.

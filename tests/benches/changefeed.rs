@@ -133,6 +133,32 @@ fn delivered(path: &Path, seen: &mut HashSet<String>, on_new: &mut impl FnMut(&V
     }
 }
 
+/// Reads the delivered file every 20 ms until `n` more events arrived (or `seconds` passed),
+/// adding each one's delivery latency (now minus its `time`) to `latencies`.
+fn measure_latencies(
+    out: &Path,
+    seen: &mut HashSet<String>,
+    feed: &mut IomtProcess,
+    latencies: &mut Vec<i64>,
+    n: usize,
+    seconds: u64,
+) {
+    let until = Instant::now() + Duration::from_secs(seconds);
+    while latencies.len() < n && Instant::now() < until {
+        feed.assert_running();
+        std::thread::sleep(Duration::from_millis(20));
+        let now = now_ms();
+        delivered(out, seen, &mut |e| {
+            if let Some(t) = e["time"]
+                .as_str()
+                .and_then(|t| iomt_core::Timestamp::parse(t).ok())
+            {
+                latencies.push(now - t.unix_millis());
+            }
+        });
+    }
+}
+
 fn main() {
     let changes: usize = std::env::var("IOMT_BENCH_CHANGES")
         .ok()
@@ -233,19 +259,7 @@ fn main() {
             }
         })
     };
-    let until = Instant::now() + Duration::from_secs(40);
-    while latencies.len() < 10_000 && Instant::now() < until {
-        std::thread::sleep(Duration::from_millis(20));
-        let now = now_ms();
-        delivered(&out, &mut seen, &mut |e| {
-            if let Some(t) = e["time"]
-                .as_str()
-                .and_then(|t| iomt_core::Timestamp::parse(t).ok())
-            {
-                latencies.push(now - t.unix_millis());
-            }
-        });
-    }
+    measure_latencies(&out, &mut seen, &mut feed, &mut latencies, 10_000, 40);
     adding.join().unwrap();
     feed.terminate(Duration::from_secs(30));
 
@@ -296,20 +310,7 @@ fn main() {
             }
         }
     });
-    let until = Instant::now() + Duration::from_secs(60);
-    while bell_latencies.len() < 5_000 && Instant::now() < until {
-        feed.assert_running();
-        std::thread::sleep(Duration::from_millis(20));
-        let now = now_ms();
-        delivered(&out, &mut seen, &mut |e| {
-            if let Some(t) = e["time"]
-                .as_str()
-                .and_then(|t| iomt_core::Timestamp::parse(t).ok())
-            {
-                bell_latencies.push(now - t.unix_millis());
-            }
-        });
-    }
+    measure_latencies(&out, &mut seen, &mut feed, &mut bell_latencies, 5_000, 60);
     adding.join().unwrap();
     feed.terminate(Duration::from_secs(30));
 

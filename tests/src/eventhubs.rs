@@ -5,7 +5,7 @@
 use azure_messaging_eventhubs::models::EventData;
 use azure_messaging_eventhubs::{EventDataBatchOptions, ProducerClient};
 use iomt_eventhubs::blob::BlobCheckpointStore;
-use iomt_eventhubs_broker::{BrokerHandle, CONNECTION_STRING};
+use iomt_eventhubs_broker::{BrokerConfig, BrokerHandle, CONNECTION_STRING, HubConfig};
 use serde_json::Value;
 
 /// The namespace the broker's connection string names, under which checkpoints are kept.
@@ -26,6 +26,71 @@ pub fn storage_connection_string() -> String {
     format!(
         "DefaultEndpointsProtocol=http;AccountName=devstoreaccount1;AccountKey=Eby8vdM02xNOcqFlqUwJPLlmEtlCDXJ1OUzFT50uSRZ6IFsuFq2UVErCz4I6tq/K1SZFPTOtr/KBHBeksoGMGw==;BlobEndpoint={};",
         azurite()
+    )
+}
+
+/// What a live test runs against: the test broker serving `hubs`, on a runtime of two workers
+/// the test keeps for its own sends and checks, and a new checkpoint container in Azurite.
+#[derive(Debug)]
+pub struct Cluster {
+    /// The runtime the broker runs on.
+    pub rt: tokio::runtime::Runtime,
+    /// The Event Hubs test broker.
+    pub broker: BrokerHandle,
+    /// The checkpoint container (created).
+    pub store: BlobCheckpointStore,
+    /// Its name: `{prefix}-{8 random hex digits}`.
+    pub container: String,
+}
+
+impl Cluster {
+    /// Starts the broker with `hubs` and creates a checkpoint container named after `prefix`.
+    pub fn start(hubs: Vec<HubConfig>, prefix: &str) -> Self {
+        let rt = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(2)
+            .enable_all()
+            .build()
+            .unwrap();
+        let broker = rt
+            .block_on(BrokerHandle::start(BrokerConfig::new(hubs)))
+            .unwrap();
+        let container = format!("{prefix}-{:08x}", fastrand::u32(..));
+        let store =
+            BlobCheckpointStore::from_connection_string(&storage_connection_string(), &container)
+                .unwrap();
+        rt.block_on(store.ensure_container()).unwrap();
+        Cluster {
+            rt,
+            broker,
+            store,
+            container,
+        }
+    }
+}
+
+/// Starts `iomt run --role ROLE` under the owner id ROLE; its state (and logs) in `dir/ROLE`.
+pub fn start_role(
+    dir: &std::path::Path,
+    config: &std::path::Path,
+    role: &str,
+) -> crate::IomtProcess {
+    let state_dir = dir.join(role);
+    let args = [
+        "run",
+        "--role",
+        role,
+        "--owner-id",
+        role,
+        "--config",
+        config.to_str().unwrap(),
+        "--state-dir",
+        state_dir.to_str().unwrap(),
+    ];
+    crate::IomtProcess::start(
+        dir,
+        role,
+        args,
+        "info,azure_messaging_eventhubs=warn,azure_core_amqp=warn",
     )
 }
 

@@ -182,16 +182,20 @@ fn print_report(
 }
 
 fn read_input(path: &Path) -> std::io::Result<Vec<u8>> {
-    // Never read more than one byte past the limit: the size check needs no more.
-    let most = iomt_core::limits().message_bytes as u64 + 1;
-    if path == Path::new("-") {
-        let mut buf = Vec::new();
-        std::io::stdin().take(most).read_to_end(&mut buf)?;
-        return Ok(buf);
-    }
-    let file = std::fs::File::open(path)?;
+    read_at_most(path, iomt_core::limits().message_bytes as u64)
+}
+
+/// A file (`-`: standard input), read up to one byte past `limit`: a longer one is refused by
+/// its caller's size check, which needs no more.
+fn read_at_most(path: &Path, limit: u64) -> std::io::Result<Vec<u8>> {
     let mut buf = Vec::new();
-    file.take(most).read_to_end(&mut buf)?;
+    if path == Path::new("-") {
+        std::io::stdin().take(limit + 1).read_to_end(&mut buf)?;
+    } else {
+        std::fs::File::open(path)?
+            .take(limit + 1)
+            .read_to_end(&mut buf)?;
+    }
     Ok(buf)
 }
 
@@ -343,18 +347,7 @@ fn import(args: &ImportArgs) -> anyhow::Result<u8> {
     // An export holds both templates and little else: twice a template file's limit.
     let most = 2 * iomt_core::limits().template_file_bytes;
     for path in &args.exports {
-        let mut text = Vec::new();
-        let reader: Box<dyn Read> = if path == Path::new("-") {
-            Box::new(std::io::stdin())
-        } else {
-            Box::new(
-                std::fs::File::open(path)
-                    .with_context(|| format!("cannot read {}", path.display()))?,
-            )
-        };
-        reader
-            .take(most as u64 + 1)
-            .read_to_end(&mut text)
+        let text = read_at_most(path, most as u64)
             .with_context(|| format!("cannot read {}", path.display()))?;
         if text.len() > most {
             return fail(format!("{}: larger than {most} bytes", path.display()));
@@ -555,9 +548,7 @@ fn batch(path: &Path) -> anyhow::Result<Option<Vec<BatchItem>>> {
         return Ok(None);
     }
     let read = |file: &Path| -> anyhow::Result<Vec<u8>> {
-        let mut bytes = Vec::new();
-        std::fs::File::open(file)
-            .and_then(|f| f.take(MAX_BATCH_BYTES + 1).read_to_end(&mut bytes))
+        let bytes = read_at_most(file, MAX_BATCH_BYTES)
             .with_context(|| format!("cannot read {}", file.display()))?;
         anyhow::ensure!(
             bytes.len() as u64 <= MAX_BATCH_BYTES,

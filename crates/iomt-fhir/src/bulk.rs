@@ -8,7 +8,7 @@ use reqwest::{Method, StatusCode, header};
 use serde_json::Value;
 use tokio::io::AsyncWriteExt as _;
 
-use crate::client::{FhirClient, FhirError, Outage, retry_after, versioned};
+use crate::client::{FhirClient, FhirError, Outage, outage_of, retry_after, versioned};
 
 /// Where an export stands.
 #[derive(Debug, Clone, PartialEq)]
@@ -176,14 +176,7 @@ impl FhirClient {
             }
         }
         // Errors name the URL, which may hold a signature: they go without.
-        let broke = |e: reqwest::Error| {
-            let outage = if e.is_timeout() {
-                Outage::Timeout
-            } else {
-                Outage::Connection
-            };
-            Failed::Retry(outage, format!("{}", e.without_url()))
-        };
+        let broke = |e: reqwest::Error| Failed::Retry(outage_of(&e), e.without_url().to_string());
         let mut response = request.send().await.map_err(broke)?;
         let status = response.status();
         if status == StatusCode::TOO_MANY_REQUESTS || status.is_server_error() {

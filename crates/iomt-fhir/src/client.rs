@@ -828,13 +828,18 @@ fn outcome_message(outcome: &Value) -> String {
     }
 }
 
-/// A request that got no usable answer, as a retryable attempt.
-fn failed_request(e: reqwest::Error) -> Attempt {
-    let outage = if e.is_timeout() {
+/// What kept a request from an answer: the clock, or the connection.
+pub(crate) fn outage_of(e: &reqwest::Error) -> Outage {
+    if e.is_timeout() {
         Outage::Timeout
     } else {
         Outage::Connection
-    };
+    }
+}
+
+/// A request that got no usable answer, as a retryable attempt.
+fn failed_request(e: reqwest::Error) -> Attempt {
+    let outage = outage_of(&e);
     Attempt::Retry {
         after: None,
         outage,

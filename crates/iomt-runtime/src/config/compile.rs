@@ -396,8 +396,12 @@ impl Config {
                     allow_insecure_http,
                     ..
                 } => {
-                    let at_endpoint = format!("{at}.destination.endpoint");
-                    url_errors(&at_endpoint, endpoint, *allow_insecure_http, errors);
+                    url_errors(
+                        &format!("{at}.destination.endpoint"),
+                        endpoint,
+                        *allow_insecure_http,
+                        errors,
+                    );
                     if s.format != iomt_events::Format::FullResource {
                         errors.push(error(
                             format!("{at}.format"),
