@@ -181,11 +181,12 @@ fn fhir_changes_reach_cosmos_db_through_the_event_log_hub() {
                        "meta": {"versionId": "99", "lastUpdated": "2030-01-01T00:00:00Z"}});
     cosmos.create(BY_TYPE, "Observation", &newer);
 
+    // The runtime runs the broker: it lives as long as the test.
     let Cluster {
-        rt: _,
+        rt: _rt,
         broker,
-        store: _,
         container,
+        ..
     } = Cluster::start(vec![HubConfig::new(EVENT_LOG, 2).unwrap()], "cosmos");
     let config = write_config(dir, &broker, &server, &cosmos, &container);
 

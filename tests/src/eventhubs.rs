@@ -33,7 +33,7 @@ pub fn storage_connection_string() -> String {
 /// the test keeps for its own sends and checks, and a new checkpoint container in Azurite.
 #[derive(Debug)]
 pub struct Cluster {
-    /// The runtime the broker runs on.
+    /// The runtime the broker runs on: the broker stops when it is dropped.
     pub rt: tokio::runtime::Runtime,
     /// The Event Hubs test broker.
     pub broker: BrokerHandle,
