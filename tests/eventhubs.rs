@@ -286,3 +286,207 @@ async fn a_stopped_run_commits_what_it_drained_and_the_next_resumes_there() {
     assert_eq!(first + second, EVENTS as i64, "events read twice or never");
     broker.stop().await;
 }
+
+/// A device mapping of heart rate (`hr`) and, from version 2 on, respiration (`rr`).
+fn reload_device_mapping(with_respiration: bool) -> String {
+    let template = |type_name: &str, field: &str| {
+        serde_json::json!({
+            "templateType": "JsonPathContent",
+            "template": {
+                "typeName": type_name,
+                "typeMatchExpression": format!("$..[?(@{field})]"),
+                "deviceIdExpression": "$.deviceId",
+                "patientIdExpression": "$.patientId",
+                "timestampExpression": "$.time",
+                "values": [{"required": true, "valueExpression": format!("$.{field}"), "valueName": type_name}]
+            }
+        })
+    };
+    let mut templates = vec![template("hr", "heartRate")];
+    if with_respiration {
+        templates.push(template("rr", "respRate"));
+    }
+    serde_json::json!({"templateType": "CollectionContent", "template": templates}).to_string()
+}
+
+/// The FHIR mapping of both types, one Observation per reading.
+fn reload_fhir_mapping() -> String {
+    let template = |type_name: &str, code: &str| {
+        serde_json::json!({
+            "templateType": "CodeValueFhir",
+            "template": {
+                "typeName": type_name,
+                "periodInterval": 0,
+                "codes": [{"code": code, "system": "http://loinc.org"}],
+                "value": {"valueName": type_name, "valueType": "Quantity", "unit": "/min"}
+            }
+        })
+    };
+    serde_json::json!({
+        "templateType": "CollectionFhir",
+        "template": [template("hr", "8867-4"), template("rr", "9279-1")]
+    })
+    .to_string()
+}
+
+/// `n` capture lines from `device`, each with a heart rate and a respiration rate, a second
+/// apart from `start` seconds past the hour.
+fn vitals(device: &str, start: u32, n: u32) -> Vec<String> {
+    (start..start + n)
+        .map(|s| {
+            let body = serde_json::json!({
+                "deviceId": device,
+                "patientId": format!("patient-{device}"),
+                "time": format!("2026-12-01T10:{:02}:{:02}Z", s / 60, s % 60),
+                "heartRate": 60 + s % 40,
+                "respRate": 12 + s % 8,
+            });
+            serde_json::json!({
+                "Body": body,
+                "SystemProperties": {"iothub-connection-device-id": device}
+            })
+            .to_string()
+        })
+        .collect()
+}
+
+/// Waits until the `/metrics` on `port` satisfies `done`, failing after 60 s or if the process
+/// exits; returns the scrape.
+fn wait_for_metrics(
+    process: &mut iomt_tests::IomtProcess,
+    port: u16,
+    what: &str,
+    done: impl Fn(&str) -> bool,
+) -> String {
+    let until = Instant::now() + Duration::from_secs(60);
+    loop {
+        process.assert_running();
+        if let Some(text) = iomt_tests::replay::scrape(port)
+            && done(&text)
+        {
+            return text;
+        }
+        assert!(
+            Instant::now() < until,
+            "never saw {what}:\n{}",
+            process.log("stderr")
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
+fn template_version(text: &str) -> Option<String> {
+    text.lines()
+        .find_map(|l| l.strip_prefix("TemplateVersion{hash=\""))
+        .and_then(|rest| rest.split('"').next())
+        .map(str::to_owned)
+}
+
+/// Templates edited under a running `iomt run` (as a ConfigMap update does) take effect
+/// without a restart: a new version is swapped in for the events read after it, a broken
+/// version is rejected and counted while the version in use goes on, and nothing read
+/// meanwhile is lost or dead-lettered.
+#[test]
+fn templates_reload_under_a_running_pipeline() {
+    use iomt_tests::eventhubs::{Cluster, hub_section, toml_string};
+    use iomt_tests::replay::{free_port, metric};
+
+    let cluster = Cluster::start(vec![HubConfig::new(HUB, 2).unwrap()], "reload");
+    let scratch = Scratch::new(env!("CARGO_TARGET_TMPDIR"), "eventhubs-reload");
+    let dir = scratch.path();
+    let (device, fhir) = (dir.join("devicecontent.json"), dir.join("fhirmapping.json"));
+    std::fs::write(&device, reload_device_mapping(false)).unwrap();
+    std::fs::write(&fhir, reload_fhir_mapping()).unwrap();
+    let port = free_port();
+    let config = dir.join("iomt.toml");
+    std::fs::write(
+        &config,
+        format!(
+            "[templates]\ndevice_mapping = {}\nfhir_mapping = {}\nreload_interval = \"200ms\"\n\n\
+             [source]\n{}\n[checkpoints]\nconnection_string = {}\ncontainer = {}\n\n\
+             [group]\nmax_wait = \"200ms\"\n\n[dead_letters]\nstore = \"file\"\n\n\
+             [output]\ndir = {}\nmetrics_addr = \"127.0.0.1:{port}\"\n",
+            toml_string(device.to_str().unwrap()),
+            toml_string(fhir.to_str().unwrap()),
+            hub_section(&cluster.broker, HUB, CONSUMER_GROUP, "1s", "3s"),
+            toml_string(&storage_connection_string()),
+            toml_string(&cluster.container),
+            toml_string(dir.join("out").to_str().unwrap()),
+        ),
+    )
+    .unwrap();
+    let mut run = iomt_tests::eventhubs::start_role(dir, &config, "all");
+    let events = |text: &str| metric(text, "DeviceEvent_total").unwrap_or(0.0);
+
+    // Version 1 maps heart rate only: respiration readings match no template.
+    let first = wait_for_metrics(&mut run, port, "the first version", |t| {
+        template_version(t).is_some()
+    });
+    let v1 = template_version(&first).unwrap();
+    let phase1: Vec<String> = ["dev-a", "dev-b"]
+        .iter()
+        .flat_map(|d| vitals(d, 0, 20))
+        .collect();
+    cluster.rt.block_on(send(&cluster.broker, HUB, &phase1));
+    wait_for_metrics(&mut run, port, "the first 40 events", |t| events(t) >= 40.0);
+
+    // Version 2 adds respiration: the events read after the swap have both.
+    std::fs::write(&device, reload_device_mapping(true)).unwrap();
+    let second = wait_for_metrics(&mut run, port, "the second version", |t| {
+        template_version(t).is_some_and(|v| v != v1)
+    });
+    let v2 = template_version(&second).unwrap();
+    assert_eq!(
+        metric(&second, "TemplateReload_total{outcome=\"applied\"}"),
+        Some(1.0)
+    );
+    let phase2: Vec<String> = ["dev-a", "dev-b"]
+        .iter()
+        .flat_map(|d| vitals(d, 100, 20))
+        .collect();
+    cluster.rt.block_on(send(&cluster.broker, HUB, &phase2));
+    wait_for_metrics(&mut run, port, "the next 40 events", |t| events(t) >= 80.0);
+
+    // A broken version (an invalid JSONPath) is rejected once; version 2 stays in use.
+    std::fs::write(
+        &device,
+        reload_device_mapping(true).replace("$.respRate", "$.[respRate"),
+    )
+    .unwrap();
+    let rejected = wait_for_metrics(&mut run, port, "the rejection", |t| {
+        metric(t, "TemplateReload_total{outcome=\"rejected\"}") == Some(1.0)
+    });
+    assert_eq!(template_version(&rejected).as_deref(), Some(v2.as_str()));
+    let phase3: Vec<String> = ["dev-a", "dev-b"]
+        .iter()
+        .flat_map(|d| vitals(d, 200, 20))
+        .collect();
+    cluster.rt.block_on(send(&cluster.broker, HUB, &phase3));
+    let last = wait_for_metrics(&mut run, port, "the last 40 events", |t| events(t) >= 120.0);
+    assert_eq!(
+        metric(&last, "TemplateReload_total{outcome=\"rejected\"}"),
+        Some(1.0),
+        "a broken file is reported once, not at every look"
+    );
+    assert!(
+        run.log("stderr")
+            .contains("new templates rejected; the version in use stays"),
+        "{}",
+        run.log("stderr")
+    );
+    run.terminate(Duration::from_secs(30));
+
+    // Heart rate from all three phases; respiration only from the last two.
+    let observations =
+        std::fs::read_to_string(dir.join("out/Observation.ndjson")).unwrap_or_default();
+    let mut by_code: std::collections::BTreeMap<String, usize> = Default::default();
+    for line in observations.lines() {
+        let o: Value = serde_json::from_str(line).unwrap();
+        let code = o["code"]["coding"][0]["code"].as_str().unwrap().to_owned();
+        *by_code.entry(code).or_default() += 1;
+    }
+    assert_eq!(by_code.get("8867-4"), Some(&120), "{by_code:?}");
+    assert_eq!(by_code.get("9279-1"), Some(&80), "{by_code:?}");
+    let dead_letters = std::fs::read_to_string(dir.join("all/deadletter.jsonl")).unwrap();
+    assert!(dead_letters.is_empty(), "{dead_letters}");
+}

@@ -329,6 +329,11 @@ pub fn free_port() -> u16 {
 
 /// `DeviceEvent_total` from the `/metrics` a process serves on `port`.
 pub fn events_read(port: u16) -> Option<u64> {
+    metric(&scrape(port)?, "DeviceEvent_total").map(|n| n as u64)
+}
+
+/// The `/metrics` text a process serves on `port`; `None` while nothing answers.
+pub fn scrape(port: u16) -> Option<String> {
     use std::io::{Read, Write};
     let mut stream = std::net::TcpStream::connect(("127.0.0.1", port)).ok()?;
     stream
@@ -336,7 +341,12 @@ pub fn events_read(port: u16) -> Option<u64> {
         .ok()?;
     let mut text = String::new();
     stream.read_to_string(&mut text).ok()?;
+    Some(text)
+}
+
+/// The value of the series `series` (a name with its labels, as exposed) in a scrape.
+pub fn metric(text: &str, series: &str) -> Option<f64> {
     text.lines()
-        .find_map(|l| l.strip_prefix("DeviceEvent_total "))
+        .find_map(|l| l.strip_prefix(series)?.strip_prefix(' '))
         .and_then(|n| n.trim().parse().ok())
 }

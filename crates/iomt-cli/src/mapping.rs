@@ -13,6 +13,7 @@ use iomt_normalize::{
     NormalizeError, Normalizer, Output, Trace, envelope, envelope_enqueued_time, explain,
     parse_body,
 };
+use iomt_runtime::templates::{Templates, read_template_file};
 use iomt_templates::TemplateError;
 use iomt_templates::device::{ContentTemplate, DeviceMapping};
 use iomt_templates::expr::Expression;
@@ -203,6 +204,8 @@ fn read_at_most(path: &Path, limit: u64) -> std::io::Result<Vec<u8>> {
 pub(crate) struct Mappings {
     pub(crate) device: DeviceMapping,
     pub(crate) fhir: Option<FhirMapping>,
+    /// The version of the two texts, as a running pipeline reports it.
+    pub(crate) version: String,
 }
 
 /// Reads and validates the device mapping and the optional FHIR mapping, collecting the
@@ -211,22 +214,9 @@ fn load_mappings(
     device: &Path,
     fhir: Option<&Path>,
 ) -> anyhow::Result<Result<Mappings, Vec<ReportedError>>> {
-    let read = |path: &Path| {
-        // A mapping is a few kilobytes; a file far larger is a mistake, and reading and
-        // validating it would take memory in proportion.
-        let size = std::fs::metadata(path)
-            .with_context(|| format!("cannot read the mapping {}", path.display()))?
-            .len();
-        let most = iomt_core::limits().template_file_bytes as u64;
-        if size > most {
-            anyhow::bail!(
-                "the mapping {} is {size} bytes; the limit is {most} (limits.template_file_bytes)",
-                path.display()
-            );
-        }
-        std::fs::read_to_string(path)
-            .with_context(|| format!("cannot read the mapping {}", path.display()))
-    };
+    // A mapping is a few kilobytes; a file far larger is a mistake, and reading and
+    // validating it would take memory in proportion.
+    let read = |path: &Path| read_template_file(path).map_err(anyhow::Error::from);
     let device_text = read(device)?;
     let fhir_text = fhir.map(read).transpose()?;
     let mut errors = Vec::new();
@@ -248,6 +238,7 @@ fn load_mappings(
         Some(device) if errors.is_empty() => Ok(Mappings {
             device,
             fhir: fhir_mapping,
+            version: Templates::version_of(&device_text, fhir_text.as_deref().unwrap_or("")),
         }),
         _ => Err(errors),
     })

@@ -7,6 +7,7 @@ use std::time::{Duration, Instant};
 use anyhow::Context as _;
 use clap::{Args, ValueEnum};
 use iomt_runtime::config::{DeadLetterTarget, IdentityModeKind, Role};
+use iomt_runtime::templates::Templates;
 use iomt_runtime::{
     Assembled, Compiled, Config, ConfigError, ConfiguredSink, Purpose, Sink as _, Summary, assemble,
 };
@@ -202,7 +203,8 @@ pub(crate) fn prepare_compiled(
         Some(file) => DeadLetterTarget::File(file),
         None => config.dead_letters.clone(),
     };
-    let mut assembled = match assemble(&config, mappings.device, fhir, partitions, &dead_letters) {
+    let templates = Templates::new(mappings.device, fhir, mappings.version);
+    let mut assembled = match assemble(&config, templates, partitions, &dead_letters) {
         Ok(a) => a,
         Err(e) => return Ok(Err(report_config_errors(&[e]))),
     };

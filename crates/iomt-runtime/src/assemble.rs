@@ -6,10 +6,7 @@ use std::sync::Arc;
 
 use iomt_core::{MeasurementGroup, Written};
 use iomt_fhir::{IdentityResolver, ObservationWriter};
-use iomt_normalize::Normalizer;
 use iomt_store::EmbeddedStore;
-use iomt_templates::device::DeviceMapping;
-use iomt_templates::fhir::FhirMapping;
 
 use crate::config::{Compiled, ConfigError, DeadLetterTarget, Target};
 use crate::convert::Converter;
@@ -17,6 +14,7 @@ use crate::events::EventService;
 use crate::pipeline::DeadLetterStore;
 use crate::sink::{Sink, SinkError};
 use crate::store::{Embedded, FhirStore};
+use crate::templates::{LiveTemplates, Templates};
 use crate::{Metrics, Pipeline, PipelineConfig};
 
 /// The sink a configuration names.
@@ -116,14 +114,14 @@ fn lock_state_dir(dir: &std::path::Path) -> Result<std::fs::File, ConfigError> {
 /// [`Compiled::dead_letters`]).
 pub fn assemble(
     config: &Compiled,
-    device: DeviceMapping,
-    fhir: FhirMapping,
+    templates: Templates,
     partitions: Vec<String>,
     dead_letters: &DeadLetterTarget,
 ) -> Result<Assembled, ConfigError> {
     let state_lock = lock_state_dir(&config.state_dir)?;
-    let mapping = Arc::new(fhir);
     let metrics = Arc::new(Metrics::new());
+    metrics.template_version(None, &templates.version);
+    let templates = LiveTemplates::new(templates);
     let (sink, target) = match &config.target {
         Target::InternalHub => (ConfiguredSink::Nothing, "internal hub".to_owned()),
         Target::Nothing => (ConfiguredSink::Nothing, "nothing".to_owned()),
@@ -139,7 +137,7 @@ pub fn assemble(
             let writer =
                 ObservationWriter::new(client, *observation_cache_capacity, *observation_cache_ttl);
             let store = FhirStore::new(identity, writer, url.clone());
-            let sink = Converter::new(mapping.clone(), store);
+            let sink = Converter::new(templates.clone(), store);
             (
                 ConfiguredSink::Fhir(Box::new(sink)),
                 iomt_core::redact_url(url),
@@ -158,7 +156,7 @@ pub fn assemble(
                 .unwrap_or_else(|_| dir.display().to_string());
             let store = Embedded::new(Arc::new(store), device_identifier_system.clone());
             (
-                ConfiguredSink::Embedded(Converter::new(mapping.clone(), store)),
+                ConfiguredSink::Embedded(Converter::new(templates.clone(), store)),
                 target,
             )
         }
@@ -171,8 +169,7 @@ pub fn assemble(
     let (outbox, events) = EventService::build(config, metrics.clone())?;
     let pipeline = Pipeline::new(
         config.pipeline.clone(),
-        Arc::new(Normalizer::new(device)),
-        mapping,
+        templates,
         sink.clone(),
         metrics.clone(),
         partitions,

@@ -4,17 +4,17 @@
 //! a FHIR server and the embedded store, behind [`Store`].
 
 use std::future::Future;
-use std::sync::Arc;
 
 use iomt_convert::{
     ConvertError, ObservationGroup, ResourceIds, observation_groups, render_resource,
 };
 use iomt_core::{MeasurementGroup, Written};
 use iomt_fhir::Resolved;
-use iomt_templates::fhir::{CodeValueTemplate, FhirMapping, FhirTemplate};
+use iomt_templates::fhir::{CodeValueTemplate, FhirTemplate};
 use serde_json::Value;
 
 use crate::sink::{Sink, SinkError};
+use crate::templates::LiveTemplates;
 
 /// Where resources are read and written.
 pub trait Store: Send + Sync + 'static {
@@ -61,14 +61,14 @@ fn template_label(template: &FhirTemplate<'_>) -> String {
 /// Converts groups with a FHIR mapping and writes them to a [`Store`].
 #[derive(Debug)]
 pub struct Converter<S> {
-    mapping: Arc<FhirMapping>,
+    templates: LiveTemplates,
     store: S,
 }
 
 impl<S: Store> Converter<S> {
-    /// A converter over compiled FHIR templates.
-    pub fn new(mapping: Arc<FhirMapping>, store: S) -> Self {
-        Self { mapping, store }
+    /// A converter over the templates in use.
+    pub fn new(templates: LiveTemplates, store: S) -> Self {
+        Self { templates, store }
     }
 
     /// The store written to.
@@ -79,7 +79,9 @@ impl<S: Store> Converter<S> {
 
 impl<S: Store> Sink for Converter<S> {
     async fn write(&self, group: &MeasurementGroup) -> Result<Vec<Written>, SinkError> {
-        let template = self.mapping.lookup(&group.type_name).ok_or_else(|| {
+        // One version for the whole group, even if a reload lands during its writes.
+        let templates = self.templates.current();
+        let template = templates.mapping.lookup(&group.type_name).ok_or_else(|| {
             SinkError::convert(
                 &ConvertError::TemplateNotFound(group.type_name.to_string()),
                 None,

@@ -10,8 +10,9 @@
 //!   embedded store, behind the [`sink`] contract;
 //! * [`events`]: the change events of those writes, their outbox and their delivery to each
 //!   subscription;
-//! * [`assemble`](mod@assemble), [`config`], [`run`], [`metrics`], [`server`]: building a pipeline from its
-//!   configuration, running it from a source, and what it reports.
+//! * [`assemble`](mod@assemble), [`config`], [`templates`], [`run`], [`metrics`], [`server`]:
+//!   building a pipeline from its configuration and templates (reloaded while it runs),
+//!   running it from a source, and what it reports.
 //!
 //! Stages stay pure; everything that waits, retries or touches a disk or a network is here or
 //! in the I/O crates (`iomt-eventhubs`, `iomt-files`, `iomt-fhir`, `iomt-store`).
@@ -34,6 +35,7 @@ pub mod metrics;
 mod process;
 pub mod run;
 pub mod server;
+pub mod templates;
 
 pub use assemble::{Assembled, ConfiguredSink, assemble};
 pub use config::{Compiled, Config, ConfigError, Purpose};

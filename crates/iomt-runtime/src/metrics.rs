@@ -52,6 +52,18 @@ struct MethodLabel {
     method: String,
 }
 
+/// Label of `TemplateVersion`.
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct HashLabel {
+    hash: String,
+}
+
+/// Label of `TemplateReload`.
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct OutcomeLabel {
+    outcome: String,
+}
+
 /// Labels of `iomt_build_info`.
 #[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct BuildLabels {
@@ -122,6 +134,9 @@ pub struct Metrics {
     /// Every FHIR request, by method and status, and its latency by method.
     fhir_requests: Family<FhirRequestLabels, Counter>,
     fhir_latency: HistogramFamily<MethodLabel>,
+    /// The templates in use (1 for the version in use) and their reloads by outcome.
+    template_version: Family<HashLabel, Gauge>,
+    template_reloads: Family<OutcomeLabel, Counter>,
 }
 
 /// Change-event metrics, named after Event Grid's subscription metrics.
@@ -189,6 +204,8 @@ impl Metrics {
             registry: Registry::default(),
             fhir_requests: Family::default(),
             fhir_latency: Family::new_with_constructor(|| Histogram::new(latency_buckets())),
+            template_version: Family::default(),
+            template_reloads: Family::default(),
             events: EventMetrics {
                 delivered: Family::default(),
                 failed_attempts: Family::default(),
@@ -340,6 +357,16 @@ impl Metrics {
             "Time from a FHIR request to its answer, by method, in milliseconds",
             m.fhir_latency.clone(),
         );
+        registry.register(
+            "TemplateVersion",
+            "The mapping templates in use: 1, labelled with their content hash",
+            m.template_version.clone(),
+        );
+        registry.register(
+            "TemplateReload",
+            "Template reloads, by outcome (applied, or rejected: the version in use stays)",
+            m.template_reloads.clone(),
+        );
         let build: Family<BuildLabels, Gauge> = Family::default();
         build
             .get_or_create(&BuildLabels {
@@ -353,6 +380,28 @@ impl Metrics {
         );
         registry.register_collector(Box::new(crate::process::ProcessCollector));
         Self { registry, ..m }
+    }
+
+    /// The templates in use are now `to` (after `from`, whose series goes away).
+    pub(crate) fn template_version(&self, from: Option<&str>, to: &str) {
+        if let Some(from) = from {
+            self.template_version.remove(&HashLabel {
+                hash: from.to_owned(),
+            });
+        }
+        self.template_version
+            .get_or_create(&HashLabel {
+                hash: to.to_owned(),
+            })
+            .set(1);
+    }
+
+    pub(crate) fn template_reload(&self, outcome: &str) {
+        self.template_reloads
+            .get_or_create(&OutcomeLabel {
+                outcome: outcome.to_owned(),
+            })
+            .inc();
     }
 
     pub(crate) fn event_matched(&self, subscription: &str) {

@@ -17,6 +17,7 @@ use crate::source::deadletters::DeadLetterSource;
 use crate::source::eventhubs::{EventHubsCheckpoints, EventHubsSource};
 use crate::source::files::{CaptureInput, FileSource, FilesError, fingerprint};
 use crate::source::{CheckpointError, CheckpointStore, Committed, FileCheckpoint, Source};
+use crate::templates::{Reloader, TemplateFiles};
 use crate::{SourceItem, in_process};
 
 /// Why a run could not start or finish.
@@ -333,6 +334,19 @@ pub async fn live(
         }
         None => None,
     };
+    if let (Some(device), Some(fhir)) = (&config.device_mapping, &config.fhir_mapping) {
+        let files = TemplateFiles {
+            device: device.clone(),
+            fhir: fhir.clone(),
+            reload_interval: config.template_reload_interval,
+        };
+        let reloader = Reloader::new(
+            prepared.pipeline.templates(),
+            files,
+            prepared.metrics.clone(),
+        );
+        tokio::spawn(reloader.run(stop.clone()));
+    }
     let shutdown = async move {
         // Err: the sender is gone, which only happens once it has sent.
         let _stopped = stop.wait_for(|stopped| *stopped).await;

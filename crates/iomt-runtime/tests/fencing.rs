@@ -18,14 +18,12 @@ use iomt_eventhubs::blob::{BlobAuth, BlobCheckpointStore, is_ownership_lost};
 use iomt_eventhubs::{EventHubSettings, EventHubsAuth};
 use iomt_files::deadletter::DeadLetterWriter;
 use iomt_group::GroupConfig;
-use iomt_normalize::Normalizer;
 use iomt_runtime::source::eventhubs::EventHubsCheckpoints;
+use iomt_runtime::templates::{LiveTemplates, Templates};
 use iomt_runtime::{
     CheckpointError, CheckpointStore as _, Committed, Input, Metrics, Origin, Pipeline,
     PipelineConfig, Sink, SinkError, SourceItem, in_process,
 };
-use iomt_templates::device::DeviceMapping;
-use iomt_templates::fhir::FhirMapping;
 use serde_json::json;
 use tokio::sync::{mpsc, oneshot};
 
@@ -238,15 +236,14 @@ async fn a_stale_owners_pipeline_cannot_overwrite_the_new_owners_checkpoint() {
     assert_eq!(granted.len(), 1);
     let dir = Path::new(env!("CARGO_TARGET_TMPDIR")).join(&container);
     std::fs::create_dir_all(&dir).unwrap();
-    let (normalizer, mapping) = {
-        let examples = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../examples/capture");
-        let device = std::fs::read_to_string(examples.join("devicecontent.json")).unwrap();
-        let fhir = std::fs::read_to_string(examples.join("fhirmapping.json")).unwrap();
-        (
-            Arc::new(Normalizer::new(DeviceMapping::parse(&device).unwrap())),
-            Arc::new(FhirMapping::parse(&fhir).unwrap()),
+    let examples = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../examples/capture");
+    let templates = LiveTemplates::new(
+        Templates::load(
+            &examples.join("devicecontent.json"),
+            &examples.join("fhirmapping.json"),
         )
-    };
+        .unwrap(),
+    );
     let config = PipelineConfig {
         group: GroupConfig::new(1000, Duration::from_millis(100)).unwrap(),
         checkpoint_interval: Duration::from_millis(50),
@@ -254,8 +251,7 @@ async fn a_stale_owners_pipeline_cannot_overwrite_the_new_owners_checkpoint() {
     };
     let pipeline = Pipeline::new(
         config.clone(),
-        normalizer,
-        mapping,
+        templates,
         Arc::new(Accept),
         Arc::new(Metrics::new()),
         Vec::new(),

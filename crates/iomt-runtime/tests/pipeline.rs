@@ -12,14 +12,12 @@ use iomt_core::{Action, DeviceEvent, MeasurementGroup, Written};
 use iomt_core::{BadRecord, SourceEvent};
 use iomt_files::deadletter::{DeadLetterWriter, Stage, read_dead_letters};
 use iomt_group::GroupConfig;
-use iomt_normalize::Normalizer;
 use iomt_runtime::hub::{Delivery, HubError, InProcessConsumer};
+use iomt_runtime::templates::{LiveTemplates, Templates};
 use iomt_runtime::{
     FileCheckpoint, HubConsumer, HubMessage, HubProducer, Input, Metrics, Origin, Pipeline,
     PipelineConfig, Report, Sink, SinkError, SourceItem, in_process,
 };
-use iomt_templates::device::DeviceMapping;
-use iomt_templates::fhir::FhirMapping;
 use serde_json::json;
 use tokio::sync::mpsc;
 
@@ -102,13 +100,14 @@ impl TestSink {
     }
 }
 
-fn mappings() -> (Arc<Normalizer>, Arc<FhirMapping>) {
+fn templates() -> LiveTemplates {
     let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../examples/capture");
-    let device = std::fs::read_to_string(dir.join("devicecontent.json")).unwrap();
-    let fhir = std::fs::read_to_string(dir.join("fhirmapping.json")).unwrap();
-    (
-        Arc::new(Normalizer::new(DeviceMapping::parse(&device).unwrap())),
-        Arc::new(FhirMapping::parse(&fhir).unwrap()),
+    LiveTemplates::new(
+        Templates::load(
+            &dir.join("devicecontent.json"),
+            &dir.join("fhirmapping.json"),
+        )
+        .unwrap(),
     )
 }
 
@@ -167,16 +166,8 @@ async fn run_over<P: HubProducer, C: HubConsumer>(
     consumers: Vec<C>,
 ) -> Run {
     let dir = tempfile::tempdir().unwrap();
-    let (normalizer, mapping) = mappings();
     let metrics = Arc::new(Metrics::new());
-    let pipeline = Pipeline::new(
-        config,
-        normalizer,
-        mapping,
-        sink,
-        metrics.clone(),
-        vec!["0".into()],
-    );
+    let pipeline = Pipeline::new(config, templates(), sink, metrics.clone(), vec!["0".into()]);
     let (tx, rx) = mpsc::channel(4);
     let feeder = tokio::spawn(async move {
         for chunk in items.chunks(16) {

@@ -43,6 +43,8 @@ pub struct Compiled {
     pub device_mapping: Option<PathBuf>,
     /// The FHIR mapping file (every role but events).
     pub fhir_mapping: Option<PathBuf>,
+    /// How often a live run reads the template files again (zero: never).
+    pub template_reload_interval: std::time::Duration,
     /// The pipeline's tuning.
     pub pipeline: PipelineConfig,
     /// Where resources are written.
@@ -541,6 +543,7 @@ impl Config {
             role,
             device_mapping: self.templates.device_mapping.clone(),
             fhir_mapping: self.templates.fhir_mapping.clone(),
+            template_reload_interval: self.templates.reload_interval,
             pipeline,
             target,
             state_dir: self.output.state_dir.clone(),

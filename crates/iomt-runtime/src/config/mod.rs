@@ -273,7 +273,7 @@ pub enum DeadLetterStoreKind {
 }
 
 /// `[templates]`.
-#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct Templates {
     /// The device mapping (CollectionContent) file (MedTech's `Template:DeviceContent`);
@@ -282,6 +282,20 @@ pub struct Templates {
     /// The FHIR mapping (CollectionFhir) file (MedTech's `Template:FhirMapping`); relative
     /// to the configuration file.
     pub fhir_mapping: Option<PathBuf>,
+    /// How often `iomt run` reads the files again and swaps in a changed version that
+    /// compiles (`0s`: never). A mounted ConfigMap changes within about a minute of an edit.
+    #[serde(with = "humantime_serde")]
+    pub reload_interval: Duration,
+}
+
+impl Default for Templates {
+    fn default() -> Self {
+        Self {
+            device_mapping: None,
+            fhir_mapping: None,
+            reload_interval: Duration::from_secs(10),
+        }
+    }
 }
 
 /// How the FHIR client authenticates.
@@ -662,6 +676,7 @@ impl Config {
                 for (key, mut value) in keys {
                     // Template paths in a file are relative to the file.
                     if name == "templates"
+                        && key.ends_with("_mapping")
                         && let (Some(base), toml::Value::String(p)) = (path.parent(), &mut value)
                         && Path::new(p.as_str()).is_relative()
                     {

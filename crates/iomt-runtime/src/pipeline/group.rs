@@ -32,9 +32,9 @@ pub(super) async fn group_task<S: Sink, C: HubConsumer>(
     dead_letters: mpsc::Sender<DeadLetters>,
     shared: Arc<Shared<S>>,
 ) {
-    let mapping = shared.mapping.clone();
+    let templates = shared.templates.clone();
     let mut grouper: Grouper<_, Tag> = Grouper::new(shared.config.group, move |t: &str| {
-        mapping.lookup(t).map(|f| f.period_interval())
+        templates.with(|now| now.mapping.lookup(t).map(|f| f.period_interval()))
     });
     let partitions = shared.config.hub_partitions.max(1);
     let limit = (shared.config.max_buffered / partitions).max(1);

@@ -24,8 +24,6 @@ use std::time::{Duration, Instant};
 
 use iomt_core::Timestamp;
 use iomt_group::GroupConfig;
-use iomt_normalize::Normalizer;
-use iomt_templates::fhir::FhirMapping;
 use tokio::sync::{Semaphore, mpsc, oneshot, watch};
 use tokio::task::JoinSet;
 
@@ -34,6 +32,7 @@ use crate::metrics::Metrics;
 use crate::server::Health;
 use crate::sink::Sink;
 use crate::source::{Acks, CheckpointStore, Origin, Partitions, SourceItem};
+use crate::templates::LiveTemplates;
 
 mod checkpoint;
 mod deadletters;
@@ -115,8 +114,8 @@ struct Shared<S> {
     /// Where events that match no template are kept, when asked.
     unmatched: Option<Mutex<std::io::BufWriter<std::fs::File>>>,
     config: PipelineConfig,
-    normalizer: Arc<Normalizer>,
-    mapping: Arc<FhirMapping>,
+    /// The templates in use; a reload swaps them between batches.
+    templates: LiveTemplates,
     sink: Arc<S>,
     metrics: Arc<Metrics>,
     acks: Arc<Acks>,
@@ -137,8 +136,7 @@ impl<S: Sink> Pipeline<S> {
     /// partitions; an [`Origin`]'s partition indexes this list.
     pub fn new(
         config: PipelineConfig,
-        normalizer: Arc<Normalizer>,
-        mapping: Arc<FhirMapping>,
+        templates: LiveTemplates,
         sink: Arc<S>,
         metrics: Arc<Metrics>,
         partitions: Vec<String>,
@@ -152,8 +150,7 @@ impl<S: Sink> Pipeline<S> {
             shared: Arc::new(Shared {
                 unmatched: None,
                 config,
-                normalizer,
-                mapping,
+                templates,
                 sink,
                 metrics,
                 acks,
@@ -189,6 +186,11 @@ impl<S: Sink> Pipeline<S> {
             shared.outbox = outbox;
         }
         self
+    }
+
+    /// The templates in use, for their reloader.
+    pub fn templates(&self) -> LiveTemplates {
+        self.shared.templates.clone()
     }
 
     /// The table of source partitions, for a source whose partitions come and go (Event Hubs

@@ -62,6 +62,8 @@ pub(super) async fn normalize_task<S: Sink, P: HubProducer>(
             },
         };
         let span = tracing::debug_span!("normalize_batch", events = batch.len()).entered();
+        // One version of the templates for the whole batch, even if a reload lands meanwhile.
+        let templates = shared.templates.current();
         let read_at = Instant::now();
         let now = Timestamp::now();
         let mut out: Vec<Vec<HubMessage>> = (0..partitions).map(|_| Vec::new()).collect();
@@ -104,7 +106,7 @@ pub(super) async fn normalize_task<S: Sink, P: HubProducer>(
                             .metrics
                             .device_latency(millis_between(enqueued, now).max(0.0));
                     }
-                    let output = shared.normalizer.normalize_owned(&mut event.event);
+                    let output = templates.normalizer.normalize_owned(&mut event.event);
                     let failed = !output.errors.is_empty();
                     let n = output.measurements.len();
                     normalized += n as u64;
