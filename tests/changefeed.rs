@@ -588,6 +588,34 @@ fn an_export_run_by_the_server_is_downloaded_and_published_once() {
         status[0]["id"], status[2]["id"],
         "two exports, two status events"
     );
+
+    // An export the server never finishes is cancelled there at --timeout, and the run fails
+    // saying so, with a failed status event.
+    server.control("/__bulk", &json!({"stuck": true}));
+    let output = std::process::Command::new(iomt_tests::iomt())
+        .args(["export", "--server", "--timeout", "2s", "--config"])
+        .arg(&config)
+        .arg("--status")
+        .arg(dir.join("status.jsonl"))
+        .env_remove("IOMT_CONFIG")
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(!output.status.success(), "{stderr}");
+    assert!(
+        stderr.contains("still in progress after 2s; cancelled on the server"),
+        "{stderr}"
+    );
+    assert_eq!(
+        server.control_status("/__bulk/2"),
+        404,
+        "the job was deleted"
+    );
+    let status = read_json_lines(&dir.join("status.jsonl"));
+    assert_eq!(
+        status.last().unwrap()["type"].as_str(),
+        Some("iomt.bulkexport.failed")
+    );
 }
 
 /// Without any history, `fallback = "last-updated-search"` searches each type by

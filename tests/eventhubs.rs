@@ -14,6 +14,7 @@ use std::time::{Duration, Instant};
 use iomt_eventhubs::blob::BlobCheckpointStore;
 use iomt_eventhubs_broker::{BrokerConfig, BrokerHandle, CONNECTION_STRING, HubConfig};
 use iomt_tests::eventhubs::{keda_lag, send, storage_connection_string};
+use iomt_tests::replay::{free_port, metric, scrape};
 use iomt_tests::{Scratch, iomt, repo_root};
 use serde_json::Value;
 
@@ -33,7 +34,8 @@ fn capture_lines() -> Vec<String> {
         .collect()
 }
 
-fn start_run(dir: &Path, broker: &BrokerHandle, container: &str) -> Child {
+/// Starts `iomt run` on the broker's hub, serving `/metrics` on `metrics_port`.
+fn start_run(dir: &Path, broker: &BrokerHandle, container: &str, metrics_port: u16) -> Child {
     Command::new(iomt())
         .args(["run", "--owner-id", "test-process", "--max-wait", "300ms"])
         .arg("--device-mapping")
@@ -60,6 +62,10 @@ fn start_run(dir: &Path, broker: &BrokerHandle, container: &str) -> Child {
         )
         .env("IOMT__CHECKPOINTS__CONTAINER", container)
         .env("IOMT__PIPELINE__CHECKPOINT_INTERVAL", "200ms")
+        .env(
+            "IOMT__OUTPUT__METRICS_ADDR",
+            format!("127.0.0.1:{metrics_port}"),
+        )
         .env(
             "RUST_LOG",
             "info,azure_messaging_eventhubs=warn,azure_core_amqp=warn",
@@ -128,7 +134,8 @@ async fn live_run(drop_links: bool) {
     let lines = capture_lines();
     send(&broker, HUB, &lines[..EVENTS / 2]).await;
 
-    let mut child = start_run(dir, &broker, &container);
+    let port = free_port();
+    let mut child = start_run(dir, &broker, &container, port);
     // Mid-stream: the rest arrives while the first half is processed; lag is what KEDA sees.
     if drop_links {
         // Once the run has taken partitions and made progress.
@@ -174,6 +181,23 @@ async fn live_run(drop_links: bool) {
         tokio::time::sleep(Duration::from_secs(5)).await;
         let log = std::fs::read_to_string(dir.join("run.log")).unwrap();
         assert!(!log.contains("rebuilding the Event Hubs client"), "{log}");
+        // The run's own figures agree with KEDA's: every partition owned, none behind, and
+        // checkpoints that are current (an idle partition's checkpoint does not age).
+        let metrics = scrape(port).unwrap();
+        assert_eq!(
+            metric(&metrics, "PartitionsOwned"),
+            Some(f64::from(PARTITIONS))
+        );
+        for partition in 0..PARTITIONS {
+            let series = |name: &str| format!("{name}{{partition=\"{partition}\"}}");
+            assert_eq!(
+                metric(&metrics, &series("PartitionLag")),
+                Some(0.0),
+                "{metrics}"
+            );
+            let age = metric(&metrics, &series("CheckpointAgeSeconds")).unwrap();
+            assert!(age < 2.0, "{metrics}");
+        }
     }
 
     let stdout = stop(child);
@@ -255,7 +279,7 @@ async fn a_stopped_run_commits_what_it_drained_and_the_next_resumes_there() {
     send(&broker, HUB, &lines).await;
 
     // Stopped as soon as it has made progress, with most of the backlog still unread.
-    let child = start_run(dir, &broker, &container);
+    let child = start_run(dir, &broker, &container, free_port());
     let deadline = Instant::now() + Duration::from_secs(60);
     while store
         .checkpoints("localhost", HUB, CONSUMER_GROUP)
@@ -276,7 +300,7 @@ async fn a_stopped_run_commits_what_it_drained_and_the_next_resumes_there() {
         EVENTS as i64 - first
     );
 
-    let child = start_run(dir, &broker, &container);
+    let child = start_run(dir, &broker, &container, free_port());
     let deadline = Instant::now() + Duration::from_secs(90);
     while keda_lag(&broker, &store, HUB, CONSUMER_GROUP).await > 0 {
         assert!(Instant::now() < deadline, "lag never reached 0");
@@ -389,7 +413,6 @@ fn template_version(text: &str) -> Option<String> {
 #[test]
 fn templates_reload_under_a_running_pipeline() {
     use iomt_tests::eventhubs::{Cluster, hub_section, toml_string};
-    use iomt_tests::replay::{free_port, metric};
 
     let cluster = Cluster::start(vec![HubConfig::new(HUB, 2).unwrap()], "reload");
     let scratch = Scratch::new(env!("CARGO_TARGET_TMPDIR"), "eventhubs-reload");

@@ -163,11 +163,17 @@ def config_check(iomt, objects, workdir):
 
 def exported_metrics():
     """The metric families iomt registers: the names given to the registry in
-    crates/iomt-runtime/src/metrics.rs and the process collector's (a family without samples
-    is not in /metrics, so the source is the complete list)."""
+    crates/iomt-runtime/src/metrics.rs and those its collectors describe (metrics/*.rs,
+    process.rs). A family without samples is not in /metrics, so the source is the complete
+    list."""
     runtime = REPO / "crates" / "iomt-runtime" / "src"
-    names = set(re.findall(r'register\(\s*"([A-Za-z_][A-Za-z0-9_]*)"', (runtime / "metrics.rs").read_text()))
-    names |= set(re.findall(r'"(process_[a-z_]+)"', (runtime / "process.rs").read_text()))
+    files = [runtime / "metrics.rs", runtime / "process.rs", *sorted((runtime / "metrics").glob("*.rs"))]
+    names = set()
+    for file in files:
+        text = file.read_text()
+        names |= set(re.findall(r'(?:register|encode_descriptor)\(\s*"([A-Za-z_][A-Za-z0-9_]*)"', text))
+        # The process collector lists its gauges in a table before describing them.
+        names |= set(re.findall(r'"(process_[a-z_]+)"', text))
     return names
 
 

@@ -15,6 +15,8 @@
 //   GET  /__stats    {"requests": n, "byMethod": {...}, "lastAuthorization": ...} since the last reset.
 //   GET  /__bulk/N, GET /__bulk/N/FILE, DELETE /__bulk/N
 //                    the status URL and files of the Nth `$export` (see below).
+//   POST /__bulk     body: {"stuck": bool}: exports kicked off from now on never complete
+//                    (their status URL answers 202 until deleted), for a client's timeout.
 //   POST /__history  body: {"enabled": bool, "system": bool} switches history off (no history
 //                    interaction in /metadata, 404 on _history) or down to type level only;
 //                    body: {"entries": [...]} appends raw history entries (a late arrival with an
@@ -30,7 +32,8 @@
 // every resource here) with `Prefer: respond-async`, `_type` and `_since`, from the change log:
 // each resource's current version, and with `_since` the resources deleted since, as the
 // manifest's `deleted` files of DELETE Bundles. The status URL answers 202 (Retry-After: 1) on
-// its first poll, then the manifest (requiresAccessToken: true, one file per type).
+// its first poll, then the manifest (requiresAccessToken: true, one file per type). A deleted
+// job's status URL answers 404, as after a cancellation.
 import http from 'node:http';
 import {
   badRequest,
@@ -62,8 +65,9 @@ let stats = { requests: 0, byMethod: {} };
 // the writes became visible (not necessarily of lastUpdated: see /__history).
 let history = [];
 let historySettings = { enabled: true, system: true };
-// The `$export` jobs: {polls, manifest, files: {name: text}}, by number.
+// The `$export` jobs: {polls, manifest, files: {name: text}, stuck, deleted}, by number.
 let exports = [];
+let exportsStuck = false;
 const HISTORY_TYPES = ['Patient', 'Device', 'Observation', 'Encounter', 'Consent'];
 
 function send(res, status, body, headers = {}) {
@@ -90,6 +94,7 @@ async function control(req, res, path) {
     history = [];
     historySettings = { enabled: true, system: true };
     exports = [];
+    exportsStuck = false;
     return send(res, 204, '');
   }
   if (req.method === 'POST' && path === '/__history') {
@@ -98,6 +103,10 @@ async function control(req, res, path) {
       if (typeof body[key] === 'boolean') historySettings[key] = body[key];
     }
     for (const entry of body.entries ?? []) history.push(entry);
+    return send(res, 204, '');
+  }
+  if (req.method === 'POST' && path === '/__bulk') {
+    exportsStuck = JSON.parse((await readBody(req)) || '{}').stuck === true;
     return send(res, 204, '');
   }
   const bulk = path.match(/^\/__bulk\/(\d+)(?:\/([\w.-]+))?$/);
@@ -291,7 +300,7 @@ function kickOff(req, res, url) {
     })}\n`).join('');
     manifest.deleted.push({ type: 'Bundle', url: `${root}/deleted.ndjson`, count: deleted.length });
   }
-  exports.push({ polls: 0, manifest, files });
+  exports.push({ polls: 0, manifest, files, stuck: exportsStuck, deleted: false });
   return send(res, 202, '', { 'Content-Location': root });
 }
 
@@ -299,12 +308,16 @@ function kickOff(req, res, url) {
 function bulkJob(req, res, job, file) {
   if (req.method === 'DELETE' && !file) {
     job.files = {};
+    job.deleted = true;
     return send(res, 202, '');
   }
   if (req.method !== 'GET') return send(res, 405, '');
+  if (job.deleted) return send(res, 404, '');
   if (!file) {
     job.polls += 1;
-    if (job.polls === 1) return send(res, 202, '', { 'Retry-After': '1', 'X-Progress': 'exporting' });
+    if (job.polls === 1 || job.stuck) {
+      return send(res, 202, '', { 'Retry-After': '1', 'X-Progress': 'exporting' });
+    }
     return send(res, 200, job.manifest, { 'Content-Type': 'application/json' });
   }
   if (!(file in job.files)) return send(res, 404, '');

@@ -497,6 +497,17 @@ impl Server {
         assert!(status.is_success(), "{path}: {status}");
     }
 
+    /// The status of `GET` of a test-only control endpoint (`/__bulk/N`).
+    pub fn control_status(&self, path: &str) -> u16 {
+        self.rt.block_on(async {
+            let response = self.http.get(self.control_url(path)).send().await;
+            response
+                .expect("the FHIR test server answers")
+                .status()
+                .as_u16()
+        })
+    }
+
     /// A write (`PUT`, `POST`, `DELETE`) of `path` under the base, retried while the server
     /// answers 429 or 503: its status and answer.
     pub fn write(&self, method: reqwest::Method, path: &str, body: Option<&Value>) -> (u16, Value) {

@@ -54,6 +54,16 @@ pub(crate) struct ExportArgs {
         conflicts_with = "patients"
     )]
     group: Option<String>,
+    /// With --server: cancel the export on the server, and fail, if it is still in progress
+    /// after this long (`0s`: wait as long as the server says it is running).
+    #[arg(
+        long,
+        value_name = "DURATION",
+        value_parser = humantime::parse_duration,
+        default_value = "24h",
+        requires = "server"
+    )]
+    timeout: std::time::Duration,
     /// With --server: export every patient's compartment (`Patient/$export`).
     #[arg(long, requires = "server")]
     patients: bool,
@@ -141,6 +151,7 @@ fn publish(args: &ExportArgs) -> anyhow::Result<u8> {
             patients: args.patients,
             types: args.types.clone(),
             since: args.since.clone(),
+            timeout: Some(args.timeout).filter(|t| !t.is_zero()),
         };
         let dir = args.download.clone().unwrap_or_else(|| {
             let at = iomt_core::Timestamp::now().to_compact_string();

@@ -9,6 +9,10 @@ use std::collections::BTreeMap;
 use std::sync::Mutex;
 use std::time::Duration;
 
+mod partitions;
+
+pub(crate) use partitions::PartitionStats;
+
 use hdrhistogram::Histogram as Hdr;
 use iomt_core::{Action, Written};
 use prometheus_client::encoding::EncodeLabelSet;
@@ -137,6 +141,8 @@ pub struct Metrics {
     /// The templates in use (1 for the version in use) and their reloads by outcome.
     template_version: Family<HashLabel, Gauge>,
     template_reloads: Family<OutcomeLabel, Counter>,
+    /// The source partitions owned, their lag and checkpoint age.
+    partitions: PartitionStats,
 }
 
 /// Change-event metrics, named after Event Grid's subscription metrics.
@@ -206,6 +212,7 @@ impl Metrics {
             fhir_latency: Family::new_with_constructor(|| Histogram::new(latency_buckets())),
             template_version: Family::default(),
             template_reloads: Family::default(),
+            partitions: PartitionStats::default(),
             events: EventMetrics {
                 delivered: Family::default(),
                 failed_attempts: Family::default(),
@@ -379,7 +386,13 @@ impl Metrics {
             build,
         );
         registry.register_collector(Box::new(crate::process::ProcessCollector));
+        registry.register_collector(Box::new(m.partitions.clone()));
         Self { registry, ..m }
+    }
+
+    /// The source partitions' lag and checkpoint age.
+    pub(crate) fn partitions(&self) -> &PartitionStats {
+        &self.partitions
     }
 
     /// The templates in use are now `to` (after `from`, whose series goes away).

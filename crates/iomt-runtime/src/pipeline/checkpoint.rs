@@ -7,7 +7,7 @@ use tokio::sync::oneshot;
 
 use super::Shared;
 use crate::sink::Sink;
-use crate::source::CheckpointStore;
+use crate::source::{CheckpointError, CheckpointStore};
 
 pub(super) async fn checkpoint_task<S: Sink, K: CheckpointStore>(
     shared: Arc<Shared<S>>,
@@ -34,10 +34,19 @@ async fn commit<S: Sink, K: CheckpointStore>(shared: &Shared<S>, store: &mut K) 
         tracing::error!(error = %e, "cannot persist the output; the checkpoint waits");
         return;
     }
-    if positions.is_empty() {
-        return;
-    }
-    if let Err(e) = store.commit(&positions).await {
+    let mut taken = positions;
+    if !taken.is_empty()
+        && let Err(e) = store.commit(&taken).await
+    {
+        if let CheckpointError::Remote(failed) = &e {
+            taken.retain(|c| !failed.iter().any(|f| f.partition == c.partition));
+        } else {
+            taken.clear();
+        }
         e.log();
     }
+    shared
+        .metrics
+        .partitions()
+        .checkpoint_round(&shared.acks.owned(), &taken);
 }

@@ -142,7 +142,7 @@ impl<S: Sink> Pipeline<S> {
         partitions: Vec<String>,
     ) -> Self {
         let slots = Arc::new(Semaphore::new(config.max_in_flight.max(1)));
-        let acks = Arc::new(Acks::default());
+        let acks = Arc::new(Acks::with_stats(metrics.partitions().clone()));
         for name in &partitions {
             acks.open(name);
         }

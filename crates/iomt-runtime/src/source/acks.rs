@@ -8,6 +8,7 @@ use std::sync::{Arc, Mutex, PoisonError, RwLock};
 use iomt_core::ack::AckTracker;
 
 use super::{Committed, Origin};
+use crate::metrics::PartitionStats;
 
 /// One source partition as the pipeline tracks it. A partition that is lost and taken again
 /// gets a new slot, so acknowledgements still arriving for the old ownership never count
@@ -41,15 +42,30 @@ impl Partitions {
     pub fn close(&self, index: u32) {
         self.0.close(index);
     }
+
+    /// Reports the hub's newest sequence number of a partition (`None`: it is empty), from
+    /// which its lag is computed.
+    pub(crate) fn newest(&self, name: &str, newest: Option<i64>) {
+        self.0.stats.newest(name, newest);
+    }
 }
 
 /// Ordered acknowledgement per source partition.
 #[derive(Debug, Default)]
 pub(crate) struct Acks {
     slots: RwLock<Vec<Arc<Slot>>>,
+    /// Where the partitions' lag is reported (the pipeline's metrics).
+    stats: PartitionStats,
 }
 
 impl Acks {
+    pub(crate) fn with_stats(stats: PartitionStats) -> Self {
+        Self {
+            slots: RwLock::default(),
+            stats,
+        }
+    }
+
     pub(crate) fn open(&self, name: &str) -> u32 {
         let mut slots = self.slots.write().unwrap_or_else(PoisonError::into_inner);
         slots.push(Arc::new(Slot {
@@ -134,6 +150,19 @@ impl Acks {
         self.committable()
             .into_iter()
             .map(|c| (c.index, c.position))
+            .collect()
+    }
+
+    /// The partitions still owned, each with its events read and not yet done.
+    pub(crate) fn owned(&self) -> Vec<(String, usize)> {
+        let slots = self.slots.read().unwrap_or_else(PoisonError::into_inner);
+        slots
+            .iter()
+            .filter(|s| s.active.load(Ordering::Relaxed))
+            .map(|s| {
+                let in_flight = s.tracker.lock().map_or(0, |t| t.in_flight());
+                (s.name.clone(), in_flight)
+            })
             .collect()
     }
 

@@ -48,6 +48,9 @@ pub struct ServerExport {
     /// `_since`: only resources changed after this instant, and the ones deleted since (the
     /// manifest's `deleted` files, published as deletions).
     pub since: Option<String>,
+    /// How long the export may run on the server before it is cancelled there; `None`: as
+    /// long as the server says it is in progress.
+    pub timeout: Option<std::time::Duration>,
 }
 
 impl ServerExport {
@@ -86,7 +89,9 @@ impl ServerExport {
 /// (`Retry-After`, between 0.2 s and 2 min; 2 s without one), downloads its output and
 /// deleted files into `dir` with a manifest naming them there, and asks the server to clean
 /// up. `started` gets the status URL once the server accepted the export. The export is then
-/// read like a folder given to `--from`.
+/// read like a folder given to `--from`. An export still in progress after `timeout` is
+/// cancelled on the server (`DELETE` of its status URL, as the Bulk Data spec has it), so that
+/// a job that never finishes neither hangs a scheduled run nor keeps the server busy.
 pub async fn fetch(
     client: &iomt_fhir::FhirClient,
     export: &ServerExport,
@@ -99,6 +104,7 @@ pub async fn fetch(
         .await
         .map_err(server)?;
     started(&status_url);
+    let deadline = export.timeout.map(|t| (tokio::time::Instant::now() + t, t));
     let manifest = loop {
         match client.export_status(&status_url).await.map_err(server)? {
             iomt_fhir::ExportStatus::Complete(manifest) => break manifest,
@@ -107,12 +113,24 @@ pub async fn fetch(
                 progress,
             } => {
                 tracing::debug!(progress, "the server's export is running");
-                let wait = retry_after.unwrap_or(std::time::Duration::from_secs(2));
-                tokio::time::sleep(wait.clamp(
-                    std::time::Duration::from_millis(200),
-                    std::time::Duration::from_secs(120),
-                ))
-                .await;
+                let wait = retry_after
+                    .unwrap_or(std::time::Duration::from_secs(2))
+                    .clamp(
+                        std::time::Duration::from_millis(200),
+                        std::time::Duration::from_secs(120),
+                    );
+                let mut until = tokio::time::Instant::now() + wait;
+                if let Some((deadline, timeout)) = deadline {
+                    if tokio::time::Instant::now() >= deadline {
+                        client.export_forget(&status_url).await;
+                        return Err(BulkError::Server(format!(
+                            "still in progress after {}; cancelled on the server (raise --timeout for a longer export)",
+                            humantime::format_duration(timeout)
+                        )));
+                    }
+                    until = until.min(deadline);
+                }
+                tokio::time::sleep_until(until).await;
             }
         }
     };
@@ -413,6 +431,7 @@ mod tests {
             patients: false,
             types: vec!["Patient".into(), "Observation".into()],
             since: Some("2026-11-01T00:00:00+01:00".into()),
+            timeout: None,
         };
         assert_eq!(
             export.kickoff(),

@@ -371,6 +371,8 @@ struct ProcessorRun<'a> {
     processor: Arc<EventProcessor>,
     /// Restarts the processor's ownership loop when it fails.
     runner: tokio::task::JoinHandle<()>,
+    /// Asks the hub for the owned partitions' newest events, for their lag.
+    lag: tokio::task::JoinHandle<()>,
     probe: Rc<HubProbe>,
     readers: tokio::task::JoinSet<()>,
     shared: Rc<ReaderShared>,
@@ -429,19 +431,25 @@ impl<'a> ProcessorRun<'a> {
             client: Mutex::new(None),
         });
         let (broken_tx, broken) = mpsc::unbounded_channel();
+        let shared = Rc::new(ReaderShared {
+            partitions: partitions.clone(),
+            input: input.clone(),
+            broken: broken_tx,
+            live: RefCell::default(),
+            newest: RefCell::default(),
+        });
         Ok(Self {
             settings: processor_settings,
             runner: tokio::task::spawn_local(keep_running(processor.clone(), stop.clone())),
+            lag: tokio::task::spawn_local(report_lag(
+                probe.clone(),
+                shared.clone(),
+                processor_settings.update_interval,
+            )),
             processor,
             probe,
             readers: tokio::task::JoinSet::new(),
-            shared: Rc::new(ReaderShared {
-                partitions: partitions.clone(),
-                input: input.clone(),
-                broken: broken_tx,
-                live: RefCell::default(),
-                newest: RefCell::default(),
-            }),
+            shared,
             broken,
             stop,
             opened: Vec::new(),
@@ -527,6 +535,9 @@ impl<'a> ProcessorRun<'a> {
         // Wait for the readers to go: they hold the probe, whose connection is closed below.
         while self.readers.join_next().await.is_some() {}
         self.runner.abort();
+        self.lag.abort();
+        // The probe below is closed only once the lag task, which holds it, is gone.
+        let _cancelled = (&mut self.lag).await;
         match outcome {
             Outcome::Broken => {
                 kept.extend(self.shared.live.take());
@@ -574,6 +585,23 @@ async fn keep_running(processor: Arc<EventProcessor>, mut stop: watch::Receiver<
             tracing::warn!(error = %e, ?retry_in, "event processor stopped; restarting");
         }
         tokio::time::sleep(retry_in).await;
+    }
+}
+
+/// Asks the hub for the newest event of every partition being read, each `every` (the
+/// processor's ownership update interval), for the partitions' lag metric. Runs until aborted.
+/// A partition that does not answer keeps its last figure; the watchdog reports the failure.
+async fn report_lag(probe: Rc<HubProbe>, shared: Rc<ReaderShared>, every: Duration) {
+    let mut tick = tokio::time::interval(every.max(Duration::from_secs(1)));
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tick.tick().await;
+        let partitions: Vec<String> = shared.live.borrow().keys().cloned().collect();
+        for partition in partitions {
+            if let Ok(newest) = probe.newest(&partition).await {
+                shared.partitions.newest(&partition, newest);
+            }
+        }
     }
 }
 
@@ -806,15 +834,14 @@ enum ProbeError {
     Checkpoints(#[from] azure_core::Error),
 }
 
-/// The watchdog's questions to the hub and the checkpoint store, shared by one processor's
-/// readers.
+/// The questions the watchdog and the lag metric ask the hub and the checkpoint store, shared
+/// by one processor's readers.
 struct HubProbe {
     settings: EventHubSettings,
     store: Arc<dyn azure_messaging_eventhubs::CheckpointStore + Send + Sync>,
     start_at: StartAt,
-    /// A client of its own, opened at the first check: the SDK does not hand out the
-    /// processor's client, and a hub whose partitions keep delivering never needs this one.
-    /// One call at a time: the processor's readers share it.
+    /// A client of its own, opened at the first question: the SDK does not hand out the
+    /// processor's client. One call at a time: the processor's readers share it.
     client: Mutex<Option<ConsumerClient>>,
 }
 
