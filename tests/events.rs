@@ -19,15 +19,14 @@
 //! `IOMT_TEST_KAFKA` (Tansu) and `IOMT_TEST_FHIR_URL`.
 
 use std::collections::{BTreeMap, BTreeSet};
-use std::io::{BufRead, BufReader};
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::process::Command;
 use std::time::{Duration, Instant};
 
-use iomt_tests::Scratch;
 use iomt_tests::events::{Version, announced, assert_each_version_under_one_id};
 use iomt_tests::golden::{Capture, Server, read_json_lines, rng};
 use iomt_tests::replay::{Checkpoint, Replay, Running, assert_success, serial};
+use iomt_tests::{PythonServer, Scratch, python};
 use serde_json::Value;
 
 const SECRET: &str = "whsec_MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw";
@@ -36,56 +35,34 @@ const SOURCE: &str =
 const ACCOUNT: &str = "test.fhir.example.org";
 const TOPIC_KEY: &str = "topic-access-key";
 
-/// The Python of the test tools (`tests/python`).
-fn python() -> String {
-    std::env::var("IOMT_TEST_PYTHON")
-        .expect("IOMT_TEST_PYTHON is not set: run tests/run.sh, which prepares the test tools")
-}
-
 /// The webhook receiver, killed when dropped.
 struct Receiver {
-    child: Child,
-    port: u16,
+    server: PythonServer,
     record: PathBuf,
 }
 
 impl Receiver {
     fn start(dir: &Path, faults: &[&str]) -> Self {
-        let python = python();
         let record = dir.join("received.jsonl");
-        let script = iomt_tests::repo_root().join("tests/python/webhook_receiver.py");
-        let mut command = Command::new(python);
-        command
-            .arg(script)
-            .args(["--secret", SECRET, "--record"])
-            .arg(&record)
-            .args(["--topic-key", TOPIC_KEY]);
+        let mut args: Vec<std::ffi::OsString> = vec![
+            "--secret".into(),
+            SECRET.into(),
+            "--record".into(),
+            record.clone().into(),
+            "--topic-key".into(),
+            TOPIC_KEY.into(),
+        ];
         for fault in faults {
-            command.args(["--fault", fault]);
+            args.extend(["--fault".into(), (*fault).into()]);
         }
-        let mut child = command
-            .stdout(Stdio::piped())
-            .stderr(Stdio::inherit())
-            .spawn()
-            .expect("the webhook receiver starts");
-        let mut line = String::new();
-        BufReader::new(child.stdout.take().unwrap())
-            .read_line(&mut line)
-            .unwrap();
-        let port = line
-            .trim()
-            .strip_prefix("listening on ")
-            .and_then(|p| p.parse().ok())
-            .unwrap_or_else(|| panic!("receiver said {line:?}"));
         Receiver {
-            child,
-            port,
+            server: PythonServer::start("webhook_receiver.py", args),
             record,
         }
     }
 
     fn url(&self, path: &str) -> String {
-        format!("http://127.0.0.1:{}/{path}", self.port)
+        format!("http://127.0.0.1:{}/{path}", self.server.port)
     }
 
     fn records(&self) -> Vec<Value> {
@@ -94,13 +71,6 @@ impl Receiver {
         } else {
             Vec::new()
         }
-    }
-}
-
-impl Drop for Receiver {
-    fn drop(&mut self) {
-        self.child.kill().ok();
-        self.child.wait().ok();
     }
 }
 

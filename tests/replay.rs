@@ -24,12 +24,12 @@
 use std::collections::BTreeMap;
 use std::path::Path;
 
-use iomt_tests::Scratch;
 use iomt_tests::golden::{
     Capture, Server, assert_same_content, check_dead_letters, check_identities, check_observations,
     check_server, read_json_lines, rng,
 };
 use iomt_tests::replay::{Replay, assert_success, serial};
+use iomt_tests::{PythonServer, Scratch};
 use serde_json::Value;
 
 /// Numbers of a summary line, by the word that follows each: the `resources` line
@@ -173,4 +173,80 @@ fn windows_flushed_in_parts_keep_every_sample() {
     assert_success(&replay.run());
     check_server(&server, &capture, &mut rng);
     check_dead_letters(&replay.dead_letters(), &capture);
+}
+
+/// With an OTLP endpoint in the environment (here a receiver that decodes with the
+/// OpenTelemetry project's protobuf definitions), a replay exports its spans as traces: each
+/// group write, with the FHIR requests it made as its children, named by type, method and
+/// status only; no device or patient id is in any span.
+#[test]
+fn a_replay_exports_its_spans_as_otlp_traces() {
+    let _serial = serial();
+    let server = Server::from_env();
+    let scratch = Scratch::new(env!("CARGO_TARGET_TMPDIR"), "replay-traces");
+    let dir = scratch.path();
+    let record = dir.join("spans.jsonl");
+    let receiver = PythonServer::start(
+        "otlp_receiver.py",
+        [std::ffi::OsStr::new("--record"), record.as_os_str()],
+    );
+    let capture = Capture::wearables(dir, "traces.jsonl", |kind, n| kind == "watch" && n < 5);
+    let mut replay = Replay::new(&capture, dir).fhir(&server.base);
+    replay.env.extend([
+        (
+            "OTEL_EXPORTER_OTLP_ENDPOINT".to_owned(),
+            format!("http://127.0.0.1:{}", receiver.port),
+        ),
+        ("OTEL_SERVICE_NAME".to_owned(), "iomt-test".to_owned()),
+    ]);
+    server.reset();
+    assert_success(&replay.run());
+
+    let text = std::fs::read_to_string(&record).unwrap_or_default();
+    let spans = read_json_lines(&record);
+    assert!(
+        spans.iter().all(|s| s["kind"] == "span"),
+        "the receiver refused an export: {text}"
+    );
+    assert!(spans.iter().all(|s| s["service"] == "iomt-test"), "{text}");
+    let named =
+        |name: &str| -> Vec<&Value> { spans.iter().filter(|s| s["name"] == name).collect() };
+    let groups = named("write_group");
+    let requests = named("fhir_request");
+    assert!(!groups.is_empty() && !requests.is_empty(), "{text}");
+    for group in &groups {
+        let attributes = &group["attributes"];
+        assert!(attributes["type"].is_string(), "{group}");
+        assert!(attributes["measurements"].as_i64() > Some(0), "{group}");
+    }
+    for request in &requests {
+        let attributes = &request["attributes"];
+        assert!(attributes["method"].is_string(), "{request}");
+        assert!(attributes["resource"].is_string(), "{request}");
+        assert!(attributes["status"].as_i64().is_some(), "{request}");
+    }
+    // The requests of a write are inside its span, in its trace.
+    let group_ids: BTreeMap<&str, &str> = groups
+        .iter()
+        .map(|g| {
+            (
+                g["span_id"].as_str().unwrap(),
+                g["trace_id"].as_str().unwrap(),
+            )
+        })
+        .collect();
+    let nested = requests
+        .iter()
+        .filter(|r| {
+            group_ids.get(r["parent_span_id"].as_str().unwrap()) == r["trace_id"].as_str().as_ref()
+        })
+        .count();
+    assert!(
+        nested > 0 && nested == requests.len(),
+        "{nested} of {}",
+        requests.len()
+    );
+    for id in ["watch-00", "patient-00"] {
+        assert!(!text.contains(id), "a span holds {id}: {text}");
+    }
 }

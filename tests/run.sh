@@ -92,8 +92,8 @@ start_cosmos() {
   echo "Cosmos DB test server ready at $IOMT_TEST_COSMOS_URL"
 }
 
-# The tests' Python tools (tests/python): the webhook receiver's Standard Webhooks library, a
-# Kafka client, and Tansu, the Kafka-compatible broker.
+# The tests' Python tools (tests/python): the webhook receiver's Standard Webhooks library, the
+# OTLP receiver's protobuf definitions, a Kafka client, and Tansu, the Kafka-compatible broker.
 setup_python_tools() {
   if [[ -n "${IOMT_TEST_PYTHON:-}" ]]; then
     echo "using the test tools' Python at $IOMT_TEST_PYTHON"

@@ -200,3 +200,48 @@ impl Drop for IomtProcess {
         }
     }
 }
+
+/// The Python of the test tools (`tests/python`), which `tests/run.sh` prepares.
+pub fn python() -> String {
+    std::env::var("IOMT_TEST_PYTHON")
+        .expect("IOMT_TEST_PYTHON is not set: run tests/run.sh, which prepares the test tools")
+}
+
+/// A test server of `tests/python` on a free loopback port, killed when dropped.
+#[derive(Debug)]
+pub struct PythonServer {
+    child: Child,
+    /// Its port, as it printed it (`listening on PORT`).
+    pub port: u16,
+}
+
+impl PythonServer {
+    /// Starts `tests/python/{script} ARGS…` and waits until it listens.
+    pub fn start(script: &str, args: impl IntoIterator<Item = impl AsRef<OsStr>>) -> Self {
+        use std::io::BufRead as _;
+        let mut child = Command::new(python())
+            .arg(repo_root().join("tests/python").join(script))
+            .args(args)
+            .stdout(Stdio::piped())
+            .stderr(Stdio::inherit())
+            .spawn()
+            .unwrap_or_else(|e| panic!("{script} does not start: {e}"));
+        let mut line = String::new();
+        std::io::BufReader::new(child.stdout.take().unwrap())
+            .read_line(&mut line)
+            .unwrap();
+        let port = line
+            .trim()
+            .strip_prefix("listening on ")
+            .and_then(|p| p.parse().ok())
+            .unwrap_or_else(|| panic!("{script} said {line:?}"));
+        PythonServer { child, port }
+    }
+}
+
+impl Drop for PythonServer {
+    fn drop(&mut self) {
+        self.child.kill().ok();
+        self.child.wait().ok();
+    }
+}

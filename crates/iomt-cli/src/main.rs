@@ -16,6 +16,7 @@ use std::io::Write as _;
 use std::process::ExitCode;
 
 use clap::{Parser, Subcommand, ValueEnum};
+use iomt_runtime::telemetry::Traces;
 
 /// The pipeline allocates many small strings and maps per event; mimalloc handles that
 /// pattern markedly faster than the system allocator (see docs/benchmarks.md).
@@ -125,20 +126,35 @@ enum ColorChoice {
 
 /// Logs go to stderr; `RUST_LOG` selects them (default `warn`, so the summary stands out).
 /// Colour codes only go to a terminal (and not with `NO_COLOR`): a file or a pod log gets
-/// plain text.
-fn init_tracing(format: LogFormat) {
+/// plain text. With an OTLP endpoint in the environment, spans are also exported as traces
+/// (see `iomt_runtime::telemetry`), until the returned guard is dropped.
+fn init_tracing(format: LogFormat) -> anyhow::Result<Option<Traces>> {
     use std::io::IsTerminal as _;
+    use tracing_subscriber::prelude::*;
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn"));
     let ansi = std::io::stderr().is_terminal() && std::env::var_os("NO_COLOR").is_none();
-    let builder = tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_writer(std::io::stderr);
-    // Fails only when a subscriber is already set, which is then used instead.
-    match format {
-        LogFormat::Text => builder.with_ansi(ansi).try_init().ok(),
-        LogFormat::Json => builder.json().with_ansi(false).try_init().ok(),
+    let fmt = tracing_subscriber::fmt::layer().with_writer(std::io::stderr);
+    let fmt = match format {
+        LogFormat::Text => fmt.with_ansi(ansi).boxed(),
+        LogFormat::Json => fmt.json().with_ansi(false).boxed(),
     };
+    let traces = Traces::from_env()?;
+    let exported = traces.as_ref().map(Traces::layer);
+    // Fails only when a subscriber is already set, which is then used instead.
+    tracing_subscriber::registry()
+        .with(fmt.with_filter(filter))
+        .with(exported)
+        .try_init()
+        .ok();
+    Ok(traces)
+}
+
+/// Runs a command with logs (and traces, when configured) set up, and the traces sent before
+/// it returns.
+fn traced(format: LogFormat, command: impl FnOnce() -> anyhow::Result<u8>) -> anyhow::Result<u8> {
+    let _traces = init_tracing(format)?;
+    command()
 }
 
 fn main() -> ExitCode {
@@ -146,19 +162,10 @@ fn main() -> ExitCode {
     iomt_core::set_log_phi(cli.log_phi);
     let code = match cli.command {
         Command::Mapping(cmd) => mapping::run(cmd),
-        Command::Replay(args) => {
-            init_tracing(cli.log_format);
-            replay::run(&args)
-        }
-        Command::Run(args) => {
-            init_tracing(cli.log_format);
-            live::run(&args)
-        }
+        Command::Replay(args) => traced(cli.log_format, || replay::run(&args)),
+        Command::Run(args) => traced(cli.log_format, || live::run(&args)),
         Command::Config(cmd) => config::run(cmd),
-        Command::DeadLetter(cmd) => {
-            init_tracing(cli.log_format);
-            deadletter::run(cmd)
-        }
+        Command::DeadLetter(cmd) => traced(cli.log_format, || deadletter::run(cmd)),
         Command::Export(args) => export::run(&args),
     };
     match code {

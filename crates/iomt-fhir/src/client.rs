@@ -525,6 +525,8 @@ impl FhirClient {
     }
 
     /// [`Self::send`] to a whole URL, with more headers; `path` names the request in logs.
+    /// Each request is a span (`fhir_request`) with its method, resource type, final status
+    /// and attempts, for traces; the path's ids and search values stay out of it.
     pub(crate) async fn send_to(
         &self,
         method: Method,
@@ -533,12 +535,46 @@ impl FhirClient {
         body: Option<&Value>,
         headers: &[(header::HeaderName, &str)],
     ) -> Result<(StatusCode, header::HeaderMap, Vec<u8>), FhirError> {
+        use tracing::Instrument as _;
+        let resource = path.split(['/', '?']).next().unwrap_or_default();
+        let span = tracing::info_span!(
+            "fhir_request",
+            %method,
+            resource,
+            status = tracing::field::Empty,
+            attempts = tracing::field::Empty,
+        );
+        let result = self
+            .retrying(&method, &url, path, body, headers)
+            .instrument(span.clone())
+            .await;
+        match &result {
+            Ok((status, _, _)) => span.record("status", i64::from(status.as_u16())),
+            Err(FhirError::Unavailable { attempts, .. }) => {
+                span.record("attempts", i64::from(*attempts))
+            }
+            Err(_) => &span,
+        };
+        result
+    }
+
+    async fn retrying(
+        &self,
+        method: &Method,
+        url: &str,
+        path: &str,
+        body: Option<&Value>,
+        headers: &[(header::HeaderName, &str)],
+    ) -> Result<(StatusCode, header::HeaderMap, Vec<u8>), FhirError> {
         let body = body.map(|b| serde_json::to_vec(b).unwrap_or_default());
         let mut attempt = 0;
         loop {
             attempt += 1;
-            match self.attempt(&method, &url, body.as_deref(), headers).await {
-                Attempt::Done(status, headers, bytes) => return Ok((status, headers, bytes)),
+            match self.attempt(method, url, body.as_deref(), headers).await {
+                Attempt::Done(status, headers, bytes) => {
+                    tracing::Span::current().record("attempts", i64::from(attempt));
+                    return Ok((status, headers, bytes));
+                }
                 Attempt::Retry {
                     after,
                     outage,

@@ -35,6 +35,7 @@ pub mod metrics;
 mod process;
 pub mod run;
 pub mod server;
+pub mod telemetry;
 pub mod templates;
 
 pub use assemble::{Assembled, ConfiguredSink, assemble};

@@ -137,7 +137,7 @@ async fn dispatch<S: Sink>(
     let span = tracing::info_span!(
         "write_group",
         r#type = %flush.group.type_name,
-        measurements = flush.positions.len(),
+        measurements = flush.positions.len() as i64,
         reason = reason_name(flush.reason),
     );
     writes.tasks.spawn(
