@@ -166,7 +166,9 @@ if [[ ! -f "$conformance/run.py" ]]; then
   echo "conformance suite not found at $conformance (set IOMT_CONFORMANCE)" >&2
   exit 1
 fi
-cargo build --locked --bin iomt
+# The binary the manifest step built (the same command, so no second build with the
+# workspace's other feature set).
+cargo build --quiet --locked -p iomt-cli --bin iomt
 python3 "$conformance/run.py" --iomt "$repo/target/debug/iomt"
 
 step "iomt's own MedTech cases (tests/medtech-cases, same runner)"

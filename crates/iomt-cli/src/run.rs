@@ -204,6 +204,9 @@ pub(crate) fn prepare_compiled(
         None => config.dead_letters.clone(),
     };
     let templates = Templates::new(mappings.device, fhir, mappings.version);
+    for error in &templates.unmapped_types {
+        eprintln!("warning: {}: {error}", device_mapping.display());
+    }
     let mut assembled = match assemble(&config, templates, partitions, &dead_letters) {
         Ok(a) => a,
         Err(e) => return Ok(Err(report_config_errors(&[e]))),

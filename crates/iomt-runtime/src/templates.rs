@@ -35,12 +35,17 @@ pub struct Templates {
     /// Identifies the files' content: the first 12 hex digits of a SHA-256 over both, so
     /// that every pod running the same ConfigMap reports the same version.
     pub version: String,
+    /// Device templates whose `typeName` no FHIR template takes, each with its line and the
+    /// closest FHIR type name. Accepted, as MedTech accepts them (their measurements are
+    /// dead-lettered), but said at start and at each reload.
+    pub unmapped_types: Vec<TemplateError>,
 }
 
 impl Templates {
     /// A version from compiled mappings and the text they were compiled from.
     pub fn new(device: DeviceMapping, fhir: FhirMapping, version: String) -> Self {
         Self {
+            unmapped_types: fhir.unmapped_types(&device),
             normalizer: Normalizer::new(device),
             mapping: fhir,
             version,
@@ -226,6 +231,9 @@ impl Reloader {
             Err(e) => return self.reject(version, &e),
         };
         self.rejected = None;
+        for error in &templates.unmapped_types {
+            tracing::warn!(file = %self.files.device.display(), %error, "a device template's measurements will be dead-lettered");
+        }
         self.live.swap(templates);
         self.metrics
             .template_version(Some(&current.version), &version);
