@@ -49,7 +49,18 @@ fn delivered(dir: &Path) -> (BTreeMap<String, Change>, usize) {
     if !path.exists() {
         return (BTreeMap::new(), 0);
     }
-    let events = read_json_lines(&path);
+    // Read while the delivery may be appending: a last line without its newline is still being
+    // written, and is left for the next look.
+    let text = std::fs::read_to_string(&path).unwrap();
+    let complete = &text[..text.rfind('\n').map_or(0, |i| i + 1)];
+    let events: Vec<Value> = complete
+        .lines()
+        .enumerate()
+        .map(|(i, line)| {
+            serde_json::from_str(line)
+                .unwrap_or_else(|e| panic!("{}:{}: {e}", path.display(), i + 1))
+        })
+        .collect();
     let mut by_id = BTreeMap::new();
     for e in &events {
         let kind = e["type"]

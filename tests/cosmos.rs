@@ -141,7 +141,7 @@ fn expected(
 }
 
 /// The container's documents by id, tombstones reduced to what the test can predict (the
-/// delete's version and time come from the server's history).
+/// delete's version and time come from the server's history); an id held twice maps to both.
 fn held(cosmos: &Cosmos, container: &str) -> BTreeMap<String, Value> {
     let mut held = BTreeMap::new();
     for mut doc in cosmos.documents(container) {
@@ -157,10 +157,12 @@ fn held(cosmos: &Cosmos, container: &str) -> BTreeMap<String, Value> {
                 o.insert("partitionKey".to_owned(), json!("Patient/p1"));
             }
         }
-        assert!(
-            held.insert(id.clone(), doc).is_none(),
-            "{container}: two documents {id}"
-        );
+        // A document moving to another partition (its patient changed) is in both for a
+        // moment, created there before it is removed here: not converged yet, which the
+        // comparison with what is wanted then says.
+        if let Some(first) = held.insert(id.clone(), doc.clone()) {
+            held.insert(id, json!({"two documents": [first, doc]}));
+        }
     }
     held
 }

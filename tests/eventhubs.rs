@@ -440,17 +440,20 @@ fn templates_reload_under_a_running_pipeline() {
     .unwrap();
     let mut run = iomt_tests::eventhubs::start_role(dir, &config, "all");
     let events = |text: &str| metric(text, "DeviceEvent_total").unwrap_or(0.0);
+    // Two devices, 20 readings each, from `start` seconds past the hour.
+    let phase = |start| -> Vec<String> {
+        ["dev-a", "dev-b"]
+            .iter()
+            .flat_map(|d| vitals(d, start, 20))
+            .collect()
+    };
 
     // Version 1 maps heart rate only: respiration readings match no template.
     let first = wait_for_metrics(&mut run, port, "the first version", |t| {
         template_version(t).is_some()
     });
     let v1 = template_version(&first).unwrap();
-    let phase1: Vec<String> = ["dev-a", "dev-b"]
-        .iter()
-        .flat_map(|d| vitals(d, 0, 20))
-        .collect();
-    cluster.rt.block_on(send(&cluster.broker, HUB, &phase1));
+    cluster.rt.block_on(send(&cluster.broker, HUB, &phase(0)));
     wait_for_metrics(&mut run, port, "the first 40 events", |t| events(t) >= 40.0);
 
     // Version 2 adds respiration: the events read after the swap have both.
@@ -463,11 +466,7 @@ fn templates_reload_under_a_running_pipeline() {
         metric(&second, "TemplateReload_total{outcome=\"applied\"}"),
         Some(1.0)
     );
-    let phase2: Vec<String> = ["dev-a", "dev-b"]
-        .iter()
-        .flat_map(|d| vitals(d, 100, 20))
-        .collect();
-    cluster.rt.block_on(send(&cluster.broker, HUB, &phase2));
+    cluster.rt.block_on(send(&cluster.broker, HUB, &phase(100)));
     wait_for_metrics(&mut run, port, "the next 40 events", |t| events(t) >= 80.0);
 
     // A broken version (an invalid JSONPath) is rejected once; version 2 stays in use.
@@ -480,11 +479,7 @@ fn templates_reload_under_a_running_pipeline() {
         metric(t, "TemplateReload_total{outcome=\"rejected\"}") == Some(1.0)
     });
     assert_eq!(template_version(&rejected).as_deref(), Some(v2.as_str()));
-    let phase3: Vec<String> = ["dev-a", "dev-b"]
-        .iter()
-        .flat_map(|d| vitals(d, 200, 20))
-        .collect();
-    cluster.rt.block_on(send(&cluster.broker, HUB, &phase3));
+    cluster.rt.block_on(send(&cluster.broker, HUB, &phase(200)));
     let last = wait_for_metrics(&mut run, port, "the last 40 events", |t| events(t) >= 120.0);
     assert_eq!(
         metric(&last, "TemplateReload_total{outcome=\"rejected\"}"),

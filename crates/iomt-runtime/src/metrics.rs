@@ -9,10 +9,6 @@ use std::collections::BTreeMap;
 use std::sync::Mutex;
 use std::time::Duration;
 
-mod partitions;
-
-pub(crate) use partitions::PartitionStats;
-
 use hdrhistogram::Histogram as Hdr;
 use iomt_core::{Action, Written};
 use prometheus_client::encoding::EncodeLabelSet;
@@ -21,6 +17,10 @@ use prometheus_client::metrics::family::Family;
 use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::metrics::histogram::Histogram;
 use prometheus_client::registry::Registry;
+
+mod partitions;
+
+pub(crate) use partitions::PartitionStats;
 
 /// Label of counters split by a name (`FhirResourceSaved{name="ObservationCreated"}`).
 #[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]

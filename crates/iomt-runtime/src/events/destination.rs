@@ -480,6 +480,10 @@ fn kafka_attempt(e: &rdkafka::error::KafkaError) -> Attempt {
 }
 
 /// A JSON Lines file; each batch is appended and synced before it counts as delivered.
+///
+/// A process killed in the middle of an append can leave a torn last line. Its events were not
+/// acknowledged, so they are delivered again; the torn bytes are cut off when the file is
+/// opened, so that the redelivered lines do not start in the middle of one.
 #[derive(Debug)]
 pub(crate) struct Ndjson {
     path: PathBuf,
@@ -500,12 +504,13 @@ impl Ndjson {
                 if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
                     std::fs::create_dir_all(dir)?;
                 }
-                *file = Some(
-                    std::fs::OpenOptions::new()
-                        .create(true)
-                        .append(true)
-                        .open(&path)?,
-                );
+                let mut opened = std::fs::OpenOptions::new()
+                    .create(true)
+                    .read(true)
+                    .append(true)
+                    .open(&path)?;
+                cut_torn_line(&mut opened)?;
+                *file = Some(opened);
             }
             let Some(f) = file.as_mut() else {
                 return Err(std::io::Error::other("the file is not open"));
@@ -532,6 +537,42 @@ impl Ndjson {
             })
             .collect()
     }
+}
+
+/// Cuts what follows the last newline of a JSON Lines file: a line an interrupted append left
+/// unfinished. Reads backwards from the end, a block at a time.
+fn cut_torn_line(file: &mut std::fs::File) -> std::io::Result<()> {
+    use std::io::{Read as _, Seek as _, SeekFrom};
+    const BLOCK: u64 = 64 * 1024;
+    let len = file.metadata()?.len();
+    let mut end = len;
+    let mut block = vec![0; BLOCK as usize];
+    while end > 0 {
+        let start = end.saturating_sub(BLOCK);
+        let part = &mut block[..(end - start) as usize];
+        file.seek(SeekFrom::Start(start))?;
+        file.read_exact(part)?;
+        if let Some(i) = part.iter().rposition(|b| *b == b'\n') {
+            let keep = start + i as u64 + 1;
+            if keep < len {
+                tracing::warn!(
+                    bytes = len - keep,
+                    "cut an unfinished last line off an events file; its events are delivered again"
+                );
+                file.set_len(keep)?;
+            }
+            return Ok(());
+        }
+        end = start;
+    }
+    if len > 0 {
+        tracing::warn!(
+            bytes = len,
+            "cut an unfinished line off an events file; its events are delivered again"
+        );
+        file.set_len(0)?;
+    }
+    Ok(())
 }
 
 /// An HTTPS endpoint.
@@ -717,5 +758,33 @@ mod tests {
     fn cloudevents_header_values_are_percent_encoded() {
         assert_eq!(header_value("a b\"c%dé"), "a%20b%22c%25d%C3%A9");
         assert_eq!(header_value("/subscriptions/x"), "/subscriptions/x");
+    }
+
+    #[test]
+    fn a_torn_last_line_is_cut_and_whole_lines_are_kept() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("events.ndjson");
+        let long = "x".repeat(200_000);
+        for (before, after) in [
+            ("{\"a\":1}\n{\"b\":".to_owned(), "{\"a\":1}\n".to_owned()),
+            ("{\"a\":1}\n".to_owned(), "{\"a\":1}\n".to_owned()),
+            (format!("{{\"a\":1}}\n{long}"), "{\"a\":1}\n".to_owned()),
+            (long, String::new()),
+            (String::new(), String::new()),
+        ] {
+            std::fs::write(&path, &before).unwrap();
+            let mut file = std::fs::OpenOptions::new()
+                .read(true)
+                .append(true)
+                .open(&path)
+                .unwrap();
+            cut_torn_line(&mut file).unwrap();
+            // Appends go after what is kept.
+            file.write_all(b"{\"c\":3}\n").unwrap();
+            assert_eq!(
+                std::fs::read_to_string(&path).unwrap(),
+                format!("{after}{{\"c\":3}}\n")
+            );
+        }
     }
 }

@@ -11,7 +11,7 @@ use std::sync::{Arc, Mutex, PoisonError};
 use std::time::Instant;
 
 use prometheus_client::collector::Collector;
-use prometheus_client::encoding::{DescriptorEncoder, EncodeMetric};
+use prometheus_client::encoding::{DescriptorEncoder, EncodeGaugeValue, EncodeMetric};
 use prometheus_client::metrics::MetricType;
 use prometheus_client::metrics::gauge::ConstGauge;
 
@@ -100,6 +100,26 @@ struct PartitionLabel {
     partition: String,
 }
 
+/// A gauge family labelled by partition, with a sample for each row that has a value.
+fn per_partition<N: EncodeGaugeValue>(
+    encoder: &mut DescriptorEncoder<'_>,
+    name: &str,
+    help: &str,
+    rows: &[Row],
+    value: impl Fn(&Row) -> Option<N>,
+) -> Result<(), std::fmt::Error> {
+    let mut family = encoder.encode_descriptor(name, help, None, MetricType::Gauge)?;
+    for row in rows {
+        if let Some(value) = value(row) {
+            let label = PartitionLabel {
+                partition: row.partition.clone(),
+            };
+            ConstGauge::new(value).encode(family.encode_family(&label)?)?;
+        }
+    }
+    Ok(())
+}
+
 impl Collector for PartitionStats {
     fn encode(&self, mut encoder: DescriptorEncoder<'_>) -> Result<(), std::fmt::Error> {
         let rows = self.sample();
@@ -110,34 +130,20 @@ impl Collector for PartitionStats {
             None,
             MetricType::Gauge,
         )?)?;
-        let mut ages = encoder.encode_descriptor(
+        per_partition(
+            &mut encoder,
             "CheckpointAgeSeconds",
             "Per owned partition, seconds since its checkpoint last moved or covered everything read",
-            None,
-            MetricType::Gauge,
+            &rows,
+            |row| row.age,
         )?;
-        for row in &rows {
-            if let Some(age) = row.age {
-                let label = PartitionLabel {
-                    partition: row.partition.clone(),
-                };
-                ConstGauge::new(age).encode(ages.encode_family(&label)?)?;
-            }
-        }
-        let mut lags = encoder.encode_descriptor(
+        per_partition(
+            &mut encoder,
             "PartitionLag",
             "Per owned partition, events enqueued after its checkpoint (KEDA's lag); known once the hub was asked",
-            None,
-            MetricType::Gauge,
+            &rows,
+            |row| row.lag,
         )?;
-        for row in &rows {
-            if let Some(lag) = row.lag {
-                let label = PartitionLabel {
-                    partition: row.partition.clone(),
-                };
-                ConstGauge::new(lag).encode(lags.encode_family(&label)?)?;
-            }
-        }
         Ok(())
     }
 }

@@ -43,10 +43,18 @@ impl Partitions {
         self.0.close(index);
     }
 
+    /// Whether the partitions' lag is reported: a pipeline's are, the event log readers of
+    /// the events role are not.
+    pub(crate) fn reports_lag(&self) -> bool {
+        self.0.stats.is_some()
+    }
+
     /// Reports the hub's newest sequence number of a partition (`None`: it is empty), from
     /// which its lag is computed.
     pub(crate) fn newest(&self, name: &str, newest: Option<i64>) {
-        self.0.stats.newest(name, newest);
+        if let Some(stats) = &self.0.stats {
+            stats.newest(name, newest);
+        }
     }
 }
 
@@ -55,14 +63,15 @@ impl Partitions {
 pub(crate) struct Acks {
     slots: RwLock<Vec<Arc<Slot>>>,
     /// Where the partitions' lag is reported (the pipeline's metrics).
-    stats: PartitionStats,
+    stats: Option<PartitionStats>,
 }
 
 impl Acks {
+    /// A table whose partitions' lag and checkpoint age go to `stats`.
     pub(crate) fn with_stats(stats: PartitionStats) -> Self {
         Self {
             slots: RwLock::default(),
-            stats,
+            stats: Some(stats),
         }
     }
 

@@ -371,8 +371,10 @@ struct ProcessorRun<'a> {
     processor: Arc<EventProcessor>,
     /// Restarts the processor's ownership loop when it fails.
     runner: tokio::task::JoinHandle<()>,
-    /// Asks the hub for the owned partitions' newest events, for their lag.
+    /// Asks the hub for the owned partitions' newest events, for their lag; stopped by
+    /// `lag_done`.
     lag: tokio::task::JoinHandle<()>,
+    lag_done: watch::Sender<bool>,
     probe: Rc<HubProbe>,
     readers: tokio::task::JoinSet<()>,
     shared: Rc<ReaderShared>,
@@ -438,6 +440,7 @@ impl<'a> ProcessorRun<'a> {
             live: RefCell::default(),
             newest: RefCell::default(),
         });
+        let (lag_done, done) = watch::channel(false);
         Ok(Self {
             settings: processor_settings,
             runner: tokio::task::spawn_local(keep_running(processor.clone(), stop.clone())),
@@ -445,7 +448,9 @@ impl<'a> ProcessorRun<'a> {
                 probe.clone(),
                 shared.clone(),
                 processor_settings.update_interval,
+                done,
             )),
+            lag_done,
             processor,
             probe,
             readers: tokio::task::JoinSet::new(),
@@ -535,9 +540,10 @@ impl<'a> ProcessorRun<'a> {
         // Wait for the readers to go: they hold the probe, whose connection is closed below.
         while self.readers.join_next().await.is_some() {}
         self.runner.abort();
-        self.lag.abort();
-        // The probe below is closed only once the lag task, which holds it, is gone.
-        let _cancelled = (&mut self.lag).await;
+        // The probe below is closed only once the lag task, which holds it, is gone; it
+        // ends after the question it is asking, if any (at most PROBE_TIMEOUT).
+        self.lag_done.send_replace(true);
+        let _ended = (&mut self.lag).await;
         match outcome {
             Outcome::Broken => {
                 kept.extend(self.shared.live.take());
@@ -589,15 +595,32 @@ async fn keep_running(processor: Arc<EventProcessor>, mut stop: watch::Receiver<
 }
 
 /// Asks the hub for the newest event of every partition being read, each `every` (the
-/// processor's ownership update interval), for the partitions' lag metric. Runs until aborted.
-/// A partition that does not answer keeps its last figure; the watchdog reports the failure.
-async fn report_lag(probe: Rc<HubProbe>, shared: Rc<ReaderShared>, every: Duration) {
+/// processor's ownership update interval), for the partitions' lag metric, until `done` turns
+/// true. It stops between questions, never during one: an SDK call abandoned halfway can leave
+/// the probe's connection unusable, and a client dropped while taken out of the probe would
+/// leave its connection open. A partition that does not answer keeps its last figure; the
+/// watchdog reports the failure.
+async fn report_lag(
+    probe: Rc<HubProbe>,
+    shared: Rc<ReaderShared>,
+    every: Duration,
+    mut done: watch::Receiver<bool>,
+) {
+    if !shared.partitions.reports_lag() {
+        return;
+    }
     let mut tick = tokio::time::interval(every.max(Duration::from_secs(1)));
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
-        tick.tick().await;
+        tokio::select! {
+            _ = tick.tick() => {}
+            _ = done.wait_for(|d| *d) => return,
+        }
         let partitions: Vec<String> = shared.live.borrow().keys().cloned().collect();
         for partition in partitions {
+            if *done.borrow() {
+                return;
+            }
             if let Ok(newest) = probe.newest(&partition).await {
                 shared.partitions.newest(&partition, newest);
             }
