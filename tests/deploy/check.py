@@ -171,7 +171,8 @@ def exported_metrics():
     names = set()
     for file in files:
         text = file.read_text()
-        names |= set(re.findall(r'(?:register|encode_descriptor)\(\s*"([A-Za-z_][A-Za-z0-9_]*)"', text))
+        names |= set(re.findall(
+            r'(?:register|encode_descriptor|per_partition)\(\s*(?:&mut \w+,\s*)?"([A-Za-z_][A-Za-z0-9_]*)"', text))
         # The process collector lists its gauges in a table before describing them.
         names |= set(re.findall(r'"(process_[a-z_]+)"', text))
     return names
