@@ -108,10 +108,8 @@ container = {dead_letters}
     file
 }
 
-/// Sends events to the hub (see [`send`], which sends again a batch whose send hung), failing the
-/// test rather than waiting forever: a send
-/// to the test broker has been seen to hang once (with no timer pending in the SDK), in a send
-/// that came right after a process was killed, which this test no longer does.
+/// Sends events to the hub (see [`send`], which sends a batch again when its send hangs),
+/// failing the test rather than waiting forever if sending still does not end.
 fn send_bounded(rt: &tokio::runtime::Runtime, broker: &BrokerHandle, lines: &[String]) {
     rt.block_on(async {
         tokio::time::timeout(Duration::from_secs(120), send(broker, HUB, lines))
