@@ -15,8 +15,6 @@ use prometheus_client::encoding::{DescriptorEncoder, EncodeGaugeValue, EncodeMet
 use prometheus_client::metrics::MetricType;
 use prometheus_client::metrics::gauge::ConstGauge;
 
-use crate::source::Committed;
-
 #[derive(Debug, Default)]
 struct Partition {
     /// The last position the checkpoint store took.
@@ -33,8 +31,8 @@ pub(crate) struct PartitionStats(Arc<Mutex<BTreeMap<String, Partition>>>);
 
 impl PartitionStats {
     /// After a checkpoint round: `owned` lists the partitions owned now with the events read
-    /// and not yet done in each, `committed` the positions the store took.
-    pub(crate) fn checkpoint_round(&self, owned: &[(String, usize)], committed: &[Committed]) {
+    /// and not yet done in each, `committed` the positions the store took, by partition.
+    pub(crate) fn checkpoint_round(&self, owned: &[(String, usize)], committed: &[(&str, i64)]) {
         let now = Instant::now();
         let mut partitions = self.0.lock().unwrap_or_else(PoisonError::into_inner);
         partitions.retain(|name, _| owned.iter().any(|(o, _)| o == name));
@@ -42,8 +40,8 @@ impl PartitionStats {
             let p = partitions.entry(name.clone()).or_default();
             let position = committed
                 .iter()
-                .find(|c| &c.partition == name)
-                .map(|c| c.position);
+                .find(|(partition, _)| partition == name)
+                .map(|(_, position)| *position);
             let moved = position.is_some() && position != p.committed;
             if moved || *in_flight == 0 || p.fresh_at.is_none() {
                 p.fresh_at = Some(now);
@@ -152,25 +150,17 @@ impl Collector for PartitionStats {
 mod tests {
     use super::*;
 
-    fn committed(partition: &str, position: i64) -> Committed {
-        Committed {
-            index: 0,
-            partition: partition.to_owned(),
-            position,
-        }
-    }
-
     #[test]
     fn age_grows_only_while_work_waits_behind_a_still_checkpoint() {
         let stats = PartitionStats::default();
-        stats.checkpoint_round(&[("0".into(), 5), ("1".into(), 0)], &[committed("0", 10)]);
+        stats.checkpoint_round(&[("0".into(), 5), ("1".into(), 0)], &[("0", 10)]);
         let first = stats.0.lock().unwrap()["0"].fresh_at;
         std::thread::sleep(std::time::Duration::from_millis(5));
         // The same position with events pending: stale.
-        stats.checkpoint_round(&[("0".into(), 5), ("1".into(), 0)], &[committed("0", 10)]);
+        stats.checkpoint_round(&[("0".into(), 5), ("1".into(), 0)], &[("0", 10)]);
         assert_eq!(stats.0.lock().unwrap()["0"].fresh_at, first);
         // Moved: fresh.
-        stats.checkpoint_round(&[("0".into(), 5)], &[committed("0", 12)]);
+        stats.checkpoint_round(&[("0".into(), 5)], &[("0", 12)]);
         assert!(stats.0.lock().unwrap()["0"].fresh_at > first);
         // Partition 1 was lost: gone from the table.
         let rows = stats.sample();
@@ -182,7 +172,7 @@ mod tests {
         let stats = PartitionStats::default();
         stats.checkpoint_round(
             &[("0".into(), 0), ("1".into(), 0), ("2".into(), 1)],
-            &[committed("0", 10)],
+            &[("0", 10)],
         );
         stats.newest("0", Some(15));
         stats.newest("1", None);

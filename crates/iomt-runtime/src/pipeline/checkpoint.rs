@@ -45,6 +45,10 @@ async fn commit<S: Sink, K: CheckpointStore>(shared: &Shared<S>, store: &mut K) 
         }
         e.log();
     }
+    let taken: Vec<(&str, i64)> = taken
+        .iter()
+        .map(|c| (c.partition.as_str(), c.position))
+        .collect();
     shared
         .metrics
         .partitions()
